@@ -1,0 +1,129 @@
+"""Where each token of a sink cache lives, and which token to evict next.
+
+The cache buffer has `capacity` slots. The first `head` slots hold the attention sinks (and a
+pinned instruction, if longer) forever; the remaining slots form a ring holding the most recent
+tokens. Keeping the window as a ring means eviction moves no memory: it only advances
+`ring_start`. Positions are assigned inside the cache: the head at 0..head-1, then the window
+tokens oldest first, so a position never exceeds `capacity - 1` however long the stream runs.
+
+This module is pure bookkeeping (no model, no tensors of keys), so it is tested on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from worker.exceptions import CacheCapacityError
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What one forward of `new_tokens` tokens does to the cache, decided before the forward."""
+
+    evicted: int
+    length_before: int  # tokens in the cache the new ones attend to (after eviction)
+    new_slots: torch.Tensor  # slot of each new token, in order
+    order: torch.Tensor | slice  # slots of positions 0..length_before+new-1 (a slice if contiguous)
+
+    @property
+    def length_after(self) -> int:
+        return self.length_before + len(self.new_slots)
+
+
+class SlotLayout:
+    """Deterministic slot assignment and eviction for one stream's cache (shared by all layers)."""
+
+    def __init__(self, capacity: int, sinks: int) -> None:
+        if sinks < 0 or capacity <= sinks:
+            raise CacheCapacityError(
+                f"the cache needs room beyond its sinks: capacity {capacity} <= sinks {sinks}; "
+                "raise --window or lower --sinks"
+            )
+        self.capacity = capacity
+        self.sinks = sinks
+        self.head = sinks
+        self.length = 0
+        self.ring_start = 0
+        self.tokens_seen = 0
+        self.evicted_total = 0
+
+    @property
+    def ring_size(self) -> int:
+        return self.capacity - self.head
+
+    @property
+    def window_length(self) -> int:
+        return max(self.length - self.head, 0)
+
+    def pin(self, prefix_tokens: int) -> None:
+        """Never evict the first `prefix_tokens` tokens (an instruction), like llama.cpp's --keep."""
+        head = max(self.sinks, prefix_tokens)
+        if head == self.head:
+            return
+        if self.evicted_total:
+            raise CacheCapacityError("a prefix can only be pinned before the first eviction")
+        if head > self.capacity // 2:
+            raise CacheCapacityError(
+                f"the pinned prefix of {prefix_tokens} tokens leaves too little window in a cache "
+                f"of {self.capacity}; shorten the instruction or raise --window"
+            )
+        self.head = head
+
+    def plan(self, new_tokens: int) -> StepPlan:
+        """Make room for `new_tokens` (evicting the oldest window tokens) and place them."""
+        if not 0 < new_tokens <= self.ring_size:
+            raise CacheCapacityError(
+                f"a chunk of {new_tokens} tokens does not fit a window of {self.ring_size}; "
+                "split the input into smaller chunks or raise --window"
+            )
+        evicted = max(self.length + new_tokens - self.capacity, 0)
+        ring_start = (self.ring_start + evicted) % self.ring_size if evicted else self.ring_start
+        length_before = self.length - evicted
+        positions = torch.arange(length_before + new_tokens)
+        slots = self._slots_of(positions, ring_start)
+        contiguous = self._is_identity(positions, ring_start)
+        return StepPlan(
+            evicted=evicted,
+            length_before=length_before,
+            new_slots=slots[length_before:],
+            order=slice(0, len(positions)) if contiguous else slots,
+        )
+
+    def commit(self, plan: StepPlan) -> None:
+        """Record a plan once its forward has succeeded."""
+        if plan.evicted:
+            self.ring_start = (self.ring_start + plan.evicted) % self.ring_size
+            self.evicted_total += plan.evicted
+        self.length = plan.length_after
+        self.tokens_seen += len(plan.new_slots)
+
+    def slot_order(self) -> torch.Tensor:
+        """Slots of the cached tokens in position order."""
+        return self._slots_of(torch.arange(self.length), self.ring_start)
+
+    def _slots_of(self, positions: torch.Tensor, ring_start: int) -> torch.Tensor:
+        in_ring = self.head + (ring_start + positions - self.head) % self.ring_size
+        return torch.where(positions < self.head, positions, in_ring)
+
+    def _is_identity(self, positions: torch.Tensor, ring_start: int) -> bool:
+        return ring_start == 0 or len(positions) <= self.head
+
+    def to_meta(self) -> dict[str, int]:
+        return {
+            "capacity": self.capacity,
+            "sinks": self.sinks,
+            "head": self.head,
+            "length": self.length,
+            "ring_start": self.ring_start,
+            "tokens_seen": self.tokens_seen,
+            "evicted_total": self.evicted_total,
+        }
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, int]) -> SlotLayout:
+        layout = cls(meta["capacity"], meta["sinks"])
+        for name in ("head", "length", "ring_start", "tokens_seen", "evicted_total"):
+            setattr(layout, name, int(meta[name]))
+        return layout
