@@ -1,0 +1,84 @@
+"""The sink cache on tiny random models of every supported architecture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.models.reference import ReferenceCache
+from tests.models.tiny_models import VOCAB, tiny_configs, tiny_model
+from worker.exceptions import UnsupportedModelError
+from worker.positions import SCHEMES, scheme_for
+from worker.sink_cache import SinkCache
+
+ARCHITECTURES = sorted(tiny_configs())
+
+
+def _sink_cache(model: torch.nn.Module, capacity: int, sinks: int = 4) -> SinkCache:
+    scheme = scheme_for(model, capacity)
+    return SinkCache(scheme, model.config.num_hidden_layers, capacity, sinks)
+
+
+def _run(model, cache, ids: torch.Tensor, chunk: int, make_room=None) -> torch.Tensor:
+    """Logits of every token of `ids`, fed `chunk` tokens per forward."""
+    outs = []
+    with torch.no_grad():
+        for piece in ids.split(chunk):
+            if isinstance(cache, SinkCache):
+                with cache.step(piece):
+                    outs.append(model(piece[None], past_key_values=cache, use_cache=True).logits)
+            else:
+                cache.make_room(len(piece))
+                outs.append(model(piece[None], past_key_values=cache, use_cache=True).logits)
+    return torch.cat(outs, dim=1)[0]
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+@pytest.mark.parametrize("chunk", [1, 5])
+def test_logits_equal_plain_forward_before_first_eviction(name: str, chunk: int) -> None:
+    model = tiny_model(name)
+    ids = torch.randint(0, VOCAB, (48,), generator=torch.Generator().manual_seed(1))
+    cached = _run(model, _sink_cache(model, capacity=64), ids, chunk)
+    with torch.no_grad():
+        plain = model(ids[None]).logits[0]
+    torch.testing.assert_close(cached, plain, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+@pytest.mark.parametrize("chunk", [1, 3, 7])
+def test_logits_equal_reference_across_many_evictions(name: str, chunk: int) -> None:
+    model = tiny_model(name)
+    capacity, sinks = 24, 4
+    ids = torch.randint(0, VOCAB, (120,), generator=torch.Generator().manual_seed(2))
+    cache = _sink_cache(model, capacity, sinks)
+    actual = _run(model, cache, ids, chunk)
+    reference = ReferenceCache(model, model.config.num_hidden_layers, capacity, sinks)
+    expected = _run(model, reference, ids, chunk)
+    assert cache.layout.evicted_total > 0
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+    kept = reference.layers[0].kept
+    assert cache.kept_token_ids().tolist() == ids[kept].tolist()
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_window_without_sinks_differs_from_sink_cache(name: str) -> None:
+    """Evicting the first tokens changes the output: the sinks are really kept."""
+    model = tiny_model(name)
+    ids = torch.randint(0, VOCAB, (60,), generator=torch.Generator().manual_seed(3))
+    with_sinks = _run(model, _sink_cache(model, 24, sinks=4), ids, 1)
+    without = _run(model, _sink_cache(model, 24, sinks=0), ids, 1)
+    assert torch.allclose(with_sinks[:20], without[:20], atol=1e-5)
+    assert (with_sinks[-10:] - without[-10:]).abs().max() > 1e-4
+
+
+def test_every_registered_architecture_has_a_tiny_model() -> None:
+    covered = {tiny_configs()[name].model_type for name in ARCHITECTURES}
+    assert covered == set(SCHEMES)
+
+
+def test_unsupported_architecture_is_refused_by_name() -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=VOCAB))
+    with pytest.raises(UnsupportedModelError, match="'gpt2'.*supported: "):
+        scheme_for(model, 16)

@@ -1,0 +1,74 @@
+"""Tiny randomly initialized models of every supported architecture, built from configs."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    BloomConfig,
+    FalconConfig,
+    GemmaConfig,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    MptConfig,
+    Phi3Config,
+    PretrainedConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+VOCAB = 128
+_DECODER = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
+
+
+def tiny_configs() -> dict[str, PretrainedConfig]:
+    """One config per supported architecture, with the variants that change position handling."""
+    return {
+        "llama": LlamaConfig(**_DECODER),
+        "llama-yarn": LlamaConfig(
+            **_DECODER,
+            rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                             "original_max_position_embeddings": 128},
+        ),
+        "mistral": MistralConfig(**_DECODER, sliding_window=None),
+        "qwen2": Qwen2Config(**_DECODER),
+        "qwen3": Qwen3Config(**_DECODER, head_dim=8),
+        "phi3-partial": Phi3Config(
+            **_DECODER, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                         "partial_rotary_factor": 0.5},
+            pad_token_id=0,
+        ),
+        "gemma": GemmaConfig(**_DECODER, head_dim=8),
+        "gpt_neox-partial": GPTNeoXConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=512,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                             "partial_rotary_factor": 0.25},
+        ),
+        "falcon-rotary": FalconConfig(
+            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            new_decoder_architecture=True, num_kv_heads=2, alibi=False,
+        ),
+        "falcon-alibi": FalconConfig(
+            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            alibi=True, multi_query=True,
+        ),
+        "bloom": BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4),
+        "mpt": MptConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, max_seq_len=512),
+    }
+
+
+def tiny_model(name: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    config = tiny_configs()[name]
+    config._attn_implementation = "eager" if name.startswith(("mpt", "falcon-alibi", "bloom")) else "sdpa"
+    return AutoModelForCausalLM.from_config(config).eval()
