@@ -73,9 +73,10 @@ class SlotLayout:
 
     def plan(self, new_tokens: int) -> StepPlan:
         """Make room for `new_tokens` (evicting the oldest window tokens) and place them."""
-        if not 0 < new_tokens <= self.ring_size:
+        room = self.capacity - min(self.length, self.head)
+        if not 0 < new_tokens <= room:
             raise CacheCapacityError(
-                f"a chunk of {new_tokens} tokens does not fit a window of {self.ring_size}; "
+                f"a chunk of {new_tokens} tokens does not fit a window of {room}; "
                 "split the input into smaller chunks or raise --window"
             )
         evicted = max(self.length + new_tokens - self.capacity, 0)

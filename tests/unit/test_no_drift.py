@@ -1,0 +1,39 @@
+"""Keys kept through many window shifts equal freshly rotated pre-RoPE keys (no drift)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+from worker.positions import RotaryScheme
+from worker.sink_cache import SinkCache
+
+HEADS, DIM, CAPACITY, SINKS = 2, 16, 12, 4
+
+
+def _rotary() -> LlamaRotaryEmbedding:
+    config = LlamaConfig(hidden_size=HEADS * DIM, num_attention_heads=HEADS, rope_theta=10000.0)
+    return LlamaRotaryEmbedding(config)
+
+
+def test_kept_keys_after_100k_shifts_equal_fresh_rotation() -> None:
+    rotary = _rotary()
+    cache = SinkCache(RotaryScheme(rotary, CAPACITY), num_layers=1, capacity=CAPACITY, sinks=SINKS)
+    generator = torch.Generator().manual_seed(0)
+    steps = 100_050
+    pre_rope = torch.randn(steps, HEADS, DIM, generator=generator)
+    layer = cache.layers[0]
+    table_cos, table_sin = rotary(pre_rope, torch.arange(CAPACITY)[None])
+    for t in range(steps):
+        with cache.step(torch.tensor([t])) as plan:
+            at = slice(plan.length_before, plan.length_before + 1)
+            key = pre_rope[t][None, :, None]
+            rotated, _ = apply_rotary_pos_emb(key, key, table_cos[:, at], table_sin[:, at])
+            attention_keys, _ = layer.update(rotated, key)
+    assert cache.layout.evicted_total > 100_000
+    kept = cache.kept_token_ids()
+    expected_stored = pre_rope[kept].permute(1, 0, 2)[None]
+    torch.testing.assert_close(cache.kept_stored_keys(0), expected_stored, rtol=0, atol=1e-5)
+    fresh, _ = apply_rotary_pos_emb(expected_stored, expected_stored, table_cos, table_sin)
+    torch.testing.assert_close(attention_keys, fresh, rtol=0, atol=1e-5)
