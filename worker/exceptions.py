@@ -6,7 +6,7 @@ class StreamsinkError(Exception):
 
 
 class UnsupportedModelError(StreamsinkError):
-    """The model's architecture has no position scheme, so the sink cache cannot run it correctly."""
+    """The architecture has no position scheme, so the sink cache cannot run it correctly."""
 
 
 class ModelLoadError(StreamsinkError):
@@ -14,7 +14,7 @@ class ModelLoadError(StreamsinkError):
 
 
 class CacheCapacityError(StreamsinkError):
-    """A request does not fit the cache: a chunk larger than the window, or a pinned prefix too long."""
+    """A chunk larger than the window, or a pinned prefix too long for the cache."""
 
 
 class CacheDamagedError(StreamsinkError):

@@ -129,13 +129,17 @@ SCHEMES: dict[str, SchemeFactory] = {
 }
 
 
-def scheme_for(model: nn.Module, capacity: int) -> PositionScheme:
-    """The position scheme of `model`, or a clear refusal naming its architecture."""
-    model_type = getattr(model.config, "model_type", None)
-    factory = SCHEMES.get(model_type)
+def require_supported(model_type: str | None) -> SchemeFactory:
+    """The scheme factory of an architecture, or a clear refusal naming it."""
+    factory = SCHEMES.get(model_type or "")
     if factory is None:
         raise UnsupportedModelError(
             f"architecture {model_type!r} is not supported by the sink cache; supported: "
             f"{', '.join(sorted(SCHEMES))}. Use a model of one of these architectures."
         )
-    return factory(model, capacity)
+    return factory
+
+
+def scheme_for(model: nn.Module, capacity: int) -> PositionScheme:
+    """The position scheme of `model`."""
+    return require_supported(getattr(model.config, "model_type", None))(model, capacity)

@@ -58,7 +58,7 @@ class SlotLayout:
         return max(self.length - self.head, 0)
 
     def pin(self, prefix_tokens: int) -> None:
-        """Never evict the first `prefix_tokens` tokens (an instruction), like llama.cpp's --keep."""
+        """Never evict the first `prefix_tokens` (an instruction), like llama.cpp's --keep."""
         head = max(self.sinks, prefix_tokens)
         if head == self.head:
             return

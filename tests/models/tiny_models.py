@@ -70,5 +70,6 @@ def tiny_configs() -> dict[str, PretrainedConfig]:
 def tiny_model(name: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     config = tiny_configs()[name]
-    config._attn_implementation = "eager" if name.startswith(("mpt", "falcon-alibi", "bloom")) else "sdpa"
+    eager_only = name.startswith(("mpt", "falcon-alibi", "bloom"))
+    config._attn_implementation = "eager" if eager_only else "sdpa"
     return AutoModelForCausalLM.from_config(config).eval()
