@@ -52,7 +52,9 @@ def _from_template(tokenizer: object, with_system: bool) -> ChatFormat:
     if with_system:
         messages.insert(0, {"role": "system", "content": _SYSTEM})
     text = tokenizer.apply_chat_template(messages, tokenize=False)
-    prompt = tokenizer.apply_chat_template(messages[:-2], tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(
+        messages[:-2], tokenize=False, add_generation_prompt=True
+    )
     before_user, rest = text.split(_USER, 1)
     _, commentary_open = prompt.split(_USER, 1)
     next_user_open = rest.split(_ASSISTANT, 1)[1].split(_USER2, 1)[0]

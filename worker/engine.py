@@ -63,15 +63,23 @@ class Engine:
         self.instruction = instruction
         self._chunk = min(cache.max_chunk, cache.window // 2)
         self._stop_ids = _stop_token_ids(loaded)
-        self._logits_to_keep = "logits_to_keep" in inspect.signature(loaded.model.forward).parameters
+        self._logits_to_keep = (
+            "logits_to_keep" in inspect.signature(loaded.model.forward).parameters
+        )
+
+    def new_empty_session(self, stream_id: str) -> StreamSession:
+        """A session with an empty cache (to restore a saved state into)."""
+        model = self.loaded.model
+        scheme = scheme_for(model, self.settings.capacity)
+        cache = SinkCache(
+            scheme, model.config.num_hidden_layers, self.settings.capacity, self.settings.sinks
+        )
+        return StreamSession(stream_id, cache)
 
     def new_session(self, stream_id: str) -> StreamSession:
         """A session whose cache holds the instruction, pinned so it is never evicted."""
-        model = self.loaded.model
-        scheme = scheme_for(model, self.settings.capacity)
-        cache = SinkCache(scheme, model.config.num_hidden_layers, self.settings.capacity,
-                          self.settings.sinks)
-        session = StreamSession(stream_id, cache)
+        session = self.new_empty_session(stream_id)
+        cache = session.cache
         instruction = self._tokens(self.format.instruction_text(self.instruction))
         self.feed(session, instruction)
         cache.pin(len(instruction))
@@ -91,8 +99,11 @@ class Engine:
         counters = session.counters
         opening = ""
         if not counters.turn_open:
-            opening = self.format.next_user_open if counters.started_dialogue else (
-                self.format.first_user_open)
+            opening = (
+                self.format.next_user_open
+                if counters.started_dialogue
+                else (self.format.first_user_open)
+            )
             counters.turn_open, counters.started_dialogue = True, True
             counters.first_offset_in_turn = offset
             session.turn_started_at = time.monotonic()
@@ -141,16 +152,9 @@ class Engine:
         """Run `tokens` through the model into the session's cache; the last token's logits."""
         if len(tokens) == 0:
             raise CacheCapacityError("nothing to feed: an empty chunk")
-        device = self.loaded.device
         logits = None
         for piece in tokens.split(self._chunk):
-            with session.cache.step(piece):
-                kwargs = {"logits_to_keep": 1} if self._logits_to_keep else {}
-                out = self.loaded.model(
-                    input_ids=piece[None].to(device), past_key_values=session.cache,
-                    use_cache=True, **kwargs,
-                )
-            logits = out.logits[0, -1]
+            logits = forward_step(self.loaded.model, session.cache, piece, self._logits_to_keep)[-1]
             session.prefilled_tokens += len(piece)
         return logits
 
@@ -175,6 +179,18 @@ class Engine:
         material = f"{self.policy.seed}:{stream_id}:{seq}".encode()
         seed = int.from_bytes(hashlib.sha256(material).digest()[:8], "little")
         return torch.Generator().manual_seed(seed)
+
+
+def forward_step(
+    model: torch.nn.Module, cache: SinkCache, tokens: torch.Tensor, last_only: bool = False
+) -> torch.Tensor:
+    """One forward of 1-D `tokens` through `cache`: logits [tokens (or 1), vocab]."""
+    kwargs = {"logits_to_keep": 1} if last_only else {}
+    with cache.step(tokens):
+        out = model(
+            input_ids=tokens[None].to(model.device), past_key_values=cache, use_cache=True, **kwargs
+        )
+    return out.logits[0]
 
 
 def _stop_token_ids(loaded: LoadedModel) -> set[int]:

@@ -58,8 +58,9 @@ class _ReferenceLayer(CacheLayerMixin):
                 key = _unrotate(key, cos, sin)
             self.all_keys.append(key)
             self.all_values.append(value_states[:, :, i])
-        self.kept = self.kept + list(range(len(self.all_keys) - key_states.shape[-2],
-                                           len(self.all_keys)))
+        self.kept = self.kept + list(
+            range(len(self.all_keys) - key_states.shape[-2], len(self.all_keys))
+        )
         keys = torch.stack([self.all_keys[t] for t in self.kept], dim=2)
         values = torch.stack([self.all_values[t] for t in self.kept], dim=2)
         if self.owner.rotary is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
     BloomConfig,
@@ -14,11 +15,14 @@ from transformers import (
     MptConfig,
     Phi3Config,
     PretrainedConfig,
+    PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
 )
 
-VOCAB = 128
+from worker.model_loading import LoadedModel, model_fingerprint
+
+VOCAB = 260  # the byte tokenizer's 257 tokens fit
 _DECODER = dict(
     vocab_size=VOCAB,
     hidden_size=32,
@@ -36,31 +40,55 @@ def tiny_configs() -> dict[str, PretrainedConfig]:
         "llama": LlamaConfig(**_DECODER),
         "llama-yarn": LlamaConfig(
             **_DECODER,
-            rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
-                             "original_max_position_embeddings": 128},
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 128,
+            },
         ),
         "mistral": MistralConfig(**_DECODER, sliding_window=None),
         "qwen2": Qwen2Config(**_DECODER),
         "qwen3": Qwen3Config(**_DECODER, head_dim=8),
         "phi3-partial": Phi3Config(
-            **_DECODER, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                         "partial_rotary_factor": 0.5},
+            **_DECODER,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "partial_rotary_factor": 0.5,
+            },
             pad_token_id=0,
         ),
         "gemma": GemmaConfig(**_DECODER, head_dim=8),
         "gpt_neox-partial": GPTNeoXConfig(
-            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=512,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                             "partial_rotary_factor": 0.25},
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=512,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "partial_rotary_factor": 0.25,
+            },
         ),
         "falcon-rotary": FalconConfig(
-            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-            new_decoder_architecture=True, num_kv_heads=2, alibi=False,
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            new_decoder_architecture=True,
+            num_kv_heads=2,
+            alibi=False,
         ),
         "falcon-alibi": FalconConfig(
-            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-            alibi=True, multi_query=True,
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            alibi=True,
+            multi_query=True,
         ),
         "bloom": BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4),
         "mpt": MptConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, max_seq_len=512),
@@ -73,3 +101,20 @@ def tiny_model(name: str, seed: int = 0) -> torch.nn.Module:
     eager_only = name.startswith(("mpt", "falcon-alibi", "bloom"))
     config._attn_implementation = "eager" if eager_only else "sdpa"
     return AutoModelForCausalLM.from_config(config).eval()
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer (no merges): any UTF-8 text, 256 byte tokens plus an end token."""
+    byte_to_unicode = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {symbol: index for index, symbol in enumerate(sorted(byte_to_unicode))}
+    vocab["<end>"] = len(vocab)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<end>")
+
+
+def tiny_loaded(name: str = "llama", seed: int = 0) -> LoadedModel:
+    """A tiny model with a byte tokenizer, ready for the engine."""
+    model = tiny_model(name, seed)
+    return LoadedModel(model, byte_tokenizer(), f"tiny-{name}", model_fingerprint(model))

@@ -1,0 +1,50 @@
+"""Where commentary goes: the interface, a terminal printer, JSON lines, and a list for tests."""
+
+from __future__ import annotations
+
+import json
+import sys
+from abc import ABC, abstractmethod
+from typing import TextIO
+
+from worker.records import Commentary
+
+
+class CommentarySink(ABC):
+    @abstractmethod
+    def emit(self, commentary: Commentary) -> None: ...
+
+    def flush(self) -> None:
+        """Make everything emitted durable before the state that covers it is saved."""
+
+
+class TextSink(CommentarySink):
+    """One readable line per commentary: `[stream #seq lines a-b] text`."""
+
+    def __init__(self, out: TextIO | None = None) -> None:
+        self.out = out or sys.stdout
+
+    def emit(self, commentary: Commentary) -> None:
+        c = commentary
+        print(
+            f"[{c.stream_id} #{c.seq} lines {c.first_offset}-{c.last_offset}] {c.text}",
+            file=self.out,
+        )
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+class JsonLinesSink(TextSink):
+    """One JSON object per commentary, the same record the output topic carries."""
+
+    def emit(self, commentary: Commentary) -> None:
+        print(json.dumps(commentary.to_json_dict(), ensure_ascii=False), file=self.out)
+
+
+class ListSink(CommentarySink):
+    def __init__(self) -> None:
+        self.items: list[Commentary] = []
+
+    def emit(self, commentary: Commentary) -> None:
+        self.items.append(commentary)
