@@ -79,10 +79,9 @@ class Engine:
     def new_session(self, stream_id: str) -> StreamSession:
         """A session whose cache holds the instruction, pinned so it is never evicted."""
         session = self.new_empty_session(stream_id)
-        cache = session.cache
         instruction = self._tokens(self.format.instruction_text(self.instruction))
+        session.cache.pin(len(instruction))
         self.feed(session, instruction)
-        cache.pin(len(instruction))
         return session
 
     def step(self, inputs: list[StreamInput]) -> list[Commentary]:

@@ -1,0 +1,132 @@
+"""The command line and the evaluation on tiny models saved to disk like a user's model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import GPT2Config, GPT2LMHeadModel
+from typer.testing import CliRunner
+
+from tests.models.tiny_models import VOCAB, byte_tokenizer, tiny_loaded, tiny_model
+from worker.cli import app
+from worker.evaluation import EvalMode, evaluate_perplexity
+from worker.exceptions import UnsupportedModelError
+from worker.model_loading import load_model
+
+TEXT = " ".join(f"line {i}: the service answered request {i} in {i % 17} ms." for i in range(40))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama").save_pretrained(directory)
+    byte_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def test_run_prints_commentary_and_resumes_from_its_state(model_dir: Path, tmp_path: Path) -> None:
+    log = tmp_path / "app.log"
+    log.write_text("\n".join(f"12:00:{i:02d} INFO request {i}" for i in range(12)) + "\n")
+    args = [
+        "run",
+        "--source",
+        f"file:{log}",
+        "--state",
+        f"dir:{tmp_path / 'state'}",
+        "--model",
+        str(model_dir),
+        "--window",
+        "124",
+        "--every-records",
+        "4",
+        "--max-new-tokens",
+        "4",
+        "--instruction",
+        "Watch this log.",
+        "--json",
+    ]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    records = [json.loads(line) for line in first.stdout.splitlines() if line.startswith("{")]
+    assert [(r["stream_id"], r["seq"], r["first_offset"], r["last_offset"]) for r in records] == [
+        ("app", 0, 0, 3),
+        ("app", 1, 4, 7),
+        ("app", 2, 8, 11),
+    ]
+    with log.open("a") as handle:
+        handle.write("".join(f"12:01:{i:02d} WARN slow request {i}\n" for i in range(4)))
+    second = CliRunner().invoke(app, args)
+    assert second.exit_code == 0, second.output
+    again = [json.loads(line) for line in second.stdout.splitlines() if line.startswith("{")]
+    assert [(r["seq"], r["first_offset"]) for r in again] == [(3, 12)]
+
+
+def test_instruction_too_long_for_the_cache_exits_2(model_dir: Path, tmp_path: Path) -> None:
+    log = tmp_path / "app.log"
+    log.write_text("one line\n")
+    result = CliRunner().invoke(
+        app,
+        [
+            "run",
+            "--source",
+            f"file:{log}",
+            "--model",
+            str(model_dir),
+            "--state",
+            "memory:",
+            "--window",
+            "60",
+        ],
+    )
+    assert result.exit_code == 2
+    assert "shorten the instruction" in result.output
+
+
+def test_run_with_a_missing_file_exits_2_with_a_message(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["run", "--source", f"file:{tmp_path / 'nope.log'}"])
+    assert result.exit_code == 2
+    assert "no file at" in result.output
+
+
+def test_unsupported_architecture_is_refused_at_load(tmp_path: Path) -> None:
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=VOCAB)).save_pretrained(
+        tmp_path
+    )
+    with pytest.raises(UnsupportedModelError, match="'gpt2'"):
+        load_model(str(tmp_path), device="cpu")
+
+
+def test_eval_ppl_cli_prints_json(model_dir: Path, tmp_path: Path) -> None:
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "ppl",
+            str(text),
+            "--mode",
+            "sink",
+            "--window",
+            "60",
+            "--max-tokens",
+            "100",
+            "--model",
+            str(model_dir),
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["tokens"] == 100 and figures["cache_tokens"] == 64 and figures["perplexity"] > 1
+
+
+def test_modes_agree_before_eviction_and_differ_after() -> None:
+    loaded = tiny_loaded("llama")
+    short = {m: evaluate_perplexity(loaded, TEXT, m, 4, 252, 120).perplexity for m in EvalMode}
+    assert max(short.values()) - min(short.values()) < 1e-3 * short[EvalMode.DENSE]
+    long = {m: evaluate_perplexity(loaded, TEXT, m, 4, 28, 300).perplexity for m in EvalMode}
+    assert long[EvalMode.SINK] != pytest.approx(long[EvalMode.WINDOW], rel=1e-4)
+    assert long[EvalMode.SINK] != pytest.approx(long[EvalMode.RECOMPUTE], rel=1e-4)

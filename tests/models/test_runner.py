@@ -1,0 +1,107 @@
+"""The local run loop: file in, commentary out, state in a directory, bad input skipped."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from cache_store.local import LocalDirStore
+from tests.models.tiny_models import tiny_loaded
+from worker.engine import CacheSettings, Engine
+from worker.policy import CommentaryPolicy
+from worker.runner import BadStatePolicy, Runner, RunSettings
+from worker.sinks import ListSink
+from worker.sources import FileSource
+
+LINES = [f"svc{i % 2}|12:00:{i:02d} INFO request {i} took {i * 7}ms" for i in range(30)]
+
+
+def _engine(seed: int = 0) -> Engine:
+    return Engine(
+        tiny_loaded("llama", seed),
+        CacheSettings(sinks=4, window=92, max_chunk=32),
+        CommentaryPolicy(every_records=4, max_new_tokens=5),
+        instruction="Watch.",
+    )
+
+
+def _run(path: Path, state: Path, engine: Engine | None = None, **settings) -> tuple:
+    sink = ListSink()
+    runner = Runner(
+        engine or _engine(),
+        FileSource(str(path), key_separator="|"),
+        sink,
+        LocalDirStore(state),
+        RunSettings(checkpoint_every_records=7, **settings),
+    )
+    return runner.run(), sink.items, runner
+
+
+def _write(path: Path, lines: list[bytes]) -> Path:
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def test_second_run_over_a_longer_file_continues_where_the_first_stopped(tmp_path: Path) -> None:
+    whole = _write(tmp_path / "whole.log", [line.encode() for line in LINES])
+    _, expected, _ = _run(whole, tmp_path / "one-go")
+
+    state = tmp_path / "two-runs"
+    _write(tmp_path / "log", [line.encode() for line in LINES[:13]])
+    first_stats, first, _ = _run(tmp_path / "log", state)
+    _write(tmp_path / "log", [line.encode() for line in LINES])
+    second_stats, second, runner = _run(tmp_path / "log", state)
+
+    assert second_stats.restored_streams == 2 and second_stats.new_streams == 0
+    assert second_stats.skipped["already_applied"] == 13
+    assert sum(s.prefilled_tokens for s in runner.sessions.values()) < sum(
+        s.tokens_seen for s in runner.sessions.values()
+    )
+    key = lambda c: (c.stream_id, c.seq, c.first_offset, c.last_offset, c.text)  # noqa: E731
+    assert sorted(map(key, first + second)) == sorted(map(key, expected))
+
+
+def test_bad_records_are_counted_logged_and_skipped(tmp_path: Path) -> None:
+    good = [line.encode() for line in LINES[:8]]
+    bad = [b"svc0|\xff\xfe not utf-8", b"svc0|   ", b"no separator here", b"svc1|" + b"y" * 5000]
+    path = _write(tmp_path / "log", good[:4] + bad + good[4:])
+    with capture_logs() as logs:
+        stats, produced, _ = _run(path, tmp_path / "state", max_record_bytes=4096)
+    assert dict(stats.skipped) == {"invalid_utf8": 1, "empty": 1, "no_key": 1, "too_large": 1}
+    assert {entry["reason"] for entry in logs if entry["event"] == "skipped"} == {
+        "invalid_utf8",
+        "empty",
+        "no_key",
+        "too_large",
+    }
+    assert [(c.stream_id, c.seq) for c in produced] == [("svc0", 0), ("svc1", 0)]
+
+
+@pytest.mark.parametrize("policy", list(BadStatePolicy))
+def test_state_of_another_model_follows_the_policy(tmp_path: Path, policy) -> None:
+    path = _write(tmp_path / "log", [line.encode() for line in LINES[:8]])
+    _run(path, tmp_path / "state")
+    _write(tmp_path / "log", [line.encode() for line in LINES[:16]])
+    with capture_logs() as logs:
+        stats, produced, _ = _run(
+            path, tmp_path / "state", engine=_engine(seed=1), on_bad_state=policy
+        )
+    assert stats.skipped["bad_state"] >= 2
+    assert any("another model" in entry.get("error", "") for entry in logs)
+    if policy is BadStatePolicy.RESTART:
+        assert stats.new_streams == 2 and produced
+    else:
+        assert stats.new_streams == 0 and not produced
+
+
+def test_corrupt_state_is_reported_not_crashed_on(tmp_path: Path) -> None:
+    path = _write(tmp_path / "log", [line.encode() for line in LINES[:8]])
+    _run(path, tmp_path / "state")
+    for block in (tmp_path / "state" / "blocks").rglob("*"):
+        if block.is_file():
+            block.write_bytes(block.read_bytes()[:-1] + b"!")
+    stats, produced, _ = _run(path, tmp_path / "state")
+    assert stats.skipped["bad_state"] == 2
+    assert stats.new_streams == 2
