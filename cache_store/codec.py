@@ -1,0 +1,307 @@
+"""Pickle-free, versioned serialization of a StreamState into one manifest and raw blocks.
+
+Each tensor's bytes form a block named by their content hash (blake2b-128, hex), so a store
+writes only the blocks it does not hold yet, identical tensors share one block, blocks never
+change, and the name doubles as the checksum verified on decode.
+
+The manifest is msgpack: an envelope {magic, version, checksum, body} around a msgpack body
+{stream_id, fingerprint, meta, tensors: [{name, dtype, shape, block, nbytes}]}. The envelope
+lets a reader reject a newer format before parsing its body; the checksum (blake2b-128 of the
+body) makes a damaged meta an error instead of a silently different resume. Block bytes are the
+tensor's C-contiguous elements in its own dtype, little-endian (the byte order of every host
+torch runs on here).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import torch
+
+from cache_store.exceptions import StateCorruptError, StateForeignError, StateVersionError
+from cache_store.state import StreamState
+
+FORMAT_VERSION = 1
+MAGIC = "streamsink-state"
+
+_DTYPES: dict[str, torch.dtype] = {
+    str(dtype).removeprefix("torch."): dtype
+    for dtype in (
+        torch.bool,
+        torch.uint8,
+        torch.int8,
+        torch.int16,
+        torch.int32,
+        torch.int64,
+        torch.float16,
+        torch.bfloat16,
+        torch.float32,
+        torch.float64,
+        torch.float8_e4m3fn,
+        torch.float8_e5m2,
+    )
+}
+_BLOCK_ID = re.compile(r"[0-9a-f]{32}\Z")
+_PLAIN_SCALARS = (type(None), bool, int, float, str, bytes)
+_CORRUPT_FIX = "delete the stream's state so the stream starts fresh, or restore it from a backup"
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """How to rebuild one named tensor, and which block holds its bytes."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    block: str
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A parsed, validated manifest; its blocks still have to be fetched and verified."""
+
+    version: int
+    stream_id: str
+    fingerprint: str
+    meta: Mapping[str, Any]
+    tensors: tuple[TensorEntry, ...]
+
+    @property
+    def block_ids(self) -> frozenset[str]:
+        """The blocks this state needs; a store keeps every block some manifest names."""
+        return frozenset(entry.block for entry in self.tensors)
+
+
+@dataclass(frozen=True)
+class EncodedState:
+    """A state ready to store: the manifest plus every block it references, by id."""
+
+    manifest: bytes
+    blocks: dict[str, bytes]
+
+
+def block_id(data: bytes) -> str:
+    """Content hash naming a block; equal bytes get equal ids, which is what dedups them."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def supported_dtypes() -> tuple[str, ...]:
+    """Dtype names the format stores, as written in manifests."""
+    return tuple(_DTYPES)
+
+
+def encode_state(state: StreamState) -> EncodedState:
+    """Serialize a state; raises TypeError/ValueError for content the format cannot hold."""
+    _require_str(state.stream_id, "stream_id")
+    _require_str(state.fingerprint, "fingerprint")
+    meta = dict(state.meta)
+    _check_plain(meta, f"meta of stream {state.stream_id!r}")
+    blocks: dict[str, bytes] = {}
+    entries: list[dict[str, Any]] = []
+    for name, tensor in state.tensors.items():
+        where = f"tensor {name!r} of stream {state.stream_id!r}"
+        _require_str(name, where)
+        data, dtype_name = _tensor_bytes(tensor, where)
+        bid = block_id(data)
+        blocks[bid] = data
+        entries.append(
+            {
+                "name": name,
+                "dtype": dtype_name,
+                "shape": list(tensor.shape),
+                "block": bid,
+                "nbytes": len(data),
+            }
+        )
+    body = {
+        "stream_id": state.stream_id,
+        "fingerprint": state.fingerprint,
+        "meta": meta,
+        "tensors": entries,
+    }
+    return EncodedState(_pack_envelope(body, state.stream_id), blocks)
+
+
+def read_manifest(manifest: bytes, stream_id: str | None = None) -> Manifest:
+    """Parse and validate a manifest; `stream_id`, when known, is named in errors and checked."""
+    label = "state" if stream_id is None else f"state of stream {stream_id!r}"
+    envelope = _unpack(manifest, label, "manifest")
+    if type(envelope) is not dict or envelope.get("magic") != MAGIC:
+        raise _corrupt(label, f"the manifest is not a streamsink state (no {MAGIC!r} magic)")
+    version = _field(envelope, "version", int, label)
+    if version > FORMAT_VERSION:
+        raise StateVersionError(
+            f"{label} was written in format version {version}, but this streamsink reads only "
+            f"up to version {FORMAT_VERSION}; upgrade streamsink, or delete the stream's state "
+            "so the stream starts fresh"
+        )
+    if version < 1:
+        raise _corrupt(label, f"the manifest has impossible format version {version}")
+    body = _field(envelope, "body", bytes, label)
+    if _field(envelope, "checksum", str, label) != block_id(body):
+        raise _corrupt(label, "the manifest fails its checksum")
+    parsed = _parse_body(_unpack(body, label, "manifest body"), version, label)
+    if stream_id is not None and parsed.stream_id != stream_id:
+        raise _corrupt(label, f"the manifest belongs to stream {parsed.stream_id!r}")
+    return parsed
+
+
+def check_fingerprint(manifest: Manifest, expected_fingerprint: str | None) -> None:
+    """Refuse a state of another model before any block is fetched; None accepts any model."""
+    if expected_fingerprint is None or manifest.fingerprint == expected_fingerprint:
+        return
+    raise StateForeignError(
+        f"state of stream {manifest.stream_id!r} was written by another model (fingerprint "
+        f"{manifest.fingerprint}), but this worker runs fingerprint {expected_fingerprint}; "
+        "run with the same --model that wrote it, or delete the stream's state so the stream "
+        "starts fresh"
+    )
+
+
+def decode_state(
+    manifest: Manifest, blocks: Mapping[str, bytes], expected_fingerprint: str | None = None
+) -> StreamState:
+    """Rebuild the state, verifying every block; tensors are fresh, writable and unshared."""
+    check_fingerprint(manifest, expected_fingerprint)
+    label = f"state of stream {manifest.stream_id!r}"
+    verified: set[str] = set()
+    tensors: dict[str, torch.Tensor] = {}
+    for entry in manifest.tensors:
+        data = blocks.get(entry.block)
+        what = f"block {entry.block} of tensor {entry.name!r}"
+        if data is None:
+            raise _corrupt(label, f"{what} is missing")
+        if len(data) != entry.nbytes:
+            raise _corrupt(label, f"{what} has {len(data)} bytes, expected {entry.nbytes}")
+        if entry.block not in verified:
+            if block_id(data) != entry.block:
+                raise _corrupt(label, f"{what} fails its checksum")
+            verified.add(entry.block)
+        tensors[entry.name] = _tensor_from(data, entry)
+    return StreamState(
+        manifest.stream_id, manifest.fingerprint, tensors, copy.deepcopy(manifest.meta)
+    )
+
+
+def _tensor_bytes(tensor: Any, where: str) -> tuple[bytes, str]:
+    """Raw element bytes; going through a uint8 view keeps bfloat16 and NaN payloads exact."""
+    if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided:
+        raise TypeError(f"{where} must be a dense torch.Tensor, got {type(tensor).__name__}")
+    dtype_name = str(tensor.dtype).removeprefix("torch.")
+    if dtype_name not in _DTYPES:
+        raise ValueError(
+            f"{where} has dtype {dtype_name}, which the state format does not store; "
+            f"convert it to one of {', '.join(_DTYPES)}"
+        )
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy().tobytes(), dtype_name
+
+
+def _tensor_from(data: bytes, entry: TensorEntry) -> torch.Tensor:
+    """A tensor owning a private copy of `data` (never a read-only view of the caller's bytes)."""
+    dtype = _DTYPES[entry.dtype]
+    if not data:  # torch.frombuffer refuses empty buffers
+        return torch.empty(entry.shape, dtype=dtype)
+    flat = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return flat.view(dtype).reshape(entry.shape)
+
+
+def _pack_envelope(body: dict[str, Any], stream_id: str) -> bytes:
+    try:
+        packed_body = msgpack.packb(body, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as error:
+        raise ValueError(f"state of stream {stream_id!r} cannot be serialized: {error}") from None
+    envelope = {
+        "magic": MAGIC,
+        "version": FORMAT_VERSION,
+        "checksum": block_id(packed_body),
+        "body": packed_body,
+    }
+    return msgpack.packb(envelope, use_bin_type=True)
+
+
+def _parse_body(body: Any, version: int, label: str) -> Manifest:
+    if type(body) is not dict:
+        raise _corrupt(label, "the manifest body is not a map")
+    raw_entries = _field(body, "tensors", list, label)
+    entries = tuple(_parse_entry(raw, label) for raw in raw_entries)
+    names = [entry.name for entry in entries]
+    if len(set(names)) != len(names):
+        raise _corrupt(label, "the manifest names a tensor twice")
+    return Manifest(
+        version=version,
+        stream_id=_field(body, "stream_id", str, label),
+        fingerprint=_field(body, "fingerprint", str, label),
+        meta=_field(body, "meta", dict, label),
+        tensors=entries,
+    )
+
+
+def _parse_entry(raw: Any, label: str) -> TensorEntry:
+    if type(raw) is not dict:
+        raise _corrupt(label, "a tensor entry of the manifest is not a map")
+    name = _field(raw, "name", str, label)
+    dtype = _field(raw, "dtype", str, label)
+    if dtype not in _DTYPES:
+        raise _corrupt(label, f"tensor {name!r} has unknown dtype {dtype!r}")
+    shape = tuple(_field(raw, "shape", list, label))
+    if any(type(size) is not int or size < 0 for size in shape):
+        raise _corrupt(label, f"tensor {name!r} has invalid shape {list(shape)}")
+    block = _field(raw, "block", str, label)
+    if not _BLOCK_ID.match(block):
+        raise _corrupt(label, f"tensor {name!r} names invalid block id {block!r}")
+    nbytes = _field(raw, "nbytes", int, label)
+    if nbytes != math.prod(shape) * _DTYPES[dtype].itemsize:
+        raise _corrupt(label, f"tensor {name!r} claims {nbytes} bytes for shape {list(shape)}")
+    return TensorEntry(name=name, dtype=dtype, shape=shape, block=block, nbytes=nbytes)
+
+
+def _unpack(data: bytes, label: str, what: str) -> Any:
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except (ValueError, TypeError, msgpack.UnpackException) as error:
+        raise _corrupt(label, f"the {what} is unreadable ({error})") from None
+
+
+def _field(mapping: dict[Any, Any], key: str, kind: type, label: str) -> Any:
+    """A manifest field of exactly `kind` (msgpack yields exact types; rejects bool as int)."""
+    value = mapping.get(key)
+    if type(value) is not kind:
+        raise _corrupt(label, f"manifest field {key!r} is missing or not a {kind.__name__}")
+    return value
+
+
+def _corrupt(label: str, problem: str) -> StateCorruptError:
+    return StateCorruptError(f"{label} is corrupt: {problem}; {_CORRUPT_FIX}")
+
+
+def _require_str(value: Any, where: str) -> None:
+    if not isinstance(value, str):
+        raise TypeError(f"{where} must be a str, got {type(value).__name__}")
+
+
+def _check_plain(value: Any, where: str) -> None:
+    """Reject what msgpack would not give back unchanged: tuples, non-str keys, objects."""
+    if isinstance(value, _PLAIN_SCALARS):
+        return
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_plain(item, f"{where}[{index}]")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(f"{where} has key {key!r}; meta dict keys must be str")
+            _check_plain(item, f"{where}[{key!r}]")
+    else:
+        raise TypeError(
+            f"{where} is a {type(value).__name__}; meta holds only None, bool, int, float, str, "
+            "bytes, lists and str-keyed dicts (use a list instead of a tuple)"
+        )

@@ -1,0 +1,266 @@
+"""The state format: bit-exact round trips, dedup by content, and every kind of damage detected."""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+import pytest
+import torch
+
+from cache_store.codec import (
+    FORMAT_VERSION,
+    EncodedState,
+    decode_state,
+    encode_state,
+    read_manifest,
+    supported_dtypes,
+)
+from cache_store.exceptions import (
+    StateCorruptError,
+    StateError,
+    StateForeignError,
+    StateVersionError,
+)
+from cache_store.state import StreamState
+
+FINGERPRINT = "ab12" * 8
+
+
+def _state(tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) -> StreamState:
+    return StreamState("stream-1", FINGERPRINT, tensors, meta or {"step": 3})
+
+
+def _round_trip(state: StreamState) -> StreamState:
+    encoded = encode_state(state)
+    return decode_state(read_manifest(encoded.manifest), encoded.blocks)
+
+
+def _bits(tensor: torch.Tensor) -> bytes:
+    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _assert_bit_exact(decoded: torch.Tensor, original: torch.Tensor) -> None:
+    assert decoded.dtype == original.dtype
+    assert decoded.shape == original.shape
+    assert _bits(decoded) == _bits(original)
+
+
+def _random_bits(dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """Arbitrary bit patterns (NaN payloads, subnormals, -0.0), not just well-behaved values."""
+    generator = torch.Generator().manual_seed(7)
+    if dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=generator).bool()
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    count = itemsize * max(1, torch.Size(shape).numel())
+    raw = torch.randint(0, 256, (count,), dtype=torch.uint8, generator=generator)
+    return raw.view(dtype)[: torch.Size(shape).numel()].reshape(shape)
+
+
+def _rewrite(manifest: bytes, edit: Callable[[dict[str, Any], dict[str, Any]], None]) -> bytes:
+    """Apply `edit(envelope, body)` and re-seal the manifest with a valid checksum."""
+    envelope = msgpack.unpackb(manifest)
+    body = msgpack.unpackb(envelope["body"])
+    edit(envelope, body)
+    envelope["body"] = msgpack.packb(body)
+    envelope["checksum"] = hashlib.blake2b(envelope["body"], digest_size=16).hexdigest()
+    return msgpack.packb(envelope)
+
+
+@pytest.fixture
+def encoded() -> EncodedState:
+    tensors = {"keys": torch.arange(12, dtype=torch.float32).reshape(3, 4), "ids": torch.arange(5)}
+    return encode_state(_state(tensors))
+
+
+@pytest.mark.parametrize("dtype_name", supported_dtypes())
+def test_every_supported_dtype_round_trips_bit_exactly(dtype_name: str) -> None:
+    original = _random_bits(getattr(torch, dtype_name), (2, 3, 5))
+    decoded = _round_trip(_state({"t": original})).tensors["t"]
+    _assert_bit_exact(decoded, original)
+
+
+def test_bfloat16_nan_payloads_survive() -> None:
+    # quiet NaN with payload, negative NaN (0xFF81), +inf, -0.0 (0x8000), smallest subnormal
+    patterns = torch.tensor([0x7FC1, -0x7F, 0x7F80, -0x8000, 0x0001], dtype=torch.int16)
+    original = patterns.view(torch.bfloat16)
+    _assert_bit_exact(_round_trip(_state({"t": original})).tensors["t"], original)
+
+
+@pytest.mark.parametrize("shape", [(), (0,), (3, 0, 2)])
+def test_zero_dim_and_empty_tensors_round_trip(shape: tuple[int, ...]) -> None:
+    original = torch.full(shape, 2.5, dtype=torch.float16)
+    _assert_bit_exact(_round_trip(_state({"t": original})).tensors["t"], original)
+
+
+def test_non_contiguous_input_round_trips_by_value() -> None:
+    base = torch.arange(48, dtype=torch.float32).reshape(4, 12)
+    views = {"transposed": base.t(), "strided": base[:, ::3], "offset": base[1:, 2:5]}
+    decoded = _round_trip(_state(dict(views))).tensors
+    for name, view in views.items():
+        assert not view.is_contiguous()
+        assert torch.equal(decoded[name], view)
+        assert decoded[name].is_contiguous()
+
+
+def test_decoded_tensors_are_writable_and_unshared() -> None:
+    same = torch.ones(4, 4, dtype=torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        decoded = _round_trip(_state({"keys": same, "values": same.clone()})).tensors
+    decoded["keys"].add_(1)
+    assert torch.equal(decoded["values"], same)
+    assert decoded["keys"].data_ptr() != decoded["values"].data_ptr()
+
+
+def test_tensor_order_and_meta_round_trip() -> None:
+    meta = {
+        "layout": {"capacity": 64, "sinks": 4},
+        "counters": {"next_offset": 2**40, "skipped": {}, "turn_open": True},
+        "text": "données — 流",
+        "ratio": 0.1,
+        "nothing": None,
+        "items": [1, -2, [3.5, "x"], {"k": False}],
+        "raw": b"\x00\xff",
+    }
+    tensors = {name: torch.zeros(1) for name in ("z", "a", "m")}
+    restored = _round_trip(_state(tensors, meta))
+    assert restored.meta == meta
+    assert list(restored.tensors) == ["z", "a", "m"]
+    assert (restored.stream_id, restored.fingerprint) == ("stream-1", FINGERPRINT)
+
+
+@pytest.mark.parametrize("meta", [{"pair": (1, 2)}, {"map": {1: "a"}}, {"obj": object()}])
+def test_meta_that_would_not_round_trip_is_refused(meta: dict[str, Any]) -> None:
+    with pytest.raises(TypeError, match="meta of stream 'stream-1'"):
+        encode_state(_state({}, meta))
+
+
+def test_unsupported_tensor_dtype_is_refused() -> None:
+    with pytest.raises(ValueError, match="complex64"):
+        encode_state(_state({"c": torch.zeros(2, dtype=torch.complex64)}))
+
+
+def test_identical_tensors_share_one_block_named_by_content_hash() -> None:
+    tensor = torch.arange(6, dtype=torch.int64)
+    encoded = encode_state(_state({"a": tensor, "b": tensor.clone(), "c": tensor + 1}))
+    assert len(encoded.blocks) == 2
+    data = _bits(tensor)
+    block = hashlib.blake2b(data, digest_size=16).hexdigest()
+    assert encoded.blocks[block] == data
+    entries = {entry.name: entry for entry in read_manifest(encoded.manifest).tensors}
+    assert entries["a"].block == entries["b"].block == block != entries["c"].block
+
+
+def test_manifest_describes_each_tensor(encoded: EncodedState) -> None:
+    manifest = read_manifest(encoded.manifest)
+    assert manifest.version == FORMAT_VERSION
+    keys = manifest.tensors[0]
+    assert (keys.name, keys.dtype, keys.shape, keys.nbytes) == ("keys", "float32", (3, 4), 48)
+    assert manifest.block_ids == frozenset(encoded.blocks)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda m: m[: len(m) // 2], id="truncated"),
+        pytest.param(lambda m: b"\xc1garbage" + m, id="garbage"),
+        pytest.param(lambda m: b"", id="empty"),
+    ],
+)
+def test_damaged_manifest_is_corrupt(encoded: EncodedState, damage: Callable) -> None:
+    with pytest.raises(StateCorruptError, match="stream 'stream-1' is corrupt"):
+        read_manifest(damage(encoded.manifest), "stream-1")
+
+
+def test_altered_meta_fails_the_manifest_checksum(encoded: EncodedState) -> None:
+    envelope = msgpack.unpackb(encoded.manifest)
+    envelope["body"] = envelope["body"].replace(b"step\x03", b"step\x04")
+    with pytest.raises(StateCorruptError, match="checksum"):
+        read_manifest(msgpack.packb(envelope))
+
+
+def test_wrong_magic_is_corrupt(encoded: EncodedState) -> None:
+    manifest = _rewrite(encoded.manifest, lambda envelope, body: envelope.update(magic="other"))
+    with pytest.raises(StateCorruptError, match="not a streamsink state"):
+        read_manifest(manifest)
+
+
+@pytest.mark.parametrize(
+    ("version", "error"),
+    [(FORMAT_VERSION + 1, StateVersionError), (0, StateCorruptError), (True, StateCorruptError)],
+)
+def test_format_version_is_checked_before_the_body(version: Any, error: type) -> None:
+    envelope = {"magic": "streamsink-state", "version": version, "body": b"not msgpack \xc1"}
+    with pytest.raises(error, match="version"):
+        read_manifest(msgpack.packb(envelope))
+
+
+def test_newer_format_version_says_how_to_fix() -> None:
+    envelope = {"magic": "streamsink-state", "version": FORMAT_VERSION + 1}
+    with pytest.raises(StateVersionError, match="upgrade streamsink"):
+        read_manifest(msgpack.packb(envelope), "stream-1")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "problem"),
+    [
+        ("dtype", "complex32", "unknown dtype"),
+        ("block", "../../etc/passwd", "invalid block id"),
+        ("nbytes", 47, "claims 47 bytes"),
+        ("shape", [3, -4], "invalid shape"),
+        ("name", 5, "'name' is missing"),
+    ],
+)
+def test_inconsistent_tensor_entry_is_corrupt(
+    encoded: EncodedState, field: str, value: Any, problem: str
+) -> None:
+    manifest = _rewrite(
+        encoded.manifest, lambda env, body: body["tensors"][0].update({field: value})
+    )
+    with pytest.raises(StateCorruptError, match=problem):
+        read_manifest(manifest)
+
+
+def test_manifest_of_another_stream_is_corrupt(encoded: EncodedState) -> None:
+    with pytest.raises(StateCorruptError, match="belongs to stream 'stream-1'"):
+        read_manifest(encoded.manifest, "stream-2")
+
+
+@pytest.mark.parametrize(
+    ("edit", "problem"),
+    [
+        pytest.param(lambda data: None, "is missing", id="missing"),
+        pytest.param(lambda data: data[:-1], "has 47 bytes, expected 48", id="short"),
+        pytest.param(lambda data: bytes([data[0] ^ 1]) + data[1:], "fails its checksum", id="flip"),
+    ],
+)
+def test_bad_block_is_corrupt_and_names_stream_and_tensor(
+    encoded: EncodedState, edit: Callable[[bytes], bytes | None], problem: str
+) -> None:
+    manifest = read_manifest(encoded.manifest)
+    blocks = dict(encoded.blocks)
+    first = manifest.tensors[0].block
+    edited = edit(blocks.pop(first))
+    if edited is not None:
+        blocks[first] = edited
+    with pytest.raises(StateCorruptError, match=f"stream 'stream-1'.*'keys' {problem}"):
+        decode_state(manifest, blocks)
+
+
+def test_foreign_fingerprint_names_both_and_how_to_fix(encoded: EncodedState) -> None:
+    manifest = read_manifest(encoded.manifest)
+    with pytest.raises(StateForeignError) as raised:
+        decode_state(manifest, {}, expected_fingerprint="ffff")
+    message = str(raised.value)
+    assert FINGERPRINT in message and "ffff" in message
+    assert "another model" in message and "--model" in message
+    assert decode_state(manifest, encoded.blocks, FINGERPRINT).fingerprint == FINGERPRINT
+
+
+def test_all_state_errors_share_one_base() -> None:
+    for error in (StateCorruptError, StateVersionError, StateForeignError):
+        assert issubclass(error, StateError)
