@@ -18,7 +18,7 @@ from worker.chat_format import DEFAULT_INSTRUCTION
 from worker.engine import CacheSettings, Engine
 from worker.exceptions import StreamsinkError
 from worker.logging_setup import configure_logging
-from worker.model_loading import LoadedModel, load_model
+from worker.model_loading import LoadedModel, load_model, load_random
 from worker.policy import CommentaryPolicy
 from worker.runner import BadStatePolicy, Runner, RunSettings
 from worker.sinks import JsonLinesSink, TextSink
@@ -196,12 +196,22 @@ def bench(
     stream_lengths: Annotated[str, typer.Option(help="stream lengths for memory")] = (
         "1000,10000,100000"
     ),
+    random_config: Annotated[
+        Path | None,
+        typer.Option(
+            help="time a model built from this config.json with random weights instead "
+            "(worker/bench_configs/ has a 1.7B Llama)"
+        ),
+    ] = None,
 ) -> None:
     """Per-token latency of sink against recompute at equal cache sizes, and memory over time."""
     from worker.benchmark import run_benchmark
 
     with _failures_as_exit_codes():
-        loaded = load_with_progress(model, device)
+        if random_config is None:
+            loaded = load_with_progress(model, device)
+        else:
+            loaded = load_random(random_config, device)
         run_benchmark(
             loaded,
             [int(s) for s in sizes.split(",")],

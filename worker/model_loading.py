@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from worker.default_model import DEFAULT_MODEL, Progress, fetch_default_model, model_cache_dir
 from worker.exceptions import ModelLoadError
@@ -99,6 +99,17 @@ def load_model(
     model.eval()
     name = spec if spec and spec != DEFAULT_MODEL else DEFAULT_MODEL
     return LoadedModel(model, tokenizer, name, model_fingerprint(model))
+
+
+def load_random(config_file: Path, device: str = "auto") -> LoadedModel:
+    """A model with random weights from a config file: for speed figures, which do not depend
+    on the weights, at sizes no package ships. It has no tokenizer."""
+    config = AutoConfig.for_model(**json.loads(Path(config_file).read_text()))
+    require_supported(config.model_type)
+    torch_device, dtype = pick_device(device)
+    with torch.device(torch_device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    return LoadedModel(model, None, f"random:{Path(config_file).stem}", model_fingerprint(model))
 
 
 def _refuse_unsupported(directory: Path) -> None:

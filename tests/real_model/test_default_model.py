@@ -52,14 +52,18 @@ def test_sink_stays_close_to_recompute_and_window_does_not(loaded: LoadedModel) 
     }
     assert ppl[EvalMode.SINK] < ppl[EvalMode.WINDOW]
     assert abs(ppl[EvalMode.SINK] - ppl[EvalMode.RECOMPUTE]) < (
-        ppl[EvalMode.WINDOW] - ppl[EvalMode.RECOMPUTE])
+        ppl[EvalMode.WINDOW] - ppl[EvalMode.RECOMPUTE]
+    )
 
 
 def test_saved_and_loaded_stream_writes_the_same_next_commentary(
     loaded: LoadedModel, tmp_path: Path
 ) -> None:
-    engine = Engine(loaded, CacheSettings(sinks=4, window=188),
-                    CommentaryPolicy(every_records=6, max_new_tokens=12))
+    engine = Engine(
+        loaded,
+        CacheSettings(sinks=4, window=188),
+        CommentaryPolicy(every_records=6, max_new_tokens=12),
+    )
     lines = SAMPLE.read_text().splitlines()[:18]
     session = engine.new_session("app")
     engine.step([StreamInput(session, list(enumerate(lines[:12])))])
