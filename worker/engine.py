@@ -107,12 +107,26 @@ class Engine:
             counters.first_offset_in_turn = offset
             session.turn_started_at = time.monotonic()
         tokens = self._tokens(opening + text.rstrip("\n") + "\n")
-        self.feed(session, tokens)
+        self._queue(session, tokens.tolist())
         counters.records_seen += 1
         counters.records_in_turn += 1
         counters.tokens_in_turn += len(tokens)
         counters.next_offset = offset + 1
         return self.comment_if_due(session)
+
+    def _queue(self, session: StreamSession, tokens: list[int]) -> None:
+        """Hold record tokens until a full chunk (or a commentary) is due, then feed them.
+
+        Feeding whole chunks reads the weights once per chunk instead of once per record.
+        Chunk boundaries depend only on the stream's tokens and triggers (pending tokens are
+        saved with the state), so a stream cut into runs anywhere gets the same cache.
+        """
+        pending = session.counters.pending
+        pending.extend(tokens)
+        full = len(pending) - len(pending) % self._chunk
+        if full:
+            self.feed(session, torch.tensor(pending[:full]))
+            del pending[:full]
 
     def comment_if_due(self, session: StreamSession) -> Commentary | None:
         c = session.counters
@@ -123,7 +137,9 @@ class Engine:
     def comment(self, session: StreamSession) -> Commentary:
         """Close the user turn, let the model write its turn, and keep both in the cache."""
         counters = session.counters
-        logits = self.feed(session, self._tokens(self.format.commentary_open))
+        closing = self._tokens(self.format.commentary_open).tolist()
+        logits = self.feed(session, torch.tensor(counters.pending + closing))
+        counters.pending = []
         generator = self._generator(session.stream_id, counters.next_seq)
         written: list[int] = []
         for _ in range(self.policy.max_new_tokens):

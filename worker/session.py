@@ -20,6 +20,7 @@ class SessionCounters:
     first_offset_in_turn: int = -1
     turn_open: bool = False
     started_dialogue: bool = False
+    pending: list[int] = field(default_factory=list)  # record tokens not yet fed to the model
     skipped: dict[str, int] = field(default_factory=dict)
 
     def to_meta(self) -> dict[str, object]:
