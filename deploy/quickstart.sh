@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=$(bash deploy/setup.sh)
-exec "$bin/streamsink" run --source file:worker/samples/app.log --state dir:.streamsink-state "$@"
+exec "$bin/streamsink" run --source file:worker/samples/app.log --state dir:.streamsink-state \
+  --every-records 24 "$@"

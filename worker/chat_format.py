@@ -12,9 +12,11 @@ from dataclasses import dataclass
 _SYSTEM, _USER, _ASSISTANT, _USER2 = (f"QZXSENTINEL{i}QZX" for i in range(4))
 
 DEFAULT_INSTRUCTION = (
-    "You watch a live log stream. After each batch of new lines, write one or two short "
-    "sentences on what is happening, naming errors and anything unusual."
+    "You summarize server logs for an on-call engineer. Reply with one short plain-English "
+    "sentence per batch of lines, never by copying log lines."
 )
+# Closes every user turn: small models copy log lines unless asked a question right there.
+DEFAULT_REQUEST = "What is going on in the lines above? One sentence."
 
 
 @dataclass(frozen=True)

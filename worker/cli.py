@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 
 from cache_store import from_url
-from worker.chat_format import DEFAULT_INSTRUCTION
+from worker.chat_format import DEFAULT_INSTRUCTION, DEFAULT_REQUEST
 from worker.engine import CacheSettings, Engine
 from worker.exceptions import StreamsinkError
 from worker.logging_setup import configure_logging
@@ -97,9 +97,16 @@ def run(
     device: DeviceOption = "auto",
     sinks: SinksOption = 4,
     window: WindowOption = 1020,
-    instruction: Annotated[str, typer.Option(envvar="STREAMSINK_INSTRUCTION")] = (
-        DEFAULT_INSTRUCTION
-    ),
+    instruction: Annotated[
+        str,
+        typer.Option(envvar="STREAMSINK_INSTRUCTION", help="system prompt, pinned in the cache"),
+    ] = DEFAULT_INSTRUCTION,
+    request: Annotated[
+        str,
+        typer.Option(
+            envvar="STREAMSINK_REQUEST", help="question that closes each batch of records"
+        ),
+    ] = DEFAULT_REQUEST,
     every_records: Annotated[int | None, typer.Option(help="comment every N records")] = 8,
     every_tokens: Annotated[int | None, typer.Option(help="comment every N tokens")] = None,
     every_seconds: Annotated[float | None, typer.Option(help="comment every T seconds")] = None,
@@ -126,7 +133,7 @@ def run(
         )
         store = from_url(state)
         loaded = load_with_progress(model, device)
-        engine = Engine(loaded, CacheSettings(sinks, window), policy, instruction)
+        engine = Engine(loaded, CacheSettings(sinks, window), policy, instruction, request)
         file_source = FileSource(path, stream, key_separator, follow)
         sink = JsonLinesSink() if json_output else TextSink()
         runner = Runner(

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from worker.chat_format import DEFAULT_INSTRUCTION, ChatFormat
+from worker.chat_format import DEFAULT_INSTRUCTION, DEFAULT_REQUEST, ChatFormat
 from worker.exceptions import CacheCapacityError
 from worker.model_loading import LoadedModel
 from worker.policy import CommentaryPolicy
@@ -50,6 +50,7 @@ class Engine:
         cache: CacheSettings = CacheSettings(),
         policy: CommentaryPolicy = CommentaryPolicy(),
         instruction: str = DEFAULT_INSTRUCTION,
+        request: str = DEFAULT_REQUEST,
     ) -> None:
         if cache.capacity > loaded.max_cache:
             raise CacheCapacityError(
@@ -61,6 +62,7 @@ class Engine:
         self.policy = policy
         self.format = ChatFormat.from_tokenizer(loaded.tokenizer)
         self.instruction = instruction
+        self.request = request
         self._chunk = min(cache.max_chunk, cache.window // 2)
         self._stop_ids = _stop_token_ids(loaded)
         self._logits_to_keep = (
@@ -137,7 +139,8 @@ class Engine:
     def comment(self, session: StreamSession) -> Commentary:
         """Close the user turn, let the model write its turn, and keep both in the cache."""
         counters = session.counters
-        closing = self._tokens(self.format.commentary_open).tolist()
+        request = f"\n{self.request}" if self.request else ""
+        closing = self._tokens(request + self.format.commentary_open).tolist()
         logits = self.feed(session, torch.tensor(counters.pending + closing))
         counters.pending = []
         generator = self._generator(session.stream_id, counters.next_seq)

@@ -34,6 +34,7 @@ def snapshot(session: StreamSession, engine: Engine) -> StreamState:
         "layout": cache.layout.to_meta(),
         "counters": session.counters.to_meta(),
         "instruction": engine.instruction,
+        "request": engine.request,
         "layers": sum(layer.is_initialized for layer in cache.layers),
     }
     return StreamState(session.stream_id, engine.loaded.fingerprint, tensors, meta)
@@ -85,8 +86,8 @@ def _check_compatible(state: StreamState, engine: Engine) -> None:
             f"cache of {layout['capacity']} tokens, but this run uses sinks={settings.sinks} and "
             f"{settings.capacity}; run with the same --sinks/--window or evict the stream"
         )
-    if meta["instruction"] != engine.instruction:
+    if (meta["instruction"], meta["request"]) != (engine.instruction, engine.request):
         raise StateForeignError(
-            f"state of stream {state.stream_id!r} was started with another instruction; run "
-            "with the same --instruction or evict the stream"
+            f"state of stream {state.stream_id!r} was started with another instruction or "
+            "request; run with the same --instruction and --request or evict the stream"
         )
