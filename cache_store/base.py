@@ -47,37 +47,59 @@ class StateStore(ABC):
         """Release connections or handles; stores without any have nothing to do."""
 
 
-class MemoryStore(StateStore):
-    """Manifests and blocks in dicts; blocks no manifest names are dropped at once."""
+class BlockStore(StateStore):
+    """Immutable content-addressed blocks plus one manifest per stream.
 
-    def __init__(self) -> None:
-        self.manifests: dict[str, bytes] = {}
-        self.blocks: dict[str, bytes] = {}
-        self._refs: dict[str, frozenset[str]] = {}  # stream id -> blocks its manifest names
+    Loading and saving are the same for every such store; a subclass only says how to read a
+    manifest or a block and how to commit a new manifest with the blocks it needs.
+    """
 
     def load(self, stream_id: str, expected_fingerprint: str | None = None) -> StreamState | None:
-        raw = self.manifests.get(stream_id)
+        raw = self._read_manifest(stream_id)
         if raw is None:
             return None
         manifest = read_manifest(raw, stream_id)
         check_fingerprint(manifest, expected_fingerprint)
-        blocks = {bid: self.blocks[bid] for bid in manifest.block_ids if bid in self.blocks}
+        blocks = {
+            bid: data for bid in manifest.block_ids if (data := self._read_block(bid)) is not None
+        }
         return decode_state(manifest, blocks, expected_fingerprint)
 
     def save(self, state: StreamState) -> SaveReport:
         started = time.perf_counter()
         encoded = encode_state(state)
-        new = {bid: data for bid, data in encoded.blocks.items() if bid not in self.blocks}
-        self.blocks.update(new)
-        self.manifests[state.stream_id] = encoded.manifest
-        self._refs[state.stream_id] = frozenset(encoded.blocks)
-        self._drop_unreferenced()
+        new = {bid: data for bid, data in encoded.blocks.items() if not self._has_block(bid)}
+        self._commit(state.stream_id, encoded.manifest, new, frozenset(encoded.blocks))
         return SaveReport(
             bytes_written=sum(map(len, new.values())) + len(encoded.manifest),
             blocks_written=len(new),
             blocks_reused=len(encoded.blocks) - len(new),
             seconds=time.perf_counter() - started,
         )
+
+    @abstractmethod
+    def _read_manifest(self, stream_id: str) -> bytes | None: ...
+
+    @abstractmethod
+    def _read_block(self, block_id: str) -> bytes | None: ...
+
+    @abstractmethod
+    def _has_block(self, block_id: str) -> bool: ...
+
+    @abstractmethod
+    def _commit(
+        self, stream_id: str, manifest: bytes, new_blocks: dict[str, bytes], names: frozenset[str]
+    ) -> None:
+        """Store `new_blocks`, then make `manifest` (naming the blocks `names`) current."""
+
+
+class MemoryStore(BlockStore):
+    """Manifests and blocks in dicts; blocks no manifest names are dropped at once."""
+
+    def __init__(self) -> None:
+        self.manifests: dict[str, bytes] = {}
+        self.blocks: dict[str, bytes] = {}
+        self._refs: dict[str, frozenset[str]] = {}  # stream id -> blocks its manifest names
 
     def delete(self, stream_id: str) -> bool:
         if self.manifests.pop(stream_id, None) is None:
@@ -88,6 +110,23 @@ class MemoryStore(StateStore):
 
     def list_streams(self) -> list[str]:
         return sorted(self.manifests)
+
+    def _read_manifest(self, stream_id: str) -> bytes | None:
+        return self.manifests.get(stream_id)
+
+    def _read_block(self, block_id: str) -> bytes | None:
+        return self.blocks.get(block_id)
+
+    def _has_block(self, block_id: str) -> bool:
+        return block_id in self.blocks
+
+    def _commit(
+        self, stream_id: str, manifest: bytes, new_blocks: dict[str, bytes], names: frozenset[str]
+    ) -> None:
+        self.blocks.update(new_blocks)
+        self.manifests[stream_id] = manifest
+        self._refs[stream_id] = names
+        self._drop_unreferenced()
 
     def _drop_unreferenced(self) -> None:
         live = frozenset().union(*self._refs.values())

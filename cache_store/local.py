@@ -12,15 +12,13 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from urllib.parse import quote, unquote
 
-from cache_store.base import SaveReport, StateStore
-from cache_store.codec import check_fingerprint, decode_state, encode_state, read_manifest
+from cache_store.base import BlockStore
+from cache_store.codec import read_manifest
 from cache_store.exceptions import StateError
-from cache_store.state import StreamState
 
 MANIFEST_SUFFIX = ".manifest"
 TEMP_SUFFIX = ".tmp"  # never ends a manifest name, so leftovers of a crash are not streams
@@ -29,7 +27,7 @@ _NAME_MAX = 255  # bytes in one file name on common Linux file systems
 log = logging.getLogger(__name__)
 
 
-class LocalDirStore(StateStore):
+class LocalDirStore(BlockStore):
     """Stream states under `root`; unreferenced blocks are collected every `gc_every` changes."""
 
     def __init__(self, root: Path | str, gc_every: int = 64) -> None:
@@ -43,33 +41,19 @@ class LocalDirStore(StateStore):
         self._streams.mkdir(parents=True, exist_ok=True)
         self._changes = 0
 
-    def load(self, stream_id: str, expected_fingerprint: str | None = None) -> StreamState | None:
+    def _read_manifest(self, stream_id: str) -> bytes | None:
         try:
-            raw = self._manifest_path(stream_id).read_bytes()
+            return self._manifest_path(stream_id).read_bytes()
         except FileNotFoundError:
             return None
-        manifest = read_manifest(raw, stream_id)
-        check_fingerprint(manifest, expected_fingerprint)
-        blocks = {
-            bid: data for bid in manifest.block_ids if (data := self._read_block(bid)) is not None
-        }
-        return decode_state(manifest, blocks, expected_fingerprint)
 
-    def save(self, state: StreamState) -> SaveReport:
-        started = time.perf_counter()
-        encoded = encode_state(state)
-        path = self._manifest_path(state.stream_id)
-        new = {bid: data for bid, data in encoded.blocks.items() if not self._has_block(bid)}
-        self._write_blocks(new)
-        _write_durably(path, encoded.manifest)
+    def _commit(
+        self, stream_id: str, manifest: bytes, new_blocks: dict[str, bytes], names: frozenset[str]
+    ) -> None:
+        self._write_blocks(new_blocks)
+        _write_durably(self._manifest_path(stream_id), manifest)
         _fsync_dir(self._streams)
         self._count_change()
-        return SaveReport(
-            bytes_written=sum(map(len, new.values())) + len(encoded.manifest),
-            blocks_written=len(new),
-            blocks_reused=len(encoded.blocks) - len(new),
-            seconds=time.perf_counter() - started,
-        )
 
     def delete(self, stream_id: str) -> bool:
         try:
