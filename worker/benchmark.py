@@ -14,7 +14,6 @@ import torch
 
 from worker.engine import forward_step
 from worker.model_loading import LoadedModel
-from worker.positions import scheme_for
 from worker.sink_cache import SinkCache
 
 SINKS = 4
@@ -52,8 +51,7 @@ def _random_ids(loaded: LoadedModel, count: int, seed: int = 0) -> torch.Tensor:
 
 
 def _new_cache(loaded: LoadedModel, capacity: int) -> SinkCache:
-    model = loaded.model
-    return SinkCache(scheme_for(model, capacity), model.config.num_hidden_layers, capacity, SINKS)
+    return SinkCache.for_model(loaded.model, capacity, SINKS)
 
 
 @torch.inference_mode()

@@ -18,7 +18,6 @@ from worker.chat_format import DEFAULT_INSTRUCTION, DEFAULT_REQUEST, ChatFormat
 from worker.exceptions import CacheCapacityError
 from worker.model_loading import LoadedModel
 from worker.policy import CommentaryPolicy
-from worker.positions import scheme_for
 from worker.records import Commentary
 from worker.session import StreamSession
 from worker.sink_cache import SinkCache
@@ -71,11 +70,7 @@ class Engine:
 
     def new_empty_session(self, stream_id: str) -> StreamSession:
         """A session with an empty cache (to restore a saved state into)."""
-        model = self.loaded.model
-        scheme = scheme_for(model, self.settings.capacity)
-        cache = SinkCache(
-            scheme, model.config.num_hidden_layers, self.settings.capacity, self.settings.sinks
-        )
+        cache = SinkCache.for_model(self.loaded.model, self.settings.capacity, self.settings.sinks)
         return StreamSession(stream_id, cache)
 
     def new_session(self, stream_id: str) -> StreamSession:

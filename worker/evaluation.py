@@ -22,7 +22,6 @@ from transformers import DynamicCache
 from worker.engine import forward_step
 from worker.exceptions import CacheCapacityError
 from worker.model_loading import LoadedModel
-from worker.positions import scheme_for
 from worker.sink_cache import SinkCache
 
 
@@ -119,9 +118,7 @@ def _scorer(
 
         return dense_step, dense
     kept_sinks = sinks if mode is EvalMode.SINK else 0
-    cache = SinkCache(
-        scheme_for(model, capacity), model.config.num_hidden_layers, capacity, kept_sinks
-    )
+    cache = SinkCache.for_model(model, capacity, kept_sinks)
     return (lambda t: forward_step(model, cache, ids[t : t + 1])[-1]), cache
 
 

@@ -12,10 +12,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from worker.exceptions import CacheDamagedError
-from worker.positions import PositionScheme
+from worker.positions import PositionScheme, scheme_for
 from worker.slot_layout import SlotLayout, StepPlan
 
 
@@ -44,7 +45,7 @@ class SinkCacheLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         scheme = self._owner.scheme
-        slots = plan.new_slots.to(self.keys.device)
+        slots = plan.new_slots
         self.keys.index_copy_(2, slots, scheme.to_stored(key_states, plan.length_before))
         self.values.index_copy_(2, slots, value_states)
         self.length = plan.length_after
@@ -54,8 +55,7 @@ class SinkCacheLayer(CacheLayerMixin):
     def _in_position_order(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(plan.order, slice):
             return self.keys[:, :, plan.order], self.values[:, :, plan.order]
-        order = plan.order.to(self.keys.device)
-        return self.keys.index_select(2, order), self.values.index_select(2, order)
+        return self.keys.index_select(2, plan.order), self.values.index_select(2, plan.order)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.length + query_length, 0
@@ -71,14 +71,26 @@ class SinkCache(Cache):
     """Attention sinks plus a rolling window, positions inside the cache, for every layer."""
 
     def __init__(
-        self, scheme: PositionScheme, num_layers: int, capacity: int, sinks: int = 4
+        self,
+        scheme: PositionScheme,
+        num_layers: int,
+        capacity: int,
+        sinks: int = 4,
+        device: torch.device | str = "cpu",
     ) -> None:
         self.layout = SlotLayout(capacity, sinks)
         self.scheme = scheme
+        self.device = torch.device(device)  # where each step's slot indices are made
         self.plan: StepPlan | None = None
         self.token_ids = torch.zeros(capacity, dtype=torch.long)
         self.damaged = False
         super().__init__(layers=[SinkCacheLayer(self) for _ in range(num_layers)])
+
+    @classmethod
+    def for_model(cls, model: PreTrainedModel, capacity: int, sinks: int = 4) -> SinkCache:
+        """A cache for `model`, on its device, with its architecture's position scheme."""
+        scheme = scheme_for(model, capacity)
+        return cls(scheme, model.config.num_hidden_layers, capacity, sinks, model.device)
 
     @contextmanager
     def step(self, input_ids: torch.Tensor) -> Iterator[StepPlan]:
@@ -89,7 +101,7 @@ class SinkCache(Cache):
         """
         if self.damaged:
             raise CacheDamagedError("this cache was damaged by a failed forward; restore its state")
-        plan = self.layout.plan(len(input_ids))
+        plan = self.layout.plan(len(input_ids), self.device)
         self.plan = plan
         for layer in self.layers:
             layer.length = plan.length_before
@@ -103,7 +115,7 @@ class SinkCache(Cache):
         finally:
             self.plan = None
         self.layout.commit(plan)
-        self.token_ids[plan.new_slots] = input_ids.cpu()
+        self.token_ids[plan.new_slots.cpu()] = input_ids.cpu()
 
     def pin(self, prefix_tokens: int) -> None:
         self.layout.pin(prefix_tokens)

@@ -71,7 +71,7 @@ class SlotLayout:
             )
         self.head = head
 
-    def plan(self, new_tokens: int) -> StepPlan:
+    def plan(self, new_tokens: int, device: torch.device | str = "cpu") -> StepPlan:
         """Make room for `new_tokens` (evicting the oldest window tokens) and place them."""
         room = self.capacity - min(self.length, self.head)
         if not 0 < new_tokens <= room:
@@ -82,7 +82,7 @@ class SlotLayout:
         evicted = max(self.length + new_tokens - self.capacity, 0)
         ring_start = (self.ring_start + evicted) % self.ring_size if evicted else self.ring_start
         length_before = self.length - evicted
-        positions = torch.arange(length_before + new_tokens)
+        positions = torch.arange(length_before + new_tokens, device=device)
         slots = self._slots_of(positions, ring_start)
         contiguous = self._is_identity(positions, ring_start)
         return StepPlan(
