@@ -57,27 +57,30 @@ class RotaryScheme(PositionScheme):
         self._capacity = capacity
         self._tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, ...]] = {}
 
-    def _table(self, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _table(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """(cos, sin, inverse cos, inverse sin) for positions 0..capacity-1, made once per dtype."""
-        key = (like.device, like.dtype)
+        key = (device, dtype)
         if key not in self._tables:
-            probe = torch.zeros(1, dtype=torch.float32, device=like.device)
-            positions = torch.arange(self._capacity, device=like.device)[None]
+            probe = torch.zeros(1, dtype=torch.float32, device=device)
+            positions = torch.arange(self._capacity, device=device)[None]
             cos, sin = self._rotary(probe, position_ids=positions)
             cos, sin = cos[0].float(), sin[0].float()
             scale = cos.square() + sin.square()
             self._tables[key] = tuple(
-                t.to(like.dtype)[None, None] for t in (cos, sin, cos / scale, sin / scale)
+                t.to(dtype)[None, None] for t in (cos, sin, cos / scale, sin / scale)
             )
         return self._tables[key]
 
     def to_stored(self, keys: torch.Tensor, first_position: int) -> torch.Tensor:
-        _, _, inv_cos, inv_sin = self._table(keys)
+        """Undone in float32 (only the new keys), so a bf16 key is rounded once, when stored."""
+        _, _, inv_cos, inv_sin = self._table(keys.device, torch.float32)
         span = slice(first_position, first_position + keys.shape[-2])
-        return self._apply(keys, inv_cos[..., span, :], -inv_sin[..., span, :])
+        stored = self._apply(keys.float(), inv_cos[..., span, :], -inv_sin[..., span, :])
+        return stored.to(keys.dtype)
 
     def to_attention(self, stored: torch.Tensor) -> torch.Tensor:
-        cos, sin, _, _ = self._table(stored)
+        """Rotated in the model's own dtype, as its attention rotates the queries."""
+        cos, sin, _, _ = self._table(stored.device, stored.dtype)
         span = slice(0, stored.shape[-2])
         return self._apply(stored, cos[..., span, :], sin[..., span, :])
 

@@ -96,7 +96,10 @@ class Runner:
         for stream_id, records in grouped.items():
             session = self.sessions[stream_id]
             try:
-                produced = self.engine.step([StreamInput(session, records)])
+                with structlog.contextvars.bound_contextvars(
+                    stream_id=stream_id, offset=records[-1][0]
+                ):
+                    produced = self.engine.step([StreamInput(session, records)])
             except StreamsinkError as error:
                 self._skip("engine_error", error, stream_id=stream_id)
                 self.sessions.pop(stream_id)  # reloaded from its last saved state next time

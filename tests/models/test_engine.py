@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from cache_store import MemoryStore
+from cache_store import LocalDirStore, MemoryStore
 from cache_store.exceptions import StateForeignError
 from tests.models.tiny_models import tiny_loaded
 from worker.engine import CacheSettings, Engine, StreamInput
@@ -54,14 +56,14 @@ def test_instruction_is_pinned_and_never_evicted() -> None:
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt_neox-partial", "bloom"])
-def test_restored_session_continues_exactly_with_zero_prefill(name: str) -> None:
+def test_restored_session_continues_exactly_with_zero_prefill(name: str, tmp_path: Path) -> None:
     engine = _engine(name)
     uninterrupted = engine.new_session("s")
     expected = _feed(engine, uninterrupted, LINES)
 
     first = engine.new_session("s")
     before = _feed(engine, first, LINES[:17])
-    store = MemoryStore()
+    store = LocalDirStore(tmp_path)
     store.save(snapshot(first, engine))
     state = store.load("s", engine.loaded.fingerprint)
     resumed = restore(state, engine)
