@@ -20,13 +20,24 @@ from worker.exceptions import UnsupportedModelError
 class PositionScheme(ABC):
     """Moves keys between 'as the model computed them' and 'as the cache stores them'."""
 
+    # Whether keys carry their positions themselves, so that one query's attention does not
+    # depend on the order the keys come in (true for RoPE, false for ALiBi's index bias).
+    order_free: bool = False
+
     @abstractmethod
     def to_stored(self, keys: torch.Tensor, first_position: int) -> torch.Tensor:
         """Keys a model produced at positions first_position.. -> keys to store."""
 
+    def rotation(
+        self, positions: torch.Tensor | int, device: torch.device, dtype: torch.dtype
+    ) -> object:
+        """What `to_attention` needs to place keys at `positions` (one per key, or n for
+        0..n-1); made once per step and shared by every layer."""
+        return None
+
     @abstractmethod
-    def to_attention(self, stored: torch.Tensor) -> torch.Tensor:
-        """Stored keys in position order 0..n-1 -> keys the attention of this model expects."""
+    def to_attention(self, stored: torch.Tensor, rotation: object) -> torch.Tensor:
+        """Stored keys -> the keys this model's attention expects, at the rotation's positions."""
 
 
 class AlibiScheme(PositionScheme):
@@ -35,13 +46,8 @@ class AlibiScheme(PositionScheme):
     def to_stored(self, keys: torch.Tensor, first_position: int) -> torch.Tensor:
         return keys
 
-    def to_attention(self, stored: torch.Tensor) -> torch.Tensor:
+    def to_attention(self, stored: torch.Tensor, rotation: object) -> torch.Tensor:
         return stored
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 class RotaryScheme(PositionScheme):
@@ -51,6 +57,8 @@ class RotaryScheme(PositionScheme):
     llama3, yarn with its attention factor) are covered without knowing their formulas: the
     inverse divides by cos^2 + sin^2, which is the squared scale.
     """
+
+    order_free = True
 
     def __init__(self, rotary: nn.Module, capacity: int) -> None:
         self._rotary = rotary
@@ -75,22 +83,35 @@ class RotaryScheme(PositionScheme):
         """Undone in float32 (only the new keys), so a bf16 key is rounded once, when stored."""
         _, _, inv_cos, inv_sin = self._table(keys.device, torch.float32)
         span = slice(first_position, first_position + keys.shape[-2])
-        stored = self._apply(keys.float(), inv_cos[..., span, :], -inv_sin[..., span, :])
+        stored = _rotate(keys.float(), inv_cos[..., span, :], -inv_sin[..., span, :])
         return stored.to(keys.dtype)
 
-    def to_attention(self, stored: torch.Tensor) -> torch.Tensor:
-        """Rotated in the model's own dtype, as its attention rotates the queries."""
-        cos, sin, _, _ = self._table(stored.device, stored.dtype)
-        span = slice(0, stored.shape[-2])
-        return self._apply(stored, cos[..., span, :], sin[..., span, :])
+    def rotation(
+        self, positions: torch.Tensor | int, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """In the model's own dtype, as its attention rotates the queries."""
+        cos, sin, _, _ = self._table(device, dtype)
+        if isinstance(positions, int):
+            return cos[..., :positions, :], sin[..., :positions, :]
+        return cos.index_select(-2, positions), sin.index_select(-2, positions)
 
-    @staticmethod
-    def _apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        dim = cos.shape[-1]
-        if dim == x.shape[-1]:
-            return x * cos + _rotate_half(x) * sin
-        rotated, passed = x[..., :dim], x[..., dim:]
-        return torch.cat((rotated * cos + _rotate_half(rotated) * sin, passed), dim=-1)
+    def to_attention(
+        self, stored: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        return _rotate(stored, *rotation)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin on the first cos.shape[-1] dims, with one allocation.
+
+    This runs over the whole cache on every step, so it avoids rotate_half's temporaries.
+    """
+    dim, half = cos.shape[-1], cos.shape[-1] // 2
+    rotated = x[..., :dim] * cos
+    out = rotated if dim == x.shape[-1] else torch.cat((rotated, x[..., dim:]), dim=-1)
+    out[..., :half].addcmul_(x[..., half:dim], sin[..., :half], value=-1)
+    out[..., half:dim].addcmul_(x[..., :half], sin[..., half:])
+    return out
 
 
 def _rotary_module(model: nn.Module) -> nn.Module:

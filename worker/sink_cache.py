@@ -49,8 +49,14 @@ class SinkCacheLayer(CacheLayerMixin):
         self.keys.index_copy_(2, slots, scheme.to_stored(key_states, plan.length_before))
         self.values.index_copy_(2, slots, value_states)
         self.length = plan.length_after
-        keys, values = self._in_position_order(plan)
-        return scheme.to_attention(keys), values
+        if plan.full_ring and scheme.order_free and len(slots) == 1:
+            # One query attends to every slot alike: keys in slot order, rotated to each
+            # slot's position, and the values as they lie. No gather, no copy of the values.
+            keys, values, positions = self.keys, self.values, plan.slot_positions
+        else:
+            keys, values = self._in_position_order(plan)
+            positions = plan.length_after
+        return scheme.to_attention(keys, self._owner.rotation(positions, keys.dtype)), values
 
     def _in_position_order(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(plan.order, slice):
@@ -82,6 +88,7 @@ class SinkCache(Cache):
         self.scheme = scheme
         self.device = torch.device(device)  # where each step's slot indices are made
         self.plan: StepPlan | None = None
+        self._rotation: object = None  # the step's key rotation, shared by every layer
         self.token_ids = torch.zeros(capacity, dtype=torch.long)
         self.damaged = False
         super().__init__(layers=[SinkCacheLayer(self) for _ in range(num_layers)])
@@ -103,6 +110,7 @@ class SinkCache(Cache):
             raise CacheDamagedError("this cache was damaged by a failed forward; restore its state")
         plan = self.layout.plan(len(input_ids), self.device)
         self.plan = plan
+        self._rotation = None
         for layer in self.layers:
             layer.length = plan.length_before
         try:
@@ -116,6 +124,12 @@ class SinkCache(Cache):
             self.plan = None
         self.layout.commit(plan)
         self.token_ids[plan.new_slots.cpu()] = input_ids.cpu()
+
+    def rotation(self, positions: torch.Tensor | int, dtype: torch.dtype) -> object:
+        """The scheme's rotation for this step, made by the first layer that needs it."""
+        if self._rotation is None:
+            self._rotation = self.scheme.rotation(positions, self.device, dtype)
+        return self._rotation
 
     def pin(self, prefix_tokens: int) -> None:
         self.layout.pin(prefix_tokens)

@@ -26,6 +26,12 @@ class StepPlan:
     length_before: int  # tokens in the cache the new ones attend to (after eviction)
     new_slots: torch.Tensor  # slot of each new token, in order
     order: torch.Tensor | slice  # slots of positions 0..length_before+new-1 (a slice if contiguous)
+    slot_positions: torch.Tensor | None = None  # position of every slot, when all are live
+
+    @property
+    def full_ring(self) -> bool:
+        """Every slot is live and out of position order (the steady state of a long stream)."""
+        return self.slot_positions is not None
 
     @property
     def length_after(self) -> int:
@@ -85,12 +91,12 @@ class SlotLayout:
         positions = torch.arange(length_before + new_tokens, device=device)
         slots = self._slots_of(positions, ring_start)
         contiguous = self._is_identity(positions, ring_start)
-        return StepPlan(
-            evicted=evicted,
-            length_before=length_before,
-            new_slots=slots[length_before:],
-            order=slice(0, len(positions)) if contiguous else slots,
-        )
+        if contiguous:
+            return StepPlan(evicted, length_before, slots[length_before:], slice(0, len(slots)))
+        # Out of order only once the ring has turned, and the cache is then full: each slot
+        # holds exactly one position.
+        slot_positions = torch.empty_like(slots).index_copy_(0, slots, positions)
+        return StepPlan(evicted, length_before, slots[length_before:], slots, slot_positions)
 
     def commit(self, plan: StepPlan) -> None:
         """Record a plan once its forward has succeeded."""

@@ -36,4 +36,6 @@ def test_kept_keys_after_100k_shifts_equal_fresh_rotation() -> None:
     expected_stored = pre_rope[kept].permute(1, 0, 2)[None]
     torch.testing.assert_close(cache.kept_stored_keys(0), expected_stored, rtol=0, atol=1e-5)
     fresh, _ = apply_rotary_pos_emb(expected_stored, expected_stored, table_cos, table_sin)
-    torch.testing.assert_close(attention_keys, fresh, rtol=0, atol=1e-5)
+    # A single query gets the keys in slot order once the ring has turned: compare by position.
+    in_position_order = attention_keys.index_select(2, cache.layout.slot_order())
+    torch.testing.assert_close(in_position_order, fresh, rtol=0, atol=1e-5)
