@@ -102,7 +102,9 @@ class Runner:
                     produced = self.engine.step([StreamInput(session, records)])
             except StreamsinkError as error:
                 self._skip("engine_error", error, stream_id=stream_id)
-                self.sessions.pop(stream_id)  # reloaded from its last saved state next time
+                # Dropped unsaved: reloaded from its last saved state next time.
+                self.sessions.pop(stream_id)
+                self._dirty.discard(stream_id)
                 continue
             self._emit(produced)
             self._dirty.add(stream_id)
