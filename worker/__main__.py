@@ -1,0 +1,5 @@
+"""`python -m worker` runs the streamsink command."""
+
+from worker.cli import app
+
+app()
