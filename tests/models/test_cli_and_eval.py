@@ -9,7 +9,7 @@ import pytest
 from transformers import GPT2Config, GPT2LMHeadModel
 from typer.testing import CliRunner
 
-from tests.models.tiny_models import VOCAB, byte_tokenizer, tiny_loaded, tiny_model
+from tests.models.tiny_models import VOCAB, run_arguments, save_tiny_model, tiny_loaded
 from worker.cli import app
 from worker.evaluation import EvalMode, evaluate_perplexity
 from worker.exceptions import UnsupportedModelError
@@ -20,33 +20,13 @@ TEXT = " ".join(f"line {i}: the service answered request {i} in {i % 17} ms." fo
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama").save_pretrained(directory)
-    byte_tokenizer().save_pretrained(directory)
-    return directory
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def test_run_prints_commentary_and_resumes_from_its_state(model_dir: Path, tmp_path: Path) -> None:
     log = tmp_path / "app.log"
     log.write_text("\n".join(f"12:00:{i:02d} INFO request {i}" for i in range(12)) + "\n")
-    args = [
-        "run",
-        "--source",
-        f"file:{log}",
-        "--state",
-        f"dir:{tmp_path / 'state'}",
-        "--model",
-        str(model_dir),
-        "--window",
-        "124",
-        "--every-records",
-        "4",
-        "--max-new-tokens",
-        "4",
-        "--instruction",
-        "Watch this log.",
-        "--json",
-    ]
+    args = run_arguments(log, tmp_path / "state", model_dir, every_records=4)
     first = CliRunner().invoke(app, args)
     assert first.exit_code == 0, first.output
     records = [json.loads(line) for line in first.stdout.splitlines() if line.startswith("{")]

@@ -10,39 +10,15 @@ import time
 from pathlib import Path
 
 from cache_store.local import LocalDirStore
-from tests.models.tiny_models import byte_tokenizer, tiny_model
+from tests.models.tiny_models import run_arguments, save_tiny_model
 
 
 def test_sigterm_saves_the_state_and_exits_zero(tmp_path: Path) -> None:
-    model_dir = tmp_path / "model"
-    tiny_model("llama").save_pretrained(model_dir)
-    byte_tokenizer().save_pretrained(model_dir)
+    model_dir = save_tiny_model(tmp_path / "model")
     log = tmp_path / "live.log"
     log.write_text("".join(f"12:00:{i:02d} INFO request {i}\n" for i in range(6)))
-    command = [
-        sys.executable,
-        "-m",
-        "worker",
-        "run",
-        "--source",
-        f"file:{log}",
-        "--follow",
-        "--state",
-        f"dir:{tmp_path / 'state'}",
-        "--model",
-        str(model_dir),
-        "--window",
-        "124",
-        "--every-records",
-        "3",
-        "--max-new-tokens",
-        "3",
-        "--instruction",
-        "Watch.",
-        "--json",
-        "--checkpoint-every",
-        "1000",
-    ]
+    arguments = run_arguments(log, tmp_path / "state", model_dir, every_records=3)
+    command = [sys.executable, "-m", "worker", *arguments, "--follow", "--checkpoint-every", "1000"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     worker = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
@@ -118,3 +120,19 @@ def tiny_loaded(name: str = "llama", seed: int = 0) -> LoadedModel:
     """A tiny model with a byte tokenizer, ready for the engine."""
     model = tiny_model(name, seed)
     return LoadedModel(model, byte_tokenizer(), f"tiny-{name}", model_fingerprint(model))
+
+
+def save_tiny_model(directory: Path) -> Path:
+    """A tiny llama with the byte tokenizer, saved like a user's model directory."""
+    tiny_model("llama").save_pretrained(directory)
+    byte_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def run_arguments(log: Path, state: Path, model_dir: Path, every_records: int) -> list[str]:
+    """`streamsink run` arguments for a tiny model: a small window, short commentary."""
+    return [
+        "run", "--source", f"file:{log}", "--state", f"dir:{state}", "--model", str(model_dir),
+        "--window", "124", "--every-records", str(every_records), "--max-new-tokens", "4",
+        "--instruction", "Watch this log.", "--json",
+    ]  # fmt: skip
