@@ -41,7 +41,7 @@ def run_benchmark(
         out(f"{size:>6} {sink_ms:>14.2f} {recompute_ms:>19.2f} {recompute_ms / sink_ms:>7.1f}x")
     out(f"{'stream tokens':>13} {'sink cache MB':>14} {'dense cache MB':>15} {'peak MB':>9}")
     for length in stream_lengths:
-        cache_mb, dense_mb, peak_mb = _stream_memory(loaded, length, 1024)
+        cache_mb, dense_mb, peak_mb = _stream_memory(loaded, length, min(1024, loaded.max_cache))
         out(f"{length:>13} {cache_mb:>14.2f} {dense_mb:>15.2f} {peak_mb:>9.1f}")
 
 

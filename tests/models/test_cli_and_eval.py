@@ -110,3 +110,25 @@ def test_modes_agree_before_eviction_and_differ_after() -> None:
     long = {m: evaluate_perplexity(loaded, TEXT, m, 4, 28, 300).perplexity for m in EvalMode}
     assert long[EvalMode.SINK] != pytest.approx(long[EvalMode.WINDOW], rel=1e-4)
     assert long[EvalMode.SINK] != pytest.approx(long[EvalMode.RECOMPUTE], rel=1e-4)
+
+
+def test_bench_prints_sink_against_recompute_for_a_random_model(tmp_path: Path) -> None:
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "vocab_size": VOCAB, "max_position_embeddings": 256,
+    }))  # fmt: skip
+    result = CliRunner().invoke(app, ["bench", "--random-config", str(config), "--device", "cpu",
+                                      "--sizes", "32,64,512", "--tokens", "3",
+                                      "--stream-lengths", "100,300"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    timed = [line.split() for line in lines if line.strip().startswith(("32 ", "64 "))]
+    assert [row[0] for row in timed] == ["32", "64"] and all(row[3].endswith("x") for row in timed)
+    assert any("512 skipped" in line for line in lines)
+    memory = {
+        line.split()[0]: line.split()[1:] for line in lines if line.strip()[:3] in ("100", "300")
+    }
+    assert memory["100"][0] == memory["300"][0]  # the sink cache does not grow with the stream
+    assert float(memory["300"][1]) > float(memory["100"][1])  # a dense one would
