@@ -21,7 +21,7 @@ STATE_KIND = "streamsink.session/1"
 
 def snapshot(session: StreamSession, engine: Engine) -> StreamState:
     cache = session.cache
-    tensors: dict[str, torch.Tensor] = {"token_ids": cache.token_ids.clone()}
+    tensors: dict[str, torch.Tensor] = {"token_ids": cache.token_ids.cpu().clone()}
     for index, layer in enumerate(cache.layers):
         if not layer.is_initialized:
             continue
@@ -48,7 +48,7 @@ def restore(state: StreamState, engine: Engine) -> StreamSession:
     cache = session.cache
     saved_layout = SlotLayout.from_meta(meta["layout"])
     cache.layout = saved_layout
-    cache.token_ids = state.tensors["token_ids"].clone()
+    cache.token_ids = state.tensors["token_ids"].to(cache.device, copy=True)
     device = engine.loaded.device
     for index, layer in enumerate(cache.layers[: meta["layers"]]):
         keys, values = (

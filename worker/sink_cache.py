@@ -1,9 +1,10 @@
 """The StreamingLLM cache in the shape transformers uses: one layer object per model layer.
 
-Keys are stored position-free (see positions.py) in ring-buffered slots (see slot_layout.py),
-and each forward gathers them in position order and gives them their in-cache positions. A
-forward must be wrapped in `step()`, which makes room before the new tokens go in and records
-the new layout only once the forward has succeeded.
+Keys are stored position-free (see positions.py) in ring-buffered slots (see slot_layout.py)
+and given their in-cache positions on use: gathered in position order for a chunk, read in slot
+order for a single decoded token once the ring has turned. A forward must be wrapped in
+`step()`, which makes room before the new tokens go in and records the new layout only once
+the forward has succeeded.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ class SinkCache(Cache):
         self.device = torch.device(device)  # where each step's slot indices are made
         self.plan: StepPlan | None = None
         self._rotation: object = None  # the step's key rotation, shared by every layer
-        self.token_ids = torch.zeros(capacity, dtype=torch.long)
+        self.token_ids = torch.zeros(capacity, dtype=torch.long, device=self.device)
         self.damaged = False
         super().__init__(layers=[SinkCacheLayer(self) for _ in range(num_layers)])
 
@@ -123,7 +124,8 @@ class SinkCache(Cache):
         finally:
             self.plan = None
         self.layout.commit(plan)
-        self.token_ids[plan.new_slots.cpu()] = input_ids.cpu()
+        # Kept on the cache's device: no host round trip on every decoded token.
+        self.token_ids[plan.new_slots] = input_ids.to(self.device)
 
     def rotation(self, positions: torch.Tensor | int, dtype: torch.dtype) -> object:
         """The scheme's rotation for this step, made by the first layer that needs it."""
@@ -136,9 +138,9 @@ class SinkCache(Cache):
 
     def kept_token_ids(self) -> torch.Tensor:
         """Token ids of the cached tokens, in position order."""
-        return self.token_ids[self.layout.slot_order()]
+        return self.token_ids[self.layout.slot_order().to(self.device)].cpu()
 
     def kept_stored_keys(self, layer_idx: int) -> torch.Tensor:
-        """Position-free keys of one layer, in position order (for checks and snapshots)."""
+        """Position-free keys of one layer, in position order (what a drift check compares)."""
         layer = self.layers[layer_idx]
         return layer.keys.index_select(2, self.layout.slot_order().to(layer.keys.device))

@@ -59,10 +59,6 @@ class SlotLayout:
     def ring_size(self) -> int:
         return self.capacity - self.head
 
-    @property
-    def window_length(self) -> int:
-        return max(self.length - self.head, 0)
-
     def pin(self, prefix_tokens: int) -> None:
         """Never evict the first `prefix_tokens` (an instruction), like llama.cpp's --keep."""
         head = max(self.sinks, prefix_tokens)
@@ -90,8 +86,7 @@ class SlotLayout:
         length_before = self.length - evicted
         positions = torch.arange(length_before + new_tokens, device=device)
         slots = self._slots_of(positions, ring_start)
-        contiguous = self._is_identity(positions, ring_start)
-        if contiguous:
+        if ring_start == 0 or len(positions) <= self.head:  # every position in its own slot
             return StepPlan(evicted, length_before, slots[length_before:], slice(0, len(slots)))
         # Out of order only once the ring has turned, and the cache is then full: each slot
         # holds exactly one position.
@@ -113,9 +108,6 @@ class SlotLayout:
     def _slots_of(self, positions: torch.Tensor, ring_start: int) -> torch.Tensor:
         in_ring = self.head + (ring_start + positions - self.head) % self.ring_size
         return torch.where(positions < self.head, positions, in_ring)
-
-    def _is_identity(self, positions: torch.Tensor, ring_start: int) -> bool:
-        return ring_start == 0 or len(positions) <= self.head
 
     def to_meta(self) -> dict[str, int]:
         return {
