@@ -13,12 +13,14 @@ from cache_store.exceptions import (
     StateVersionError,
 )
 from cache_store.local import LocalDirStore
+from cache_store.redis_store import RedisStore
 from cache_store.state import StreamState
 
 __all__ = [
     "FORMAT_VERSION",
     "LocalDirStore",
     "MemoryStore",
+    "RedisStore",
     "SaveReport",
     "StateCorruptError",
     "StateError",
@@ -33,14 +35,20 @@ __all__ = [
 ]
 
 
-def from_url(url: str) -> StateStore:
-    """The store a --state URL names: 'dir:PATH' (a local directory) or 'memory:' (this run)."""
+def from_url(url: str, **redis_options: object) -> StateStore:
+    """The store a --state URL names: 'dir:PATH', 'memory:' or a Redis URL.
+
+    `redis_options` (prefix, idle_ttl_seconds, password) go to RedisStore.
+    """
     scheme, _, rest = url.partition(":")
     if scheme == "dir" and rest:
         return LocalDirStore(Path(rest).expanduser())
+    if scheme in ("redis", "rediss", "unix"):
+        return RedisStore(url, **redis_options)
     if url == "memory:":
         return MemoryStore()
     raise ValueError(
-        f"unknown state store URL {url!r}; accepted: 'dir:PATH' (states in a local directory) "
-        "or 'memory:' (states kept in memory, lost when the run ends)"
+        f"unknown state store URL {url!r}; accepted: 'dir:PATH' (states in a local directory), "
+        "'memory:' (states kept in memory, lost when the run ends), or a Redis URL "
+        "(redis://[:password@]host:port/db, rediss:// for TLS)"
     )
