@@ -60,7 +60,7 @@ def _fill(loaded: LoadedModel, cache: SinkCache, ids: torch.Tensor) -> None:
         forward_step(loaded.model, cache, piece, last_only=True)
 
 
-def _timed(loaded: LoadedModel, step: Callable[[], object], repeats: int) -> float:
+def timed_ms(loaded: LoadedModel, step: Callable[[], object], repeats: int) -> float:
     """Median milliseconds of `step`, after one warm-up call."""
     step()
     samples = []
@@ -79,14 +79,14 @@ def _sink_decode_ms(loaded: LoadedModel, size: int, tokens: int) -> float:
     cache = _new_cache(loaded, size)
     _fill(loaded, cache, _random_ids(loaded, size))
     next_ids = iter(_random_ids(loaded, tokens + 1, seed=1).split(1))
-    return _timed(loaded, lambda: forward_step(loaded.model, cache, next(next_ids), True), tokens)
+    return timed_ms(loaded, lambda: forward_step(loaded.model, cache, next(next_ids), True), tokens)
 
 
 @torch.inference_mode()
 def _recompute_ms(loaded: LoadedModel, size: int, repeats: int) -> float:
     """One token by re-computing the last `size` tokens from scratch."""
     window = _random_ids(loaded, size)[None].to(loaded.device)
-    return _timed(loaded, lambda: loaded.model(input_ids=window, logits_to_keep=1), repeats)
+    return timed_ms(loaded, lambda: loaded.model(input_ids=window, logits_to_keep=1), repeats)
 
 
 def _stream_memory(loaded: LoadedModel, length: int, capacity: int) -> tuple[float, float, float]:

@@ -5,24 +5,45 @@ from __future__ import annotations
 import json
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
+import structlog
 import typer
+from kafka.errors import KafkaError
 from rich.console import Console
 
 from cache_store import from_url
+from cache_store.exceptions import StateError
+from cache_store.redis_store import RedisStore
 from worker.chat_format import DEFAULT_INSTRUCTION, DEFAULT_REQUEST
+from worker.cli_options import (
+    DEFAULT_DEAD_LETTER_TOPIC,
+    DEFAULT_INPUT_TOPIC,
+    DEFAULT_OUTPUT_TOPIC,
+    InputTopicOption,
+    OutputTopicOption,
+    SaslMechanismOption,
+    SaslPasswordOption,
+    SaslUsernameOption,
+    SecurityProtocolOption,
+    kafka_connection,
+)
 from worker.engine import CacheSettings, Engine
 from worker.exceptions import StreamsinkError
+from worker.health_server import Health, serve
+from worker.kafka_commands import consume, produce
+from worker.kafka_worker import KafkaWorker, StateLossPolicy, WorkerSettings
 from worker.logging_setup import configure_logging
+from worker.metrics import WorkerMetrics
 from worker.model_loading import LoadedModel, load_model, load_random
 from worker.policy import CommentaryPolicy
-from worker.runner import BadStatePolicy, Runner, RunSettings
+from worker.runner import Runner, RunSettings
 from worker.sinks import JsonLinesSink, TextSink
 from worker.sources import FileSource
+from worker.stream_processor import BadStatePolicy, ProcessSettings
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -32,9 +53,12 @@ app = typer.Typer(
 model_app = typer.Typer(no_args_is_help=True, help="The model: fetch the embedded default.")
 eval_app = typer.Typer(no_args_is_help=True, help="Score texts the way the paper does.")
 app.add_typer(model_app, name="model")
+bench_app = typer.Typer(no_args_is_help=True, help="Side-by-side speed figures in one run.")
 app.add_typer(eval_app, name="eval")
+app.add_typer(bench_app, name="bench")
 
 err = Console(stderr=True)
+log = structlog.get_logger("streamsink.cli")
 
 ModelOption = Annotated[
     str,
@@ -52,7 +76,7 @@ def _failures_as_exit_codes() -> Iterator[None]:
     """Known errors end the command with a message and exit code 2, not a traceback."""
     try:
         yield
-    except (StreamsinkError, ValueError) as error:
+    except (StreamsinkError, StateError, KafkaError, ValueError) as error:
         err.print(f"[red]error:[/red] {error}")
         raise typer.Exit(2) from None
 
@@ -82,7 +106,8 @@ def run(
     state: Annotated[
         str,
         typer.Option(
-            envvar="STREAMSINK_STATE", help="where stream states live: dir:PATH or memory:"
+            envvar="STREAMSINK_STATE",
+            help="local runs: where stream states live (dir:PATH, memory: or a Redis URL)",
         ),
     ] = "dir:.streamsink-state",
     follow: Annotated[
@@ -92,6 +117,63 @@ def run(
     key_separator: Annotated[
         str | None,
         typer.Option(help="the text before this separator on each line is its stream id"),
+    ] = None,
+    bootstrap_servers: Annotated[
+        str | None,
+        typer.Option(
+            envvar="STREAMSINK_BOOTSTRAP_SERVERS",
+            help="Kafka brokers: run as a distributed worker instead of on a file",
+        ),
+    ] = None,
+    input_topic: InputTopicOption = DEFAULT_INPUT_TOPIC,
+    output_topic: OutputTopicOption = DEFAULT_OUTPUT_TOPIC,
+    dead_letter_topic: Annotated[
+        str,
+        typer.Option(
+            envvar="STREAMSINK_DEAD_LETTER_TOPIC", help="where bad records go ('' = nowhere)"
+        ),
+    ] = DEFAULT_DEAD_LETTER_TOPIC,
+    group: Annotated[
+        str, typer.Option(envvar="STREAMSINK_GROUP", help="Kafka consumer group")
+    ] = "streamsink",
+    redis_url: Annotated[
+        str,
+        typer.Option(
+            envvar="STREAMSINK_REDIS_URL", help="distributed state: redis:// or rediss:// (TLS)"
+        ),
+    ] = "redis://127.0.0.1:6379/0",
+    redis_password: Annotated[
+        str | None,
+        typer.Option(envvar="STREAMSINK_REDIS_PASSWORD", help="Redis AUTH", show_default=False),
+    ] = None,
+    key_prefix: Annotated[
+        str, typer.Option(envvar="STREAMSINK_KEY_PREFIX", help="prefix of every Redis key")
+    ] = "streamsink",
+    state_ttl_seconds: Annotated[
+        int | None,
+        typer.Option(envvar="STREAMSINK_STATE_TTL_SECONDS", help="forget streams idle this long"),
+    ] = None,
+    security_protocol: SecurityProtocolOption = "PLAINTEXT",
+    sasl_mechanism: SaslMechanismOption = None,
+    sasl_username: SaslUsernameOption = None,
+    sasl_password: SaslPasswordOption = None,
+    session_timeout_ms: Annotated[
+        int, typer.Option(envvar="STREAMSINK_SESSION_TIMEOUT_MS", help="Kafka group session")
+    ] = 30000,
+    shutdown_seconds: Annotated[
+        float,
+        typer.Option(envvar="STREAMSINK_SHUTDOWN_SECONDS", help="budget of the final checkpoint"),
+    ] = 60.0,
+    on_state_loss: Annotated[
+        StateLossPolicy,
+        typer.Option(help="Redis behind Kafka's committed offset: replay, or resume at Kafka's"),
+    ] = StateLossPolicy.REPLAY,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            envvar="STREAMSINK_METRICS_PORT",
+            help="serve /metrics, /healthz, /readyz (0 = any free port; Kafka runs: 9400)",
+        ),
     ] = None,
     model: ModelOption = "smollm2",
     device: DeviceOption = "auto",
@@ -114,58 +196,108 @@ def run(
     temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,
     seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
     json_output: Annotated[bool, typer.Option("--json", help="JSON lines on stdout")] = False,
-    checkpoint_every: Annotated[int, typer.Option(help="records between checkpoints")] = 256,
-    max_record_bytes: Annotated[int, typer.Option(help="larger records are skipped")] = 65536,
+    checkpoint_every: Annotated[
+        int,
+        typer.Option(
+            envvar="STREAMSINK_CHECKPOINT_EVERY_RECORDS", help="records between checkpoints"
+        ),
+    ] = 256,
+    checkpoint_every_seconds: Annotated[
+        float,
+        typer.Option(
+            envvar="STREAMSINK_CHECKPOINT_EVERY_SECONDS", help="seconds between checkpoints"
+        ),
+    ] = 10.0,
+    max_record_bytes: Annotated[int, typer.Option(help="larger records are set aside")] = 65536,
     on_bad_state: Annotated[
         BadStatePolicy,
-        typer.Option(help="a stream whose saved state is unusable: restart it, or skip it"),
-    ] = BadStatePolicy.RESTART,
+        typer.Option(
+            envvar="STREAMSINK_ON_BAD_STATE",
+            help="a stream whose saved state is unusable: set its records aside, or restart it",
+        ),
+    ] = BadStatePolicy.SKIP,
     log_level: Annotated[str, typer.Option(envvar="STREAMSINK_LOG_LEVEL")] = "info",
 ) -> None:
-    """Comment on a file or stdin; a second run over a longer file continues where it stopped."""
+    """Comment on a file or stdin, or, with --bootstrap-servers, on a Kafka topic.
+
+    Local runs keep state in --state, and a second run over a longer file continues where
+    the first stopped. Kafka runs join --group, keep state in Redis and move streams
+    between workers without recomputation.
+    """
     configure_logging(log_level)
+    metrics, health = WorkerMetrics(), Health()
+    stop = threading.Event()
     with _failures_as_exit_codes():
-        path = source.removeprefix("file:")
-        if path != "-" and not Path(path).is_file():
-            raise ValueError(f"no file at {path!r}; pass --source file:PATH or - for stdin")
         policy = CommentaryPolicy(
             every_records, every_tokens, every_seconds, max_new_tokens, temperature, seed=seed
         )
-        store = from_url(state)
+        process = ProcessSettings(max_record_bytes, on_bad_state)
+        if bootstrap_servers is None:
+            path = source.removeprefix("file:")
+            if path != "-" and not Path(path).is_file():
+                raise ValueError(f"no file at {path!r}; pass --source file:PATH or - for stdin")
+            store = from_url(state)
+            file_source = FileSource(path, stream, key_separator, follow)
+            _stop_on_signals(stop, file_source.stop)
+        else:
+            store = RedisStore(redis_url, key_prefix, state_ttl_seconds, redis_password)
+            store.ping()
+            _stop_on_signals(stop)
+            metrics_port = 9400 if metrics_port is None else metrics_port
+        server = None if metrics_port is None else serve(metrics, health, port=metrics_port)
+        if server is not None:
+            log.info("serving metrics", port=server.port)
         loaded = load_with_progress(model, device)
         engine = Engine(loaded, CacheSettings(sinks, window), policy, instruction, request)
-        file_source = FileSource(path, stream, key_separator, follow)
-        sink = JsonLinesSink() if json_output else TextSink()
-        runner = Runner(
-            engine,
-            file_source,
-            sink,
-            store,
-            RunSettings(
-                checkpoint_every_records=checkpoint_every,
-                max_record_bytes=max_record_bytes,
-                on_bad_state=on_bad_state,
-            ),
-        )
-        stop = threading.Event()
-        _stop_on_signals(stop, file_source)
-        stats = runner.run(stop)
+        health.model_loaded = True
+        if bootstrap_servers is None:
+            health.group_joined = True  # a local run has no group to join
+            sink = JsonLinesSink() if json_output else TextSink()
+            settings = RunSettings(checkpoint_every, checkpoint_every_seconds, process)
+            Runner(engine, file_source, sink, store, settings, metrics).run(stop)
+        else:
+            connection = kafka_connection(
+                bootstrap_servers, security_protocol, sasl_mechanism, sasl_username, sasl_password
+            )
+            settings = WorkerSettings(
+                input_topic,
+                output_topic,
+                group,
+                dead_letter_topic or None,
+                checkpoint_every,
+                checkpoint_every_seconds,
+                shutdown_seconds,
+                session_timeout_ms,
+                on_state_loss=on_state_loss,
+                process=process,
+            )
+            KafkaWorker(engine, connection, store, settings, metrics, health).run(stop)
+        if server is not None:
+            server.close()
     err.print(
-        f"records {stats.records}, commentaries {stats.commentaries}, streams new "
-        f"{stats.new_streams} restored {stats.restored_streams}, skipped "
-        f"{dict(stats.skipped) or 0}, checkpoint bytes {stats.checkpoint_bytes}"
+        f"records {metrics.value('streamsink_records'):.0f}, commentaries "
+        f"{metrics.value('streamsink_commentaries'):.0f}, streams new "
+        f"{metrics.value('streamsink_new_streams'):.0f} restored "
+        f"{metrics.value('streamsink_restored_streams'):.0f}, set aside "
+        f"{metrics.value('streamsink_dead_letter_records'):.0f}, checkpoint bytes "
+        f"{metrics.value('streamsink_checkpoint_bytes'):.0f}"
     )
 
 
-def _stop_on_signals(stop: threading.Event, source: FileSource) -> None:
+def _stop_on_signals(stop: threading.Event, also: Callable[[], None] | None = None) -> None:
     """SIGINT/SIGTERM finish the step in flight, checkpoint and exit."""
 
     def handle(signum: int, frame: object) -> None:
         stop.set()
-        source.stop()
+        if also is not None:
+            also()
 
     signal.signal(signal.SIGTERM, handle)
     signal.signal(signal.SIGINT, handle)
+
+
+app.command()(produce)
+app.command()(consume)
 
 
 @eval_app.command("ppl")
@@ -194,8 +326,8 @@ def eval_ppl(
         typer.echo(result.describe())
 
 
-@app.command()
-def bench(
+@bench_app.command("decode")
+def bench_decode(
     model: ModelOption = "smollm2",
     device: DeviceOption = "auto",
     sizes: Annotated[str, typer.Option(help="cache sizes to compare")] = "256,1024,4096",
@@ -226,3 +358,26 @@ def bench(
             [int(s) for s in stream_lengths.split(",")],
             out=typer.echo,
         )
+
+
+@bench_app.command("restore")
+def bench_restore(
+    redis_url: Annotated[
+        str, typer.Option(envvar="STREAMSINK_REDIS_URL", help="Redis to save states in")
+    ] = "redis://127.0.0.1:6379/0",
+    model: ModelOption = "smollm2",
+    device: DeviceOption = "auto",
+    sizes: Annotated[str, typer.Option(help="cache sizes to compare")] = "256,1024,4096",
+    repeats: Annotated[int, typer.Option(help="timed runs per figure (median)")] = 3,
+) -> None:
+    """Restore from Redis against prefilling the window, with checkpoint bytes and time."""
+    from worker.restore_benchmark import run_restore_benchmark
+
+    with _failures_as_exit_codes():
+        store = RedisStore(redis_url, prefix="streamsink-bench")
+        store.ping()
+        loaded = load_with_progress(model, device)
+        run_restore_benchmark(
+            loaded, store, [int(s) for s in sizes.split(",")], repeats, out=typer.echo
+        )
+        store.close()

@@ -119,8 +119,8 @@ def test_bench_prints_sink_against_recompute_for_a_random_model(tmp_path: Path) 
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
         "vocab_size": VOCAB, "max_position_embeddings": 256,
     }))  # fmt: skip
-    result = CliRunner().invoke(app, ["bench", "--random-config", str(config), "--device", "cpu",
-                                      "--sizes", "32,64,512", "--tokens", "3",
+    result = CliRunner().invoke(app, ["bench", "decode", "--random-config", str(config),
+                                      "--device", "cpu", "--sizes", "32,64,512", "--tokens", "3",
                                       "--stream-lengths", "100,300"])  # fmt: skip
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()

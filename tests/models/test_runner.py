@@ -11,9 +11,10 @@ from cache_store.local import LocalDirStore
 from tests.models.tiny_models import tiny_loaded
 from worker.engine import CacheSettings, Engine
 from worker.policy import CommentaryPolicy
-from worker.runner import BadStatePolicy, Runner, RunSettings
+from worker.runner import Runner, RunSettings
 from worker.sinks import ListSink
 from worker.sources import FileSource
+from worker.stream_processor import BadStatePolicy, ProcessSettings
 
 LINES = [f"svc{i % 2}|12:00:{i:02d} INFO request {i} took {i * 7}ms" for i in range(30)]
 
@@ -27,14 +28,14 @@ def _engine(seed: int = 0) -> Engine:
     )
 
 
-def _run(path: Path, state: Path, engine: Engine | None = None, **settings) -> tuple:
+def _run(path: Path, state: Path, engine: Engine | None = None, **process) -> tuple:
     sink = ListSink()
     runner = Runner(
         engine or _engine(),
         FileSource(str(path), key_separator="|"),
         sink,
         LocalDirStore(state),
-        RunSettings(checkpoint_every_records=7, **settings),
+        RunSettings(checkpoint_every_records=7, process=ProcessSettings(**process)),
     )
     return runner.run(), sink.items, runner
 
@@ -54,11 +55,11 @@ def test_second_run_over_a_longer_file_continues_where_the_first_stopped(tmp_pat
     _write(tmp_path / "log", [line.encode() for line in LINES])
     second_stats, second, runner = _run(tmp_path / "log", state)
 
-    assert second_stats.restored_streams == 2 and second_stats.new_streams == 0
-    assert second_stats.skipped["already_applied"] == 13
-    assert sum(s.prefilled_tokens for s in runner.sessions.values()) < sum(
-        s.tokens_seen for s in runner.sessions.values()
-    )
+    assert second_stats.value("streamsink_restored_streams") == 2
+    assert second_stats.value("streamsink_new_streams") == 0
+    assert second_stats.value("streamsink_replayed_records") == 13
+    sessions = runner.processor.sessions.values()
+    assert sum(s.prefilled_tokens for s in sessions) < sum(s.tokens_seen for s in sessions)
     key = lambda c: (c.stream_id, c.seq, c.first_offset, c.last_offset, c.text)  # noqa: E731
     assert sorted(map(key, first + second)) == sorted(map(key, expected))
 
@@ -69,8 +70,10 @@ def test_bad_records_are_counted_logged_and_skipped(tmp_path: Path) -> None:
     path = _write(tmp_path / "log", good[:4] + bad + good[4:])
     with capture_logs() as logs:
         stats, produced, _ = _run(path, tmp_path / "state", max_record_bytes=4096)
-    assert dict(stats.skipped) == {"invalid_utf8": 1, "empty": 1, "no_key": 1, "too_large": 1}
-    assert {entry["reason"] for entry in logs if entry["event"] == "skipped"} == {
+    for reason in ("invalid_utf8", "empty", "no_key", "too_large"):
+        assert stats.value("streamsink_dead_letter_records", reason=reason) == 1
+    assert stats.value("streamsink_records") == 8
+    assert {entry["reason"] for entry in logs if entry["event"] == "record set aside"} == {
         "invalid_utf8",
         "empty",
         "no_key",
@@ -88,12 +91,13 @@ def test_state_of_another_model_follows_the_policy(tmp_path: Path, policy) -> No
         stats, produced, _ = _run(
             path, tmp_path / "state", engine=_engine(seed=1), on_bad_state=policy
         )
-    assert stats.skipped["bad_state"] >= 2
+    assert stats.value("streamsink_bad_states", kind="foreign") == 2
     assert any("another model" in entry.get("error", "") for entry in logs)
     if policy is BadStatePolicy.RESTART:
-        assert stats.new_streams == 2 and produced
+        assert stats.value("streamsink_new_streams") == 2 and produced
     else:
-        assert stats.new_streams == 0 and not produced
+        assert stats.value("streamsink_new_streams") == 0 and not produced
+        assert stats.value("streamsink_dead_letter_records", reason="bad_state") == 16
 
 
 def test_corrupt_state_is_reported_not_crashed_on(tmp_path: Path) -> None:
@@ -103,5 +107,6 @@ def test_corrupt_state_is_reported_not_crashed_on(tmp_path: Path) -> None:
         if block.is_file():
             block.write_bytes(block.read_bytes()[:-1] + b"!")
     stats, produced, _ = _run(path, tmp_path / "state")
-    assert stats.skipped["bad_state"] == 2
-    assert stats.new_streams == 2
+    assert stats.value("streamsink_bad_states", kind="corrupt") == 2
+    assert stats.value("streamsink_dead_letter_records", reason="bad_state") == 8
+    assert stats.value("streamsink_new_streams") == 0 and not produced
