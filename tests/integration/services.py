@@ -1,0 +1,60 @@
+"""The real Kafka broker and Redis server, started through the same scripts a person uses."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import redis
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+
+
+class Service:
+    """One deploy/<script>.sh service kept in `directory`; restarts keep its address and data."""
+
+    def __init__(self, script: str, directory: Path) -> None:
+        self.script = DEPLOY / script
+        self.directory = directory
+        self.address = ""
+
+    def start(self) -> str:
+        result = subprocess.run(
+            ["bash", str(self.script), "start", str(self.directory)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"{self.script.name} start failed:\n{result.stderr[-3000:]}")
+        self.address = result.stdout.strip().splitlines()[-1]
+        return self.address
+
+    def stop(self) -> None:
+        subprocess.run(["bash", str(self.script), "stop", str(self.directory)], check=True)
+
+    def restart(self) -> None:
+        self.stop()
+        if self.start() == "":
+            raise RuntimeError(f"{self.script.name} restarted without an address")
+
+
+class KafkaService(Service):
+    def __init__(self, directory: Path) -> None:
+        super().__init__("kafka.sh", directory)
+
+    @property
+    def bootstrap(self) -> str:
+        return self.address
+
+
+class RedisService(Service):
+    def __init__(self, directory: Path) -> None:
+        super().__init__("redis.sh", directory)
+
+    @property
+    def url(self) -> str:
+        return self.address
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url)

@@ -1,0 +1,106 @@
+"""The Redis state store against a real Redis server: fencing, outbox, block lifetimes, damage."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import torch
+
+from cache_store.exceptions import StateCorruptError, StateForeignError
+from cache_store.redis_store import ORPHAN_BLOCK_SECONDS, FencedError, OutboxEntry, RedisStore
+from cache_store.state import StreamState
+
+SCOPE = "input/3"
+
+
+@pytest.fixture
+def store(redis_service):
+    store = RedisStore(redis_service.url, prefix=f"t{uuid.uuid4().hex[:8]}")
+    yield store
+    store.close()
+
+
+def _state(stream_id: str, fill: float, fingerprint: str = "model-a") -> StreamState:
+    tensors = {
+        "layer0.keys.0": torch.full((2, 64, 8), fill, dtype=torch.bfloat16),
+        "layer0.keys.1": torch.arange(1024, dtype=torch.float32).reshape(2, 64, 8),
+        "token_ids": torch.arange(10),
+    }
+    return StreamState(stream_id, fingerprint, tensors, {"next_offset": int(fill)})
+
+
+def _keys(store: RedisStore, pattern: str) -> set[str]:
+    return {key.decode() for key in store.client.keys(f"{store.prefix}:{pattern}")}
+
+
+def test_commit_then_load_is_exact_and_unchanged_blocks_are_reused(store) -> None:
+    claim = store.claim(SCOPE)
+    assert claim.epoch == 1 and claim.next_offset is None and claim.outbox == ()
+    first = store.commit(claim, SCOPE, [_state("s", 1.0)], next_offset=5)
+    second = store.commit(claim, SCOPE, [_state("s", 2.0)], next_offset=9)
+    assert first.blocks_written == 3 and second.blocks_written == 1 and second.blocks_reused == 2
+    loaded = store.load_in(SCOPE, "s", "model-a")
+    assert loaded.meta == {"next_offset": 2}
+    assert torch.equal(loaded.tensors["layer0.keys.0"], _state("s", 2.0).tensors["layer0.keys.0"])
+    assert loaded.tensors["layer0.keys.0"].dtype == torch.bfloat16
+    assert store.claim(SCOPE).next_offset == 9
+    # The block of fill 1.0 is gone: only the blocks the manifest names remain.
+    assert len(_keys(store, "{input/3}:b:s:*")) == 3
+    assert store.load("s", "model-a") is not None and store.list_streams() == ["s"]
+
+
+def test_a_stale_epoch_is_fenced_off_and_changes_nothing(store) -> None:
+    zombie = store.claim(SCOPE)
+    store.commit(zombie, SCOPE, [_state("s", 1.0)], next_offset=4)
+    owner = store.claim(SCOPE)
+    assert owner.epoch == zombie.epoch + 1 and owner.next_offset == 4
+    with pytest.raises(FencedError, match="new owner"):
+        store.commit(zombie, SCOPE, [_state("s", 7.0)], 99, [OutboxEntry("s", 0, b"x")])
+    with pytest.raises(FencedError):
+        store.trim_outbox(zombie, 1)
+    assert store.load_in(SCOPE, "s").meta == {"next_offset": 1}
+    again = store.claim(SCOPE)
+    assert again.next_offset == 4 and again.outbox == ()
+    # The zombie's blocks were written but never named: they expire on their own.
+    orphans = [key for key in _keys(store, "{input/3}:b:s:*") if store.client.ttl(key) > 0]
+    assert len(orphans) == 1 and store.client.ttl(orphans[0]) <= ORPHAN_BLOCK_SECONDS
+
+
+def test_outbox_survives_until_trimmed_and_is_handed_to_the_next_owner(store) -> None:
+    claim = store.claim(SCOPE)
+    entries = [OutboxEntry("s", seq, f"text {seq}".encode()) for seq in range(3)]
+    store.commit(claim, SCOPE, [_state("s", 1.0)], 3, entries)
+    store.trim_outbox(claim, 2)
+    assert store.claim(SCOPE).outbox == (entries[2],)
+
+
+def test_idle_ttl_applies_to_the_manifest_and_every_block(redis_service) -> None:
+    store = RedisStore(redis_service.url, prefix=f"t{uuid.uuid4().hex[:8]}", idle_ttl_seconds=50)
+    store.commit(store.claim(SCOPE), SCOPE, [_state("s", 1.0)], 1)
+    ttls = [store.client.ttl(key) for key in _keys(store, "{input/3}:*:s*")]
+    assert len(ttls) == 5 and all(0 < ttl <= 50 for ttl in ttls)
+    assert 0 < store.info("s").ttl_seconds <= 50
+    store.close()
+
+
+def test_damaged_or_foreign_state_is_a_clear_error(store) -> None:
+    claim = store.claim(SCOPE)
+    store.commit(claim, SCOPE, [_state("a", 1.0), _state("b", 1.0), _state("c", 1.0)], 1)
+    with pytest.raises(StateForeignError, match="another model"):
+        store.load_in(SCOPE, "a", "model-b")
+    block = sorted(_keys(store, "{input/3}:b:b:*"))[0]
+    store.client.setrange(block, 0, b"\x00\x01\x02")
+    with pytest.raises(StateCorruptError, match="checksum"):
+        store.load_in(SCOPE, "b", "model-a")
+    manifest = f"{store.prefix}:{{input/3}}:m:c"
+    store.client.set(manifest, store.client.get(manifest)[:40])
+    with pytest.raises(StateCorruptError):
+        store.load_in(SCOPE, "c", "model-a")
+
+
+def test_delete_removes_the_stream_and_its_blocks(store) -> None:
+    store.save(_state("s", 1.0))
+    assert store.info("s").block_bytes > 0
+    assert store.delete("s") and not store.delete("s")
+    assert _keys(store, "{local}:*:s*") == set() and store.list_streams() == []

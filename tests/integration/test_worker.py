@@ -1,0 +1,217 @@
+"""The distributed worker against a real Kafka broker, a real Redis server and the real model.
+
+Every scenario feeds the same keyed lines and compares its commentary with one uninterrupted
+worker's: greedy decoding and exact state make every (stream, seq) text identical however
+the streams moved between workers.
+"""
+
+from __future__ import annotations
+
+import signal
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.integration.worker_harness import (
+    EXPECTED,
+    STREAMS,
+    Topics,
+    Worker,
+    commentary,
+    create_topics,
+    produce_lines,
+    read_topic,
+    wait_for_commentary,
+)
+
+pytestmark = [pytest.mark.real_model, pytest.mark.slow]
+
+HALF = slice(0, 8)
+REST = slice(8, None)
+
+
+def _name(label: str) -> str:
+    return f"{label}-{uuid.uuid4().hex[:8]}"
+
+
+class Cluster:
+    """Topics, a group and a key prefix of their own for one scenario."""
+
+    def __init__(self, label: str, kafka, redis, log_dir: Path) -> None:
+        self.name = _name(label)
+        self.bootstrap, self.redis_url = kafka.bootstrap, redis.url
+        self.topics: Topics = create_topics(self.bootstrap, self.name)
+        self.log_dir = log_dir
+        self.workers: list[Worker] = []
+
+    def worker(self, label: str, *extra: str) -> Worker:
+        worker = Worker(
+            f"{self.name}-{label}",
+            self.log_dir,
+            self.bootstrap,
+            self.redis_url,
+            self.topics,
+            group=self.name,
+            prefix=self.name,
+            extra=list(extra),
+        )
+        self.workers.append(worker)
+        return worker
+
+    def produce(self, part: slice = slice(None)) -> None:
+        produce_lines(self.bootstrap, self.topics.input, part)
+
+    def wait_for(self, wanted: set[tuple[str, int]]) -> list[dict]:
+        return wait_for_commentary(self.bootstrap, self.topics.output, wanted)
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.stop_quietly()
+
+
+@pytest.fixture
+def cluster(kafka_service, redis_service, tmp_path):
+    clusters: list[Cluster] = []
+
+    def make(label: str) -> Cluster:
+        clusters.append(Cluster(label, kafka_service, redis_service, tmp_path))
+        return clusters[-1]
+
+    yield make
+    for c in clusters:
+        c.close()
+
+
+@pytest.fixture(scope="module")
+def reference(kafka_service, redis_service, tmp_path_factory) -> dict[tuple[str, int], str]:
+    """(stream, seq) -> text from one worker that ran from start to end without moving."""
+    c = Cluster("reference", kafka_service, redis_service, tmp_path_factory.mktemp("ref"))
+    try:
+        c.produce()
+        worker = c.worker("only")
+        records = c.wait_for(EXPECTED)
+        assert worker.terminate() == 0
+    finally:
+        c.close()
+    texts = {(r["stream_id"], r["seq"]): r["text"] for r in records}
+    assert set(texts) == EXPECTED and all(texts.values())
+    return texts
+
+
+def _check_against(reference: dict, records: list[dict]) -> None:
+    """Same text per (stream, seq); every input offset covered; repeats carry a known seq."""
+    by_key: dict[tuple[str, int], set[str]] = {}
+    for r in records:
+        by_key.setdefault((r["stream_id"], r["seq"]), set()).add(r["text"])
+    assert set(by_key) == set(reference)
+    for key, texts in by_key.items():
+        assert texts == {reference[key]}, key
+    for stream, lines in STREAMS.items():
+        seqs = sorted({r["seq"] for r in records if r["stream_id"] == stream})
+        assert seqs == list(range(len(lines) // 4))
+        spans = {(r["first_offset"], r["last_offset"]) for r in records if r["stream_id"] == stream}
+        covered = sorted(o for first, last in spans for o in range(first, last + 1))
+        assert len(covered) == len(set(covered)) == len(lines), (stream, spans)
+
+
+def test_round_trip_in_order_with_seq_offsets_and_dead_letters(cluster, reference) -> None:
+    c = cluster("roundtrip")
+    c.produce(HALF)
+    bad = [(None, b"no key at all"), (b"svc-api", b"\xff\xfe not utf-8"), (b"svc-db", b"x" * 70000)]
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=c.bootstrap, max_request_size=200000)
+    for key, value in bad:
+        producer.send(c.topics.input, key=key, value=value)
+    producer.flush()
+    producer.close()
+    c.produce(REST)
+    worker = c.worker("one")
+    records = c.wait_for(EXPECTED)
+    assert worker.terminate() == 0
+
+    per_stream: dict[str, list[dict]] = {}
+    for r in records:
+        per_stream.setdefault(r["stream_id"], []).append(r)
+    for stream, items in per_stream.items():
+        assert [r["seq"] for r in items] == sorted(r["seq"] for r in items), stream
+        assert [r["first_offset"] for r in items] == sorted(r["first_offset"] for r in items)
+        assert {"text", "model", "time", "last_offset"} <= set(items[0])
+    _check_against(reference, records)
+    dead = read_topic(c.bootstrap, c.topics.dead_letter)
+    reasons = Counter(dict(m.headers)["streamsink.reason"].decode() for m in dead)
+    assert reasons == {"no_key": 1, "invalid_utf8": 1, "too_large": 1}
+    assert {m.value for m in dead} == {value for _, value in bad}
+
+
+def test_sigkill_mid_stream_the_other_worker_finishes_identically(cluster, reference) -> None:
+    c = cluster("crash")
+    c.produce()
+    first, second = c.worker("first"), c.worker("second")
+    first.wait_for_event("partition claimed")
+    c.wait_for(set(list(sorted(EXPECTED))[:2]))  # work is under way
+    first.kill()
+    records = c.wait_for(EXPECTED)
+    _check_against(reference, records)
+    claimed = {e["partition"] for e in second.events() if e.get("event") == "partition claimed"}
+    assert claimed == {0, 1, 2, 3}  # it took over the killed worker's partitions
+    assert second.terminate() == 0
+
+
+def test_graceful_handoff_restores_with_zero_prefill(cluster, reference) -> None:
+    c = cluster("handoff")
+    c.produce(HALF)
+    first = c.worker("first")
+    c.wait_for({(stream, 1) for stream in STREAMS})  # every stream has state in Redis
+    second = c.worker("second")  # joins: cooperative rebalance moves partitions to it
+    second.wait_for_event("partition claimed")
+    assert first.terminate() == 0  # SIGTERM: the rest move to the second worker
+    c.produce(REST)
+    records = c.wait_for(EXPECTED)
+    assert second.terminate() == 0
+    _check_against(reference, records)
+    took_over = second.summary()
+    assert took_over["restored_streams"] == len(STREAMS)
+    assert took_over["prefill_tokens"] == 0
+
+
+def test_a_paused_zombie_writes_nothing_that_sticks(cluster, reference) -> None:
+    c = cluster("zombie")
+    c.produce(HALF)
+    zombie = c.worker("zombie")
+    c.wait_for({(stream, 0) for stream in STREAMS})
+    zombie.signal(signal.SIGSTOP)
+    successor = c.worker("successor")
+    try:
+        successor.wait_for_event("partition claimed", count=1)
+        c.produce(REST)
+        c.wait_for(EXPECTED)
+    finally:
+        zombie.signal(signal.SIGCONT)
+    # Back from the pause, the zombie finds its partitions gone or its writes fenced.
+    zombie.wait_for(
+        lambda events: any(
+            e.get("event") in ("write fenced off: partition moved", "partition released")
+            for e in events
+        ),
+        "the zombie to notice",
+    )
+    assert zombie.terminate() == 0
+    assert successor.terminate() == 0
+    _check_against(reference, commentary(c.bootstrap, c.topics.output))
+
+
+def test_redis_and_kafka_restarts_lose_nothing(cluster, reference, kafka_service, redis_service):
+    c = cluster("restarts")
+    c.produce(HALF)
+    worker = c.worker("one")
+    c.wait_for({(stream, 0) for stream in STREAMS})
+    redis_service.restart()
+    c.wait_for({(stream, 1) for stream in STREAMS})
+    kafka_service.restart()
+    c.produce(REST)
+    records = c.wait_for(EXPECTED)
+    assert worker.terminate() == 0
+    _check_against(reference, records)
