@@ -274,13 +274,14 @@ def run(
             KafkaWorker(engine, connection, store, settings, metrics, health).run(stop)
         if server is not None:
             server.close()
-    err.print(
+    typer.echo(
         f"records {metrics.value('streamsink_records'):.0f}, commentaries "
         f"{metrics.value('streamsink_commentaries'):.0f}, streams new "
         f"{metrics.value('streamsink_new_streams'):.0f} restored "
         f"{metrics.value('streamsink_restored_streams'):.0f}, set aside "
         f"{metrics.value('streamsink_dead_letter_records'):.0f}, checkpoint bytes "
-        f"{metrics.value('streamsink_checkpoint_bytes'):.0f}"
+        f"{metrics.value('streamsink_checkpoint_bytes'):.0f}",
+        err=True,
     )
 
 

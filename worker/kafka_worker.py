@@ -27,8 +27,6 @@ from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
-from worker.health_server import Health
-from worker.metrics import WorkerMetrics
 
 from cache_store.redis_store import (
     Claim,
@@ -38,7 +36,9 @@ from cache_store.redis_store import (
     StoreUnavailableError,
 )
 from worker.engine import Engine
+from worker.health_server import Health
 from worker.kafka_io import KafkaConnection, OutputProducer, commentary_payload, to_record
+from worker.metrics import WorkerMetrics
 from worker.records import Commentary, Record
 from worker.stream_processor import ProcessSettings, StreamProcessor
 
@@ -202,14 +202,21 @@ class KafkaWorker:
         consumer.close(autocommit=False, timeout_ms=5000)
         self.producer.close()
         self.store.close()
-        log.info(
-            "worker stopped",
-            records=self.metrics.value("streamsink_records"),
-            commentaries=self.metrics.value("streamsink_commentaries"),
-            restored_streams=self.metrics.value("streamsink_restored_streams"),
-            prefill_tokens=self.metrics.value("streamsink_prefill_tokens"),
-            fenced_writes=self.metrics.value("streamsink_fenced_writes"),
-        )
+        summary = {
+            name: self.metrics.value(f"streamsink_{name}")
+            for name in (
+                "records",
+                "commentaries",
+                "restored_streams",
+                "new_streams",
+                "prefill_tokens",
+                "fenced_writes",
+                "bad_states",
+                "dead_letter_records",
+                "replayed_outputs",
+            )
+        }
+        log.info("worker stopped", **summary)
 
     def _is_ready(self, partition: TopicPartition) -> bool:
         with self._ready_lock:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from cache_store.redis_store import RedisStore
+from cache_store.state import StreamState
 from tests.integration.worker_harness import (
     EXPECTED,
     STREAMS,
@@ -215,3 +217,48 @@ def test_redis_and_kafka_restarts_lose_nothing(cluster, reference, kafka_service
     records = c.wait_for(EXPECTED)
     assert worker.terminate() == 0
     _check_against(reference, records)
+
+
+def test_unusable_states_are_reported_and_their_records_set_aside(cluster, redis_service) -> None:
+    c = cluster("badstate")
+    c.produce(HALF)
+    first = c.worker("first")
+    c.wait_for({(stream, 1) for stream in STREAMS})
+    assert first.terminate() == 0
+
+    store = RedisStore(redis_service.url, prefix=c.name)
+    client = redis_service.client()
+    checksum, foreign, truncated, healthy = "svc-api", "svc-db", "svc-cache", "svc-auth"
+    tag = f"{c.name}:{{{store.scope_of(checksum)}}}"
+    block = sorted(client.keys(f"{tag}:b:{checksum}:*"))[0]
+    client.setrange(block, 0, b"\x00\x01\x02\x03")
+    state = store.load(foreign)
+    other = StreamState(foreign, "another-model", state.tensors, state.meta)
+    store.commit(None, store.scope_of(foreign), [other], next_offset=None)
+    manifest = f"{c.name}:{{{store.scope_of(truncated)}}}:m:{truncated}"
+    client.set(manifest, client.get(manifest)[:50])
+    store.close()
+
+    c.produce(REST)
+    second = c.worker("second")
+    c.wait_for({(healthy, seq) for seq in range(3)})
+    second.wait_for(
+        lambda events: sum(e.get("event") == "record set aside" for e in events) == 12,
+        "the records of the three unusable streams to be set aside",
+    )
+    assert second.terminate() == 0
+    errors = {
+        e["stream_id"]: e["error"]
+        for e in second.events()
+        if e.get("event") == "unusable saved state"
+    }
+    assert set(errors) == {checksum, foreign, truncated}
+    assert "checksum" in errors[checksum] and "another model" in errors[foreign]
+    summary = second.summary()
+    assert summary["bad_states"] == 3 and summary["dead_letter_records"] == 12
+    dead = read_topic(c.bootstrap, c.topics.dead_letter)
+    assert Counter(m.key.decode() for m in dead) == {checksum: 4, foreign: 4, truncated: 4}
+    assert {dict(m.headers)["streamsink.reason"] for m in dead} == {b"bad_state"}
+    # Nothing was written for the unusable streams: no output from a silently wrong state.
+    late = [r for r in commentary(c.bootstrap, c.topics.output) if r["seq"] >= 2]
+    assert {r["stream_id"] for r in late} == {healthy}
