@@ -21,9 +21,10 @@ permanent (or gives them the stream's idle TTL) and deletes the ones the new man
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import msgpack
 import redis
@@ -92,6 +93,8 @@ class StreamInfo:
     manifest_bytes: int
     block_bytes: int
     ttl_seconds: int | None
+    fingerprint: str
+    meta: Mapping[str, Any]  # the stream's plain data (counters, layout), no tensors
 
 
 class _Keys:
@@ -260,31 +263,34 @@ class RedisStore(StateStore):
         return None if scope is None else scope.decode()
 
     def info(self, stream_id: str) -> StreamInfo | None:
-        """Sizes, owner epoch and TTL of a stored stream, without decoding its tensors."""
+        """Sizes, owner epoch, TTL and meta of a stored stream, without fetching its tensors."""
         scope = self.scope_of(stream_id)
         if scope is None:
             return None
         keys = _Keys(self.prefix, scope)
         with _redis_errors():
             pipe = self.client.pipeline(transaction=False)
-            pipe.strlen(keys.manifest(stream_id)).smembers(keys.block_set(stream_id))
+            pipe.get(keys.manifest(stream_id)).smembers(keys.block_set(stream_id))
             pipe.get(keys.epoch).get(keys.offset).ttl(keys.manifest(stream_id))
-            manifest_bytes, block_ids, epoch, offset, ttl = pipe.execute()
+            raw, block_ids, epoch, offset, ttl = pipe.execute()
             prefix = keys.block_prefix(stream_id)
             pipe = self.client.pipeline(transaction=False)
             for bid in block_ids:
                 pipe.strlen(prefix + bid.decode())
             block_bytes = sum(pipe.execute()) if block_ids else 0
-        if not manifest_bytes:
+        if raw is None:
             return None
+        manifest = read_manifest(raw, stream_id)
         return StreamInfo(
             stream_id,
             scope,
             None if epoch is None else int(epoch),
             None if offset is None else int(offset),
-            manifest_bytes,
+            len(raw),
             block_bytes,
             ttl if ttl >= 0 else None,
+            manifest.fingerprint,
+            manifest.meta,
         )
 
     def ping(self) -> None:

@@ -5,36 +5,39 @@ from __future__ import annotations
 import json
 import signal
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import structlog
 import typer
-from kafka.errors import KafkaError
-from rich.console import Console
 
 from cache_store import from_url
-from cache_store.exceptions import StateError
 from cache_store.redis_store import RedisStore
 from worker.chat_format import DEFAULT_INSTRUCTION, DEFAULT_REQUEST
 from worker.cli_options import (
     DEFAULT_DEAD_LETTER_TOPIC,
     DEFAULT_INPUT_TOPIC,
     DEFAULT_OUTPUT_TOPIC,
+    DEFAULT_REDIS_URL,
     InputTopicOption,
+    KeyPrefixOption,
     OutputTopicOption,
+    RedisPasswordOption,
+    RedisUrlOption,
     SaslMechanismOption,
     SaslPasswordOption,
     SaslUsernameOption,
     SecurityProtocolOption,
+    err,
+    exit_on_known_errors,
     kafka_connection,
 )
+from worker.commands import streams, topics
+from worker.commands.doctor import doctor
+from worker.commands.traffic import consume, produce
 from worker.engine import CacheSettings, Engine
-from worker.exceptions import StreamsinkError
 from worker.health_server import Health, serve
-from worker.kafka_commands import consume, produce
 from worker.kafka_worker import KafkaWorker, StateLossPolicy, WorkerSettings
 from worker.logging_setup import configure_logging
 from worker.metrics import WorkerMetrics
@@ -57,7 +60,6 @@ bench_app = typer.Typer(no_args_is_help=True, help="Side-by-side speed figures i
 app.add_typer(eval_app, name="eval")
 app.add_typer(bench_app, name="bench")
 
-err = Console(stderr=True)
 log = structlog.get_logger("streamsink.cli")
 
 ModelOption = Annotated[
@@ -71,16 +73,6 @@ SinksOption = Annotated[int, typer.Option(envvar="STREAMSINK_SINKS", help="atten
 WindowOption = Annotated[int, typer.Option(envvar="STREAMSINK_WINDOW", help="recent tokens kept")]
 
 
-@contextmanager
-def _failures_as_exit_codes() -> Iterator[None]:
-    """Known errors end the command with a message and exit code 2, not a traceback."""
-    try:
-        yield
-    except (StreamsinkError, StateError, KafkaError, ValueError) as error:
-        err.print(f"[red]error:[/red] {error}")
-        raise typer.Exit(2) from None
-
-
 def load_with_progress(model: str, device: str) -> LoadedModel:
     with err.status("loading model") as status:
         return load_model(model, device, progress=lambda stage: status.update(stage))
@@ -89,7 +81,7 @@ def load_with_progress(model: str, device: str) -> LoadedModel:
 @model_app.command("fetch")
 def model_fetch(model: ModelOption = "smollm2") -> None:
     """Fetch and convert the model once, so later runs load it in about a second."""
-    with _failures_as_exit_codes():
+    with exit_on_known_errors():
         loaded = load_with_progress(model, "cpu")
     typer.echo(
         f"{loaded.name}: {loaded.model.config.model_type}, "
@@ -136,19 +128,9 @@ def run(
     group: Annotated[
         str, typer.Option(envvar="STREAMSINK_GROUP", help="Kafka consumer group")
     ] = "streamsink",
-    redis_url: Annotated[
-        str,
-        typer.Option(
-            envvar="STREAMSINK_REDIS_URL", help="distributed state: redis:// or rediss:// (TLS)"
-        ),
-    ] = "redis://127.0.0.1:6379/0",
-    redis_password: Annotated[
-        str | None,
-        typer.Option(envvar="STREAMSINK_REDIS_PASSWORD", help="Redis AUTH", show_default=False),
-    ] = None,
-    key_prefix: Annotated[
-        str, typer.Option(envvar="STREAMSINK_KEY_PREFIX", help="prefix of every Redis key")
-    ] = "streamsink",
+    redis_url: RedisUrlOption = DEFAULT_REDIS_URL,
+    redis_password: RedisPasswordOption = None,
+    key_prefix: KeyPrefixOption = "streamsink",
     state_ttl_seconds: Annotated[
         int | None,
         typer.Option(envvar="STREAMSINK_STATE_TTL_SECONDS", help="forget streams idle this long"),
@@ -227,7 +209,7 @@ def run(
     configure_logging(log_level)
     metrics, health = WorkerMetrics(), Health()
     stop = threading.Event()
-    with _failures_as_exit_codes():
+    with exit_on_known_errors():
         policy = CommentaryPolicy(
             every_records, every_tokens, every_seconds, max_new_tokens, temperature, seed=seed
         )
@@ -299,6 +281,9 @@ def _stop_on_signals(stop: threading.Event, also: Callable[[], None] | None = No
 
 app.command()(produce)
 app.command()(consume)
+app.command()(doctor)
+app.add_typer(streams.app, name="streams")
+app.add_typer(topics.app, name="topics")
 
 
 @eval_app.command("ppl")
@@ -315,7 +300,7 @@ def eval_ppl(
     """Perplexity token by token: dense, window (no sinks), sink, or recompute."""
     from worker.evaluation import EvalMode, evaluate_perplexity
 
-    with _failures_as_exit_codes():
+    with exit_on_known_errors():
         loaded = load_with_progress(model, device)
         text = file.read_text(encoding="utf-8", errors="replace")
         result = evaluate_perplexity(
@@ -347,7 +332,7 @@ def bench_decode(
     """Per-token latency of sink against recompute at equal cache sizes, and memory over time."""
     from worker.benchmark import run_benchmark
 
-    with _failures_as_exit_codes():
+    with exit_on_known_errors():
         if random_config is None:
             loaded = load_with_progress(model, device)
         else:
@@ -363,9 +348,7 @@ def bench_decode(
 
 @bench_app.command("restore")
 def bench_restore(
-    redis_url: Annotated[
-        str, typer.Option(envvar="STREAMSINK_REDIS_URL", help="Redis to save states in")
-    ] = "redis://127.0.0.1:6379/0",
+    redis_url: RedisUrlOption = DEFAULT_REDIS_URL,
     model: ModelOption = "smollm2",
     device: DeviceOption = "auto",
     sizes: Annotated[str, typer.Option(help="cache sizes to compare")] = "256,1024,4096",
@@ -374,7 +357,7 @@ def bench_restore(
     """Restore from Redis against prefilling the window, with checkpoint bytes and time."""
     from worker.restore_benchmark import run_restore_benchmark
 
-    with _failures_as_exit_codes():
+    with exit_on_known_errors():
         store = RedisStore(redis_url, prefix="streamsink-bench")
         store.ping()
         loaded = load_with_progress(model, device)

@@ -1,12 +1,32 @@
-"""Options several commands share; each also reads an environment variable, as pods set them."""
+"""What several commands share: options (each also read from an environment variable, as pods
+set them) and how known errors end a command."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated
 
 import typer
+from kafka.errors import KafkaError
+from rich.console import Console
 
+from cache_store.exceptions import StateError
+from worker.exceptions import StreamsinkError
 from worker.kafka_io import KafkaConnection
+
+err = Console(stderr=True)
+
+
+@contextmanager
+def exit_on_known_errors() -> Iterator[None]:
+    """Known errors end the command with a message and exit code 2, not a traceback."""
+    try:
+        yield
+    except (StreamsinkError, StateError, KafkaError, ValueError) as error:
+        err.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(2) from None
+
 
 BootstrapOption = Annotated[
     str,
@@ -52,3 +72,20 @@ def kafka_connection(
     return KafkaConnection(
         bootstrap_servers, security_protocol, sasl_mechanism, sasl_username, sasl_password
     )
+
+
+RedisUrlOption = Annotated[
+    str,
+    typer.Option(
+        envvar="STREAMSINK_REDIS_URL", help="Redis of the states: redis:// or rediss:// (TLS)"
+    ),
+]
+RedisPasswordOption = Annotated[
+    str | None,
+    typer.Option(envvar="STREAMSINK_REDIS_PASSWORD", help="Redis AUTH", show_default=False),
+]
+KeyPrefixOption = Annotated[
+    str, typer.Option(envvar="STREAMSINK_KEY_PREFIX", help="prefix of every Redis key")
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="machine-readable JSON on stdout")]
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"

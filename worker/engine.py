@@ -156,6 +156,7 @@ class Engine:
             time=time.time(),
         )
         counters.next_seq += 1
+        counters.last_commentary_time = commentary.time
         counters.turn_open = False
         counters.records_in_turn = counters.tokens_in_turn = 0
         return commentary

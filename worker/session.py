@@ -21,7 +21,7 @@ class SessionCounters:
     turn_open: bool = False
     started_dialogue: bool = False
     pending: list[int] = field(default_factory=list)  # record tokens not yet fed to the model
-    skipped: dict[str, int] = field(default_factory=dict)
+    last_commentary_time: float | None = None  # wall clock, for operators (streams show)
 
     def to_meta(self) -> dict[str, object]:
         return asdict(self)

@@ -1,0 +1,1 @@
+"""Sub-apps of the `streamsink` command, one per noun."""
