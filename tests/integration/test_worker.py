@@ -8,6 +8,8 @@ the streams moved between workers.
 from __future__ import annotations
 
 import signal
+import urllib.error
+import urllib.request
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -262,3 +264,41 @@ def test_unusable_states_are_reported_and_their_records_set_aside(cluster, redis
     # Nothing was written for the unusable streams: no output from a silently wrong state.
     late = [r for r in commentary(c.bootstrap, c.topics.output) if r["seq"] >= 2]
     assert {r["stream_id"] for r in late} == {healthy}
+
+
+def _scrape(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def _sample(text: str, name: str) -> float:
+    lines = [line for line in text.splitlines() if line.startswith(name + " ")]
+    return float(lines[0].split()[-1]) if lines else 0.0
+
+
+def test_metrics_of_a_running_worker_move_and_it_reports_ready(cluster) -> None:
+    c = cluster("metrics")
+    worker = c.worker("one")
+    worker.wait_for_event("serving metrics")
+    port = next(e["port"] for e in worker.events() if e.get("event") == "serving metrics")
+    worker.wait_for_event("partition assigned")
+    worker.wait_for(lambda _: _scrape(port, "/readyz")[0] == 200, "readiness")
+    before = _scrape(port, "/metrics")[1]
+    assert _sample(before, "streamsink_records_total") == 0
+    c.produce(HALF)
+    c.wait_for({(stream, 1) for stream in STREAMS})
+    worker.wait_for(
+        lambda _: _sample(_scrape(port, "/metrics")[1], "streamsink_checkpoints_total") > 0,
+        "a checkpoint",
+    )
+    after = _scrape(port, "/metrics")[1]
+    assert _sample(after, "streamsink_records_total") == 32
+    assert _sample(after, "streamsink_commentaries_total") == 8
+    assert _sample(after, "streamsink_tokens_total") > 32
+    assert _sample(after, "streamsink_partitions_owned") == 4
+    assert _sample(after, "streamsink_checkpoint_bytes_total") > 0
+    assert _scrape(port, "/healthz")[0] == 200
+    assert worker.terminate() == 0

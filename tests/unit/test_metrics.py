@@ -1,0 +1,65 @@
+"""The metrics and health endpoints over real HTTP."""
+
+from __future__ import annotations
+
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from worker.health_server import Health, serve
+from worker.metrics import WorkerMetrics
+
+
+def _get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+@pytest.fixture
+def served():
+    metrics, health = WorkerMetrics(), Health(stall_seconds=0.2)
+    server = serve(metrics, health, host="127.0.0.1", port=0)
+    yield metrics, health, server.port
+    server.close()
+
+
+def test_ready_only_once_the_model_is_loaded_and_the_group_joined(served) -> None:
+    _, health, port = served
+    assert _get(port, "/readyz") == (503, "model not loaded\n")
+    health.model_loaded = True
+    assert _get(port, "/readyz") == (503, "consumer group not joined\n")
+    health.group_joined = True
+    assert _get(port, "/readyz") == (200, "ready\n")
+
+
+def test_alive_until_the_loop_stalls(served) -> None:
+    _, health, port = served
+    assert _get(port, "/healthz")[0] == 200  # not started yet: still loading is alive
+    health.beat()
+    assert _get(port, "/healthz")[0] == 200
+    time.sleep(0.3)
+    assert _get(port, "/healthz") == (503, "run loop stalled\n")
+    assert _get(port, "/nope")[0] == 404
+
+
+def test_metrics_text_shows_counters_moving(served) -> None:
+    metrics, _, port = served
+    metrics.records.inc(3)
+    metrics.dead_letters.labels(reason="invalid_utf8").inc()
+    metrics.consumer_lag.labels(partition="2").set(17)
+    metrics.checkpoint_seconds.observe(0.02)
+    status, text = _get(port, "/metrics")
+    assert status == 200
+    assert "streamsink_records_total 3.0" in text
+    assert 'streamsink_dead_letter_records_total{reason="invalid_utf8"} 1.0' in text
+    metrics.records.inc(2)
+    assert "streamsink_records_total 5.0" in _get(port, "/metrics")[1]
+    assert metrics.value("streamsink_records") == 5
+    assert metrics.value("streamsink_consumer_lag_records", partition="2") == 17
+    assert metrics.value("streamsink_checkpoint_seconds_count") == 1
+    assert metrics.value("streamsink_dead_letter_records", reason="too_large") == 0
