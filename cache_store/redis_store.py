@@ -21,7 +21,7 @@ permanent (or gives them the stream's idle TTL) and deletes the ones the new man
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -140,7 +140,7 @@ class RedisStore(StateStore):
         self.client = redis.Redis.from_url(
             url,
             password=password or None,
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries),
+            retry=_RetryUnlessRefused(ExponentialBackoff(cap=0.5, base=0.05), retries),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
             socket_timeout=10,
             socket_connect_timeout=5,
@@ -362,10 +362,30 @@ class RedisStore(StateStore):
             raise StateCorruptError(f"blocks vanished during a commit to {scope!r}: {missing}")
 
 
+class _RetryUnlessRefused(Retry):
+    """Retries lost connections, not a refused password: waiting would not fix that."""
+
+    def call_with_retry(
+        self,
+        do: Callable[[], Any],
+        fail: Callable[..., Any],
+        is_retryable: Callable[[Exception], bool] | None = None,
+        with_failure_count: bool = False,
+    ) -> Any:
+        def retryable(error: Exception) -> bool:
+            if isinstance(error, redis.AuthenticationError):
+                return False
+            return is_retryable is None or is_retryable(error)
+
+        return super().call_with_retry(do, fail, retryable, with_failure_count)
+
+
 @contextmanager
 def _redis_errors() -> Iterator[None]:
     """Turn connection loss (after redis-py's own retries) into StoreUnavailableError."""
     try:
         yield
+    except redis.AuthenticationError as error:
+        raise StoreUnavailableError(f"Redis refused the credentials: {error}") from error
     except (redis.ConnectionError, redis.TimeoutError) as error:
         raise StoreUnavailableError(f"Redis is unavailable: {error}") from error

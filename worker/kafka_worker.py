@@ -36,6 +36,7 @@ from cache_store.redis_store import (
     StoreUnavailableError,
 )
 from worker.engine import Engine
+from worker.exceptions import StreamsinkError
 from worker.health_server import Health
 from worker.kafka_io import KafkaConnection, OutputProducer, commentary_payload, to_record
 from worker.metrics import WorkerMetrics
@@ -45,6 +46,7 @@ from worker.stream_processor import ProcessSettings, StreamProcessor
 log = structlog.get_logger("streamsink.worker")
 
 _RETRY_SECONDS = 1.0  # pause between attempts while Redis or Kafka is unavailable
+TOPIC_WAIT_SECONDS = 60.0  # how long a starting worker waits for its input topic to appear
 
 
 class StateLossPolicy(StrEnum):
@@ -169,17 +171,19 @@ class KafkaWorker:
             heartbeat_interval_ms=max(100, s.session_timeout_ms // 10),
             max_poll_records=s.max_poll_records,
         )
+        self._wait_for_topic(consumer, stop)
         inference = threading.Thread(target=self._infer, name="inference", daemon=True)
         inference.start()
-        consumer.subscribe([s.input_topic], listener=_Listener(self, consumer))
+        consumer.subscribe([s.input_topic], listener=_Listener(self))
         log.info("worker started", group=s.group, input_topic=s.input_topic)
         try:
             while not stop.is_set() and inference.is_alive():
                 self._handle_replies(consumer)
                 for partition, messages in consumer.poll(timeout_ms=200).items():
-                    if self._is_ready(partition):
+                    if self._is_ready(partition):  # else: sought again once claimed
                         records = [to_record(message) for message in messages]
                         self._to_inference.put(_Batch(partition, records))
+                self._pause_unclaimed(consumer)
                 self._apply_backpressure(consumer)
                 self._report_lag(consumer)
                 self.health.beat()
@@ -187,6 +191,19 @@ class KafkaWorker:
             self._shut_down(consumer, inference)
         if self._failure is not None:
             raise self._failure
+
+    def _wait_for_topic(self, consumer: KafkaConsumer, stop: threading.Event) -> None:
+        """Join only once the input topic's partitions are known: a group that joins before
+        its members see the topic can settle on an empty assignment."""
+        deadline = time.monotonic() + TOPIC_WAIT_SECONDS
+        while not consumer.partitions_for_topic(self.settings.input_topic):
+            if stop.is_set() or time.monotonic() > deadline:
+                consumer.close(autocommit=False)
+                raise StreamsinkError(
+                    f"input topic {self.settings.input_topic!r} does not exist (or is not "
+                    "visible to this worker); create it with `streamsink topics create`"
+                )
+            time.sleep(_RETRY_SECONDS)
 
     def _shut_down(self, consumer: KafkaConsumer, inference: threading.Thread) -> None:
         log.info("worker stopping: final checkpoint")
@@ -266,6 +283,14 @@ class KafkaWorker:
         if not self._backpressure:
             consumer.resume(partition)
 
+    def _pause_unclaimed(self, consumer: KafkaConsumer) -> None:
+        """Fetch nothing for a new partition until its claim says where its state stops."""
+        assigned, paused = consumer.assignment(), consumer.paused()
+        with self._ready_lock:  # never held across a consumer call: the IO thread takes it
+            unclaimed = assigned - self._ready - paused
+        if unclaimed:
+            consumer.pause(*unclaimed)
+
     def _apply_backpressure(self, consumer: KafkaConsumer) -> None:
         """Pause while the inference thread is behind; paused partitions keep their position."""
         queued = self._to_inference.qsize()
@@ -288,10 +313,11 @@ class KafkaWorker:
 
     # The rebalance listener (kafka-python's IO thread) ----------------------------------------
 
-    def on_assigned(self, consumer: KafkaConsumer, added: set[TopicPartition]) -> None:
+    # Only queues and flags here: calling into the consumer from its own IO thread can
+    # deadlock with the polling thread, which holds the consumer's locks while it waits.
+    def on_assigned(self, added: set[TopicPartition]) -> None:
         self.health.group_joined = True
-        if added:
-            consumer.pause(*added)  # until claimed and sought to the committed state
+        log.info("group joined", added=sorted(p.partition for p in added))
         for partition in sorted(added):
             log.info("partition assigned", partition=partition.partition)
             self._to_inference.put(_Claim(partition))
@@ -299,6 +325,7 @@ class KafkaWorker:
     def on_revoked(self, revoked: set[TopicPartition]) -> None:
         if self._closing or not revoked:
             return  # closing: everything was checkpointed already
+        log.info("partitions revoked", partitions=sorted(p.partition for p in revoked))
         with self._ready_lock:
             self._ready -= revoked
         done = threading.Event()
@@ -307,6 +334,7 @@ class KafkaWorker:
             log.error("revoked partitions not checkpointed in time", partitions=sorted(revoked))
 
     def on_lost(self, lost: set[TopicPartition]) -> None:
+        log.warning("partitions lost", partitions=sorted(p.partition for p in lost))
         with self._ready_lock:
             self._ready -= lost
         self._to_inference.put(_Lost(frozenset(lost)))
@@ -495,11 +523,11 @@ class KafkaWorker:
 class _Listener(ConsumerRebalanceListener):
     """Assigned, revoked and lost partitions, each handled its own way (KIP-429)."""
 
-    def __init__(self, worker: KafkaWorker, consumer: KafkaConsumer) -> None:
-        self.worker, self.consumer = worker, consumer
+    def __init__(self, worker: KafkaWorker) -> None:
+        self.worker = worker
 
     def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        self.worker.on_assigned(self.consumer, set(assigned))
+        self.worker.on_assigned(set(assigned))
 
     def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         self.worker.on_revoked(set(revoked))

@@ -26,3 +26,5 @@ def configure_logging(level: str = "info") -> None:
         logger_factory=lambda *args: structlog.PrintLogger(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
+    # Libraries (kafka-python, redis) log through the standard library: their warnings show.
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")

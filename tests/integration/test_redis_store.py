@@ -8,8 +8,15 @@ import pytest
 import torch
 
 from cache_store.exceptions import StateCorruptError, StateForeignError
-from cache_store.redis_store import ORPHAN_BLOCK_SECONDS, FencedError, OutboxEntry, RedisStore
+from cache_store.redis_store import (
+    ORPHAN_BLOCK_SECONDS,
+    FencedError,
+    OutboxEntry,
+    RedisStore,
+    StoreUnavailableError,
+)
 from cache_store.state import StreamState
+from tests.integration.services import RedisService
 
 SCOPE = "input/3"
 
@@ -104,3 +111,22 @@ def test_delete_removes_the_stream_and_its_blocks(store) -> None:
     assert store.info("s").block_bytes > 0
     assert store.delete("s") and not store.delete("s")
     assert _keys(store, "{local}:*:s*") == set() and store.list_streams() == []
+
+
+def test_auth_password_is_used_and_a_refusal_is_a_clear_error(tmp_path) -> None:
+    server = RedisService(tmp_path / "auth")
+    server.start()
+    try:
+        server.client().config_set("requirepass", "s3cret")
+        store = RedisStore(server.url, password="s3cret")
+        store.save(_state("s", 1.0))
+        assert store.load("s") is not None
+        store.close()
+        for password in (None, "wrong"):
+            with pytest.raises(StoreUnavailableError, match="refused the credentials"):
+                RedisStore(server.url, password=password).ping()
+        with_url = RedisStore(server.url.replace("redis://", "redis://:s3cret@"))
+        assert with_url.list_streams() == ["s"]
+        with_url.client.config_set("requirepass", "")  # so the script can stop it
+    finally:
+        server.stop()
