@@ -14,6 +14,7 @@ from cache_store.base import MemoryStore, StateStore
 from cache_store.codec import block_id, encode_state
 from cache_store.exceptions import StateCorruptError, StateForeignError
 from cache_store.local import LocalDirStore
+from cache_store.redis_store import RedisStore
 from cache_store.state import StreamState
 
 FINGERPRINT = "0f" * 16
@@ -270,9 +271,11 @@ def test_from_url_opens_the_named_store(tmp_path: Path) -> None:
     local = from_url(f"dir:{tmp_path / 'state'}")
     assert isinstance(local, LocalDirStore) and local.root == tmp_path / "state"
     assert isinstance(from_url("memory:"), MemoryStore)
+    redis = from_url("rediss://:pw@localhost:6380/1", prefix="team")  # connects on first use
+    assert isinstance(redis, RedisStore) and redis.prefix == "team"
 
 
-@pytest.mark.parametrize("url", ["redis://localhost:6379", "dir:", "/plain/path", "memory:x"])
+@pytest.mark.parametrize("url", ["mysql://localhost", "dir:", "/plain/path", "memory:x"])
 def test_from_url_lists_the_accepted_schemes(url: str) -> None:
-    with pytest.raises(ValueError, match="dir:PATH.*memory:"):
+    with pytest.raises(ValueError, match="dir:PATH.*memory:.*redis://"):
         from_url(url)
