@@ -3,6 +3,7 @@ set them) and how known errors end a command."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated
@@ -69,8 +70,15 @@ def kafka_connection(
     sasl_username: str | None,
     sasl_password: str | None,
 ) -> KafkaConnection:
+    """The connection settings; the CA of a TLS listener comes from STREAMSINK_KAFKA_SSL_CAFILE
+    (a mounted file in pods), since no one types a CA path by hand."""
     return KafkaConnection(
-        bootstrap_servers, security_protocol, sasl_mechanism, sasl_username, sasl_password
+        bootstrap_servers,
+        security_protocol,
+        sasl_mechanism,
+        sasl_username,
+        sasl_password,
+        os.environ.get("STREAMSINK_KAFKA_SSL_CAFILE") or None,
     )
 
 

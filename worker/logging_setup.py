@@ -28,3 +28,6 @@ def configure_logging(level: str = "info") -> None:
     )
     # Libraries (kafka-python, redis) log through the standard library: their warnings show.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")
+    # kafka-python warns whenever its IO thread waited for the GIL, i.e. during every model
+    # step; heartbeats still leave well within the session timeout, so that is noise here.
+    logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)
