@@ -10,10 +10,9 @@ import threading
 import time
 from dataclasses import dataclass
 
-from worker.metrics import WorkerMetrics
-
 from cache_store.base import StateStore
 from worker.engine import Engine
+from worker.metrics import WorkerMetrics
 from worker.sinks import CommentarySink
 from worker.sources import Source
 from worker.stream_processor import ProcessSettings, StreamProcessor
