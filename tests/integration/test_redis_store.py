@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
 import uuid
 
 import pytest
@@ -130,3 +132,34 @@ def test_auth_password_is_used_and_a_refusal_is_a_clear_error(tmp_path) -> None:
         with_url.client.config_set("requirepass", "")  # so the script can stop it
     finally:
         server.stop()
+
+
+def test_tls_urls_verify_the_server_certificate(tmp_path) -> None:
+    """rediss:// with the server's CA works; without it the handshake is refused, clearly."""
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem"),
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+         "--tls-cert-file", str(tmp_path / "cert.pem"), "--tls-key-file", str(tmp_path / "key.pem"),
+         "--tls-ca-cert-file", str(tmp_path / "cert.pem"), "--tls-auth-clients", "no",
+         "--save", "", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        url = f"rediss://127.0.0.1:{port}/0"
+        store = RedisStore(f"{url}?ssl_ca_certs={tmp_path / 'cert.pem'}", retry_seconds=5)
+        store.save(_state("s", 1.0))
+        assert store.list_streams() == ["s"]
+        store.close()
+        with pytest.raises(StoreUnavailableError, match="certificate verify failed"):
+            RedisStore(url, retry_seconds=1).ping()
+    finally:
+        server.terminate()
+        server.wait(10)
