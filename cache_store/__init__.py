@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cache_store.base import MemoryStore, SaveReport, StateStore
 from cache_store.codec import FORMAT_VERSION, decode_state, encode_state, read_manifest
 from cache_store.exceptions import (
     StateCorruptError,
@@ -13,8 +12,10 @@ from cache_store.exceptions import (
     StateVersionError,
 )
 from cache_store.local import LocalDirStore
-from cache_store.redis_store import RedisStore
+from cache_store.memory import MemoryStore
+from cache_store.redis.store import RedisStore
 from cache_store.state import StreamState
+from cache_store.store import SaveReport, StateStore
 
 __all__ = [
     "FORMAT_VERSION",

@@ -16,9 +16,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from urllib.parse import quote, unquote
 
-from cache_store.base import BlockStore
 from cache_store.codec import read_manifest
 from cache_store.exceptions import StateError
+from cache_store.store import BlockStore
 
 MANIFEST_SUFFIX = ".manifest"
 TEMP_SUFFIX = ".tmp"  # never ends a manifest name, so leftovers of a crash are not streams

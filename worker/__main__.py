@@ -1,5 +1,5 @@
 """`python -m worker` runs the streamsink command."""
 
-from worker.cli import app
+from worker.cli.app import app
 
 app()

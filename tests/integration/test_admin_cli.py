@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cache_store.redis_store import RedisStore
+from cache_store.redis.store import RedisStore
 from tests.models.tiny_models import tiny_loaded
-from worker.cli import app
-from worker.engine import CacheSettings, Engine, StreamInput
-from worker.policy import CommentaryPolicy
-from worker.session_state import snapshot
+from worker.cli.app import app
+from worker.stream.commentator import CacheSettings, Engine, StreamInput
+from worker.stream.policy import CommentaryPolicy
+from worker.stream.session_state import snapshot
 
 SCOPE = "orders-in/2"
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cache_store.exceptions import StateCorruptError, StateForeignError
-from cache_store.redis_store import (
+from cache_store.redis.store import (
     ORPHAN_BLOCK_SECONDS,
     FencedError,
     OutboxEntry,

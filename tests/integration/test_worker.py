@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from cache_store.redis_store import RedisStore
+from cache_store.redis.store import RedisStore
 from cache_store.state import StreamState
 from tests.integration.worker_harness import (
     EXPECTED,

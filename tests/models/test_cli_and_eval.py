@@ -10,10 +10,10 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from typer.testing import CliRunner
 
 from tests.models.tiny_models import VOCAB, run_arguments, save_tiny_model, tiny_loaded
-from worker.cli import app
-from worker.evaluation import EvalMode, evaluate_perplexity
+from worker.cli.app import app
 from worker.exceptions import UnsupportedModelError
-from worker.model_loading import load_model
+from worker.model.loading import load_model
+from worker.tools.evaluation import EvalMode, evaluate_perplexity
 
 TEXT = " ".join(f"line {i}: the service answered request {i} in {i % 17} ms." for i in range(40))
 

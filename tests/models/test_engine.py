@@ -10,10 +10,10 @@ import torch
 from cache_store import LocalDirStore, MemoryStore
 from cache_store.exceptions import StateForeignError
 from tests.models.tiny_models import tiny_loaded
-from worker.engine import CacheSettings, Engine, StreamInput
 from worker.exceptions import CacheCapacityError
-from worker.policy import CommentaryPolicy
-from worker.session_state import restore, snapshot
+from worker.stream.commentator import CacheSettings, Engine, StreamInput
+from worker.stream.policy import CommentaryPolicy
+from worker.stream.session_state import restore, snapshot
 
 LINES = [
     f"12:00:{i:02d} {'ERROR' if i % 5 == 0 else 'INFO'} request {i} took {i * 7}ms"

@@ -8,13 +8,13 @@ import pytest
 from structlog.testing import capture_logs
 
 from cache_store.local import LocalDirStore
+from tests.memory_outputs import ListOutput
 from tests.models.tiny_models import tiny_loaded
-from worker.engine import CacheSettings, Engine
-from worker.policy import CommentaryPolicy
-from worker.runner import Runner, RunSettings
-from worker.sinks import ListSink
-from worker.sources import FileSource
-from worker.stream_processor import BadStatePolicy, ProcessSettings
+from worker.io.file_source import FileSource
+from worker.runtime.local_run import Runner, RunSettings
+from worker.stream.commentator import CacheSettings, Engine
+from worker.stream.policy import CommentaryPolicy
+from worker.stream.processor import BadStatePolicy, ProcessSettings
 
 LINES = [f"svc{i % 2}|12:00:{i:02d} INFO request {i} took {i * 7}ms" for i in range(30)]
 
@@ -29,15 +29,15 @@ def _engine(seed: int = 0) -> Engine:
 
 
 def _run(path: Path, state: Path, engine: Engine | None = None, **process) -> tuple:
-    sink = ListSink()
+    output = ListOutput()
     runner = Runner(
         engine or _engine(),
         FileSource(str(path), key_separator="|"),
-        sink,
+        output,
         LocalDirStore(state),
         RunSettings(checkpoint_every_records=7, process=ProcessSettings(**process)),
     )
-    return runner.run(), sink.items, runner
+    return runner.run(), output.items, runner
 
 
 def _write(path: Path, lines: list[bytes]) -> Path:

@@ -8,8 +8,8 @@ import torch
 from tests.models.reference import ReferenceCache
 from tests.models.tiny_models import VOCAB, tiny_configs, tiny_model
 from worker.exceptions import UnsupportedModelError
-from worker.positions import SCHEMES, scheme_for
-from worker.sink_cache import SinkCache
+from worker.model.positions import SCHEMES, scheme_for
+from worker.model.sink_cache import SinkCache
 
 ARCHITECTURES = sorted(tiny_configs())
 

@@ -22,7 +22,7 @@ from transformers import (
     Qwen3Config,
 )
 
-from worker.model_loading import LoadedModel, model_fingerprint
+from worker.model.loading import LoadedModel, model_fingerprint
 
 VOCAB = 260  # the byte tokenizer's 257 tokens fit
 _DECODER = dict(

@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from cache_store.local import LocalDirStore
-from worker.chat_format import ChatFormat
-from worker.engine import CacheSettings, Engine, StreamInput, forward_step
-from worker.evaluation import EvalMode, evaluate_perplexity
-from worker.model_loading import LoadedModel, load_model
-from worker.policy import CommentaryPolicy
-from worker.positions import scheme_for
-from worker.session_state import restore, snapshot
-from worker.sink_cache import SinkCache
+from worker.model.loading import LoadedModel, load_model
+from worker.model.positions import scheme_for
+from worker.model.sink_cache import SinkCache
+from worker.stream.chat_format import ChatFormat
+from worker.stream.commentator import CacheSettings, Engine, StreamInput, forward_step
+from worker.stream.policy import CommentaryPolicy
+from worker.stream.session_state import restore, snapshot
+from worker.tools.evaluation import EvalMode, evaluate_perplexity
 
 pytestmark = pytest.mark.real_model
 SAMPLE = Path(__file__).parents[2] / "worker" / "samples" / "app.log"

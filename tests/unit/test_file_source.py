@@ -6,7 +6,7 @@ import threading
 import time
 from pathlib import Path
 
-from worker.sources import FileSource
+from worker.io.file_source import FileSource
 
 
 def test_lines_become_records_with_line_offsets_and_keys(tmp_path: Path) -> None:

@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from cache_store import from_url
-from cache_store.base import MemoryStore, StateStore
 from cache_store.codec import block_id, encode_state
 from cache_store.exceptions import StateCorruptError, StateForeignError
 from cache_store.local import LocalDirStore
-from cache_store.redis_store import RedisStore
+from cache_store.memory import MemoryStore
+from cache_store.redis.store import RedisStore
 from cache_store.state import StreamState
+from cache_store.store import StateStore
 
 FINGERPRINT = "0f" * 16
 

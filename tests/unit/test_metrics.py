@@ -8,8 +8,8 @@ import urllib.request
 
 import pytest
 
-from worker.health_server import Health, serve
-from worker.metrics import WorkerMetrics
+from worker.ops.health import Health, serve
+from worker.ops.metrics import WorkerMetrics
 
 
 def _get(port: int, path: str) -> tuple[int, str]:

@@ -6,8 +6,8 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from worker.positions import RotaryScheme
-from worker.sink_cache import SinkCache
+from worker.model.positions import RotaryScheme
+from worker.model.sink_cache import SinkCache
 
 HEADS, DIM, CAPACITY, SINKS = 2, 16, 12, 4
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from worker.exceptions import BadRecordError
-from worker.policy import CommentaryPolicy
-from worker.records import Record, decode_record
+from worker.stream.policy import CommentaryPolicy
+from worker.stream.records import Record, decode_record
 
 
 @pytest.mark.parametrize(

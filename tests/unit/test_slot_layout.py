@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from worker.exceptions import CacheCapacityError
-from worker.slot_layout import SlotLayout
+from worker.model.slot_layout import SlotLayout
 
 
 def _feed(layout: SlotLayout, sizes: list[int]) -> list[int]:

@@ -1,0 +1,153 @@
+"""`streamsink topics`: create and describe the input, output and dead-letter topics."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
+
+from worker.cli.options import (
+    DEFAULT_DEAD_LETTER_TOPIC,
+    DEFAULT_INPUT_TOPIC,
+    DEFAULT_OUTPUT_TOPIC,
+    BootstrapOption,
+    InputTopicOption,
+    JsonOption,
+    OutputTopicOption,
+    SaslMechanismOption,
+    SaslPasswordOption,
+    SaslUsernameOption,
+    SecurityProtocolOption,
+    exit_on_known_errors,
+    kafka_connection,
+)
+
+app = typer.Typer(no_args_is_help=True, help="The worker's Kafka topics: create, describe.")
+
+DeadLetterTopicOption = Annotated[
+    str, typer.Option(envvar="STREAMSINK_DEAD_LETTER_TOPIC", help="topic of set-aside records")
+]
+DAY_MS = 24 * 3600 * 1000
+TOPIC_ALREADY_EXISTS = 36  # Kafka's error code: creating is idempotent here
+
+
+def _admin(
+    bootstrap_servers: str,
+    security_protocol: str,
+    sasl_mechanism: str | None,
+    sasl_username: str | None,
+    sasl_password: str | None,
+) -> KafkaAdminClient:
+    connection = kafka_connection(
+        bootstrap_servers, security_protocol, sasl_mechanism, sasl_username, sasl_password
+    )
+    return KafkaAdminClient(**connection.client_config())
+
+
+@app.command()
+def create(
+    bootstrap_servers: BootstrapOption = "127.0.0.1:9092",
+    input_topic: InputTopicOption = DEFAULT_INPUT_TOPIC,
+    output_topic: OutputTopicOption = DEFAULT_OUTPUT_TOPIC,
+    dead_letter_topic: DeadLetterTopicOption = DEFAULT_DEAD_LETTER_TOPIC,
+    partitions: Annotated[
+        int, typer.Option(help="input partitions: the most workers that can share the load")
+    ] = 12,
+    replication_factor: Annotated[int, typer.Option(help="copies of each partition")] = 1,
+    input_retention_days: Annotated[float, typer.Option(help="how long input is kept")] = 7,
+    output_retention_days: Annotated[
+        float, typer.Option(help="how long commentary and dead letters are kept")
+    ] = 30,
+    security_protocol: SecurityProtocolOption = "PLAINTEXT",
+    sasl_mechanism: SaslMechanismOption = None,
+    sasl_username: SaslUsernameOption = None,
+    sasl_password: SaslPasswordOption = None,
+) -> None:
+    """Create the three topics; ones that exist already are left as they are."""
+    wanted = {
+        input_topic: (partitions, input_retention_days),
+        output_topic: (partitions, output_retention_days),
+        dead_letter_topic: (1, output_retention_days),
+    }
+    with exit_on_known_errors():
+        admin = _admin(
+            bootstrap_servers, security_protocol, sasl_mechanism, sasl_username, sasl_password
+        )
+        result = admin.create_topics(
+            {
+                name: {
+                    "num_partitions": count,
+                    "replication_factor": replication_factor,
+                    "configs": {"retention.ms": str(int(days * DAY_MS))},
+                }
+                for name, (count, days) in wanted.items()
+            },
+            raise_errors=False,
+        )
+        admin.close()
+    failed = False
+    for topic in result["topics"]:
+        code = topic["error_code"]
+        if code == 0:
+            typer.echo(f"created {topic['name']}: {topic['num_partitions']} partitions")
+        elif code == TOPIC_ALREADY_EXISTS:
+            typer.echo(f"exists  {topic['name']}: left as it is")
+        else:
+            failed = True
+            typer.echo(f"failed  {topic['name']}: {topic['error_message']}", err=True)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def describe(
+    bootstrap_servers: BootstrapOption = "127.0.0.1:9092",
+    input_topic: InputTopicOption = DEFAULT_INPUT_TOPIC,
+    output_topic: OutputTopicOption = DEFAULT_OUTPUT_TOPIC,
+    dead_letter_topic: DeadLetterTopicOption = DEFAULT_DEAD_LETTER_TOPIC,
+    json_output: JsonOption = False,
+    security_protocol: SecurityProtocolOption = "PLAINTEXT",
+    sasl_mechanism: SaslMechanismOption = None,
+    sasl_username: SaslUsernameOption = None,
+    sasl_password: SaslPasswordOption = None,
+) -> None:
+    """Partitions, replicas and retention of the three topics; exit code 1 if one is missing."""
+    names = [input_topic, output_topic, dead_letter_topic]
+    with exit_on_known_errors():
+        admin = _admin(
+            bootstrap_servers, security_protocol, sasl_mechanism, sasl_username, sasl_password
+        )
+        existing = set(admin.list_topics())
+        rows = [_describe(admin, name) if name in existing else {"topic": name} for name in names]
+        admin.close()
+    if json_output:
+        typer.echo(json.dumps(rows))
+    else:
+        typer.echo(f"{'topic':<32} {'partitions':>10} {'replicas':>8} {'retention':>10}")
+        for row in rows:
+            if "partitions" not in row:
+                typer.echo(
+                    f"{row['topic']:<32} missing (create it with `streamsink topics create`)"
+                )
+                continue
+            days = f"{row['retention_ms'] / DAY_MS:g}d" if row["retention_ms"] >= 0 else "forever"
+            typer.echo(
+                f"{row['topic']:<32} {row['partitions']:>10} {row['replicas']:>8} {days:>10}"
+            )
+    if any("partitions" not in row for row in rows):
+        raise typer.Exit(1)
+
+
+def _describe(admin: KafkaAdminClient, name: str) -> dict[str, Any]:
+    partitions = admin.describe_topics([name])[0]["partitions"]
+    configs = admin.describe_configs(
+        [ConfigResource(ConfigResourceType.TOPIC, name, None)], config_filter="all"
+    )["topic"][name]
+    return {
+        "topic": name,
+        "partitions": len(partitions),
+        "replicas": len(partitions[0]["replica_nodes"]) if partitions else 0,
+        "retention_ms": int(configs["retention.ms"]["value"]),
+    }

@@ -1,1 +1,0 @@
-"""Sub-apps of the `streamsink` command, one per noun."""

@@ -1,0 +1,70 @@
+"""Kafka records in and out: input record conversion, commentary and dead letters produced.
+
+Output records are keyed by stream id, so a stream's commentary keeps its order on the output
+topic. Dead letters keep the original key and bytes, with the reason in headers, so nothing
+set aside is lost and a fixed record can be replayed from there.
+"""
+
+from __future__ import annotations
+
+import json
+
+from kafka import KafkaProducer
+from kafka.consumer.fetcher import ConsumerRecord
+
+from worker.exceptions import BadRecordError
+from worker.io.kafka_connection import KafkaConnection
+from worker.stream.records import Commentary, Record
+
+
+def to_record(message: ConsumerRecord) -> Record:
+    """An input record as the processor sees it; a key that is not UTF-8 counts as no key."""
+    try:
+        stream_id = None if message.key is None else message.key.decode("utf-8")
+    except UnicodeDecodeError:
+        stream_id = None
+    return Record(stream_id, message.offset, message.value or b"", message.partition)
+
+
+def commentary_payload(commentary: Commentary) -> bytes:
+    """The output record's value: the JSON consumers read (stream id, seq, offsets, text...)."""
+    return json.dumps(commentary.to_json_dict(), ensure_ascii=False).encode()
+
+
+class OutputProducer:
+    """Commentary and dead letters out, idempotent and acknowledged by all in-sync replicas."""
+
+    def __init__(
+        self, connection: KafkaConnection, output_topic: str, dead_letter_topic: str | None
+    ) -> None:
+        self.output_topic = output_topic
+        self.dead_letter_topic = dead_letter_topic
+        self.producer = KafkaProducer(
+            **connection.client_config(), acks="all", enable_idempotence=True, linger_ms=5
+        )
+
+    def send_commentary(self, stream_id: str, payload: bytes) -> None:
+        self.producer.send(self.output_topic, key=stream_id.encode(), value=payload)
+
+    def send_dead_letter(self, topic: str, record: Record, error: BadRecordError) -> None:
+        """Forward a record set aside; without a dead-letter topic it is only logged."""
+        if self.dead_letter_topic is None:
+            return
+        headers = [
+            ("streamsink.reason", error.reason.encode()),
+            ("streamsink.error", str(error).encode()),
+            ("streamsink.source", f"{topic}/{record.partition}@{record.offset}".encode()),
+        ]
+        self.producer.send(
+            self.dead_letter_topic,
+            key=None if record.stream_id is None else record.stream_id.encode(),
+            value=record.value,
+            headers=headers,
+        )
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until everything sent is acknowledged; raises KafkaTimeoutError if not."""
+        self.producer.flush(timeout=timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        self.producer.close(timeout=timeout)

@@ -1,0 +1,135 @@
+"""Load a model for streaming: the default, a Hugging Face directory, or a GGUF file.
+
+CUDA when available (bf16, or fp16 where bf16 is not supported), CPU otherwise (fp32). An
+architecture the sink cache cannot run is refused here, before any stream starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from worker.exceptions import ModelLoadError
+from worker.model.default_model import DEFAULT_MODEL, Progress, fetch_default_model, model_cache_dir
+from worker.model.gguf_conversion import convert_gguf, converted_dir_for
+from worker.model.positions import require_supported
+
+_VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "dtype", "torch_dtype"}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready to stream, and the fingerprint that a saved state must match."""
+
+    model: PreTrainedModel
+    tokenizer: object
+    name: str
+    fingerprint: str
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def max_cache(self) -> int:
+        """The largest cache this model can run: its trained positions, and its sliding window."""
+        return max_cache_of(self.model.config)
+
+
+def max_cache_of(config: object) -> int:
+    limits = [
+        getattr(config, name, None)
+        for name in ("max_position_embeddings", "n_positions", "max_seq_len", "sliding_window")
+    ]
+    limits = [limit for limit in limits if isinstance(limit, int) and limit > 0]
+    return min(limits) if limits else 2048
+
+
+def pick_device(requested: str = "auto") -> tuple[torch.device, torch.dtype]:
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(requested)
+    if device.type == "cuda":
+        return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return device, torch.float32
+
+
+def resolve_model_dir(spec: str | None, progress: Progress = lambda stage: None) -> Path:
+    """The local directory holding the model named by `spec` (fetching the default if needed)."""
+    if spec in (None, "", DEFAULT_MODEL):
+        return fetch_default_model(progress)
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        target = converted_dir_for(path, model_cache_dir())
+        if not (target / "config.json").exists():
+            progress(f"converting {path.name} to safetensors (once)")
+        return convert_gguf(path, target)
+    if path.is_dir() and (path / "config.json").exists():
+        return path
+    raise ModelLoadError(
+        f"no model at {spec!r}: pass a Hugging Face model directory (with config.json), a .gguf "
+        f"file, or {DEFAULT_MODEL!r} for the embedded default"
+    )
+
+
+def load_model(
+    spec: str | None = None, device: str = "auto", progress: Progress = lambda stage: None
+) -> LoadedModel:
+    directory = resolve_model_dir(spec, progress)
+    _refuse_unsupported(directory)
+    torch_device, dtype = pick_device(device)
+    progress(f"loading {directory.name} on {torch_device} as {dtype}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(torch_device)
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except torch.OutOfMemoryError as error:
+        raise ModelLoadError(
+            f"{directory.name} does not fit on {torch_device}: {error}. Use a smaller model or "
+            "--device cpu"
+        ) from error
+    model.eval()
+    name = spec if spec and spec != DEFAULT_MODEL else DEFAULT_MODEL
+    return LoadedModel(model, tokenizer, name, model_fingerprint(model))
+
+
+def load_random(config_file: Path, device: str = "auto") -> LoadedModel:
+    """A model with random weights from a config file: for speed figures, which do not depend
+    on the weights, at sizes no package ships. It has no tokenizer."""
+    config = AutoConfig.for_model(**json.loads(Path(config_file).read_text()))
+    require_supported(config.model_type)
+    torch_device, dtype = pick_device(device)
+    with torch.device(torch_device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    return LoadedModel(model, None, f"random:{Path(config_file).stem}", model_fingerprint(model))
+
+
+def _refuse_unsupported(directory: Path) -> None:
+    require_supported(json.loads((directory / "config.json").read_text()).get("model_type"))
+
+
+def model_fingerprint(model: PreTrainedModel) -> str:
+    """Architecture, config, dtype and a sample of every weight: what a saved state depends on.
+
+    Weights are sampled (at most 1024 values per tensor) so that a fingerprint costs
+    milliseconds even for large models; any retrained or differently quantized model differs.
+    """
+    digest = hashlib.sha256()
+    config = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    digest.update(type(model).__name__.encode())
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    digest.update(str(model.dtype).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 1024)].float().cpu().contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:32]

@@ -1,0 +1,88 @@
+"""The local run loop: source -> stream processor -> commentary output -> state store.
+
+Outputs are flushed before the state that covers them is saved: a crash in between replays
+records and re-sends commentary with the same seq.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+from cache_store.store import StateStore
+from worker.io.file_source import Source
+from worker.io.outputs import CommentaryOutput
+from worker.ops.metrics import WorkerMetrics
+from worker.stream.commentator import Engine
+from worker.stream.processor import ProcessSettings, StreamProcessor
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    checkpoint_every_records: int = 256
+    checkpoint_every_seconds: float = 30.0
+    process: ProcessSettings = ProcessSettings()
+
+
+class Runner:
+    def __init__(
+        self,
+        engine: Engine,
+        source: Source,
+        output: CommentaryOutput,
+        store: StateStore,
+        settings: RunSettings = RunSettings(),
+        metrics: WorkerMetrics | None = None,
+    ) -> None:
+        self.source, self.output, self.store = source, output, store
+        self.settings = settings
+        self.metrics = metrics or WorkerMetrics()
+        self.processor = StreamProcessor(
+            engine,
+            lambda stream_id: store.load(stream_id, engine.loaded.fingerprint),
+            self.metrics,
+            settings.process,
+        )
+        self._since_checkpoint = 0
+        self._last_checkpoint = time.monotonic()
+
+    def run(self, stop: threading.Event | None = None) -> WorkerMetrics:
+        try:
+            for batch in self.source.batches():
+                self._emit(self.processor.apply(batch))
+                self._since_checkpoint += len(batch)
+                self._emit(self.processor.comment_on_timers())
+                if self._checkpoint_due():
+                    self.checkpoint()
+                if stop is not None and stop.is_set():
+                    break
+        finally:
+            self.checkpoint()
+            self.source.close()
+        return self.metrics
+
+    def _emit(self, produced: list) -> None:
+        for commentary in produced:
+            self.output.emit(commentary)
+
+    def _checkpoint_due(self) -> bool:
+        s = self.settings
+        return bool(self.processor.dirty) and (
+            self._since_checkpoint >= s.checkpoint_every_records
+            or time.monotonic() - self._last_checkpoint >= s.checkpoint_every_seconds
+        )
+
+    def checkpoint(self) -> None:
+        """Flush outputs, then save every changed stream's state."""
+        self.output.flush()
+        states = self.processor.changed_states()
+        started = time.perf_counter()
+        for state in states:
+            self.metrics.checkpoint_bytes.inc(self.store.save(state).bytes_written)
+        if states:
+            self.metrics.checkpoints.inc()
+            self.metrics.checkpoint_seconds.observe(time.perf_counter() - started)
+        self.processor.mark_saved()
+        self._since_checkpoint = 0
+        self._last_checkpoint = time.monotonic()

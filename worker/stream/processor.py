@@ -1,0 +1,214 @@
+"""Records in, commentary out, per stream: the processing the local and the Kafka runs share.
+
+A processor owns the sessions of one group of streams (all of a local run, or one Kafka
+partition's). It validates each record, opens or restores the record's stream, runs the
+engine, and remembers which streams changed since their state was last saved. Where states
+are saved and where commentary goes is the caller's business.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+
+import structlog
+
+from cache_store.exceptions import StateCorruptError, StateError, StateForeignError
+from cache_store.state import StreamState
+from worker.exceptions import BadRecordError, StreamsinkError
+from worker.ops.metrics import WorkerMetrics
+from worker.stream.commentator import Engine, StreamInput
+from worker.stream.records import DEFAULT_MAX_RECORD_BYTES, Commentary, Record, decode_record
+from worker.stream.session import StreamSession
+from worker.stream.session_state import restore, snapshot
+
+log = structlog.get_logger("streamsink.processor")
+
+StateLoader = Callable[[str], StreamState | None]
+RejectHandler = Callable[[Record, BadRecordError], None]
+
+
+class BadStatePolicy(StrEnum):
+    """What to do with a stream whose saved state cannot be used (corrupt, another model)."""
+
+    SKIP = "skip"  # leave the state alone and set the stream's records aside (dead letters)
+    RESTART = "restart"  # start afresh, seq from 0 again; the bad state is replaced
+
+
+@dataclass(frozen=True)
+class ProcessSettings:
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
+    # Skipping is the default: a restarted stream would reuse seq numbers consumers have seen.
+    on_bad_state: BadStatePolicy = BadStatePolicy.SKIP
+
+
+class StreamProcessor:
+    """Applies records to their streams' sessions; see the module docstring."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        load_state: StateLoader,
+        metrics: WorkerMetrics,
+        settings: ProcessSettings = ProcessSettings(),
+        on_reject: RejectHandler | None = None,
+    ) -> None:
+        self.engine = engine
+        self.load_state = load_state
+        self.metrics = metrics
+        self.settings = settings
+        self.on_reject = on_reject
+        self.sessions: dict[str, StreamSession] = {}
+        self.skipped_streams: set[str] = set()
+        self.dirty: set[str] = set()
+
+    def apply(self, batch: list[Record]) -> list[Commentary]:
+        """Apply a batch in offset order; returns the commentary it produced, in order."""
+        grouped: dict[str, list[tuple[int, str]]] = {}
+        for record in batch:
+            text = self._accept(record)
+            if text is not None:
+                grouped.setdefault(record.stream_id, []).append((record.offset, text))
+        produced: list[Commentary] = []
+        for stream_id, records in grouped.items():
+            produced += self._step(stream_id, records, batch)
+        return produced
+
+    def comment_on_timers(self) -> list[Commentary]:
+        """Commentary of streams whose time trigger fired, for runs with --every-seconds."""
+        if self.engine.policy.every_seconds is None:
+            return []
+        produced = []
+        for stream_id, session in self.sessions.items():
+            started = time.perf_counter()
+            commentary = self.engine.comment_if_due(session)
+            if commentary is not None:
+                self._count_commentary([commentary], started)
+                produced.append(commentary)
+                self.dirty.add(stream_id)
+        return produced
+
+    def changed_states(self) -> list[StreamState]:
+        """Snapshots of the streams changed since `mark_saved`, in stream id order."""
+        return [snapshot(self.sessions[stream_id], self.engine) for stream_id in sorted(self.dirty)]
+
+    def mark_saved(self) -> None:
+        self.dirty.clear()
+
+    def _step(
+        self, stream_id: str, records: list[tuple[int, str]], batch: list[Record]
+    ) -> list[Commentary]:
+        session = self.sessions[stream_id]
+        fed_before = session.prefilled_tokens
+        started = time.perf_counter()
+        try:
+            with structlog.contextvars.bound_contextvars(
+                stream_id=stream_id, offset=records[-1][0]
+            ):
+                produced = self.engine.step([StreamInput(session, records)])
+        except StreamsinkError as error:
+            # Dropped unsaved: reloaded from its last saved state when it is next seen.
+            self.sessions.pop(stream_id)
+            self.dirty.discard(stream_id)
+            failed = {offset for offset, _ in records}
+            for record in batch:
+                if record.stream_id == stream_id and record.offset in failed:
+                    self._reject(record, BadRecordError("engine_error", str(error)))
+            return []
+        self._count_commentary(produced, started)
+        self.metrics.records.inc(len(records))
+        self.metrics.tokens.inc(session.prefilled_tokens - fed_before)
+        self.dirty.add(stream_id)
+        return produced
+
+    def _count_commentary(self, produced: list[Commentary], started: float) -> None:
+        if not produced:
+            return
+        self.metrics.commentaries.inc(len(produced))
+        seconds = (time.perf_counter() - started) / len(produced)
+        for _ in produced:
+            self.metrics.commentary_seconds.observe(seconds)
+
+    def _accept(self, record: Record) -> str | None:
+        """The record's text if it is to be applied now, else None (set aside or a repeat)."""
+        try:
+            text = decode_record(record, self.settings.max_record_bytes)
+        except BadRecordError as error:
+            self._reject(record, error)
+            return None
+        session = self._session(record.stream_id)
+        if session is None:
+            self._reject(
+                record, BadRecordError("bad_state", f"stream {record.stream_id!r} is skipped")
+            )
+            return None
+        if record.offset < session.counters.next_offset:
+            self.metrics.replayed_records.inc()
+            return None
+        return text
+
+    def _session(self, stream_id: str) -> StreamSession | None:
+        if stream_id in self.skipped_streams:
+            return None
+        if stream_id not in self.sessions:
+            session = self._open(stream_id)
+            if session is None:
+                return None
+            self.sessions[stream_id] = session
+        return self.sessions[stream_id]
+
+    def _open(self, stream_id: str) -> StreamSession | None:
+        started = time.perf_counter()
+        try:
+            state = self.load_state(stream_id)
+            if state is not None:
+                session = restore(state, self.engine)
+                self.metrics.restore_seconds.observe(time.perf_counter() - started)
+                self.metrics.restored_streams.inc()
+                log.info(
+                    "stream restored",
+                    stream_id=stream_id,
+                    tokens=session.tokens_seen,
+                    next_offset=session.counters.next_offset,
+                )
+                return session
+        except (StateError, KeyError, ValueError) as error:
+            self.metrics.bad_states.labels(kind=_bad_state_kind(error)).inc()
+            log.error(
+                "unusable saved state",
+                stream_id=stream_id,
+                error=str(error),
+                policy=str(self.settings.on_bad_state),
+            )
+            if self.settings.on_bad_state is BadStatePolicy.SKIP:
+                self.skipped_streams.add(stream_id)
+                return None
+        session = self.engine.new_session(stream_id)
+        self.metrics.new_streams.inc()
+        self.metrics.prefill_tokens.inc(session.prefilled_tokens)
+        return session
+
+    def _reject(self, record: Record, error: BadRecordError) -> None:
+        self.metrics.dead_letters.labels(reason=error.reason).inc()
+        log.warning(
+            "record set aside",
+            reason=error.reason,
+            error=str(error),
+            stream_id=record.stream_id,
+            partition=record.partition,
+            offset=record.offset,
+        )
+        if self.on_reject is not None:
+            self.on_reject(record, error)
+
+
+def _bad_state_kind(error: Exception) -> str:
+    if isinstance(error, StateForeignError):
+        return "foreign"
+    if isinstance(error, StateCorruptError):
+        return "corrupt"
+    if isinstance(error, StateError):
+        return type(error).__name__.removeprefix("State").removesuffix("Error").lower()
+    return "invalid"

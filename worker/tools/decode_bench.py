@@ -1,0 +1,110 @@
+"""Side-by-side figures in one run: sink against recompute per token, and memory over a stream.
+
+Token ids are random: speed does not depend on what the tokens say.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from worker.model.loading import LoadedModel
+from worker.model.sink_cache import SinkCache
+from worker.stream.commentator import forward_step
+
+SINKS = 4
+PREFILL_CHUNK = 256
+
+
+def run_benchmark(
+    loaded: LoadedModel,
+    sizes: list[int],
+    decode_tokens: int,
+    stream_lengths: list[int],
+    out: Callable[[str], None] = print,
+) -> None:
+    out(
+        f"model {loaded.name} on {loaded.device} ({loaded.dtype}), "
+        f"{torch.get_num_threads()} CPU threads"
+    )
+    out(f"{'cache':>6} {'sink ms/token':>14} {'recompute ms/token':>19} {'speedup':>8}")
+    for size in sizes:
+        if size > loaded.max_cache:
+            out(f"{size:>6} skipped: the model attends to at most {loaded.max_cache} tokens")
+            continue
+        sink_ms = _sink_decode_ms(loaded, size, decode_tokens)
+        recompute_ms = _recompute_ms(loaded, size, max(2, decode_tokens // 8))
+        out(f"{size:>6} {sink_ms:>14.2f} {recompute_ms:>19.2f} {recompute_ms / sink_ms:>7.1f}x")
+    out(f"{'stream tokens':>13} {'sink cache MB':>14} {'dense cache MB':>15} {'peak MB':>9}")
+    for length in stream_lengths:
+        cache_mb, dense_mb, peak_mb = _stream_memory(loaded, length, min(1024, loaded.max_cache))
+        out(f"{length:>13} {cache_mb:>14.2f} {dense_mb:>15.2f} {peak_mb:>9.1f}")
+
+
+def _random_ids(loaded: LoadedModel, count: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, loaded.model.config.vocab_size, (count,), generator=generator)
+
+
+def _new_cache(loaded: LoadedModel, capacity: int) -> SinkCache:
+    return SinkCache.for_model(loaded.model, capacity, SINKS)
+
+
+@torch.inference_mode()
+def _fill(loaded: LoadedModel, cache: SinkCache, ids: torch.Tensor) -> None:
+    for piece in ids.split(PREFILL_CHUNK):
+        forward_step(loaded.model, cache, piece, last_only=True)
+
+
+def timed_ms(loaded: LoadedModel, step: Callable[[], object], repeats: int) -> float:
+    """Median milliseconds of `step`, after one warm-up call."""
+    step()
+    samples = []
+    for _ in range(repeats):
+        _synchronize(loaded)
+        started = time.perf_counter()
+        step()
+        _synchronize(loaded)
+        samples.append(1000 * (time.perf_counter() - started))
+    return statistics.median(samples)
+
+
+@torch.inference_mode()
+def _sink_decode_ms(loaded: LoadedModel, size: int, tokens: int) -> float:
+    """One decode step in a full cache of `size`: every step evicts one token."""
+    cache = _new_cache(loaded, size)
+    _fill(loaded, cache, _random_ids(loaded, size))
+    next_ids = iter(_random_ids(loaded, tokens + 1, seed=1).split(1))
+    return timed_ms(loaded, lambda: forward_step(loaded.model, cache, next(next_ids), True), tokens)
+
+
+@torch.inference_mode()
+def _recompute_ms(loaded: LoadedModel, size: int, repeats: int) -> float:
+    """One token by re-computing the last `size` tokens from scratch."""
+    window = _random_ids(loaded, size)[None].to(loaded.device)
+    return timed_ms(loaded, lambda: loaded.model(input_ids=window, logits_to_keep=1), repeats)
+
+
+def _stream_memory(loaded: LoadedModel, length: int, capacity: int) -> tuple[float, float, float]:
+    cache = _new_cache(loaded, capacity)
+    _fill(loaded, cache, _random_ids(loaded, length, seed=2))
+    layer = cache.layers[0]
+    per_token = 2 * layer.keys[:, :, :1].numel() * layer.keys.element_size() * len(cache.layers)
+    cache_mb = per_token * capacity / 2**20
+    dense_mb = per_token * length / 2**20
+    return cache_mb, dense_mb, _peak_mb(loaded)
+
+
+def _peak_mb(loaded: LoadedModel) -> float:
+    if loaded.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(loaded.device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _synchronize(loaded: LoadedModel) -> None:
+    if loaded.device.type == "cuda":
+        torch.cuda.synchronize(loaded.device)

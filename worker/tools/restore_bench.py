@@ -1,0 +1,87 @@
+"""Restoring a stream from the state store against recomputing its window, side by side.
+
+For each cache size C: fill a session's cache, checkpoint it (a first, full save and a next
+one after a few more tokens), then time loading it back into a ready session against
+prefilling C tokens into an empty cache, which is what a worker without saved state pays.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from cache_store.redis.store import Claim, RedisStore
+from cache_store.store import SaveReport
+from worker.model.loading import LoadedModel
+from worker.stream.commentator import CacheSettings, Engine
+from worker.stream.session import StreamSession
+from worker.stream.session_state import restore, snapshot
+from worker.tools.decode_bench import timed_ms
+
+SCOPE = "bench/0"
+NEXT_TOKENS = 16  # tokens between the first and the next checkpoint
+
+
+def run_restore_benchmark(
+    loaded: LoadedModel,
+    store: RedisStore,
+    sizes: list[int],
+    repeats: int = 3,
+    out: Callable[[str], None] = print,
+) -> None:
+    out(f"model {loaded.name} on {loaded.device} ({loaded.dtype}), state in Redis")
+    out(
+        f"{'cache':>6} {'state MB':>9} {'first save ms':>14} {'next save KB':>13} "
+        f"{'next save ms':>13} {'restore ms':>11} {'prefill ms':>11} {'ratio':>7}"
+    )
+    claim = store.claim(SCOPE)
+    for size in sizes:
+        if size > loaded.max_cache:
+            out(f"{size:>6} skipped: the model attends to at most {loaded.max_cache} tokens")
+            continue
+        out(_measure(loaded, store, claim, size, repeats))
+
+
+def _measure(loaded: LoadedModel, store: RedisStore, claim: Claim, size: int, repeats: int) -> str:
+    """One row of the table for a cache of `size` tokens."""
+    engine = Engine(loaded, CacheSettings(sinks=4, window=size - 4))
+    stream_id = f"bench-{size}"
+    ids = _random_ids(loaded, size + NEXT_TOKENS)
+    session = engine.new_empty_session(stream_id)
+    engine.feed(session, ids[:size])
+    first, first_ms = _checkpoint(engine, session, store, claim, size)
+    engine.feed(session, ids[size:])
+    following, following_ms = _checkpoint(engine, session, store, claim, size + NEXT_TOKENS)
+    info = store.info(stream_id)
+
+    def restore_once() -> None:
+        restore(store.load_in(SCOPE, stream_id, loaded.fingerprint), engine)
+
+    def prefill_once() -> None:
+        engine.feed(engine.new_empty_session(stream_id), ids[NEXT_TOKENS:])
+
+    restore_ms = timed_ms(loaded, restore_once, repeats)
+    prefill_ms = timed_ms(loaded, prefill_once, repeats)
+    store.delete(stream_id)
+    return (
+        f"{size:>6} {(info.manifest_bytes + info.block_bytes) / 2**20:>9.2f} "
+        f"{first_ms:>14.1f} {following.bytes_written / 1024:>13.1f} "
+        f"{following_ms:>13.1f} {restore_ms:>11.1f} {prefill_ms:>11.1f} "
+        f"{prefill_ms / restore_ms:>6.1f}x"
+    )
+
+
+def _checkpoint(
+    engine: Engine, session: StreamSession, store: RedisStore, claim: Claim, offset: int
+) -> tuple[SaveReport, float]:
+    """A checkpoint as the worker makes it (snapshot, then commit); its report and ms."""
+    started = time.perf_counter()
+    report = store.commit(claim, SCOPE, [snapshot(session, engine)], next_offset=offset)
+    return report, 1000 * (time.perf_counter() - started)
+
+
+def _random_ids(loaded: LoadedModel, count: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, loaded.model.config.vocab_size, (count,), generator=generator)
