@@ -36,7 +36,7 @@ def stored(redis_service):
     session = engine.new_session("orders")
     engine.step([StreamInput(session, [(0, "order 1 paid"), (1, "order 2 refunded")])])
     store = RedisStore(redis_service.url, prefix)
-    store.commit(store.claim(SCOPE), SCOPE, [snapshot(session, engine)], next_offset=2)
+    store.claim(SCOPE).commit([snapshot(session, engine)], next_offset=2)
     store.close()
     return ["--redis-url", redis_service.url, "--key-prefix", prefix], session
 

@@ -10,13 +10,9 @@ import pytest
 import torch
 
 from cache_store.exceptions import StateCorruptError, StateForeignError
-from cache_store.redis.store import (
-    ORPHAN_BLOCK_SECONDS,
-    FencedError,
-    OutboxEntry,
-    RedisStore,
-    StoreUnavailableError,
-)
+from cache_store.partition import FencedError, OutboxEntry, StoreUnavailableError
+from cache_store.redis.scoped import ORPHAN_BLOCK_SECONDS
+from cache_store.redis.store import RedisStore
 from cache_store.state import StreamState
 from tests.integration.services import RedisService
 
@@ -44,12 +40,12 @@ def _keys(store: RedisStore, pattern: str) -> set[str]:
 
 
 def test_commit_then_load_is_exact_and_unchanged_blocks_are_reused(store) -> None:
-    claim = store.claim(SCOPE)
-    assert claim.epoch == 1 and claim.next_offset is None and claim.outbox == ()
-    first = store.commit(claim, SCOPE, [_state("s", 1.0)], next_offset=5)
-    second = store.commit(claim, SCOPE, [_state("s", 2.0)], next_offset=9)
+    lease = store.claim(SCOPE)
+    assert lease.epoch == 1 and lease.next_offset is None and lease.outbox == ()
+    first = lease.commit([_state("s", 1.0)], next_offset=5)
+    second = lease.commit([_state("s", 2.0)], next_offset=9)
     assert first.blocks_written == 3 and second.blocks_written == 1 and second.blocks_reused == 2
-    loaded = store.load_in(SCOPE, "s", "model-a")
+    loaded = lease.load("s", "model-a")
     assert loaded.meta == {"next_offset": 2}
     assert torch.equal(loaded.tensors["layer0.keys.0"], _state("s", 2.0).tensors["layer0.keys.0"])
     assert loaded.tensors["layer0.keys.0"].dtype == torch.bfloat16
@@ -61,14 +57,14 @@ def test_commit_then_load_is_exact_and_unchanged_blocks_are_reused(store) -> Non
 
 def test_a_stale_epoch_is_fenced_off_and_changes_nothing(store) -> None:
     zombie = store.claim(SCOPE)
-    store.commit(zombie, SCOPE, [_state("s", 1.0)], next_offset=4)
+    zombie.commit([_state("s", 1.0)], next_offset=4)
     owner = store.claim(SCOPE)
     assert owner.epoch == zombie.epoch + 1 and owner.next_offset == 4
     with pytest.raises(FencedError, match="new owner"):
-        store.commit(zombie, SCOPE, [_state("s", 7.0)], 99, [OutboxEntry("s", 0, b"x")])
+        zombie.commit([_state("s", 7.0)], 99, [OutboxEntry("s", 0, b"x")])
     with pytest.raises(FencedError):
-        store.trim_outbox(zombie, 1)
-    assert store.load_in(SCOPE, "s").meta == {"next_offset": 1}
+        zombie.trim_outbox(1)
+    assert owner.load("s").meta == {"next_offset": 1}
     again = store.claim(SCOPE)
     assert again.next_offset == 4 and again.outbox == ()
     # The zombie's blocks were written but never named: they expire on their own.
@@ -77,16 +73,16 @@ def test_a_stale_epoch_is_fenced_off_and_changes_nothing(store) -> None:
 
 
 def test_outbox_survives_until_trimmed_and_is_handed_to_the_next_owner(store) -> None:
-    claim = store.claim(SCOPE)
+    lease = store.claim(SCOPE)
     entries = [OutboxEntry("s", seq, f"text {seq}".encode()) for seq in range(3)]
-    store.commit(claim, SCOPE, [_state("s", 1.0)], 3, entries)
-    store.trim_outbox(claim, 2)
+    lease.commit([_state("s", 1.0)], 3, entries)
+    lease.trim_outbox(2)
     assert store.claim(SCOPE).outbox == (entries[2],)
 
 
 def test_idle_ttl_applies_to_the_manifest_and_every_block(redis_service) -> None:
     store = RedisStore(redis_service.url, prefix=f"t{uuid.uuid4().hex[:8]}", idle_ttl_seconds=50)
-    store.commit(store.claim(SCOPE), SCOPE, [_state("s", 1.0)], 1)
+    store.claim(SCOPE).commit([_state("s", 1.0)], 1)
     ttls = [store.client.ttl(key) for key in _keys(store, "{input/3}:*:s*")]
     assert len(ttls) == 5 and all(0 < ttl <= 50 for ttl in ttls)
     assert 0 < store.info("s").ttl_seconds <= 50
@@ -94,18 +90,18 @@ def test_idle_ttl_applies_to_the_manifest_and_every_block(redis_service) -> None
 
 
 def test_damaged_or_foreign_state_is_a_clear_error(store) -> None:
-    claim = store.claim(SCOPE)
-    store.commit(claim, SCOPE, [_state("a", 1.0), _state("b", 1.0), _state("c", 1.0)], 1)
+    lease = store.claim(SCOPE)
+    lease.commit([_state("a", 1.0), _state("b", 1.0), _state("c", 1.0)], 1)
     with pytest.raises(StateForeignError, match="another model"):
-        store.load_in(SCOPE, "a", "model-b")
+        lease.load("a", "model-b")
     block = sorted(_keys(store, "{input/3}:b:b:*"))[0]
     store.client.setrange(block, 0, b"\x00\x01\x02")
     with pytest.raises(StateCorruptError, match="checksum"):
-        store.load_in(SCOPE, "b", "model-a")
+        lease.load("b", "model-a")
     manifest = f"{store.prefix}:{{input/3}}:m:c"
     store.client.set(manifest, store.client.get(manifest)[:40])
     with pytest.raises(StateCorruptError):
-        store.load_in(SCOPE, "c", "model-a")
+        lease.load("c", "model-a")
 
 
 def test_delete_removes_the_stream_and_its_blocks(store) -> None:

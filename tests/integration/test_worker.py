@@ -243,7 +243,7 @@ def test_unusable_states_are_reported_and_their_records_set_aside(cluster, redis
     client.setrange(block, 0, b"\x00\x01\x02\x03")
     state = store.load(foreign)
     other = StreamState(foreign, "another-model", state.tensors, state.meta)
-    store.commit(None, store.scope_of(foreign), [other], next_offset=None)
+    store.commit_unfenced(store.scope_of(foreign), [other])
     manifest = f"{c.name}:{{{store.scope_of(truncated)}}}:m:{truncated}"
     client.set(manifest, client.get(manifest)[:50])
     store.close()

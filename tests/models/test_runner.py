@@ -11,6 +11,7 @@ from cache_store.local import LocalDirStore
 from tests.memory_outputs import ListOutput
 from tests.models.tiny_models import tiny_loaded
 from worker.io.file_source import FileSource
+from worker.runtime.checkpoint_schedule import CheckpointSchedule
 from worker.runtime.local_run import Runner, RunSettings
 from worker.stream.commentator import CacheSettings, Engine
 from worker.stream.policy import CommentaryPolicy
@@ -35,7 +36,7 @@ def _run(path: Path, state: Path, engine: Engine | None = None, **process) -> tu
         FileSource(str(path), key_separator="|"),
         output,
         LocalDirStore(state),
-        RunSettings(checkpoint_every_records=7, process=ProcessSettings(**process)),
+        RunSettings(CheckpointSchedule(every_records=7), ProcessSettings(**process)),
     )
     return runner.run(), output.items, runner
 

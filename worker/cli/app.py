@@ -41,6 +41,7 @@ from worker.model.loading import LoadedModel, load_model, load_random
 from worker.ops.health import Health, serve
 from worker.ops.logs import configure_logging
 from worker.ops.metrics import WorkerMetrics
+from worker.runtime.checkpoint_schedule import CheckpointSchedule
 from worker.runtime.kafka_run import KafkaWorker, StateLossPolicy, WorkerSettings
 from worker.runtime.local_run import Runner, RunSettings
 from worker.stream.chat_format import DEFAULT_INSTRUCTION, DEFAULT_REQUEST
@@ -235,7 +236,8 @@ def run(
         if bootstrap_servers is None:
             health.group_joined = True  # a local run has no group to join
             output = JsonLinesOutput() if json_output else TextOutput()
-            settings = RunSettings(checkpoint_every, checkpoint_every_seconds, process)
+            schedule = CheckpointSchedule(checkpoint_every, checkpoint_every_seconds)
+            settings = RunSettings(schedule, process)
             Runner(engine, file_source, output, store, settings, metrics).run(stop)
         else:
             connection = kafka_connection(
@@ -246,8 +248,7 @@ def run(
                 output_topic,
                 group,
                 dead_letter_topic or None,
-                checkpoint_every,
-                checkpoint_every_seconds,
+                CheckpointSchedule(checkpoint_every, checkpoint_every_seconds),
                 shutdown_seconds,
                 session_timeout_ms,
                 on_state_loss=on_state_loss,

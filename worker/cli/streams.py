@@ -155,5 +155,5 @@ def import_stream(
     with exit_on_known_errors():
         state, scope = import_state(file.read_bytes())
         store = _store(redis_url, redis_password, key_prefix)
-        store.commit(None, scope, [state], next_offset=None)
+        store.commit_unfenced(scope, [state])
     typer.echo(f"imported {state.stream_id} into {scope}")

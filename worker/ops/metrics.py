@@ -9,6 +9,19 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+# The counters a run reports as it stops, by name without the streamsink_ prefix.
+SUMMARY_COUNTERS = (
+    "records",
+    "commentaries",
+    "new_streams",
+    "restored_streams",
+    "prefill_tokens",
+    "dead_letter_records",
+    "bad_states",
+    "fenced_writes",
+    "replayed_outputs",
+    "checkpoint_bytes",
+)
 _SECONDS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -80,6 +93,10 @@ class WorkerMetrics:
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
         return generate_latest(self.registry)
+
+    def summary(self) -> dict[str, float]:
+        """The stop summary: each of SUMMARY_COUNTERS, summed over its labels."""
+        return {name: self.value(f"streamsink_{name}") for name in SUMMARY_COUNTERS}
 
     def value(self, name: str, **labels: str) -> float:
         """A sample's current value, summed over unnamed labels; counters with or without _total.

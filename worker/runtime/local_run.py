@@ -14,14 +14,14 @@ from cache_store.store import StateStore
 from worker.io.file_source import Source
 from worker.io.outputs import CommentaryOutput
 from worker.ops.metrics import WorkerMetrics
+from worker.runtime.checkpoint_schedule import CheckpointClock, CheckpointSchedule
 from worker.stream.commentator import Engine
 from worker.stream.processor import ProcessSettings, StreamProcessor
 
 
 @dataclass(frozen=True)
 class RunSettings:
-    checkpoint_every_records: int = 256
-    checkpoint_every_seconds: float = 30.0
+    schedule: CheckpointSchedule = CheckpointSchedule()
     process: ProcessSettings = ProcessSettings()
 
 
@@ -44,16 +44,15 @@ class Runner:
             self.metrics,
             settings.process,
         )
-        self._since_checkpoint = 0
-        self._last_checkpoint = time.monotonic()
+        self._clock = CheckpointClock(settings.schedule)
 
     def run(self, stop: threading.Event | None = None) -> WorkerMetrics:
         try:
             for batch in self.source.batches():
                 self._emit(self.processor.apply(batch))
-                self._since_checkpoint += len(batch)
+                self._clock.count(len(batch))
                 self._emit(self.processor.comment_on_timers())
-                if self._checkpoint_due():
+                if self._clock.due(bool(self.processor.dirty)):
                     self.checkpoint()
                 if stop is not None and stop.is_set():
                     break
@@ -66,13 +65,6 @@ class Runner:
         for commentary in produced:
             self.output.emit(commentary)
 
-    def _checkpoint_due(self) -> bool:
-        s = self.settings
-        return bool(self.processor.dirty) and (
-            self._since_checkpoint >= s.checkpoint_every_records
-            or time.monotonic() - self._last_checkpoint >= s.checkpoint_every_seconds
-        )
-
     def checkpoint(self) -> None:
         """Flush outputs, then save every changed stream's state."""
         self.output.flush()
@@ -84,5 +76,4 @@ class Runner:
             self.metrics.checkpoints.inc()
             self.metrics.checkpoint_seconds.observe(time.perf_counter() - started)
         self.processor.mark_saved()
-        self._since_checkpoint = 0
-        self._last_checkpoint = time.monotonic()
+        self._clock.reset()

@@ -12,7 +12,8 @@ from collections.abc import Callable
 
 import torch
 
-from cache_store.redis.store import Claim, RedisStore
+from cache_store.partition import PartitionLease
+from cache_store.redis.store import RedisStore
 from cache_store.store import SaveReport
 from worker.model.loading import LoadedModel
 from worker.stream.commentator import CacheSettings, Engine
@@ -36,28 +37,30 @@ def run_restore_benchmark(
         f"{'cache':>6} {'state MB':>9} {'first save ms':>14} {'next save KB':>13} "
         f"{'next save ms':>13} {'restore ms':>11} {'prefill ms':>11} {'ratio':>7}"
     )
-    claim = store.claim(SCOPE)
+    lease = store.claim(SCOPE)
     for size in sizes:
         if size > loaded.max_cache:
             out(f"{size:>6} skipped: the model attends to at most {loaded.max_cache} tokens")
             continue
-        out(_measure(loaded, store, claim, size, repeats))
+        out(_measure(loaded, store, lease, size, repeats))
 
 
-def _measure(loaded: LoadedModel, store: RedisStore, claim: Claim, size: int, repeats: int) -> str:
+def _measure(
+    loaded: LoadedModel, store: RedisStore, lease: PartitionLease, size: int, repeats: int
+) -> str:
     """One row of the table for a cache of `size` tokens."""
     engine = Engine(loaded, CacheSettings(sinks=4, window=size - 4))
     stream_id = f"bench-{size}"
     ids = _random_ids(loaded, size + NEXT_TOKENS)
     session = engine.new_empty_session(stream_id)
     engine.feed(session, ids[:size])
-    first, first_ms = _checkpoint(engine, session, store, claim, size)
+    first, first_ms = _checkpoint(engine, session, lease, size)
     engine.feed(session, ids[size:])
-    following, following_ms = _checkpoint(engine, session, store, claim, size + NEXT_TOKENS)
+    following, following_ms = _checkpoint(engine, session, lease, size + NEXT_TOKENS)
     info = store.info(stream_id)
 
     def restore_once() -> None:
-        restore(store.load_in(SCOPE, stream_id, loaded.fingerprint), engine)
+        restore(lease.load(stream_id, loaded.fingerprint), engine)
 
     def prefill_once() -> None:
         engine.feed(engine.new_empty_session(stream_id), ids[NEXT_TOKENS:])
@@ -74,11 +77,11 @@ def _measure(loaded: LoadedModel, store: RedisStore, claim: Claim, size: int, re
 
 
 def _checkpoint(
-    engine: Engine, session: StreamSession, store: RedisStore, claim: Claim, offset: int
+    engine: Engine, session: StreamSession, lease: PartitionLease, offset: int
 ) -> tuple[SaveReport, float]:
     """A checkpoint as the worker makes it (snapshot, then commit); its report and ms."""
     started = time.perf_counter()
-    report = store.commit(claim, SCOPE, [snapshot(session, engine)], next_offset=offset)
+    report = lease.commit([snapshot(session, engine)], next_offset=offset)
     return report, 1000 * (time.perf_counter() - started)
 
 

@@ -1,0 +1,218 @@
+"""The Kafka worker's inference thread: one PartitionCheckpointer per owned partition.
+
+Messages come in the order the polling thread saw things happen (claim, batches, revoke,
+lost, stop); replies tell it where a claimed partition's state stops (Ready), how far each
+partition is applied (Progress, for lag) and which offsets it may commit (CommitOffset).
+The checkpointers are this thread's alone.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+
+import structlog
+from kafka import TopicPartition
+
+from cache_store.partition import PartitionLease, PartitionStore, StoreUnavailableError
+from worker.io.kafka_output import OutputProducer
+from worker.ops.metrics import WorkerMetrics
+from worker.runtime.kafka_settings import WorkerSettings
+from worker.runtime.partition_checkpointer import RETRY_SECONDS, PartitionCheckpointer
+from worker.stream.commentator import Engine
+from worker.stream.processor import StreamProcessor
+from worker.stream.records import Record
+
+log = structlog.get_logger("streamsink.worker")
+
+
+# Messages to the inference thread.
+@dataclass(frozen=True)
+class Claim:
+    partition: TopicPartition
+
+
+@dataclass(frozen=True)
+class Batch:
+    partition: TopicPartition
+    records: list[Record]
+
+
+@dataclass(frozen=True)
+class Revoke:
+    partitions: frozenset[TopicPartition]
+    done: threading.Event
+
+
+@dataclass(frozen=True)
+class Lost:
+    partitions: frozenset[TopicPartition]
+
+
+class Stop:
+    pass
+
+
+# Replies to the polling thread.
+@dataclass(frozen=True)
+class Ready:
+    partition: TopicPartition
+    next_offset: int | None
+
+
+@dataclass(frozen=True)
+class Progress:
+    partition: TopicPartition
+    next_offset: int
+
+
+@dataclass(frozen=True)
+class CommitOffset:
+    partition: TopicPartition
+    offset: int
+
+
+class InferenceLoop:
+    """Runs on the inference thread until Stop; `failure` holds what ended it otherwise."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        store: PartitionStore,
+        producer: OutputProducer,
+        settings: WorkerSettings,
+        metrics: WorkerMetrics,
+        inbox: queue.Queue,
+        replies: queue.Queue,
+    ) -> None:
+        self.engine, self.store, self.producer = engine, store, producer
+        self.settings, self.metrics = settings, metrics
+        self.inbox, self.replies = inbox, replies
+        self.stopping = threading.Event()  # set by the polling thread: give up retries
+        self.failure: BaseException | None = None
+        self._owned: dict[TopicPartition, PartitionCheckpointer] = {}
+
+    def run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as error:  # surfaced by the polling thread, which then stops
+            log.exception("inference thread failed")
+            self.failure = error
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                message = self.inbox.get(timeout=0.5)
+            except queue.Empty:
+                self._on_idle()
+                continue
+            if isinstance(message, Stop):
+                for partition in list(self._owned):
+                    self._release(partition, checkpoint=True)
+                return
+            self._handle(message)
+            self._update_gauges()
+
+    def _handle(self, message: Claim | Batch | Revoke | Lost) -> None:
+        if isinstance(message, Batch):
+            self._apply(message)
+        elif isinstance(message, Claim):
+            self._claim(message.partition)
+        elif isinstance(message, Revoke):
+            for partition in message.partitions:
+                self._release(partition, checkpoint=True)
+            message.done.set()
+        else:
+            for partition in message.partitions:
+                self._release(partition, checkpoint=False)
+
+    def _claim(self, partition: TopicPartition) -> None:
+        scope = f"{partition.topic}/{partition.partition}"
+        lease = self._claim_lease(scope)
+        if lease is None:
+            return
+        checkpointer = PartitionCheckpointer(
+            partition.partition,
+            lease,
+            self._processor(partition, lease),
+            self.producer,
+            self.settings.schedule,
+            self.metrics,
+            flush_seconds=self.settings.shutdown_seconds / 2,
+        )
+        self._owned[partition] = checkpointer
+        log.info(
+            "partition claimed",
+            partition=partition.partition,
+            epoch=lease.epoch,
+            next_offset=lease.next_offset,
+            outbox=len(lease.outbox),
+        )
+        checkpointer.replay_outbox()
+        self._settle(partition, checkpointer)
+        self.replies.put(Ready(partition, lease.next_offset))
+
+    def _processor(self, partition: TopicPartition, lease: PartitionLease) -> StreamProcessor:
+        fingerprint = self.engine.loaded.fingerprint
+        return StreamProcessor(
+            self.engine,
+            lambda stream_id: lease.load(stream_id, fingerprint),
+            self.metrics,
+            self.settings.process,
+            on_reject=lambda record, error: self.producer.send_dead_letter(
+                partition.topic, record, error
+            ),
+        )
+
+    def _apply(self, batch: Batch) -> None:
+        checkpointer = self._owned.get(batch.partition)
+        if checkpointer is None:
+            return  # fetched before a revoke: the next owner reads it again
+        checkpointer.apply(batch.records)
+        self.replies.put(Progress(batch.partition, checkpointer.next_offset))
+        if checkpointer.due():
+            self._checkpoint(batch.partition, checkpointer)
+
+    def _on_idle(self) -> None:
+        """Fire time triggers and time-based checkpoints while no records arrive."""
+        for partition, checkpointer in list(self._owned.items()):
+            checkpointer.fire_timers()
+            if checkpointer.due():
+                self._checkpoint(partition, checkpointer)
+
+    def _checkpoint(self, partition: TopicPartition, checkpointer: PartitionCheckpointer) -> None:
+        checkpointer.checkpoint()
+        self._settle(partition, checkpointer)
+
+    def _release(self, partition: TopicPartition, checkpoint: bool) -> None:
+        checkpointer = self._owned.get(partition)
+        if checkpointer is None:
+            return
+        checkpointer.release(checkpoint, self.settings.shutdown_seconds, self.stopping)
+        self._settle(partition, checkpointer)
+        self._owned.pop(partition, None)
+        log.info("partition released", partition=partition.partition, checkpointed=checkpoint)
+
+    def _settle(self, partition: TopicPartition, checkpointer: PartitionCheckpointer) -> None:
+        """Pass on the offset a commit made safe; forget the partition if it was fenced."""
+        offset = checkpointer.take_offset_to_commit()
+        if offset is not None:
+            self.replies.put(CommitOffset(partition, offset))
+        if checkpointer.fenced:
+            self._owned.pop(partition, None)
+
+    def _claim_lease(self, scope: str) -> PartitionLease | None:
+        """Retry while the store is down, until the worker stops."""
+        while not self.stopping.is_set():
+            try:
+                return self.store.claim(scope)
+            except StoreUnavailableError as error:
+                self.metrics.errors.labels(kind="redis_unavailable").inc()
+                log.warning("claim postponed", error=str(error))
+                self.stopping.wait(RETRY_SECONDS)
+        return None
+
+    def _update_gauges(self) -> None:
+        self.metrics.partitions_owned.set(len(self._owned))
+        self.metrics.streams_owned.set(sum(len(c.processor.sessions) for c in self._owned.values()))

@@ -1,0 +1,192 @@
+"""The checkpoint protocol of one partition, with no threads and no Kafka consumer.
+
+A checkpoint (ARCHITECTURE.md, "The checkpoint protocol"), in order:
+
+1. commit, in one call fenced on the lease's epoch: the changed streams' states, the next
+   input offset, and the commentary produced since the last checkpoint (the outbox);
+2. deliver: produce the committed outbox, flush, then trim it (fenced too); a replay
+   re-sends the committed text, it never generates it again;
+3. the owner commits the Kafka offset `take_offset_to_commit` hands it (lag, autoscaling).
+
+Commentary is only delivered once committed, so what consumers see is always covered by a
+state a successor restores. A fenced write means another worker owns the partition: the
+checkpointer sets `fenced` and does nothing more, and its owner drops it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Protocol
+
+import structlog
+from kafka.errors import KafkaError
+
+from cache_store.partition import (
+    FencedError,
+    OutboxEntry,
+    PartitionLease,
+    StoreUnavailableError,
+)
+from worker.io.kafka_output import commentary_payload
+from worker.ops.metrics import WorkerMetrics
+from worker.runtime.checkpoint_schedule import CheckpointClock, CheckpointSchedule
+from worker.stream.processor import StreamProcessor
+from worker.stream.records import Commentary, Record
+
+log = structlog.get_logger("streamsink.worker")
+
+RETRY_SECONDS = 1.0  # pause between attempts of a release while the store is unavailable
+
+
+class Delivery(Protocol):
+    """Where committed commentary goes; OutputProducer is one."""
+
+    def send_commentary(self, stream_id: str, payload: bytes) -> None: ...
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until everything sent is acknowledged; raises KafkaError if it is not."""
+
+
+class PartitionCheckpointer:
+    """One owned partition: its lease, its streams, and commentary not yet delivered."""
+
+    def __init__(
+        self,
+        partition: int,
+        lease: PartitionLease,
+        processor: StreamProcessor,
+        delivery: Delivery,
+        schedule: CheckpointSchedule,
+        metrics: WorkerMetrics,
+        flush_seconds: float,
+    ) -> None:
+        self.partition, self.lease, self.processor = partition, lease, processor
+        self.delivery, self.metrics, self.flush_seconds = delivery, metrics, flush_seconds
+        self.next_offset = lease.next_offset  # after the last record applied
+        self.committed_offset = lease.next_offset  # what the last commit recorded
+        self.fenced = False
+        self._clock = CheckpointClock(schedule)
+        self._undelivered = list(lease.outbox)  # committed, not yet delivered and trimmed
+        self._pending: list[OutboxEntry] = []  # produced since the last commit
+        self._offset_to_commit: int | None = None
+
+    def replay_outbox(self) -> bool:
+        """Re-send what the last owner committed but did not trim; False if not delivered."""
+        if self.lease.outbox:
+            self.metrics.replayed_outputs.inc(len(self.lease.outbox))
+        return self.deliver()
+
+    def apply(self, records: list[Record]) -> None:
+        """Apply a batch (and any time trigger); its commentary waits for the next commit."""
+        with structlog.contextvars.bound_contextvars(partition=self.partition):
+            produced = self.processor.apply(records)
+            produced += self.processor.comment_on_timers()
+        self._queue(produced)
+        self.next_offset = records[-1].offset + 1
+        self._clock.count(len(records))
+
+    def fire_timers(self) -> None:
+        """Time triggers of streams that receive no records."""
+        self._queue(self.processor.comment_on_timers())
+
+    def due(self) -> bool:
+        return not self.fenced and self._clock.due(self._uncommitted() or bool(self._undelivered))
+
+    def checkpoint(self) -> bool:
+        """Commit, then deliver; False if either could not be done (see `fenced`)."""
+        if self.fenced:
+            return False
+        self._clock.reset()
+        if self._uncommitted() and not self._commit():
+            return False
+        return self.deliver()
+
+    def deliver(self) -> bool:
+        """Produce the committed outbox, flush, then trim it; False if any of it failed."""
+        if self.fenced:
+            return False
+        if not self._undelivered:
+            return True
+        for entry in self._undelivered:
+            self.delivery.send_commentary(entry.stream_id, entry.payload)
+        try:
+            self.delivery.flush(timeout=self.flush_seconds)
+            self.lease.trim_outbox(len(self._undelivered))
+        except FencedError as error:
+            self._fence(error)
+            return False
+        except (KafkaError, StoreUnavailableError) as error:
+            self.metrics.errors.labels(kind="delivery").inc()
+            log.warning("delivery postponed", error=str(error), entries=len(self._undelivered))
+            return False
+        self._undelivered = []
+        return True
+
+    def release(
+        self,
+        checkpoint: bool,
+        budget_seconds: float,
+        stopping: threading.Event,
+        retry_seconds: float = RETRY_SECONDS,
+    ) -> bool:
+        """Last checkpoint before the partition goes (if `checkpoint`), retried while the
+        store is unavailable, until `budget_seconds` pass or `stopping` is set.
+
+        A lost partition is released without it: its epoch is stale, any write is refused.
+        """
+        if not checkpoint:
+            return False
+        deadline = time.monotonic() + budget_seconds
+        while not self.checkpoint():
+            if self.fenced:
+                return False
+            if time.monotonic() > deadline or stopping.is_set():
+                log.error(
+                    "partition released without its last checkpoint", partition=self.partition
+                )
+                return False
+            stopping.wait(retry_seconds)
+        return True
+
+    def take_offset_to_commit(self) -> int | None:
+        """The Kafka offset a commit since the last call made safe to commit, once."""
+        offset, self._offset_to_commit = self._offset_to_commit, None
+        return offset
+
+    def _uncommitted(self) -> bool:
+        return bool(self.processor.dirty or self._pending) or (
+            self.next_offset != self.committed_offset
+        )
+
+    def _commit(self) -> bool:
+        try:
+            report = self.lease.commit(
+                self.processor.changed_states(), self.next_offset, self._pending
+            )
+        except FencedError as error:
+            self._fence(error)
+            return False
+        except StoreUnavailableError as error:
+            self.metrics.errors.labels(kind="redis_unavailable").inc()
+            log.warning("checkpoint postponed", error=str(error))
+            return False
+        self.metrics.checkpoints.inc()
+        self.metrics.checkpoint_bytes.inc(report.bytes_written)
+        self.metrics.checkpoint_seconds.observe(report.seconds)
+        self.processor.mark_saved()
+        self._undelivered += self._pending
+        self._pending = []
+        self.committed_offset = self.next_offset
+        if self.next_offset is not None:
+            self._offset_to_commit = self.next_offset
+        return True
+
+    def _queue(self, produced: list[Commentary]) -> None:
+        self._pending += [OutboxEntry(c.stream_id, c.seq, commentary_payload(c)) for c in produced]
+
+    def _fence(self, error: FencedError) -> None:
+        """Another worker owns the partition: stop here, keep nothing this worker computed."""
+        self.fenced = True
+        self.metrics.fenced_writes.inc()
+        log.error("write fenced off: partition moved", partition=self.partition, error=str(error))
