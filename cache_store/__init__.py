@@ -13,6 +13,8 @@ from cache_store.exceptions import (
 )
 from cache_store.local import LocalDirStore
 from cache_store.memory import MemoryStore
+from cache_store.memory_partition import MemoryPartitionStore
+from cache_store.partition import PartitionLease, PartitionStore
 from cache_store.redis.store import RedisStore
 from cache_store.state import StreamState
 from cache_store.store import SaveReport, StateStore
@@ -20,7 +22,10 @@ from cache_store.store import SaveReport, StateStore
 __all__ = [
     "FORMAT_VERSION",
     "LocalDirStore",
+    "MemoryPartitionStore",
     "MemoryStore",
+    "PartitionLease",
+    "PartitionStore",
     "RedisStore",
     "SaveReport",
     "StateCorruptError",

@@ -1,0 +1,79 @@
+"""A partition's checkpointer on a tiny model, an in-memory store and a recording delivery."""
+
+from __future__ import annotations
+
+import json
+
+from kafka.errors import KafkaTimeoutError
+
+from cache_store.memory_partition import MemoryPartitionStore
+from tests.models.tiny_models import tiny_loaded
+from worker.ops.metrics import WorkerMetrics
+from worker.runtime.checkpoint_schedule import CheckpointSchedule
+from worker.runtime.partition_checkpointer import PartitionCheckpointer
+from worker.stream.commentator import CacheSettings, Engine
+from worker.stream.policy import CommentaryPolicy
+from worker.stream.processor import StreamProcessor
+from worker.stream.records import Record
+
+SCOPE = "in/0"
+EVERY_RECORDS = 2  # commentary after two records of a stream
+
+
+def tiny_engine() -> Engine:
+    return Engine(
+        tiny_loaded("llama"),
+        CacheSettings(sinks=4, window=92, max_chunk=32),
+        CommentaryPolicy(every_records=EVERY_RECORDS, max_new_tokens=3),
+        instruction="Watch.",
+    )
+
+
+def records(first: int, count: int) -> list[Record]:
+    """Alternating between two streams, so `count` records make count/2 per stream."""
+    return [
+        Record(f"svc{offset % 2}", offset, f"12:00:{offset:02d} request {offset}".encode())
+        for offset in range(first, first + count)
+    ]
+
+
+class RecordingDelivery:
+    """Keeps what was flushed as (stream, seq, text); `fail` makes the next flushes fail."""
+
+    def __init__(self, on_flush=None) -> None:
+        self.buffered: list[bytes] = []
+        self.delivered: list[tuple[str, int, str]] = []
+        self.fail = False
+        self.on_flush = on_flush
+
+    def send_commentary(self, stream_id: str, payload: bytes) -> None:
+        self.buffered.append(payload)
+
+    def flush(self, timeout: float | None = None) -> None:
+        if self.on_flush is not None:
+            self.on_flush()
+        if self.fail:
+            self.buffered = []
+            raise KafkaTimeoutError("the output topic did not acknowledge in time")
+        self.delivered += [key_of(payload) for payload in self.buffered]
+        self.buffered = []
+
+
+def key_of(payload: bytes) -> tuple[str, int, str]:
+    record = json.loads(payload)
+    return record["stream_id"], record["seq"], record["text"]
+
+
+def checkpointer(
+    engine: Engine,
+    store: MemoryPartitionStore,
+    delivery: RecordingDelivery,
+    metrics: WorkerMetrics,
+    schedule: CheckpointSchedule = CheckpointSchedule(every_records=4, every_seconds=3600),
+) -> PartitionCheckpointer:
+    """A new owner of SCOPE: it claims the partition and restores from the lease."""
+    lease = store.claim(SCOPE)
+    processor = StreamProcessor(
+        engine, lambda stream_id: lease.load(stream_id, engine.loaded.fingerprint), metrics
+    )
+    return PartitionCheckpointer(0, lease, processor, delivery, schedule, metrics, 1.0)

@@ -1,0 +1,115 @@
+"""The inference thread's loop, run in the test's thread from a scripted inbox.
+
+What it owns and drops per partition, and the replies the polling thread acts on.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+
+import pytest
+from kafka import TopicPartition
+
+from cache_store.memory_partition import MemoryPartitionStore
+from tests.models.checkpoint_harness import SCOPE, RecordingDelivery, records, tiny_engine
+from worker.ops.metrics import WorkerMetrics
+from worker.runtime.checkpoint_schedule import CheckpointSchedule
+from worker.runtime.inference_loop import (
+    Batch,
+    Claim,
+    CommitOffset,
+    InferenceLoop,
+    Lost,
+    Progress,
+    Ready,
+    Revoke,
+    Stop,
+)
+from worker.runtime.kafka_settings import WorkerSettings
+
+PARTITION = TopicPartition("in", 0)  # claimed as SCOPE
+
+
+class ScriptedInbox:
+    """Hands out messages in order; a callable in the script runs between two messages."""
+
+    def __init__(self, *steps: object) -> None:
+        self.steps = list(steps)
+
+    def get(self, timeout: float) -> object:
+        step = self.steps.pop(0)
+        if callable(step) and not isinstance(step, type):
+            step()
+            return self.get(timeout)
+        return step
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return tiny_engine()
+
+
+def _run(engine, store, *steps: object | Callable[[], object]) -> tuple:
+    """Run the loop over the script; returns its replies, delivery and metrics."""
+    delivery, metrics, replies = RecordingDelivery(), WorkerMetrics(), queue.Queue()
+    settings = WorkerSettings(
+        "in", "out", "group", schedule=CheckpointSchedule(4, 3600), shutdown_seconds=1.0
+    )
+    loop = InferenceLoop(engine, store, delivery, settings, metrics, ScriptedInbox(*steps), replies)
+    loop.run()
+    assert loop.failure is None
+    return list(replies.queue), delivery, metrics
+
+
+def test_applied_offsets_and_committed_offsets_are_reported(engine) -> None:
+    store = MemoryPartitionStore()
+    replies, delivery, metrics = _run(
+        engine, store, Claim(PARTITION), Batch(PARTITION, records(0, 2)),
+        Batch(PARTITION, records(2, 2)), Stop(),
+    )  # fmt: skip
+    assert replies == [
+        Ready(PARTITION, None),
+        Progress(PARTITION, 2),
+        Progress(PARTITION, 4),
+        CommitOffset(PARTITION, 4),
+    ]
+    assert len(delivery.delivered) == 2 and metrics.value("streamsink_checkpoints") == 1
+
+
+def test_a_fenced_partition_is_dropped_with_nothing_delivered(engine) -> None:
+    store = MemoryPartitionStore()
+    replies, delivery, metrics = _run(
+        engine, store, Claim(PARTITION), Batch(PARTITION, records(0, 2)),
+        lambda: store.claim(SCOPE), Batch(PARTITION, records(2, 2)),
+        Batch(PARTITION, records(4, 2)), Stop(),
+    )  # fmt: skip
+    assert metrics.value("streamsink_fenced_writes") == 1
+    assert metrics.value("streamsink_partitions_owned") == 0
+    assert delivery.delivered == [] and store.partitions[SCOPE].next_offset is None
+    assert not any(isinstance(r, CommitOffset) for r in replies)
+    assert Progress(PARTITION, 6) not in replies  # the batch after the drop went nowhere
+
+
+def test_a_revoke_checkpoints_and_says_so(engine) -> None:
+    store = MemoryPartitionStore()
+    done = threading.Event()
+    replies, delivery, metrics = _run(
+        engine, store, Claim(PARTITION), Batch(PARTITION, records(0, 3)),
+        Revoke(frozenset({PARTITION}), done), Stop(),
+    )  # fmt: skip
+    assert done.is_set() and replies[-1] == CommitOffset(PARTITION, 3)
+    assert store.partitions[SCOPE].next_offset == 3 and len(delivery.delivered) == 1
+    assert metrics.value("streamsink_partitions_owned") == 0
+
+
+def test_a_lost_partition_is_dropped_without_a_write(engine) -> None:
+    store = MemoryPartitionStore()
+    replies, delivery, metrics = _run(
+        engine, store, Claim(PARTITION), Batch(PARTITION, records(0, 3)),
+        Lost(frozenset({PARTITION})), Stop(),
+    )  # fmt: skip
+    assert store.partitions[SCOPE].next_offset is None and delivery.delivered == []
+    assert metrics.value("streamsink_checkpoints") == 0
+    assert metrics.value("streamsink_partitions_owned") == 0

@@ -1,0 +1,177 @@
+"""The checkpoint protocol of one partition on a tiny model and the in-memory store.
+
+Each test plays owners of one partition against each other, with the real StreamProcessor:
+fencing, outbox replay, a takeover in the middle of a checkpoint, and a store outage.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from structlog.testing import capture_logs
+
+from cache_store.memory_partition import MemoryPartitionStore
+from tests.models.checkpoint_harness import (
+    SCOPE,
+    RecordingDelivery,
+    checkpointer,
+    key_of,
+    records,
+    tiny_engine,
+)
+from worker.ops.metrics import WorkerMetrics
+from worker.runtime.checkpoint_schedule import CheckpointSchedule
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return tiny_engine()
+
+
+@pytest.fixture
+def store() -> MemoryPartitionStore:
+    return MemoryPartitionStore()
+
+
+@pytest.fixture
+def metrics() -> WorkerMetrics:
+    return WorkerMetrics()
+
+
+def test_commit_then_deliver_then_hand_kafka_its_offset(engine, store, metrics) -> None:
+    delivery = RecordingDelivery()
+    owner = checkpointer(engine, store, delivery, metrics)
+    owner.apply(records(0, 4))
+    assert delivery.delivered == [] and owner.take_offset_to_commit() is None
+    assert owner.checkpoint()
+    assert sorted((s, q) for s, q, _ in delivery.delivered) == [("svc0", 0), ("svc1", 0)]
+    partition = store.partitions[SCOPE]
+    assert partition.next_offset == 4 and partition.outbox == []
+    assert owner.take_offset_to_commit() == 4 and owner.take_offset_to_commit() is None
+    assert metrics.value("streamsink_checkpoints") == 1
+    successor = checkpointer(engine, store, RecordingDelivery(), metrics)
+    successor.apply(records(4, 4))
+    assert metrics.value("streamsink_restored_streams") == 2
+
+
+def test_nothing_is_due_when_nothing_changed(engine, store, metrics) -> None:
+    every_time = CheckpointSchedule(every_records=1000, every_seconds=0)
+    owner = checkpointer(engine, store, RecordingDelivery(), metrics, every_time)
+    assert not owner.due()
+    owner.apply(records(0, 2))
+    assert owner.due()
+    assert owner.checkpoint()
+    assert not owner.due()
+
+
+def test_due_by_records(engine, store, metrics) -> None:
+    owner = checkpointer(engine, store, RecordingDelivery(), metrics)  # every 4 records
+    owner.apply(records(0, 3))
+    assert not owner.due()
+    owner.apply(records(3, 1))
+    assert owner.due()
+
+
+def test_a_second_claim_fences_the_first_owner_off(engine, store, metrics) -> None:
+    delivery = RecordingDelivery()
+    zombie = checkpointer(engine, store, delivery, metrics)
+    zombie.apply(records(0, 4))
+    store.claim(SCOPE)  # another worker took the partition
+    assert not zombie.checkpoint()
+    assert zombie.fenced and not zombie.due() and not zombie.deliver()
+    assert delivery.delivered == [] and delivery.buffered == []
+    assert metrics.value("streamsink_fenced_writes") == 1
+    assert zombie.take_offset_to_commit() is None
+    partition = store.partitions[SCOPE]
+    assert partition.next_offset is None and partition.outbox == []
+    assert partition.states.list_streams() == []
+
+
+def test_a_new_owner_replays_the_committed_outbox_without_regenerating(
+    engine, store, metrics
+) -> None:
+    failing = RecordingDelivery()
+    failing.fail = True
+    first = checkpointer(engine, store, failing, metrics)
+    first.apply(records(0, 4))
+    assert not first.checkpoint()  # committed, then the delivery failed
+    assert metrics.value("streamsink_errors", kind="delivery") == 1
+    committed = [key_of(entry.payload) for entry in store.partitions[SCOPE].outbox]
+    assert len(committed) == 2 and store.partitions[SCOPE].next_offset == 4
+    generated = metrics.value("streamsink_commentaries")
+
+    delivery = RecordingDelivery()
+    second = checkpointer(engine, store, delivery, metrics)
+    assert second.next_offset == 4
+    assert second.replay_outbox()
+    assert delivery.delivered == committed
+    assert metrics.value("streamsink_replayed_outputs") == 2
+    assert metrics.value("streamsink_commentaries") == generated
+    assert store.partitions[SCOPE].outbox == []
+
+
+def test_a_takeover_between_commit_and_trim_fences_the_trim(engine, store, metrics) -> None:
+    taken: list = []
+    delivery = RecordingDelivery(on_flush=lambda: taken.append(store.claim(SCOPE)))
+    first = checkpointer(engine, store, delivery, metrics)
+    first.apply(records(0, 4))
+    assert not first.checkpoint()
+    assert first.fenced and metrics.value("streamsink_fenced_writes") == 1
+    sent_by_first = delivery.delivered
+    assert len(sent_by_first) == 2
+    (lease,) = taken
+    assert [key_of(entry.payload) for entry in lease.outbox] == sent_by_first
+    assert len(store.partitions[SCOPE].outbox) == 2  # the trim was refused
+
+    replayed = RecordingDelivery()
+    second = checkpointer(engine, store, replayed, metrics)
+    assert second.replay_outbox()
+    assert replayed.delivered == sent_by_first
+    assert store.partitions[SCOPE].outbox == []
+
+
+def test_an_outage_postpones_the_checkpoint_and_loses_nothing(engine, store, metrics) -> None:
+    delivery = RecordingDelivery()
+    owner = checkpointer(engine, store, delivery, metrics)
+    owner.apply(records(0, 4))
+    store.available = False
+    assert not owner.checkpoint()
+    assert not owner.fenced and delivery.delivered == []
+    assert metrics.value("streamsink_errors", kind="redis_unavailable") == 1
+    assert owner.take_offset_to_commit() is None
+    owner.apply(records(4, 4))
+    store.available = True
+    assert owner.checkpoint()
+    assert sorted((s, q) for s, q, _ in delivery.delivered) == [
+        ("svc0", 0),
+        ("svc0", 1),
+        ("svc1", 0),
+        ("svc1", 1),
+    ]
+    assert owner.take_offset_to_commit() == 8 and store.partitions[SCOPE].next_offset == 8
+    successor = checkpointer(engine, store, RecordingDelivery(), metrics)
+    successor.apply(records(8, 2))
+    assert metrics.value("streamsink_restored_streams") == 2
+    assert metrics.value("streamsink_replayed_records") == 0
+
+
+def test_release_retries_within_its_budget_then_gives_up(engine, store, metrics) -> None:
+    owner = checkpointer(engine, store, RecordingDelivery(), metrics)
+    owner.apply(records(0, 4))
+    store.available = False
+    with capture_logs() as logs:
+        assert not owner.release(True, 0.05, threading.Event(), retry_seconds=0.01)
+    assert metrics.value("streamsink_errors", kind="redis_unavailable") >= 2
+    assert "partition released without its last checkpoint" in {e["event"] for e in logs}
+    store.available = True
+    assert owner.release(True, 0.05, threading.Event(), retry_seconds=0.01)
+    assert store.partitions[SCOPE].next_offset == 4
+
+
+def test_a_lost_partition_is_released_without_a_write(engine, store, metrics) -> None:
+    owner = checkpointer(engine, store, RecordingDelivery(), metrics)
+    owner.apply(records(0, 4))
+    assert not owner.release(False, 1.0, threading.Event())
+    assert store.partitions[SCOPE].next_offset is None
+    assert metrics.value("streamsink_checkpoints") == 0
