@@ -12,7 +12,9 @@ from typer.testing import CliRunner
 from cache_store.redis.store import RedisStore
 from tests.models.tiny_models import tiny_loaded
 from worker.cli.app import app
-from worker.stream.commentator import CacheSettings, Engine, StreamInput
+from worker.model.cache_settings import CacheSettings
+from worker.stream.chat_format import Prompt
+from worker.stream.commentator import Commentator, StreamInput
 from worker.stream.policy import CommentaryPolicy
 from worker.stream.session_state import snapshot
 
@@ -27,16 +29,16 @@ def _invoke(*args: str):
 def stored(redis_service):
     """A real session's state committed to partition 2, as a worker would leave it."""
     prefix = f"cli{uuid.uuid4().hex[:8]}"
-    engine = Engine(
+    commentator = Commentator(
         tiny_loaded("llama"),
         CacheSettings(sinks=4, window=60, max_chunk=16),
         CommentaryPolicy(every_records=2, max_new_tokens=3),
-        instruction="Watch.",
+        Prompt(instruction="Watch."),
     )
-    session = engine.new_session("orders")
-    engine.step([StreamInput(session, [(0, "order 1 paid"), (1, "order 2 refunded")])])
+    session = commentator.new_session("orders")
+    commentator.step([StreamInput(session, [(0, "order 1 paid"), (1, "order 2 refunded")])])
     store = RedisStore(redis_service.url, prefix)
-    store.claim(SCOPE).commit([snapshot(session, engine)], next_offset=2)
+    store.claim(SCOPE).commit([snapshot(session, commentator)], next_offset=2)
     store.close()
     return ["--redis-url", redis_service.url, "--key-prefix", prefix], session
 

@@ -8,10 +8,12 @@ from kafka.errors import KafkaTimeoutError
 
 from cache_store.memory_partition import MemoryPartitionStore
 from tests.models.tiny_models import tiny_loaded
+from worker.model.cache_settings import CacheSettings
 from worker.ops.metrics import WorkerMetrics
 from worker.runtime.checkpoint_schedule import CheckpointSchedule
 from worker.runtime.partition_checkpointer import PartitionCheckpointer
-from worker.stream.commentator import CacheSettings, Engine
+from worker.stream.chat_format import Prompt
+from worker.stream.commentator import Commentator
 from worker.stream.policy import CommentaryPolicy
 from worker.stream.processor import StreamProcessor
 from worker.stream.records import Record
@@ -20,12 +22,12 @@ SCOPE = "in/0"
 EVERY_RECORDS = 2  # commentary after two records of a stream
 
 
-def tiny_engine() -> Engine:
-    return Engine(
+def tiny_commentator() -> Commentator:
+    return Commentator(
         tiny_loaded("llama"),
         CacheSettings(sinks=4, window=92, max_chunk=32),
         CommentaryPolicy(every_records=EVERY_RECORDS, max_new_tokens=3),
-        instruction="Watch.",
+        Prompt(instruction="Watch."),
     )
 
 
@@ -65,7 +67,7 @@ def key_of(payload: bytes) -> tuple[str, int, str]:
 
 
 def checkpointer(
-    engine: Engine,
+    commentator: Commentator,
     store: MemoryPartitionStore,
     delivery: RecordingDelivery,
     metrics: WorkerMetrics,
@@ -74,6 +76,8 @@ def checkpointer(
     """A new owner of SCOPE: it claims the partition and restores from the lease."""
     lease = store.claim(SCOPE)
     processor = StreamProcessor(
-        engine, lambda stream_id: lease.load(stream_id, engine.loaded.fingerprint), metrics
+        commentator,
+        lambda stream_id: lease.load(stream_id, commentator.loaded.fingerprint),
+        metrics,
     )
     return PartitionCheckpointer(0, lease, processor, delivery, schedule, metrics, 1.0)

@@ -13,7 +13,7 @@ import pytest
 from kafka import TopicPartition
 
 from cache_store.memory_partition import MemoryPartitionStore
-from tests.models.checkpoint_harness import SCOPE, RecordingDelivery, records, tiny_engine
+from tests.models.checkpoint_harness import SCOPE, RecordingDelivery, records, tiny_commentator
 from worker.ops.metrics import WorkerMetrics
 from worker.runtime.checkpoint_schedule import CheckpointSchedule
 from worker.runtime.inference_loop import (
@@ -47,26 +47,28 @@ class ScriptedInbox:
 
 
 @pytest.fixture(scope="module")
-def engine():
-    return tiny_engine()
+def commentator():
+    return tiny_commentator()
 
 
-def _run(engine, store, *steps: object | Callable[[], object]) -> tuple:
+def _run(commentator, store, *steps: object | Callable[[], object]) -> tuple:
     """Run the loop over the script; returns its replies, delivery and metrics."""
     delivery, metrics, replies = RecordingDelivery(), WorkerMetrics(), queue.Queue()
     settings = WorkerSettings(
         "in", "out", "group", schedule=CheckpointSchedule(4, 3600), shutdown_seconds=1.0
     )
-    loop = InferenceLoop(engine, store, delivery, settings, metrics, ScriptedInbox(*steps), replies)
+    loop = InferenceLoop(
+        commentator, store, delivery, settings, metrics, ScriptedInbox(*steps), replies
+    )
     loop.run()
     assert loop.failure is None
     return list(replies.queue), delivery, metrics
 
 
-def test_applied_offsets_and_committed_offsets_are_reported(engine) -> None:
+def test_applied_offsets_and_committed_offsets_are_reported(commentator) -> None:
     store = MemoryPartitionStore()
     replies, delivery, metrics = _run(
-        engine, store, Claim(PARTITION), Batch(PARTITION, records(0, 2)),
+        commentator, store, Claim(PARTITION), Batch(PARTITION, records(0, 2)),
         Batch(PARTITION, records(2, 2)), Stop(),
     )  # fmt: skip
     assert replies == [
@@ -78,10 +80,10 @@ def test_applied_offsets_and_committed_offsets_are_reported(engine) -> None:
     assert len(delivery.delivered) == 2 and metrics.value("streamsink_checkpoints") == 1
 
 
-def test_a_fenced_partition_is_dropped_with_nothing_delivered(engine) -> None:
+def test_a_fenced_partition_is_dropped_with_nothing_delivered(commentator) -> None:
     store = MemoryPartitionStore()
     replies, delivery, metrics = _run(
-        engine, store, Claim(PARTITION), Batch(PARTITION, records(0, 2)),
+        commentator, store, Claim(PARTITION), Batch(PARTITION, records(0, 2)),
         lambda: store.claim(SCOPE), Batch(PARTITION, records(2, 2)),
         Batch(PARTITION, records(4, 2)), Stop(),
     )  # fmt: skip
@@ -92,11 +94,11 @@ def test_a_fenced_partition_is_dropped_with_nothing_delivered(engine) -> None:
     assert Progress(PARTITION, 6) not in replies  # the batch after the drop went nowhere
 
 
-def test_a_revoke_checkpoints_and_says_so(engine) -> None:
+def test_a_revoke_checkpoints_and_says_so(commentator) -> None:
     store = MemoryPartitionStore()
     done = threading.Event()
     replies, delivery, metrics = _run(
-        engine, store, Claim(PARTITION), Batch(PARTITION, records(0, 3)),
+        commentator, store, Claim(PARTITION), Batch(PARTITION, records(0, 3)),
         Revoke(frozenset({PARTITION}), done), Stop(),
     )  # fmt: skip
     assert done.is_set() and replies[-1] == CommitOffset(PARTITION, 3)
@@ -104,10 +106,10 @@ def test_a_revoke_checkpoints_and_says_so(engine) -> None:
     assert metrics.value("streamsink_partitions_owned") == 0
 
 
-def test_a_lost_partition_is_dropped_without_a_write(engine) -> None:
+def test_a_lost_partition_is_dropped_without_a_write(commentator) -> None:
     store = MemoryPartitionStore()
     replies, delivery, metrics = _run(
-        engine, store, Claim(PARTITION), Batch(PARTITION, records(0, 3)),
+        commentator, store, Claim(PARTITION), Batch(PARTITION, records(0, 3)),
         Lost(frozenset({PARTITION})), Stop(),
     )  # fmt: skip
     assert store.partitions[SCOPE].next_offset is None and delivery.delivered == []

@@ -18,15 +18,15 @@ from tests.models.checkpoint_harness import (
     checkpointer,
     key_of,
     records,
-    tiny_engine,
+    tiny_commentator,
 )
 from worker.ops.metrics import WorkerMetrics
 from worker.runtime.checkpoint_schedule import CheckpointSchedule
 
 
 @pytest.fixture(scope="module")
-def engine():
-    return tiny_engine()
+def commentator():
+    return tiny_commentator()
 
 
 @pytest.fixture
@@ -39,9 +39,9 @@ def metrics() -> WorkerMetrics:
     return WorkerMetrics()
 
 
-def test_commit_then_deliver_then_hand_kafka_its_offset(engine, store, metrics) -> None:
+def test_commit_then_deliver_then_hand_kafka_its_offset(commentator, store, metrics) -> None:
     delivery = RecordingDelivery()
-    owner = checkpointer(engine, store, delivery, metrics)
+    owner = checkpointer(commentator, store, delivery, metrics)
     owner.apply(records(0, 4))
     assert delivery.delivered == [] and owner.take_offset_to_commit() is None
     assert owner.checkpoint()
@@ -50,14 +50,14 @@ def test_commit_then_deliver_then_hand_kafka_its_offset(engine, store, metrics) 
     assert partition.next_offset == 4 and partition.outbox == []
     assert owner.take_offset_to_commit() == 4 and owner.take_offset_to_commit() is None
     assert metrics.value("streamsink_checkpoints") == 1
-    successor = checkpointer(engine, store, RecordingDelivery(), metrics)
+    successor = checkpointer(commentator, store, RecordingDelivery(), metrics)
     successor.apply(records(4, 4))
     assert metrics.value("streamsink_restored_streams") == 2
 
 
-def test_nothing_is_due_when_nothing_changed(engine, store, metrics) -> None:
+def test_nothing_is_due_when_nothing_changed(commentator, store, metrics) -> None:
     every_time = CheckpointSchedule(every_records=1000, every_seconds=0)
-    owner = checkpointer(engine, store, RecordingDelivery(), metrics, every_time)
+    owner = checkpointer(commentator, store, RecordingDelivery(), metrics, every_time)
     assert not owner.due()
     owner.apply(records(0, 2))
     assert owner.due()
@@ -65,17 +65,17 @@ def test_nothing_is_due_when_nothing_changed(engine, store, metrics) -> None:
     assert not owner.due()
 
 
-def test_due_by_records(engine, store, metrics) -> None:
-    owner = checkpointer(engine, store, RecordingDelivery(), metrics)  # every 4 records
+def test_due_by_records(commentator, store, metrics) -> None:
+    owner = checkpointer(commentator, store, RecordingDelivery(), metrics)  # every 4 records
     owner.apply(records(0, 3))
     assert not owner.due()
     owner.apply(records(3, 1))
     assert owner.due()
 
 
-def test_a_second_claim_fences_the_first_owner_off(engine, store, metrics) -> None:
+def test_a_second_claim_fences_the_first_owner_off(commentator, store, metrics) -> None:
     delivery = RecordingDelivery()
-    zombie = checkpointer(engine, store, delivery, metrics)
+    zombie = checkpointer(commentator, store, delivery, metrics)
     zombie.apply(records(0, 4))
     store.claim(SCOPE)  # another worker took the partition
     assert not zombie.checkpoint()
@@ -89,11 +89,11 @@ def test_a_second_claim_fences_the_first_owner_off(engine, store, metrics) -> No
 
 
 def test_a_new_owner_replays_the_committed_outbox_without_regenerating(
-    engine, store, metrics
+    commentator, store, metrics
 ) -> None:
     failing = RecordingDelivery()
     failing.fail = True
-    first = checkpointer(engine, store, failing, metrics)
+    first = checkpointer(commentator, store, failing, metrics)
     first.apply(records(0, 4))
     assert not first.checkpoint()  # committed, then the delivery failed
     assert metrics.value("streamsink_errors", kind="delivery") == 1
@@ -102,7 +102,7 @@ def test_a_new_owner_replays_the_committed_outbox_without_regenerating(
     generated = metrics.value("streamsink_commentaries")
 
     delivery = RecordingDelivery()
-    second = checkpointer(engine, store, delivery, metrics)
+    second = checkpointer(commentator, store, delivery, metrics)
     assert second.next_offset == 4
     assert second.replay_outbox()
     assert delivery.delivered == committed
@@ -111,10 +111,10 @@ def test_a_new_owner_replays_the_committed_outbox_without_regenerating(
     assert store.partitions[SCOPE].outbox == []
 
 
-def test_a_takeover_between_commit_and_trim_fences_the_trim(engine, store, metrics) -> None:
+def test_a_takeover_between_commit_and_trim_fences_the_trim(commentator, store, metrics) -> None:
     taken: list = []
     delivery = RecordingDelivery(on_flush=lambda: taken.append(store.claim(SCOPE)))
-    first = checkpointer(engine, store, delivery, metrics)
+    first = checkpointer(commentator, store, delivery, metrics)
     first.apply(records(0, 4))
     assert not first.checkpoint()
     assert first.fenced and metrics.value("streamsink_fenced_writes") == 1
@@ -125,15 +125,15 @@ def test_a_takeover_between_commit_and_trim_fences_the_trim(engine, store, metri
     assert len(store.partitions[SCOPE].outbox) == 2  # the trim was refused
 
     replayed = RecordingDelivery()
-    second = checkpointer(engine, store, replayed, metrics)
+    second = checkpointer(commentator, store, replayed, metrics)
     assert second.replay_outbox()
     assert replayed.delivered == sent_by_first
     assert store.partitions[SCOPE].outbox == []
 
 
-def test_an_outage_postpones_the_checkpoint_and_loses_nothing(engine, store, metrics) -> None:
+def test_an_outage_postpones_the_checkpoint_and_loses_nothing(commentator, store, metrics) -> None:
     delivery = RecordingDelivery()
-    owner = checkpointer(engine, store, delivery, metrics)
+    owner = checkpointer(commentator, store, delivery, metrics)
     owner.apply(records(0, 4))
     store.available = False
     assert not owner.checkpoint()
@@ -150,14 +150,14 @@ def test_an_outage_postpones_the_checkpoint_and_loses_nothing(engine, store, met
         ("svc1", 1),
     ]
     assert owner.take_offset_to_commit() == 8 and store.partitions[SCOPE].next_offset == 8
-    successor = checkpointer(engine, store, RecordingDelivery(), metrics)
+    successor = checkpointer(commentator, store, RecordingDelivery(), metrics)
     successor.apply(records(8, 2))
     assert metrics.value("streamsink_restored_streams") == 2
     assert metrics.value("streamsink_replayed_records") == 0
 
 
-def test_release_retries_within_its_budget_then_gives_up(engine, store, metrics) -> None:
-    owner = checkpointer(engine, store, RecordingDelivery(), metrics)
+def test_release_retries_within_its_budget_then_gives_up(commentator, store, metrics) -> None:
+    owner = checkpointer(commentator, store, RecordingDelivery(), metrics)
     owner.apply(records(0, 4))
     store.available = False
     with capture_logs() as logs:
@@ -169,8 +169,8 @@ def test_release_retries_within_its_budget_then_gives_up(engine, store, metrics)
     assert store.partitions[SCOPE].next_offset == 4
 
 
-def test_a_lost_partition_is_released_without_a_write(engine, store, metrics) -> None:
-    owner = checkpointer(engine, store, RecordingDelivery(), metrics)
+def test_a_lost_partition_is_released_without_a_write(commentator, store, metrics) -> None:
+    owner = checkpointer(commentator, store, RecordingDelivery(), metrics)
     owner.apply(records(0, 4))
     assert not owner.release(False, 1.0, threading.Event())
     assert store.partitions[SCOPE].next_offset is None

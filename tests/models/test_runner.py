@@ -11,28 +11,30 @@ from cache_store.local import LocalDirStore
 from tests.memory_outputs import ListOutput
 from tests.models.tiny_models import tiny_loaded
 from worker.io.file_source import FileSource
+from worker.model.cache_settings import CacheSettings
 from worker.runtime.checkpoint_schedule import CheckpointSchedule
 from worker.runtime.local_run import Runner, RunSettings
-from worker.stream.commentator import CacheSettings, Engine
+from worker.stream.chat_format import Prompt
+from worker.stream.commentator import Commentator
 from worker.stream.policy import CommentaryPolicy
 from worker.stream.processor import BadStatePolicy, ProcessSettings
 
 LINES = [f"svc{i % 2}|12:00:{i:02d} INFO request {i} took {i * 7}ms" for i in range(30)]
 
 
-def _engine(seed: int = 0) -> Engine:
-    return Engine(
+def _commentator(seed: int = 0) -> Commentator:
+    return Commentator(
         tiny_loaded("llama", seed),
         CacheSettings(sinks=4, window=92, max_chunk=32),
         CommentaryPolicy(every_records=4, max_new_tokens=5),
-        instruction="Watch.",
+        Prompt(instruction="Watch."),
     )
 
 
-def _run(path: Path, state: Path, engine: Engine | None = None, **process) -> tuple:
+def _run(path: Path, state: Path, commentator: Commentator | None = None, **process) -> tuple:
     output = ListOutput()
     runner = Runner(
-        engine or _engine(),
+        commentator or _commentator(),
         FileSource(str(path), key_separator="|"),
         output,
         LocalDirStore(state),
@@ -90,7 +92,7 @@ def test_state_of_another_model_follows_the_policy(tmp_path: Path, policy) -> No
     _write(tmp_path / "log", [line.encode() for line in LINES[:16]])
     with capture_logs() as logs:
         stats, produced, _ = _run(
-            path, tmp_path / "state", engine=_engine(seed=1), on_bad_state=policy
+            path, tmp_path / "state", commentator=_commentator(seed=1), on_bad_state=policy
         )
     assert stats.value("streamsink_bad_states", kind="foreign") == 2
     assert any("another model" in entry.get("error", "") for entry in logs)

@@ -117,7 +117,7 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_loaded(name: str = "llama", seed: int = 0) -> LoadedModel:
-    """A tiny model with a byte tokenizer, ready for the engine."""
+    """A tiny model with a byte tokenizer, ready for the commentator."""
     model = tiny_model(name, seed)
     return LoadedModel(model, byte_tokenizer(), f"tiny-{name}", model_fingerprint(model))
 

@@ -8,11 +8,13 @@ import pytest
 import torch
 
 from cache_store.local import LocalDirStore
+from worker.model.cache_settings import CacheSettings
+from worker.model.decoder import forward_step
 from worker.model.loading import LoadedModel, load_model
 from worker.model.positions import scheme_for
 from worker.model.sink_cache import SinkCache
 from worker.stream.chat_format import ChatFormat
-from worker.stream.commentator import CacheSettings, Engine, StreamInput, forward_step
+from worker.stream.commentator import Commentator, StreamInput
 from worker.stream.policy import CommentaryPolicy
 from worker.stream.session_state import restore, snapshot
 from worker.tools.evaluation import EvalMode, evaluate_perplexity
@@ -59,19 +61,19 @@ def test_sink_stays_close_to_recompute_and_window_does_not(loaded: LoadedModel) 
 def test_saved_and_loaded_stream_writes_the_same_next_commentary(
     loaded: LoadedModel, tmp_path: Path
 ) -> None:
-    engine = Engine(
+    commentator = Commentator(
         loaded,
         CacheSettings(sinks=4, window=188),
         CommentaryPolicy(every_records=6, max_new_tokens=12),
     )
     lines = SAMPLE.read_text().splitlines()[:18]
-    session = engine.new_session("app")
-    engine.step([StreamInput(session, list(enumerate(lines[:12])))])
+    session = commentator.new_session("app")
+    commentator.step([StreamInput(session, list(enumerate(lines[:12])))])
     store = LocalDirStore(tmp_path)
-    store.save(snapshot(session, engine))
-    resumed = restore(store.load("app", loaded.fingerprint), engine)
+    store.save(snapshot(session, commentator))
+    resumed = restore(store.load("app", loaded.fingerprint), commentator)
     rest = list(enumerate(lines[12:], start=12))
-    expected = engine.step([StreamInput(session, rest)])
-    actual = engine.step([StreamInput(resumed, rest)])
+    expected = commentator.step([StreamInput(session, rest)])
+    actual = commentator.step([StreamInput(resumed, rest)])
     assert [c.text for c in actual] == [c.text for c in expected] and expected
     assert resumed.prefilled_tokens < session.prefilled_tokens

@@ -37,6 +37,7 @@ from worker.cli.options import (
 from worker.cli.traffic import consume, produce
 from worker.io.file_source import FileSource
 from worker.io.outputs import JsonLinesOutput, TextOutput
+from worker.model.cache_settings import CacheSettings
 from worker.model.loading import LoadedModel, load_model, load_random
 from worker.ops.health import Health, serve
 from worker.ops.logs import configure_logging
@@ -44,8 +45,8 @@ from worker.ops.metrics import WorkerMetrics
 from worker.runtime.checkpoint_schedule import CheckpointSchedule
 from worker.runtime.kafka_run import KafkaWorker, StateLossPolicy, WorkerSettings
 from worker.runtime.local_run import Runner, RunSettings
-from worker.stream.chat_format import DEFAULT_INSTRUCTION, DEFAULT_REQUEST
-from worker.stream.commentator import CacheSettings, Engine
+from worker.stream.chat_format import DEFAULT_INSTRUCTION, DEFAULT_REQUEST, Prompt
+from worker.stream.commentator import Commentator
 from worker.stream.policy import CommentaryPolicy
 from worker.stream.processor import BadStatePolicy, ProcessSettings
 
@@ -231,7 +232,9 @@ def run(
         if server is not None:
             log.info("serving metrics", port=server.port)
         loaded = load_with_progress(model, device)
-        engine = Engine(loaded, CacheSettings(sinks, window), policy, instruction, request)
+        engine = Commentator(
+            loaded, CacheSettings(sinks, window), policy, Prompt(instruction, request)
+        )
         health.model_loaded = True
         if bootstrap_servers is None:
             health.group_joined = True  # a local run has no group to join

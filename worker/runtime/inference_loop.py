@@ -20,7 +20,7 @@ from worker.io.kafka_output import OutputProducer
 from worker.ops.metrics import WorkerMetrics
 from worker.runtime.kafka_settings import WorkerSettings
 from worker.runtime.partition_checkpointer import RETRY_SECONDS, PartitionCheckpointer
-from worker.stream.commentator import Engine
+from worker.stream.commentator import Commentator
 from worker.stream.processor import StreamProcessor
 from worker.stream.records import Record
 
@@ -78,7 +78,7 @@ class InferenceLoop:
 
     def __init__(
         self,
-        engine: Engine,
+        commentator: Commentator,
         store: PartitionStore,
         producer: OutputProducer,
         settings: WorkerSettings,
@@ -86,7 +86,7 @@ class InferenceLoop:
         inbox: queue.Queue,
         replies: queue.Queue,
     ) -> None:
-        self.engine, self.store, self.producer = engine, store, producer
+        self.commentator, self.store, self.producer = commentator, store, producer
         self.settings, self.metrics = settings, metrics
         self.inbox, self.replies = inbox, replies
         self.stopping = threading.Event()  # set by the polling thread: give up retries
@@ -154,9 +154,9 @@ class InferenceLoop:
         self.replies.put(Ready(partition, lease.next_offset))
 
     def _processor(self, partition: TopicPartition, lease: PartitionLease) -> StreamProcessor:
-        fingerprint = self.engine.loaded.fingerprint
+        fingerprint = self.commentator.loaded.fingerprint
         return StreamProcessor(
-            self.engine,
+            self.commentator,
             lambda stream_id: lease.load(stream_id, fingerprint),
             self.metrics,
             self.settings.process,

@@ -44,7 +44,7 @@ from worker.runtime.inference_loop import (
 from worker.runtime.kafka_settings import WorkerSettings
 from worker.runtime.rebalance import RebalanceListener
 from worker.runtime.state_loss import StateLossPolicy, decide_seek
-from worker.stream.commentator import Engine
+from worker.stream.commentator import Commentator
 
 __all__ = ["KafkaWorker", "StateLossPolicy", "WorkerSettings"]
 
@@ -57,7 +57,7 @@ TOPIC_WAIT_SECONDS = 60.0  # how long a starting worker waits for its input topi
 class KafkaWorker:
     def __init__(
         self,
-        engine: Engine,
+        commentator: Commentator,
         connection: KafkaConnection,
         store: PartitionStore,
         settings: WorkerSettings,
@@ -72,7 +72,13 @@ class KafkaWorker:
         self._to_inference: queue.Queue = queue.Queue()
         self._to_polling: queue.Queue = queue.Queue()
         self.inference = InferenceLoop(
-            engine, store, self.producer, settings, metrics, self._to_inference, self._to_polling
+            commentator,
+            store,
+            self.producer,
+            settings,
+            metrics,
+            self._to_inference,
+            self._to_polling,
         )
         self._gate = PartitionGate(settings.max_queued_batches)
         self._applied: dict[TopicPartition, int] = {}  # next offsets the inference side reported

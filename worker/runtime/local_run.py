@@ -15,7 +15,7 @@ from worker.io.file_source import Source
 from worker.io.outputs import CommentaryOutput
 from worker.ops.metrics import WorkerMetrics
 from worker.runtime.checkpoint_schedule import CheckpointClock, CheckpointSchedule
-from worker.stream.commentator import Engine
+from worker.stream.commentator import Commentator
 from worker.stream.processor import ProcessSettings, StreamProcessor
 
 
@@ -28,7 +28,7 @@ class RunSettings:
 class Runner:
     def __init__(
         self,
-        engine: Engine,
+        commentator: Commentator,
         source: Source,
         output: CommentaryOutput,
         store: StateStore,
@@ -39,8 +39,8 @@ class Runner:
         self.settings = settings
         self.metrics = metrics or WorkerMetrics()
         self.processor = StreamProcessor(
-            engine,
-            lambda stream_id: store.load(stream_id, engine.loaded.fingerprint),
+            commentator,
+            lambda stream_id: store.load(stream_id, commentator.loaded.fingerprint),
             self.metrics,
             settings.process,
         )

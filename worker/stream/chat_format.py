@@ -20,6 +20,15 @@ DEFAULT_REQUEST = "What is going on in the lines above? One sentence."
 
 
 @dataclass(frozen=True)
+class Prompt:
+    """What the model is told: the instruction (pinned in the cache) and the request that
+    closes every user turn (empty for none). A saved state holds both and must match them."""
+
+    instruction: str = DEFAULT_INSTRUCTION
+    request: str = DEFAULT_REQUEST
+
+
+@dataclass(frozen=True)
 class ChatFormat:
     """The literal text around each part of the dialogue."""
 

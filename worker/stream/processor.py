@@ -2,7 +2,7 @@
 
 A processor owns the sessions of one group of streams (all of a local run, or one Kafka
 partition's). It validates each record, opens or restores the record's stream, runs the
-engine, and remembers which streams changed since their state was last saved. Where states
+commentator, and remembers which streams changed since their state was last saved. Where states
 are saved and where commentary goes is the caller's business.
 """
 
@@ -19,7 +19,7 @@ from cache_store.exceptions import StateCorruptError, StateError, StateForeignEr
 from cache_store.state import StreamState
 from worker.exceptions import BadRecordError, StreamsinkError
 from worker.ops.metrics import WorkerMetrics
-from worker.stream.commentator import Engine, StreamInput
+from worker.stream.commentator import Commentator, StreamInput
 from worker.stream.records import DEFAULT_MAX_RECORD_BYTES, Commentary, Record, decode_record
 from worker.stream.session import StreamSession
 from worker.stream.session_state import restore, snapshot
@@ -49,13 +49,13 @@ class StreamProcessor:
 
     def __init__(
         self,
-        engine: Engine,
+        commentator: Commentator,
         load_state: StateLoader,
         metrics: WorkerMetrics,
         settings: ProcessSettings = ProcessSettings(),
         on_reject: RejectHandler | None = None,
     ) -> None:
-        self.engine = engine
+        self.commentator = commentator
         self.load_state = load_state
         self.metrics = metrics
         self.settings = settings
@@ -78,12 +78,12 @@ class StreamProcessor:
 
     def comment_on_timers(self) -> list[Commentary]:
         """Commentary of streams whose time trigger fired, for runs with --every-seconds."""
-        if self.engine.policy.every_seconds is None:
+        if self.commentator.policy.every_seconds is None:
             return []
         produced = []
         for stream_id, session in self.sessions.items():
             started = time.perf_counter()
-            commentary = self.engine.comment_if_due(session)
+            commentary = self.commentator.comment_if_due(session)
             if commentary is not None:
                 self._count_commentary([commentary], started)
                 produced.append(commentary)
@@ -92,7 +92,9 @@ class StreamProcessor:
 
     def changed_states(self) -> list[StreamState]:
         """Snapshots of the streams changed since `mark_saved`, in stream id order."""
-        return [snapshot(self.sessions[stream_id], self.engine) for stream_id in sorted(self.dirty)]
+        return [
+            snapshot(self.sessions[stream_id], self.commentator) for stream_id in sorted(self.dirty)
+        ]
 
     def mark_saved(self) -> None:
         self.dirty.clear()
@@ -107,7 +109,7 @@ class StreamProcessor:
             with structlog.contextvars.bound_contextvars(
                 stream_id=stream_id, offset=records[-1][0]
             ):
-                produced = self.engine.step([StreamInput(session, records)])
+                produced = self.commentator.step([StreamInput(session, records)])
         except StreamsinkError as error:
             # Dropped unsaved: reloaded from its last saved state when it is next seen.
             self.sessions.pop(stream_id)
@@ -164,7 +166,7 @@ class StreamProcessor:
         try:
             state = self.load_state(stream_id)
             if state is not None:
-                session = restore(state, self.engine)
+                session = restore(state, self.commentator)
                 self.metrics.restore_seconds.observe(time.perf_counter() - started)
                 self.metrics.restored_streams.inc()
                 log.info(
@@ -185,7 +187,7 @@ class StreamProcessor:
             if self.settings.on_bad_state is BadStatePolicy.SKIP:
                 self.skipped_streams.add(stream_id)
                 return None
-        session = self.engine.new_session(stream_id)
+        session = self.commentator.new_session(stream_id)
         self.metrics.new_streams.inc()
         self.metrics.prefill_tokens.inc(session.prefilled_tokens)
         return session

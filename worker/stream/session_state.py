@@ -12,14 +12,14 @@ import torch
 from cache_store.exceptions import StateForeignError
 from cache_store.state import StreamState
 from worker.model.slot_layout import SlotLayout
-from worker.stream.commentator import Engine
+from worker.stream.commentator import Commentator
 from worker.stream.session import SessionCounters, StreamSession
 
 BLOCK_SLOTS = 64
 STATE_KIND = "streamsink.session/1"
 
 
-def snapshot(session: StreamSession, engine: Engine) -> StreamState:
+def snapshot(session: StreamSession, commentator: Commentator) -> StreamState:
     cache = session.cache
     tensors: dict[str, torch.Tensor] = {"token_ids": cache.token_ids.cpu().clone()}
     for index, layer in enumerate(cache.layers):
@@ -33,23 +33,23 @@ def snapshot(session: StreamSession, engine: Engine) -> StreamState:
         "kind": STATE_KIND,
         "layout": cache.layout.to_meta(),
         "counters": session.counters.to_meta(),
-        "instruction": engine.instruction,
-        "request": engine.request,
+        "instruction": commentator.prompt.instruction,
+        "request": commentator.prompt.request,
         "layers": sum(layer.is_initialized for layer in cache.layers),
     }
-    return StreamState(session.stream_id, engine.loaded.fingerprint, tensors, meta)
+    return StreamState(session.stream_id, commentator.loaded.fingerprint, tensors, meta)
 
 
-def restore(state: StreamState, engine: Engine) -> StreamSession:
+def restore(state: StreamState, commentator: Commentator) -> StreamSession:
     """A session that continues exactly where the saved one stopped, with no prefill."""
     meta = state.meta
-    _check_compatible(state, engine)
-    session = engine.new_empty_session(state.stream_id)
+    _check_compatible(state, commentator)
+    session = commentator.new_empty_session(state.stream_id)
     cache = session.cache
     saved_layout = SlotLayout.from_meta(meta["layout"])
     cache.layout = saved_layout
     cache.token_ids = state.tensors["token_ids"].to(cache.device, copy=True)
-    device = engine.loaded.device
+    device = commentator.loaded.device
     for index, layer in enumerate(cache.layers[: meta["layers"]]):
         keys, values = (
             _join(state, f"layer{index}.{kind}").to(device) for kind in ("keys", "values")
@@ -71,7 +71,7 @@ def _join(state: StreamState, prefix: str) -> torch.Tensor:
     return torch.cat([tensor for _, tensor in blocks], dim=2)
 
 
-def _check_compatible(state: StreamState, engine: Engine) -> None:
+def _check_compatible(state: StreamState, commentator: Commentator) -> None:
     meta = state.meta
     if meta.get("kind") != STATE_KIND:
         raise StateForeignError(
@@ -79,14 +79,15 @@ def _check_compatible(state: StreamState, engine: Engine) -> None:
             f"{STATE_KIND!r}; evict it or use the streamsink version that wrote it"
         )
     layout = meta["layout"]
-    settings = engine.settings
+    settings = commentator.settings
     if (layout["capacity"], layout["sinks"]) != (settings.capacity, settings.sinks):
         raise StateForeignError(
             f"state of stream {state.stream_id!r} was saved with sinks={layout['sinks']} and a "
             f"cache of {layout['capacity']} tokens, but this run uses sinks={settings.sinks} and "
             f"{settings.capacity}; run with the same --sinks/--window or evict the stream"
         )
-    if (meta["instruction"], meta["request"]) != (engine.instruction, engine.request):
+    prompt = commentator.prompt
+    if (meta["instruction"], meta["request"]) != (prompt.instruction, prompt.request):
         raise StateForeignError(
             f"state of stream {state.stream_id!r} was started with another instruction or "
             "request; run with the same --instruction and --request or evict the stream"

@@ -5,16 +5,14 @@ Token ids are random: speed does not depend on what the tokens say.
 
 from __future__ import annotations
 
-import resource
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 
+from worker.model.decoder import forward_step
 from worker.model.loading import LoadedModel
 from worker.model.sink_cache import SinkCache
-from worker.stream.commentator import forward_step
+from worker.tools.measure import peak_memory_mb, random_ids, timed_ms
 
 SINKS = 4
 PREFILL_CHUNK = 256
@@ -45,11 +43,6 @@ def run_benchmark(
         out(f"{length:>13} {cache_mb:>14.2f} {dense_mb:>15.2f} {peak_mb:>9.1f}")
 
 
-def _random_ids(loaded: LoadedModel, count: int, seed: int = 0) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, loaded.model.config.vocab_size, (count,), generator=generator)
-
-
 def _new_cache(loaded: LoadedModel, capacity: int) -> SinkCache:
     return SinkCache.for_model(loaded.model, capacity, SINKS)
 
@@ -60,51 +53,27 @@ def _fill(loaded: LoadedModel, cache: SinkCache, ids: torch.Tensor) -> None:
         forward_step(loaded.model, cache, piece, last_only=True)
 
 
-def timed_ms(loaded: LoadedModel, step: Callable[[], object], repeats: int) -> float:
-    """Median milliseconds of `step`, after one warm-up call."""
-    step()
-    samples = []
-    for _ in range(repeats):
-        _synchronize(loaded)
-        started = time.perf_counter()
-        step()
-        _synchronize(loaded)
-        samples.append(1000 * (time.perf_counter() - started))
-    return statistics.median(samples)
-
-
 @torch.inference_mode()
 def _sink_decode_ms(loaded: LoadedModel, size: int, tokens: int) -> float:
     """One decode step in a full cache of `size`: every step evicts one token."""
     cache = _new_cache(loaded, size)
-    _fill(loaded, cache, _random_ids(loaded, size))
-    next_ids = iter(_random_ids(loaded, tokens + 1, seed=1).split(1))
+    _fill(loaded, cache, random_ids(loaded, size))
+    next_ids = iter(random_ids(loaded, tokens + 1, seed=1).split(1))
     return timed_ms(loaded, lambda: forward_step(loaded.model, cache, next(next_ids), True), tokens)
 
 
 @torch.inference_mode()
 def _recompute_ms(loaded: LoadedModel, size: int, repeats: int) -> float:
     """One token by re-computing the last `size` tokens from scratch."""
-    window = _random_ids(loaded, size)[None].to(loaded.device)
+    window = random_ids(loaded, size)[None].to(loaded.device)
     return timed_ms(loaded, lambda: loaded.model(input_ids=window, logits_to_keep=1), repeats)
 
 
 def _stream_memory(loaded: LoadedModel, length: int, capacity: int) -> tuple[float, float, float]:
     cache = _new_cache(loaded, capacity)
-    _fill(loaded, cache, _random_ids(loaded, length, seed=2))
+    _fill(loaded, cache, random_ids(loaded, length, seed=2))
     layer = cache.layers[0]
     per_token = 2 * layer.keys[:, :, :1].numel() * layer.keys.element_size() * len(cache.layers)
     cache_mb = per_token * capacity / 2**20
     dense_mb = per_token * length / 2**20
-    return cache_mb, dense_mb, _peak_mb(loaded)
-
-
-def _peak_mb(loaded: LoadedModel) -> float:
-    if loaded.device.type == "cuda":
-        return torch.cuda.max_memory_allocated(loaded.device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _synchronize(loaded: LoadedModel) -> None:
-    if loaded.device.type == "cuda":
-        torch.cuda.synchronize(loaded.device)
+    return cache_mb, dense_mb, peak_memory_mb(loaded)

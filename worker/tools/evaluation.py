@@ -8,7 +8,6 @@ tokens (the sliding window with re-computation, the quality reference and the sl
 from __future__ import annotations
 
 import math
-import resource
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -20,9 +19,10 @@ from rich.progress import Progress
 from transformers import DynamicCache
 
 from worker.exceptions import CacheCapacityError
+from worker.model.decoder import forward_step
 from worker.model.loading import LoadedModel
 from worker.model.sink_cache import SinkCache
-from worker.stream.commentator import forward_step
+from worker.tools.measure import peak_memory_mb
 
 
 class EvalMode(StrEnum):
@@ -92,7 +92,7 @@ def evaluate_perplexity(
         tokens=scored,
         perplexity=math.exp(nll / scored),
         ms_per_token=1000 * elapsed / scored,
-        peak_memory_mb=_peak_memory_mb(loaded),
+        peak_memory_mb=peak_memory_mb(loaded),
         cache_tokens=_cache_tokens(cache, scored, capacity),
         cache_mb=_cache_bytes(cache) / 2**20,
     )
@@ -137,9 +137,3 @@ def _cache_bytes(cache: object) -> int:
             if tensor is not None:
                 total += tensor.numel() * tensor.element_size()
     return total
-
-
-def _peak_memory_mb(loaded: LoadedModel) -> float:
-    if loaded.device.type == "cuda":
-        return torch.cuda.max_memory_allocated(loaded.device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -10,16 +10,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-import torch
-
 from cache_store.partition import PartitionLease
 from cache_store.redis.store import RedisStore
 from cache_store.store import SaveReport
+from worker.model.cache_settings import CacheSettings
 from worker.model.loading import LoadedModel
-from worker.stream.commentator import CacheSettings, Engine
+from worker.stream.commentator import Commentator
 from worker.stream.session import StreamSession
 from worker.stream.session_state import restore, snapshot
-from worker.tools.decode_bench import timed_ms
+from worker.tools.measure import random_ids, timed_ms
 
 SCOPE = "bench/0"
 NEXT_TOKENS = 16  # tokens between the first and the next checkpoint
@@ -49,21 +48,21 @@ def _measure(
     loaded: LoadedModel, store: RedisStore, lease: PartitionLease, size: int, repeats: int
 ) -> str:
     """One row of the table for a cache of `size` tokens."""
-    engine = Engine(loaded, CacheSettings(sinks=4, window=size - 4))
+    commentator = Commentator(loaded, CacheSettings(sinks=4, window=size - 4))
     stream_id = f"bench-{size}"
-    ids = _random_ids(loaded, size + NEXT_TOKENS)
-    session = engine.new_empty_session(stream_id)
-    engine.feed(session, ids[:size])
-    first, first_ms = _checkpoint(engine, session, lease, size)
-    engine.feed(session, ids[size:])
-    following, following_ms = _checkpoint(engine, session, lease, size + NEXT_TOKENS)
+    ids = random_ids(loaded, size + NEXT_TOKENS)
+    session = commentator.new_empty_session(stream_id)
+    commentator.feed(session, ids[:size])
+    first, first_ms = _checkpoint(commentator, session, lease, size)
+    commentator.feed(session, ids[size:])
+    following, following_ms = _checkpoint(commentator, session, lease, size + NEXT_TOKENS)
     info = store.info(stream_id)
 
     def restore_once() -> None:
-        restore(lease.load(stream_id, loaded.fingerprint), engine)
+        restore(lease.load(stream_id, loaded.fingerprint), commentator)
 
     def prefill_once() -> None:
-        engine.feed(engine.new_empty_session(stream_id), ids[NEXT_TOKENS:])
+        commentator.feed(commentator.new_empty_session(stream_id), ids[NEXT_TOKENS:])
 
     restore_ms = timed_ms(loaded, restore_once, repeats)
     prefill_ms = timed_ms(loaded, prefill_once, repeats)
@@ -77,14 +76,9 @@ def _measure(
 
 
 def _checkpoint(
-    engine: Engine, session: StreamSession, lease: PartitionLease, offset: int
+    commentator: Commentator, session: StreamSession, lease: PartitionLease, offset: int
 ) -> tuple[SaveReport, float]:
     """A checkpoint as the worker makes it (snapshot, then commit); its report and ms."""
     started = time.perf_counter()
-    report = lease.commit([snapshot(session, engine)], next_offset=offset)
+    report = lease.commit([snapshot(session, commentator)], next_offset=offset)
     return report, 1000 * (time.perf_counter() - started)
-
-
-def _random_ids(loaded: LoadedModel, count: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(0)
-    return torch.randint(0, loaded.model.config.vocab_size, (count,), generator=generator)

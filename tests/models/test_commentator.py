@@ -1,4 +1,4 @@
-"""The engine and session state on a tiny random model with a byte tokenizer."""
+"""The commentator and session state on a tiny random model with a byte tokenizer."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from cache_store import LocalDirStore, MemoryStore
 from cache_store.exceptions import StateForeignError
 from tests.models.tiny_models import tiny_loaded
 from worker.exceptions import CacheCapacityError
-from worker.stream.commentator import CacheSettings, Engine, StreamInput
+from worker.model.cache_settings import CacheSettings
+from worker.stream.chat_format import Prompt
+from worker.stream.commentator import Commentator, StreamInput
 from worker.stream.policy import CommentaryPolicy
 from worker.stream.session_state import restore, snapshot
 
@@ -23,82 +25,82 @@ SETTINGS = CacheSettings(sinks=4, window=124, max_chunk=32)
 POLICY = CommentaryPolicy(every_records=5, max_new_tokens=6)
 
 
-def _engine(name: str = "llama", seed: int = 0, **overrides) -> Engine:
-    return Engine(
+def _commentator(name: str = "llama", seed: int = 0, **overrides) -> Commentator:
+    return Commentator(
         tiny_loaded(name, seed),
         overrides.get("settings", SETTINGS),
         overrides.get("policy", POLICY),
-        instruction="Comment on the log.",
+        Prompt(instruction="Comment on the log."),
     )
 
 
-def _feed(engine: Engine, session, lines: list[str], first_offset: int = 0):
+def _feed(commentator: Commentator, session, lines: list[str], first_offset: int = 0):
     records = [(first_offset + i, line) for i, line in enumerate(lines)]
-    return engine.step([StreamInput(session, records)])
+    return commentator.step([StreamInput(session, records)])
 
 
 def test_commentary_comes_every_n_records_with_seq_and_offsets() -> None:
-    engine = _engine()
-    session = engine.new_session("web")
-    produced = _feed(engine, session, LINES[:12])
+    commentator = _commentator()
+    session = commentator.new_session("web")
+    produced = _feed(commentator, session, LINES[:12])
     assert [(c.seq, c.first_offset, c.last_offset) for c in produced] == [(0, 0, 4), (1, 5, 9)]
     assert session.counters.records_in_turn == 2
     assert session.cache.layout.evicted_total > 0  # the run went past the window
 
 
 def test_instruction_is_pinned_and_never_evicted() -> None:
-    engine = _engine()
-    session = engine.new_session("web")
+    commentator = _commentator()
+    session = commentator.new_session("web")
     instruction = session.cache.kept_token_ids()[: session.cache.layout.head].clone()
-    _feed(engine, session, LINES)
+    _feed(commentator, session, LINES)
     assert session.cache.layout.head == len(instruction) >= SETTINGS.sinks
     assert torch.equal(session.cache.kept_token_ids()[: len(instruction)], instruction)
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt_neox-partial", "bloom"])
 def test_restored_session_continues_exactly_with_zero_prefill(name: str, tmp_path: Path) -> None:
-    engine = _engine(name)
-    uninterrupted = engine.new_session("s")
-    expected = _feed(engine, uninterrupted, LINES)
+    commentator = _commentator(name)
+    uninterrupted = commentator.new_session("s")
+    expected = _feed(commentator, uninterrupted, LINES)
 
-    first = engine.new_session("s")
-    before = _feed(engine, first, LINES[:17])
+    first = commentator.new_session("s")
+    before = _feed(commentator, first, LINES[:17])
     store = LocalDirStore(tmp_path)
-    store.save(snapshot(first, engine))
-    state = store.load("s", engine.loaded.fingerprint)
-    resumed = restore(state, engine)
+    store.save(snapshot(first, commentator))
+    state = store.load("s", commentator.loaded.fingerprint)
+    resumed = restore(state, commentator)
     assert resumed.prefilled_tokens == 0
     for a, b in zip(first.cache.layers, resumed.cache.layers, strict=True):
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
-    after = _feed(engine, resumed, LINES[17:], first_offset=17)
+    after = _feed(commentator, resumed, LINES[17:], first_offset=17)
     assert [c.text for c in before + after] == [c.text for c in expected]
     assert [c.seq for c in before + after] == [c.seq for c in expected]
     assert torch.equal(resumed.cache.kept_token_ids(), uninterrupted.cache.kept_token_ids())
 
 
 def test_state_of_another_model_is_refused() -> None:
-    engine, other = _engine(seed=0), _engine(seed=1)
-    session = engine.new_session("s")
-    _feed(engine, session, LINES[:3])
+    commentator, other = _commentator(seed=0), _commentator(seed=1)
+    session = commentator.new_session("s")
+    _feed(commentator, session, LINES[:3])
     store = MemoryStore()
-    store.save(snapshot(session, engine))
+    store.save(snapshot(session, commentator))
     with pytest.raises(StateForeignError, match="another model"):
         store.load("s", other.loaded.fingerprint)
 
 
 def test_state_with_other_cache_settings_is_refused() -> None:
-    engine = _engine()
-    session = engine.new_session("s")
-    _feed(engine, session, LINES[:3])
-    wider = _engine(settings=CacheSettings(sinks=4, window=200))
+    commentator = _commentator()
+    session = commentator.new_session("s")
+    _feed(commentator, session, LINES[:3])
+    wider = _commentator(settings=CacheSettings(sinks=4, window=200))
     with pytest.raises(StateForeignError, match="same --sinks/--window"):
-        restore(snapshot(session, engine), wider)
+        restore(snapshot(session, commentator), wider)
 
 
 def test_a_record_longer_than_the_window_is_fed_in_pieces() -> None:
-    engine = _engine()
-    session = engine.new_session("s")
-    _feed(engine, session, ["x" * 500])
+    commentator = _commentator()
+    session = commentator.new_session("s")
+    _feed(commentator, session, ["x" * 500])
     assert session.tokens_seen > SETTINGS.capacity
     assert session.cache.get_seq_length() == SETTINGS.capacity
 
@@ -107,10 +109,10 @@ def test_sampling_is_reproducible_per_seed() -> None:
     sampled = CommentaryPolicy(every_records=5, max_new_tokens=8, temperature=1.0, seed=7)
     texts = []
     for _ in range(2):
-        engine = _engine(policy=sampled)
-        texts.append([c.text for c in _feed(engine, engine.new_session("s"), LINES[:10])])
+        commentator = _commentator(policy=sampled)
+        texts.append([c.text for c in _feed(commentator, commentator.new_session("s"), LINES[:10])])
     assert texts[0] == texts[1]
-    other = _engine(
+    other = _commentator(
         policy=CommentaryPolicy(every_records=5, max_new_tokens=8, temperature=1.0, seed=8)
     )
     assert [c.text for c in _feed(other, other.new_session("s"), LINES[:10])] != texts[0]
@@ -118,4 +120,4 @@ def test_sampling_is_reproducible_per_seed() -> None:
 
 def test_cache_larger_than_the_model_attends_is_refused() -> None:
     with pytest.raises(CacheCapacityError, match="lower --window"):
-        _engine(settings=CacheSettings(sinks=4, window=4096))
+        _commentator(settings=CacheSettings(sinks=4, window=4096))
