@@ -9,6 +9,7 @@ import torch
 
 from cache_store import LocalDirStore, MemoryStore
 from cache_store.exceptions import StateForeignError
+from tests.cache_probes import kept_token_ids
 from tests.models.tiny_models import tiny_loaded
 from worker.exceptions import CacheCapacityError
 from worker.model.cache_settings import CacheSettings
@@ -51,10 +52,10 @@ def test_commentary_comes_every_n_records_with_seq_and_offsets() -> None:
 def test_instruction_is_pinned_and_never_evicted() -> None:
     commentator = _commentator()
     session = commentator.new_session("web")
-    instruction = session.cache.kept_token_ids()[: session.cache.layout.head].clone()
+    instruction = kept_token_ids(session.cache)[: session.cache.layout.head].clone()
     _feed(commentator, session, LINES)
     assert session.cache.layout.head == len(instruction) >= SETTINGS.sinks
-    assert torch.equal(session.cache.kept_token_ids()[: len(instruction)], instruction)
+    assert torch.equal(kept_token_ids(session.cache)[: len(instruction)], instruction)
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt_neox-partial", "bloom"])
@@ -75,7 +76,7 @@ def test_restored_session_continues_exactly_with_zero_prefill(name: str, tmp_pat
     after = _feed(commentator, resumed, LINES[17:], first_offset=17)
     assert [c.text for c in before + after] == [c.text for c in expected]
     assert [c.seq for c in before + after] == [c.seq for c in expected]
-    assert torch.equal(resumed.cache.kept_token_ids(), uninterrupted.cache.kept_token_ids())
+    assert torch.equal(kept_token_ids(resumed.cache), kept_token_ids(uninterrupted.cache))
 
 
 def test_state_of_another_model_is_refused() -> None:

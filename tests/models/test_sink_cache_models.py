@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.cache_probes import kept_token_ids
 from tests.models.reference import ReferenceCache
 from tests.models.tiny_models import VOCAB, tiny_configs, tiny_model
 from worker.exceptions import UnsupportedModelError
@@ -57,7 +58,7 @@ def test_logits_equal_reference_across_many_evictions(name: str, chunk: int) -> 
     assert cache.layout.evicted_total > 0
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
     kept = reference.layers[0].kept
-    assert cache.kept_token_ids().tolist() == ids[kept].tolist()
+    assert kept_token_ids(cache).tolist() == ids[kept].tolist()
 
 
 @pytest.mark.parametrize("name", ARCHITECTURES)

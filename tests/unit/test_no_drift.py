@@ -6,6 +6,7 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
+from tests.cache_probes import kept_stored_keys, kept_token_ids, slot_order
 from worker.model.positions import RotaryScheme
 from worker.model.sink_cache import SinkCache
 
@@ -32,10 +33,10 @@ def test_kept_keys_after_100k_shifts_equal_fresh_rotation() -> None:
             rotated, _ = apply_rotary_pos_emb(key, key, table_cos[:, at], table_sin[:, at])
             attention_keys, _ = layer.update(rotated, key)
     assert cache.layout.evicted_total > 100_000
-    kept = cache.kept_token_ids()
+    kept = kept_token_ids(cache)
     expected_stored = pre_rope[kept].permute(1, 0, 2)[None]
-    torch.testing.assert_close(cache.kept_stored_keys(0), expected_stored, rtol=0, atol=1e-5)
+    torch.testing.assert_close(kept_stored_keys(cache, 0), expected_stored, rtol=0, atol=1e-5)
     fresh, _ = apply_rotary_pos_emb(expected_stored, expected_stored, table_cos, table_sin)
     # A single query gets the keys in slot order once the ring has turned: compare by position.
-    in_position_order = attention_keys.index_select(2, cache.layout.slot_order())
+    in_position_order = attention_keys.index_select(2, slot_order(cache.layout))
     torch.testing.assert_close(in_position_order, fresh, rtol=0, atol=1e-5)

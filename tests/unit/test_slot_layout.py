@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.cache_probes import slot_order
 from worker.exceptions import CacheCapacityError
 from worker.model.slot_layout import SlotLayout
 
@@ -39,7 +40,7 @@ def _expected_kept(total: int, capacity: int, head: int, sizes: list[int]) -> li
 def test_kept_tokens_are_head_plus_most_recent_in_position_order(sizes: list[int]) -> None:
     layout = SlotLayout(capacity=20, sinks=4)
     owner = _feed(layout, sizes)
-    kept = [owner[s] for s in layout.slot_order().tolist()]
+    kept = [owner[s] for s in slot_order(layout).tolist()]
     assert kept == _expected_kept(sum(sizes), 20, 4, sizes)
     assert layout.length == min(sum(sizes), 20)
     assert layout.tokens_seen == sum(sizes)
@@ -85,7 +86,7 @@ def test_pinned_prefix_is_never_evicted() -> None:
     layout.commit(layout.plan(6))
     layout.pin(6)
     owner = _feed(layout, [1] * 50)
-    kept = [owner[s] for s in layout.slot_order().tolist()]
+    kept = [owner[s] for s in slot_order(layout).tolist()]
     assert kept[:6] == [-1] * 6  # the instruction's slots were never reused
     assert layout.head == 6
 

@@ -160,15 +160,6 @@ class SinkCache(Cache):
     def pin(self, prefix_tokens: int) -> None:
         self.layout.pin(prefix_tokens)
 
-    def kept_token_ids(self) -> torch.Tensor:
-        """Token ids of the cached tokens, in position order."""
-        return self.token_ids[self.layout.slot_order().to(self.device)].cpu()
-
-    def kept_stored_keys(self, layer_idx: int) -> torch.Tensor:
-        """Position-free keys of one layer, in position order (what a drift check compares)."""
-        layer = self.layers[layer_idx]
-        return layer.keys.index_select(2, self.layout.slot_order().to(layer.keys.device))
-
     def export(self) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
         """(tensors, meta): token ids and each layer's blocks as 'layer{i}.keys.{block}', and
         the layout with the number of initialized layers."""

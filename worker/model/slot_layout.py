@@ -101,10 +101,6 @@ class SlotLayout:
         self.length = plan.length_after
         self.tokens_seen += len(plan.new_slots)
 
-    def slot_order(self) -> torch.Tensor:
-        """Slots of the cached tokens in position order."""
-        return self._slots_of(torch.arange(self.length), self.ring_start)
-
     def _slots_of(self, positions: torch.Tensor, ring_start: int) -> torch.Tensor:
         in_ring = self.head + (ring_start + positions - self.head) % self.ring_size
         return torch.where(positions < self.head, positions, in_ring)
