@@ -17,13 +17,28 @@ dir=${2:?usage: kafka.sh start|stop|status DIR}
 mkdir -p "$dir"
 dir=$(cd "$dir" && pwd)
 
+# Maven Central can fail a fetch now and then: try a few times, and when it fails for good,
+# show what Maven said instead of a bare exit code.
 fetch_jars() {
   [ -f "$kafka_home/.complete" ] && return
   echo "fetching the Kafka jars from Maven Central (once)" >&2
-  rm -rf "$kafka_home/libs"
-  mvn -q -f "$here/kafka/pom.xml" dependency:copy-dependencies \
-    -DoutputDirectory="$kafka_home/libs" -DincludeScope=runtime >&2
-  touch "$kafka_home/.complete"
+  mkdir -p "$kafka_home"
+  local log="$kafka_home/fetch.log" attempt force=()
+  for attempt in 1 2 3; do
+    rm -rf "$kafka_home/libs"
+    # Maven remembers a failed download; -U makes a retry ask Central again.
+    if mvn -B "${force[@]}" -f "$here/kafka/pom.xml" dependency:copy-dependencies \
+        -DoutputDirectory="$kafka_home/libs" -DincludeScope=runtime >"$log" 2>&1; then
+      touch "$kafka_home/.complete"
+      return
+    fi
+    echo "fetching the Kafka jars failed (attempt $attempt of 3)" >&2
+    force=(-U)
+    sleep $((attempt * 5))
+  done
+  echo "Maven could not fetch the Kafka jars; its last output:" >&2
+  grep -E '\[(ERROR|WARNING)\]' "$log" | tail -n 40 >&2 || tail -n 40 "$log" >&2
+  exit 1
 }
 
 free_port() {
