@@ -10,7 +10,7 @@ from structlog.testing import capture_logs
 from cache_store.local import LocalDirStore
 from tests.memory_outputs import ListOutput
 from tests.models.tiny_models import tiny_loaded
-from worker.io.file_source import FileSource
+from worker.io.file_source import FileSource, LineKeys
 from worker.model.cache_settings import CacheSettings
 from worker.runtime.checkpoint_schedule import CheckpointSchedule
 from worker.runtime.local_run import Runner, RunSettings
@@ -35,7 +35,7 @@ def _run(path: Path, state: Path, commentator: Commentator | None = None, **proc
     output = ListOutput()
     runner = Runner(
         commentator or _commentator(),
-        FileSource(str(path), key_separator="|"),
+        FileSource(str(path), LineKeys(separator="|")),
         output,
         LocalDirStore(state),
         RunSettings(CheckpointSchedule(every_records=7), ProcessSettings(**process)),

@@ -6,13 +6,13 @@ import threading
 import time
 from pathlib import Path
 
-from worker.io.file_source import FileSource
+from worker.io.file_source import FileSource, LineKeys
 
 
 def test_lines_become_records_with_line_offsets_and_keys(tmp_path: Path) -> None:
     path = tmp_path / "mixed.log"
     path.write_bytes(b"web|GET /\ndb|slow query\nno key here\nweb|\xffbad\n")
-    source = FileSource(str(path), key_separator="|", batch_size=3)
+    source = FileSource(str(path), LineKeys(separator="|"), batch_size=3)
     batches = list(source.batches())
     assert [len(b) for b in batches] == [3, 1]
     records = [r for batch in batches for r in batch]

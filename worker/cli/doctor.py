@@ -13,27 +13,14 @@ from kafka.admin import KafkaAdminClient
 from kafka.errors import KafkaError
 
 from cache_store.exceptions import StateError
-from cache_store.redis.store import RedisStore
-from worker.cli.options import (
-    DEFAULT_DEAD_LETTER_TOPIC,
-    DEFAULT_INPUT_TOPIC,
-    DEFAULT_OUTPUT_TOPIC,
-    DEFAULT_REDIS_URL,
-    BootstrapOption,
-    InputTopicOption,
-    JsonOption,
-    KeyPrefixOption,
-    OutputTopicOption,
-    RedisPasswordOption,
-    RedisUrlOption,
-    SaslMechanismOption,
-    SaslPasswordOption,
-    SaslUsernameOption,
-    SecurityProtocolOption,
-    kafka_connection,
-)
+from cache_store.redis.settings import RedisSettings
+from worker.cli.option_groups import uses_groups
+from worker.cli.options import JsonOption, ModelChoice, connect
 from worker.exceptions import StreamsinkError
+from worker.io.kafka_connection import KafkaConnection
+from worker.io.topics import TopicNames
 from worker.model.loading import load_model
+from worker.stream.commentator import CacheSettings
 
 
 @dataclass(frozen=True)
@@ -43,12 +30,18 @@ class Check:
     detail: str
 
 
-def check_kafka(admin_config: dict, topics: list[str]) -> Check:
+def check_kafka(kafka: KafkaConnection | None, topics: list[str]) -> Check:
+    if kafka is None:
+        return Check(
+            "kafka", False, "no brokers named: pass --bootstrap-servers or set "
+            "STREAMSINK_BOOTSTRAP_SERVERS",
+        )  # fmt: skip
     try:
-        admin = KafkaAdminClient(**admin_config, request_timeout_ms=10000)
+        admin = KafkaAdminClient(**kafka.client_config(), request_timeout_ms=10000)
     except KafkaError as error:
-        servers = ",".join(admin_config["bootstrap_servers"])
-        return Check("kafka", False, f"cannot reach {servers} ({error}): is the broker up?")
+        return Check(
+            "kafka", False, f"cannot reach {kafka.bootstrap_servers} ({error}): is the broker up?"
+        )
     try:
         existing = set(admin.list_topics())
     finally:
@@ -61,21 +54,22 @@ def check_kafka(admin_config: dict, topics: list[str]) -> Check:
     return Check("kafka", True, f"answers; topics {', '.join(topics)} exist")
 
 
-def check_redis(url: str, password: str | None, prefix: str) -> Check:
+def check_redis(redis: RedisSettings) -> Check:
     try:
-        store = RedisStore(url, prefix, password=password, retry_seconds=2)
-        store.ping()
+        store = connect(redis, retry_seconds=2)
         version = store.client.info("server")["redis_version"]
         streams = len(store.list_streams())
         store.close()
     except (StateError, ValueError) as error:
         return Check("redis", False, f"{error}: is Redis up, and are the URL and password right?")
-    return Check("redis", True, f"Redis {version} answers; {streams} streams under {prefix!r}")
+    return Check(
+        "redis", True, f"Redis {version} answers; {streams} streams under {redis.prefix!r}"
+    )
 
 
-def check_model(model: str, device: str, cache_tokens: int) -> Check:
+def check_model(model: ModelChoice, cache_tokens: int) -> Check:
     try:
-        loaded = load_model(model, device)
+        loaded = load_model(model.spec, model.device)
     except (StreamsinkError, OSError, ValueError) as error:
         return Check("model", False, str(error))
     if cache_tokens > loaded.max_cache:
@@ -107,37 +101,21 @@ def check_gpu(device: str) -> Check:
     )
 
 
+@uses_groups
 def doctor(
-    bootstrap_servers: BootstrapOption = "127.0.0.1:9092",
-    input_topic: InputTopicOption = DEFAULT_INPUT_TOPIC,
-    output_topic: OutputTopicOption = DEFAULT_OUTPUT_TOPIC,
-    dead_letter_topic: Annotated[
-        str, typer.Option(envvar="STREAMSINK_DEAD_LETTER_TOPIC")
-    ] = DEFAULT_DEAD_LETTER_TOPIC,
-    redis_url: RedisUrlOption = DEFAULT_REDIS_URL,
-    redis_password: RedisPasswordOption = None,
-    key_prefix: KeyPrefixOption = "streamsink",
-    model: Annotated[str, typer.Option(envvar="STREAMSINK_MODEL")] = "smollm2",
-    device: Annotated[str, typer.Option(envvar="STREAMSINK_DEVICE")] = "auto",
-    sinks: Annotated[int, typer.Option(envvar="STREAMSINK_SINKS")] = 4,
-    window: Annotated[int, typer.Option(envvar="STREAMSINK_WINDOW")] = 1020,
-    security_protocol: SecurityProtocolOption = "PLAINTEXT",
-    sasl_mechanism: SaslMechanismOption = None,
-    sasl_username: SaslUsernameOption = None,
-    sasl_password: SaslPasswordOption = None,
+    kafka: KafkaConnection | None,
+    topics: TopicNames,
+    redis: RedisSettings,
+    model: ModelChoice,
+    cache: CacheSettings,
     json_output: JsonOption = False,
 ) -> None:
     """Check what a worker needs; exit code 1 if something is wrong."""
-    connection = kafka_connection(
-        bootstrap_servers, security_protocol, sasl_mechanism, sasl_username, sasl_password
-    )
     checks: list[Callable[[], Check]] = [
-        lambda: check_kafka(
-            connection.client_config(), [input_topic, output_topic, dead_letter_topic]
-        ),
-        lambda: check_redis(redis_url, redis_password, key_prefix),
-        lambda: check_model(model, device, sinks + window),
-        lambda: check_gpu(device),
+        lambda: check_kafka(kafka, topics.all()),
+        lambda: check_redis(redis),
+        lambda: check_model(model, cache.capacity),
+        lambda: check_gpu(model.device),
     ]
     results = [check() for check in checks]
     if json_output:

@@ -1,99 +1,236 @@
-"""What several commands share: options (each also read from an environment variable, as pods
-set them) and how known errors end a command."""
+"""Every option group of the `streamsink` command, each declared once (see option_groups).
+
+Each option also reads an environment variable, as pods set them. A group builds the frozen
+settings object of its concern; the commands take those objects, never loose values.
+"""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Annotated
 
 import typer
-from kafka.errors import KafkaError
-from rich.console import Console
 
-from cache_store.exceptions import StateError
-from worker.exceptions import StreamsinkError
+from cache_store.redis.settings import DEFAULT_KEY_PREFIX, DEFAULT_REDIS_URL, RedisSettings
+from cache_store.redis.store import RedisStore
+from worker.cli.console import err
+from worker.cli.option_groups import option_group
+from worker.io.file_source import LineKeys
 from worker.io.kafka_connection import KafkaConnection
+from worker.io.topics import (
+    DEFAULT_DEAD_LETTER_TOPIC,
+    DEFAULT_INPUT_TOPIC,
+    DEFAULT_OUTPUT_TOPIC,
+    TopicNames,
+)
+from worker.model.default_model import DEFAULT_MODEL
+from worker.model.loading import LoadedModel, load_model
+from worker.stream.commentator import CacheSettings
+from worker.stream.policy import CommentaryPolicy
+from worker.stream.processor import BadStatePolicy, ProcessSettings
+from worker.stream.records import DEFAULT_MAX_RECORD_BYTES
 
-err = Console(stderr=True)
-
-
-@contextmanager
-def exit_on_known_errors() -> Iterator[None]:
-    """Known errors end the command with a message and exit code 2, not a traceback."""
-    try:
-        yield
-    except (StreamsinkError, StateError, KafkaError, ValueError) as error:
-        err.print(f"[red]error:[/red] {error}")
-        raise typer.Exit(2) from None
-
-
-BootstrapOption = Annotated[
-    str,
-    typer.Option(envvar="STREAMSINK_BOOTSTRAP_SERVERS", help="Kafka brokers, host:port[,...]"),
-]
-InputTopicOption = Annotated[
-    str, typer.Option(envvar="STREAMSINK_INPUT_TOPIC", help="topic of the input streams")
-]
-OutputTopicOption = Annotated[
-    str, typer.Option(envvar="STREAMSINK_OUTPUT_TOPIC", help="topic of the commentary")
-]
-SecurityProtocolOption = Annotated[
-    str,
-    typer.Option(
-        envvar="STREAMSINK_KAFKA_SECURITY_PROTOCOL",
-        help="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL",
-    ),
-]
-SaslMechanismOption = Annotated[
-    str | None,
-    typer.Option(envvar="STREAMSINK_KAFKA_SASL_MECHANISM", help="PLAIN, SCRAM-SHA-512, ..."),
-]
-SaslUsernameOption = Annotated[
-    str | None, typer.Option(envvar="STREAMSINK_KAFKA_SASL_USERNAME", help="SASL user")
-]
-SaslPasswordOption = Annotated[
-    str | None,
-    typer.Option(envvar="STREAMSINK_KAFKA_SASL_PASSWORD", help="SASL password", show_default=False),
-]
-
-DEFAULT_INPUT_TOPIC = "streamsink-input"
-DEFAULT_OUTPUT_TOPIC = "streamsink-commentary"
-DEFAULT_DEAD_LETTER_TOPIC = "streamsink-dead-letter"
+JsonOption = Annotated[bool, typer.Option("--json", help="machine-readable JSON on stdout")]
 
 
-def kafka_connection(
-    bootstrap_servers: str,
-    security_protocol: str,
-    sasl_mechanism: str | None,
-    sasl_username: str | None,
-    sasl_password: str | None,
-) -> KafkaConnection:
-    """The connection settings; the CA of a TLS listener comes from STREAMSINK_KAFKA_SSL_CAFILE
-    (a mounted file in pods), since no one types a CA path by hand."""
+@option_group("Kafka")
+def kafka_options(
+    bootstrap_servers: Annotated[
+        str | None,
+        typer.Option(envvar="STREAMSINK_BOOTSTRAP_SERVERS", help="Kafka brokers, host:port[,...]"),
+    ] = None,
+    security_protocol: Annotated[
+        str,
+        typer.Option(
+            envvar="STREAMSINK_KAFKA_SECURITY_PROTOCOL",
+            help="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL",
+        ),
+    ] = "PLAINTEXT",
+    sasl_mechanism: Annotated[
+        str | None,
+        typer.Option(envvar="STREAMSINK_KAFKA_SASL_MECHANISM", help="PLAIN, SCRAM-SHA-512, ..."),
+    ] = None,
+    sasl_username: Annotated[
+        str | None, typer.Option(envvar="STREAMSINK_KAFKA_SASL_USERNAME", help="SASL user")
+    ] = None,
+    sasl_password: Annotated[
+        str | None,
+        typer.Option(
+            envvar="STREAMSINK_KAFKA_SASL_PASSWORD", help="SASL password", show_default=False
+        ),
+    ] = None,
+    kafka_ssl_cafile: Annotated[
+        str | None,
+        typer.Option(
+            envvar="STREAMSINK_KAFKA_SSL_CAFILE", help="CA of a TLS listener (a mounted file)"
+        ),
+    ] = None,
+) -> KafkaConnection | None:
+    """None when no brokers are named: `run` then reads a file, admin commands refuse."""
+    if not bootstrap_servers:
+        return None
     return KafkaConnection(
         bootstrap_servers,
         security_protocol,
         sasl_mechanism,
         sasl_username,
         sasl_password,
-        os.environ.get("STREAMSINK_KAFKA_SSL_CAFILE") or None,
+        kafka_ssl_cafile or None,
     )
 
 
-RedisUrlOption = Annotated[
-    str,
-    typer.Option(
-        envvar="STREAMSINK_REDIS_URL", help="Redis of the states: redis:// or rediss:// (TLS)"
-    ),
-]
-RedisPasswordOption = Annotated[
-    str | None,
-    typer.Option(envvar="STREAMSINK_REDIS_PASSWORD", help="Redis AUTH", show_default=False),
-]
-KeyPrefixOption = Annotated[
-    str, typer.Option(envvar="STREAMSINK_KEY_PREFIX", help="prefix of every Redis key")
-]
-JsonOption = Annotated[bool, typer.Option("--json", help="machine-readable JSON on stdout")]
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+def require_brokers(kafka: KafkaConnection | None) -> KafkaConnection:
+    """The connection of a command that cannot work without Kafka."""
+    if kafka is None:
+        raise typer.BadParameter(
+            "no Kafka brokers: pass --bootstrap-servers or set STREAMSINK_BOOTSTRAP_SERVERS",
+            param_hint="--bootstrap-servers",
+        )
+    return kafka
+
+
+@option_group("Kafka")
+def topic_options(
+    input_topic: Annotated[
+        str, typer.Option(envvar="STREAMSINK_INPUT_TOPIC", help="topic of the input streams")
+    ] = DEFAULT_INPUT_TOPIC,
+    output_topic: Annotated[
+        str, typer.Option(envvar="STREAMSINK_OUTPUT_TOPIC", help="topic of the commentary")
+    ] = DEFAULT_OUTPUT_TOPIC,
+    dead_letter_topic: Annotated[
+        str,
+        typer.Option(
+            envvar="STREAMSINK_DEAD_LETTER_TOPIC", help="where bad records go ('' = nowhere)"
+        ),
+    ] = DEFAULT_DEAD_LETTER_TOPIC,
+) -> TopicNames:
+    return TopicNames(input_topic, output_topic, dead_letter_topic or None)
+
+
+@option_group("Redis")
+def redis_options(
+    redis_url: Annotated[
+        str,
+        typer.Option(
+            envvar="STREAMSINK_REDIS_URL", help="Redis of the states: redis:// or rediss:// (TLS)"
+        ),
+    ] = DEFAULT_REDIS_URL,
+    redis_password: Annotated[
+        str | None,
+        typer.Option(envvar="STREAMSINK_REDIS_PASSWORD", help="Redis AUTH", show_default=False),
+    ] = None,
+    key_prefix: Annotated[
+        str, typer.Option(envvar="STREAMSINK_KEY_PREFIX", help="prefix of every Redis key")
+    ] = DEFAULT_KEY_PREFIX,
+    state_ttl_seconds: Annotated[
+        int | None,
+        typer.Option(envvar="STREAMSINK_STATE_TTL_SECONDS", help="forget streams idle this long"),
+    ] = None,
+) -> RedisSettings:
+    return RedisSettings(redis_url, redis_password, key_prefix, state_ttl_seconds)
+
+
+def connect(redis: RedisSettings, retry_seconds: float = 30.0) -> RedisStore:
+    """A store on the configured Redis that has answered a PING."""
+    store = RedisStore(
+        redis.url, redis.prefix, redis.idle_ttl_seconds, redis.password, retry_seconds
+    )
+    store.ping()
+    return store
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """Which model to load, and where."""
+
+    spec: str = DEFAULT_MODEL
+    device: str = "auto"
+
+    def load(self) -> LoadedModel:
+        """Load it with a spinner on stderr that says what is going on (fetch, convert, load)."""
+        with err.status("loading model") as status:
+            return load_model(self.spec, self.device, progress=lambda stage: status.update(stage))
+
+
+@option_group("Model")
+def model_options(
+    model: Annotated[
+        str,
+        typer.Option(
+            envvar="STREAMSINK_MODEL",
+            help="'smollm2' (the embedded default), a model dir or a .gguf",
+        ),
+    ] = DEFAULT_MODEL,
+    device: Annotated[
+        str, typer.Option(envvar="STREAMSINK_DEVICE", help="auto, cpu or cuda")
+    ] = "auto",
+) -> ModelChoice:
+    return ModelChoice(model, device)
+
+
+@option_group("Cache")
+def cache_options(
+    sinks: Annotated[
+        int, typer.Option(envvar="STREAMSINK_SINKS", help="attention sinks kept")
+    ] = 4,
+    window: Annotated[
+        int, typer.Option(envvar="STREAMSINK_WINDOW", help="recent tokens kept")
+    ] = 1020,
+) -> CacheSettings:
+    return CacheSettings(sinks, window)
+
+
+@option_group("Commentary")
+def policy_options(
+    every_records: Annotated[
+        int | None,
+        typer.Option(envvar="STREAMSINK_EVERY_RECORDS", help="comment every N records"),
+    ] = 8,
+    every_tokens: Annotated[
+        int | None, typer.Option(envvar="STREAMSINK_EVERY_TOKENS", help="comment every N tokens")
+    ] = None,
+    every_seconds: Annotated[
+        float | None,
+        typer.Option(envvar="STREAMSINK_EVERY_SECONDS", help="comment every T seconds"),
+    ] = None,
+    max_new_tokens: Annotated[
+        int, typer.Option(envvar="STREAMSINK_MAX_NEW_TOKENS", help="cap on one commentary")
+    ] = 48,
+    temperature: Annotated[
+        float, typer.Option(envvar="STREAMSINK_TEMPERATURE", help="0 = greedy")
+    ] = 0.0,
+    seed: Annotated[int, typer.Option(envvar="STREAMSINK_SEED", help="sampling seed")] = 0,
+) -> CommentaryPolicy:
+    return CommentaryPolicy(
+        every_records, every_tokens, every_seconds, max_new_tokens, temperature, seed=seed
+    )
+
+
+@option_group("Records")
+def process_options(
+    max_record_bytes: Annotated[
+        int,
+        typer.Option(envvar="STREAMSINK_MAX_RECORD_BYTES", help="larger records are set aside"),
+    ] = DEFAULT_MAX_RECORD_BYTES,
+    on_bad_state: Annotated[
+        BadStatePolicy,
+        typer.Option(
+            envvar="STREAMSINK_ON_BAD_STATE",
+            help="a stream whose saved state is unusable: set its records aside, or restart it",
+        ),
+    ] = BadStatePolicy.SKIP,
+) -> ProcessSettings:
+    return ProcessSettings(max_record_bytes, on_bad_state)
+
+
+@option_group("Lines")
+def line_key_options(
+    stream: Annotated[
+        str | None, typer.Option(help="stream id of every line (default: the file's name)")
+    ] = None,
+    key_separator: Annotated[
+        str | None,
+        typer.Option(help="the text before this separator on each line is its stream id"),
+    ] = None,
+) -> LineKeys:
+    return LineKeys(stream, key_separator)

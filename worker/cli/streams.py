@@ -10,27 +10,16 @@ from typing import Annotated, Any
 import typer
 
 from cache_store.export import export_state, import_state
-from cache_store.redis.store import LOCAL_SCOPE, RedisStore, StreamInfo
-from worker.cli.options import (
-    DEFAULT_REDIS_URL,
-    JsonOption,
-    KeyPrefixOption,
-    RedisPasswordOption,
-    RedisUrlOption,
-    err,
-    exit_on_known_errors,
-)
+from cache_store.redis.store import LOCAL_SCOPE, StreamInfo
+from cache_store.redis.settings import RedisSettings
+from worker.cli.console import err, exit_on_known_errors
+from worker.cli.option_groups import uses_groups
+from worker.cli.options import JsonOption, connect
 
 app = typer.Typer(no_args_is_help=True, help="Stream states in Redis: list, show, evict, move.")
 
 StreamArgument = Annotated[str, typer.Argument(help="stream id (the input record key)")]
 NOT_FOUND = 1  # exit code when the stream has no state
-
-
-def _store(url: str, password: str | None, prefix: str) -> RedisStore:
-    store = RedisStore(url, prefix, password=password)
-    store.ping()
-    return store
 
 
 def describe(info: StreamInfo) -> dict[str, Any]:
@@ -61,15 +50,14 @@ def _when(timestamp: float | None) -> str:
 
 
 @app.command("list")
+@uses_groups
 def list_streams(
-    redis_url: RedisUrlOption = DEFAULT_REDIS_URL,
-    redis_password: RedisPasswordOption = None,
-    key_prefix: KeyPrefixOption = "streamsink",
+    redis: RedisSettings,
     json_output: JsonOption = False,
 ) -> None:
     """Every stream with a saved state: owner partition, tokens, size, last offset."""
     with exit_on_known_errors():
-        store = _store(redis_url, redis_password, key_prefix)
+        store = connect(redis)
         rows = [describe(info) for sid in store.list_streams() if (info := store.info(sid))]
     if json_output:
         typer.echo(json.dumps(rows))
@@ -87,16 +75,15 @@ def list_streams(
 
 
 @app.command()
+@uses_groups
 def show(
     stream: StreamArgument,
-    redis_url: RedisUrlOption = DEFAULT_REDIS_URL,
-    redis_password: RedisPasswordOption = None,
-    key_prefix: KeyPrefixOption = "streamsink",
+    redis: RedisSettings,
     json_output: JsonOption = False,
 ) -> None:
     """One stream's state in detail; exit code 1 if it has none."""
     with exit_on_known_errors():
-        info = _store(redis_url, redis_password, key_prefix).info(stream)
+        info = connect(redis).info(stream)
     if info is None:
         err.print(f"no saved state for stream {stream!r}")
         raise typer.Exit(NOT_FOUND)
@@ -110,15 +97,14 @@ def show(
 
 
 @app.command()
+@uses_groups
 def evict(
     stream: StreamArgument,
-    redis_url: RedisUrlOption = DEFAULT_REDIS_URL,
-    redis_password: RedisPasswordOption = None,
-    key_prefix: KeyPrefixOption = "streamsink",
+    redis: RedisSettings,
 ) -> None:
     """Forget a stream's state: its next record starts it afresh (seq from 0 again)."""
     with exit_on_known_errors():
-        removed = _store(redis_url, redis_password, key_prefix).delete(stream)
+        removed = connect(redis).delete(stream)
     if not removed:
         err.print(f"no saved state for stream {stream!r}")
         raise typer.Exit(NOT_FOUND)
@@ -126,16 +112,15 @@ def evict(
 
 
 @app.command("export")
+@uses_groups
 def export_stream(
     stream: StreamArgument,
     file: Annotated[Path, typer.Argument(help="file to write", dir_okay=False)],
-    redis_url: RedisUrlOption = DEFAULT_REDIS_URL,
-    redis_password: RedisPasswordOption = None,
-    key_prefix: KeyPrefixOption = "streamsink",
+    redis: RedisSettings,
 ) -> None:
     """Write a stream's state to one file (verified, exact), e.g. to move it to another Redis."""
     with exit_on_known_errors():
-        store = _store(redis_url, redis_password, key_prefix)
+        store = connect(redis)
         state = store.load(stream)
         if state is None:
             err.print(f"no saved state for stream {stream!r}")
@@ -145,15 +130,14 @@ def export_stream(
 
 
 @app.command("import")
+@uses_groups
 def import_stream(
     file: Annotated[Path, typer.Argument(help="a file written by `streams export`", exists=True)],
-    redis_url: RedisUrlOption = DEFAULT_REDIS_URL,
-    redis_password: RedisPasswordOption = None,
-    key_prefix: KeyPrefixOption = "streamsink",
+    redis: RedisSettings,
 ) -> None:
     """Store an exported state under its stream id and partition, replacing what is there."""
     with exit_on_known_errors():
         state, scope = import_state(file.read_bytes())
-        store = _store(redis_url, redis_password, key_prefix)
+        store = connect(redis)
         store.commit_unfenced(scope, [state])
     typer.echo(f"imported {state.stream_id} into {scope}")

@@ -8,50 +8,27 @@ from typing import Annotated, Any
 import typer
 from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
 
-from worker.cli.options import (
-    DEFAULT_DEAD_LETTER_TOPIC,
-    DEFAULT_INPUT_TOPIC,
-    DEFAULT_OUTPUT_TOPIC,
-    BootstrapOption,
-    InputTopicOption,
-    JsonOption,
-    OutputTopicOption,
-    SaslMechanismOption,
-    SaslPasswordOption,
-    SaslUsernameOption,
-    SecurityProtocolOption,
-    exit_on_known_errors,
-    kafka_connection,
-)
+from worker.cli.console import exit_on_known_errors
+from worker.cli.option_groups import uses_groups
+from worker.cli.options import JsonOption, require_brokers
+from worker.io.kafka_connection import KafkaConnection
+from worker.io.topics import TopicNames
 
 app = typer.Typer(no_args_is_help=True, help="The worker's Kafka topics: create, describe.")
 
-DeadLetterTopicOption = Annotated[
-    str, typer.Option(envvar="STREAMSINK_DEAD_LETTER_TOPIC", help="topic of set-aside records")
-]
 DAY_MS = 24 * 3600 * 1000
 TOPIC_ALREADY_EXISTS = 36  # Kafka's error code: creating is idempotent here
 
 
-def _admin(
-    bootstrap_servers: str,
-    security_protocol: str,
-    sasl_mechanism: str | None,
-    sasl_username: str | None,
-    sasl_password: str | None,
-) -> KafkaAdminClient:
-    connection = kafka_connection(
-        bootstrap_servers, security_protocol, sasl_mechanism, sasl_username, sasl_password
-    )
-    return KafkaAdminClient(**connection.client_config())
+def _admin(kafka: KafkaConnection | None) -> KafkaAdminClient:
+    return KafkaAdminClient(**require_brokers(kafka).client_config())
 
 
 @app.command()
+@uses_groups
 def create(
-    bootstrap_servers: BootstrapOption = "127.0.0.1:9092",
-    input_topic: InputTopicOption = DEFAULT_INPUT_TOPIC,
-    output_topic: OutputTopicOption = DEFAULT_OUTPUT_TOPIC,
-    dead_letter_topic: DeadLetterTopicOption = DEFAULT_DEAD_LETTER_TOPIC,
+    kafka: KafkaConnection | None,
+    topics: TopicNames,
     partitions: Annotated[
         int, typer.Option(help="input partitions: the most workers that can share the load")
     ] = 12,
@@ -60,21 +37,16 @@ def create(
     output_retention_days: Annotated[
         float, typer.Option(help="how long commentary and dead letters are kept")
     ] = 30,
-    security_protocol: SecurityProtocolOption = "PLAINTEXT",
-    sasl_mechanism: SaslMechanismOption = None,
-    sasl_username: SaslUsernameOption = None,
-    sasl_password: SaslPasswordOption = None,
 ) -> None:
-    """Create the three topics; ones that exist already are left as they are."""
+    """Create the topics; ones that exist already are left as they are."""
     wanted = {
-        input_topic: (partitions, input_retention_days),
-        output_topic: (partitions, output_retention_days),
-        dead_letter_topic: (1, output_retention_days),
+        topics.input: (partitions, input_retention_days),
+        topics.output: (partitions, output_retention_days),
     }
+    if topics.dead_letter:
+        wanted[topics.dead_letter] = (1, output_retention_days)
     with exit_on_known_errors():
-        admin = _admin(
-            bootstrap_servers, security_protocol, sasl_mechanism, sasl_username, sasl_password
-        )
+        admin = _admin(kafka)
         result = admin.create_topics(
             {
                 name: {
@@ -102,42 +74,35 @@ def create(
 
 
 @app.command()
+@uses_groups
 def describe(
-    bootstrap_servers: BootstrapOption = "127.0.0.1:9092",
-    input_topic: InputTopicOption = DEFAULT_INPUT_TOPIC,
-    output_topic: OutputTopicOption = DEFAULT_OUTPUT_TOPIC,
-    dead_letter_topic: DeadLetterTopicOption = DEFAULT_DEAD_LETTER_TOPIC,
-    json_output: JsonOption = False,
-    security_protocol: SecurityProtocolOption = "PLAINTEXT",
-    sasl_mechanism: SaslMechanismOption = None,
-    sasl_username: SaslUsernameOption = None,
-    sasl_password: SaslPasswordOption = None,
+    kafka: KafkaConnection | None, topics: TopicNames, json_output: JsonOption = False
 ) -> None:
-    """Partitions, replicas and retention of the three topics; exit code 1 if one is missing."""
-    names = [input_topic, output_topic, dead_letter_topic]
+    """Partitions, replicas and retention of the topics; exit code 1 if one is missing."""
     with exit_on_known_errors():
-        admin = _admin(
-            bootstrap_servers, security_protocol, sasl_mechanism, sasl_username, sasl_password
-        )
+        admin = _admin(kafka)
         existing = set(admin.list_topics())
-        rows = [_describe(admin, name) if name in existing else {"topic": name} for name in names]
+        rows = [
+            _describe(admin, name) if name in existing else {"topic": name}
+            for name in topics.all()
+        ]
         admin.close()
     if json_output:
         typer.echo(json.dumps(rows))
     else:
-        typer.echo(f"{'topic':<32} {'partitions':>10} {'replicas':>8} {'retention':>10}")
-        for row in rows:
-            if "partitions" not in row:
-                typer.echo(
-                    f"{row['topic']:<32} missing (create it with `streamsink topics create`)"
-                )
-                continue
-            days = f"{row['retention_ms'] / DAY_MS:g}d" if row["retention_ms"] >= 0 else "forever"
-            typer.echo(
-                f"{row['topic']:<32} {row['partitions']:>10} {row['replicas']:>8} {days:>10}"
-            )
+        _print_table(rows)
     if any("partitions" not in row for row in rows):
         raise typer.Exit(1)
+
+
+def _print_table(rows: list[dict[str, Any]]) -> None:
+    typer.echo(f"{'topic':<32} {'partitions':>10} {'replicas':>8} {'retention':>10}")
+    for row in rows:
+        if "partitions" not in row:
+            typer.echo(f"{row['topic']:<32} missing (create it with `streamsink topics create`)")
+            continue
+        days = f"{row['retention_ms'] / DAY_MS:g}d" if row["retention_ms"] >= 0 else "forever"
+        typer.echo(f"{row['topic']:<32} {row['partitions']:>10} {row['replicas']:>8} {days:>10}")
 
 
 def _describe(admin: KafkaAdminClient, name: str) -> dict[str, Any]:

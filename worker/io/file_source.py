@@ -6,6 +6,7 @@ import sys
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -22,26 +23,42 @@ class Source(ABC):
         """Release what the source holds."""
 
 
+@dataclass(frozen=True)
+class LineKeys:
+    """How a line names its stream: one stream id for every line, or, with `separator`, the
+    text before the first separator (a line without one has no key)."""
+
+    stream: str | None = None
+    separator: str | None = None
+
+    def split(self, line: bytes) -> tuple[bytes | None, bytes]:
+        """(key, value) of a line without its line break; the key is None when it has none."""
+        if self.separator is None:
+            return (None if self.stream is None else self.stream.encode()), line
+        key, separator, rest = line.partition(self.separator.encode())
+        return (key, rest) if separator else (None, line)
+
+
 class FileSource(Source):
     """Lines of a file (or stdin for '-') as records; offset = line number, from 0.
 
-    Without `key_separator` every line belongs to `stream_id`; with it, the text before the
-    first separator is the stream id (a line without one is a record without a key). With
-    `follow`, the source waits for more lines at the end, like `tail -f`.
+    `keys` says which stream each line belongs to; without a stream id or a separator, every
+    line belongs to a stream named after the file ("stdin" for '-'). With `follow`, the source
+    waits for more lines at the end, like `tail -f`.
     """
 
     def __init__(
         self,
         path: str,
-        stream_id: str | None = None,
-        key_separator: str | None = None,
+        keys: LineKeys = LineKeys(),
         follow: bool = False,
         batch_size: int = 64,
         poll_seconds: float = 0.5,
     ) -> None:
         self.path = path
-        self.stream_id = stream_id or ("stdin" if path == "-" else Path(path).stem)
-        self.key_separator = key_separator.encode() if key_separator else None
+        if keys.stream is None and keys.separator is None:
+            keys = LineKeys(stream="stdin" if path == "-" else Path(path).stem)
+        self.keys = keys
         self.follow = follow
         self.batch_size = batch_size
         self.poll_seconds = poll_seconds
@@ -74,13 +91,9 @@ class FileSource(Source):
                 time.sleep(self.poll_seconds)
 
     def _record(self, offset: int, line: bytes) -> Record:
-        value = line.rstrip(b"\r\n")
-        if self.key_separator is None:
-            return Record(self.stream_id, offset, value)
-        key, separator, rest = value.partition(self.key_separator)
-        if not separator:
-            return Record(None, offset, value)
-        return Record(key.decode("utf-8", errors="replace"), offset, rest)
+        key, value = self.keys.split(line.rstrip(b"\r\n"))
+        stream_id = None if key is None else key.decode("utf-8", errors="replace")
+        return Record(stream_id, offset, value)
 
     def close(self) -> None:
         if self._handle is not None and self._handle is not sys.stdin.buffer:

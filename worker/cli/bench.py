@@ -1,0 +1,71 @@
+"""`streamsink bench`: side-by-side speed figures in one run."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cache_store.redis.settings import RedisSettings
+from worker.cli.console import exit_on_known_errors
+from worker.cli.option_groups import uses_groups
+from worker.cli.options import ModelChoice, connect
+from worker.model.loading import load_random
+
+app = typer.Typer(no_args_is_help=True, help="Side-by-side speed figures in one run.")
+
+SizesOption = Annotated[str, typer.Option(help="cache sizes to compare")]
+
+
+def _sizes(text: str) -> list[int]:
+    return [int(size) for size in text.split(",")]
+
+
+@app.command("decode")
+@uses_groups
+def decode(
+    model: ModelChoice,
+    sizes: SizesOption = "256,1024,4096",
+    tokens: Annotated[int, typer.Option(help="decode steps timed per size")] = 32,
+    stream_lengths: Annotated[str, typer.Option(help="stream lengths for memory")] = (
+        "1000,10000,100000"
+    ),
+    random_config: Annotated[
+        Path | None,
+        typer.Option(
+            help="time a model built from this config.json with random weights instead "
+            "(worker/tools/bench_configs/ has a 1.7B Llama)"
+        ),
+    ] = None,
+) -> None:
+    """Per-token latency of sink against recompute at equal cache sizes, and memory over time."""
+    from worker.tools.decode_bench import run_benchmark
+
+    with exit_on_known_errors():
+        if random_config is None:
+            loaded = model.load()
+        else:
+            loaded = load_random(random_config, model.device)
+        run_benchmark(loaded, _sizes(sizes), tokens, _sizes(stream_lengths), out=typer.echo)
+
+
+@app.command("restore")
+@uses_groups
+def restore(
+    model: ModelChoice,
+    redis: RedisSettings,
+    sizes: SizesOption = "256,1024,4096",
+    repeats: Annotated[int, typer.Option(help="timed runs per figure (median)")] = 3,
+) -> None:
+    """Restore from Redis against prefilling the window, with checkpoint bytes and time.
+
+    Its states go under the key prefix plus '-bench', apart from any worker's."""
+    from worker.tools.restore_bench import run_restore_benchmark
+
+    with exit_on_known_errors():
+        store = connect(dataclasses.replace(redis, prefix=f"{redis.prefix}-bench"))
+        loaded = model.load()
+        run_restore_benchmark(loaded, store, _sizes(sizes), repeats, out=typer.echo)
+        store.close()
