@@ -44,10 +44,8 @@ def decode(
     from worker.tools.decode_bench import run_benchmark
 
     with exit_on_known_errors():
-        if random_config is None:
-            loaded = model.load()
-        else:
-            loaded = load_random(random_config, model.device)
+        random = random_config is not None
+        loaded = load_random(random_config, model.device) if random else model.load()
         run_benchmark(loaded, _sizes(sizes), tokens, _sizes(stream_lengths), out=typer.echo)
 
 

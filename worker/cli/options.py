@@ -170,9 +170,7 @@ def model_options(
 
 @option_group("Cache")
 def cache_options(
-    sinks: Annotated[
-        int, typer.Option(envvar="STREAMSINK_SINKS", help="attention sinks kept")
-    ] = 4,
+    sinks: Annotated[int, typer.Option(envvar="STREAMSINK_SINKS", help="attention sinks kept")] = 4,
     window: Annotated[
         int, typer.Option(envvar="STREAMSINK_WINDOW", help="recent tokens kept")
     ] = 1020,

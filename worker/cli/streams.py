@@ -10,8 +10,8 @@ from typing import Annotated, Any
 import typer
 
 from cache_store.export import export_state, import_state
-from cache_store.redis.store import LOCAL_SCOPE, StreamInfo
 from cache_store.redis.settings import RedisSettings
+from cache_store.redis.store import LOCAL_SCOPE, StreamInfo
 from worker.cli.console import err, exit_on_known_errors
 from worker.cli.option_groups import uses_groups
 from worker.cli.options import JsonOption, connect

@@ -83,8 +83,7 @@ def describe(
         admin = _admin(kafka)
         existing = set(admin.list_topics())
         rows = [
-            _describe(admin, name) if name in existing else {"topic": name}
-            for name in topics.all()
+            _describe(admin, name) if name in existing else {"topic": name} for name in topics.all()
         ]
         admin.close()
     if json_output:

@@ -1,0 +1,163 @@
+"""`streamsink run`: comment on a file or stdin, or, with brokers named, on a Kafka topic."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+import structlog
+import typer
+
+from cache_store import from_url
+from cache_store.redis.settings import RedisSettings
+from worker.cli.console import exit_on_known_errors
+from worker.cli.option_groups import uses_groups
+from worker.cli.options import JsonOption, ModelChoice, connect
+from worker.io.file_source import FileSource, LineKeys
+from worker.io.kafka_connection import KafkaConnection
+from worker.io.outputs import JsonLinesOutput, TextOutput
+from worker.io.topics import TopicNames
+from worker.ops.health import Health, serve
+from worker.ops.logs import configure_logging
+from worker.ops.metrics import WorkerMetrics
+from worker.runtime.kafka_run import KafkaWorker, WorkerSettings
+from worker.runtime.local_run import Runner, RunSettings
+from worker.stream.commentator import CacheSettings, Engine
+from worker.stream.policy import CommentaryPolicy
+from worker.stream.processor import ProcessSettings
+
+log = structlog.get_logger("streamsink.cli")
+
+DEFAULT_METRICS_PORT = 9400  # of Kafka runs; local runs serve none unless asked
+
+
+@uses_groups
+def run(
+    model: ModelChoice,
+    cache: CacheSettings,
+    policy: CommentaryPolicy,
+    process: ProcessSettings,
+    keys: LineKeys,
+    kafka: KafkaConnection | None,
+    topics: TopicNames,
+    redis: RedisSettings,
+    source: Annotated[
+        str, typer.Option(envvar="STREAMSINK_SOURCE", help="file:PATH, or - for stdin")
+    ] = "-",
+    state: Annotated[
+        str,
+        typer.Option(
+            envvar="STREAMSINK_STATE",
+            help="local runs: where stream states live (dir:PATH, memory: or a Redis URL)",
+        ),
+    ] = "dir:.streamsink-state",
+    follow: Annotated[
+        bool, typer.Option(help="wait for new lines at the end, like tail -f")
+    ] = False,
+    json_output: JsonOption = False,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            envvar="STREAMSINK_METRICS_PORT",
+            help="serve /metrics, /healthz, /readyz (0 = any free port; Kafka runs: 9400)",
+        ),
+    ] = None,
+    log_level: Annotated[str, typer.Option(envvar="STREAMSINK_LOG_LEVEL")] = "info",
+) -> None:
+    """Comment on a file or stdin, or, with --bootstrap-servers, on a Kafka topic.
+
+    Local runs keep state in --state, and a second run over a longer file continues where
+    the first stopped. Kafka runs join --group, keep state in Redis and move streams
+    between workers without recomputation.
+    """
+    configure_logging(log_level)
+    metrics, health, stop = WorkerMetrics(), Health(), threading.Event()
+    with exit_on_known_errors():
+        if kafka is None:
+            start = _local_run(source, state, keys, follow, json_output, process, stop)
+        else:
+            start = _kafka_run(kafka, topics, redis, process, stop)
+            metrics_port = DEFAULT_METRICS_PORT if metrics_port is None else metrics_port
+        server = None if metrics_port is None else serve(metrics, health, port=metrics_port)
+        if server is not None:
+            log.info("serving metrics", port=server.port)
+        engine = Engine(model.load(), cache, policy)
+        health.model_loaded = True
+        start(engine, metrics, health)
+        if server is not None:
+            server.close()
+    typer.echo(_summary_line(metrics), err=True)
+
+
+Start = Callable[[Engine, WorkerMetrics, Health], None]
+
+
+def _local_run(
+    source: str,
+    state: str,
+    keys: LineKeys,
+    follow: bool,
+    json_output: bool,
+    process: ProcessSettings,
+    stop: threading.Event,
+) -> Start:
+    """Check the local run's inputs before the model loads; return what starts it."""
+    path = source.removeprefix("file:")
+    if path != "-" and not Path(path).is_file():
+        raise ValueError(f"no file at {path!r}; pass --source file:PATH or - for stdin")
+    store = from_url(state)
+    lines = FileSource(path, keys, follow)
+    _stop_on_signals(stop, lines.stop)
+    output = JsonLinesOutput() if json_output else TextOutput()
+
+    def start(engine: Engine, metrics: WorkerMetrics, health: Health) -> None:
+        health.group_joined = True  # a local run has no group to join
+        Runner(engine, lines, output, store, RunSettings(process=process), metrics).run(stop)
+
+    return start
+
+
+def _kafka_run(
+    kafka: KafkaConnection,
+    topics: TopicNames,
+    redis: RedisSettings,
+    process: ProcessSettings,
+    stop: threading.Event,
+) -> Start:
+    """Check that Redis answers before the model loads; return what starts the worker."""
+    store = connect(redis)
+    _stop_on_signals(stop)
+    settings = WorkerSettings(
+        topics.input, topics.output, "streamsink", topics.dead_letter, process=process
+    )
+
+    def start(engine: Engine, metrics: WorkerMetrics, health: Health) -> None:
+        KafkaWorker(engine, kafka, store, settings, metrics, health).run(stop)
+
+    return start
+
+
+def _summary_line(metrics: WorkerMetrics) -> str:
+    return (
+        f"records {metrics.value('streamsink_records'):.0f}, commentaries "
+        f"{metrics.value('streamsink_commentaries'):.0f}, streams new "
+        f"{metrics.value('streamsink_new_streams'):.0f} restored "
+        f"{metrics.value('streamsink_restored_streams'):.0f}, set aside "
+        f"{metrics.value('streamsink_dead_letter_records'):.0f}, checkpoint bytes "
+        f"{metrics.value('streamsink_checkpoint_bytes'):.0f}"
+    )
+
+
+def _stop_on_signals(stop: threading.Event, also: Callable[[], None] | None = None) -> None:
+    """SIGINT/SIGTERM finish the step in flight, checkpoint and exit."""
+
+    def handle(signum: int, frame: object) -> None:
+        stop.set()
+        if also is not None:
+            also()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
