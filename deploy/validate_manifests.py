@@ -26,230 +26,29 @@ $STREAMSINK_TOOLS_CACHE (default ~/.cache/streamsink/tools), keyed by version.
 from __future__ import annotations
 
 import json
-import os
-import re
-import shutil
-import subprocess
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import kubernetes_validate
-import yaml
+from crd_sources import (
+    CACHE,
+    ROOT,
+    CrdSchema,
+    ManifestError,
+    Obj,
+    build,
+    crd_schemas,
+)
 from kubernetes_validate.utils import all_versions, major_minor
 from referencing import Registry, Resource
 
-ROOT = Path(__file__).resolve().parents[1]
-CACHE = Path(os.environ.get("STREAMSINK_TOOLS_CACHE", Path.home() / ".cache/streamsink/tools"))
 KUBERNETES_VERSION = "1.35"
-KUSTOMIZE = "sigs.k8s.io/kustomize/kustomize/v5@v5.8.1"  # builds with Go >= 1.24
-KEDA = "github.com/kedacore/keda/v2@v2.21.0"
-PROMETHEUS_OPERATOR = "github.com/prometheus-operator/prometheus-operator@v0.85.0"
-STRIMZI = "1.2.0"  # io.strimzi:api and io.strimzi:crd-generator, released together
-STRIMZI_CLASSES = {
-    "Kafka": "io.strimzi.api.kafka.model.kafka.Kafka",
-    "KafkaNodePool": "io.strimzi.api.kafka.model.nodepool.KafkaNodePool",
-    "KafkaTopic": "io.strimzi.api.kafka.model.topic.KafkaTopic",
-    "KafkaUser": "io.strimzi.api.kafka.model.user.KafkaUser",
-}
 WORKER = "streamsink-worker"
-
-Obj = dict[str, Any]
-
-
-class ManifestError(Exception):
-    """The manifests would be rejected by the API server or do not fit together."""
-
-
-@dataclass(frozen=True)
-class CrdSource:
-    """Where some CRDs come from; `fetch` returns the CRD documents."""
-
-    label: str  # e.g. "KEDA v2.21.0 CRD", shown in the summary
-    fetch: Callable[[], list[Obj]]
-
-
-@dataclass(frozen=True)
-class CrdSchema:
-    """A served version's strict schema, and the label of its source."""
-
-    label: str
-    schema: Obj
-
-
-def run(command: list[str], **kwargs: Any) -> str:
-    """stdout of a command that must succeed; its stderr in the error otherwise."""
-    result = subprocess.run(command, capture_output=True, text=True, **kwargs)
-    if result.returncode != 0:
-        output = (result.stderr or result.stdout).strip()[-3000:]
-        raise ManifestError(f"{' '.join(command)} failed:\n{output}")
-    return result.stdout
-
-
-def go_env() -> dict[str, str]:
-    return {**os.environ, "GOFLAGS": "-mod=mod", "GOTOOLCHAIN": "local"}
-
-
-def kustomize() -> list[str]:
-    """The kustomize command: built from the Go proxy once, else kubectl's built-in one."""
-    module, version = KUSTOMIZE.split("@")
-    binary = CACHE / f"kustomize-{version}" / "kustomize"
-    if not binary.exists() and shutil.which("go"):
-        run(["go", "install", KUSTOMIZE], env=go_env() | {"GOBIN": str(binary.parent)})
-    if binary.exists():
-        return [str(binary), "build"]
-    if shutil.which("kubectl"):
-        return ["kubectl", "kustomize"]
-    raise ManifestError(f"neither Go (to install {module}) nor kubectl found")
-
-
-def build(overlay: Path) -> list[Obj]:
-    rendered = run([*kustomize(), str(overlay)])
-    return [doc for doc in yaml.safe_load_all(rendered) if doc]
-
-
-def go_module_crds(module: str, files: list[str]) -> Callable[[], list[Obj]]:
-    def fetch() -> list[Obj]:
-        info = json.loads(run(["go", "mod", "download", "-json", module], env=go_env(), cwd=CACHE))
-        return [yaml.safe_load((Path(info["Dir"]) / name).read_text()) for name in files]
-
-    return fetch
-
-
-def java_21() -> str:
-    """A java binary of version 21 or later (the Strimzi generator's class files need it)."""
-    home = os.environ.get("JAVA_HOME")
-    candidates = [str(Path(home) / "bin/java")] if home else []
-    candidates.append(shutil.which("java") or "")
-    candidates += map(str, sorted(Path("/usr/lib/jvm").glob("*/bin/java")))
-    for java in filter(None, candidates):
-        if not Path(java).exists():
-            continue
-        banner = subprocess.run([java, "-version"], capture_output=True, text=True).stderr
-        found = re.search(r'version "(\d+)', banner)
-        if found and int(found.group(1)) >= 21:
-            return java
-    raise ManifestError("Strimzi's CRD generator needs Java >= 21: none found (set JAVA_HOME)")
-
-
-def strimzi_crds() -> list[Obj]:
-    work = CACHE / f"strimzi-{STRIMZI}"
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "pom.xml").write_text(
-        '<project xmlns="http://maven.apache.org/POM/4.0.0"><modelVersion>4.0.0</modelVersion>'
-        "<groupId>local</groupId><artifactId>strimzi-crds</artifactId><version>0</version>"
-        "<dependencies>"
-        + "".join(
-            f"<dependency><groupId>io.strimzi</groupId><artifactId>{artifact}</artifactId>"
-            f"<version>{STRIMZI}</version></dependency>"
-            for artifact in ("api", "crd-generator")
-        )
-        + "</dependencies></project>"
-    )
-    if not shutil.which("mvn"):
-        raise ManifestError("Maven (mvn) is needed to fetch Strimzi's CRD classes")
-    run(
-        ["mvn", "-B", "-q", "dependency:build-classpath", "-Dmdep.outputFile=classpath.txt"],
-        cwd=work,
-    )
-    outputs = {kind: work / f"{kind}.yaml" for kind in STRIMZI_CLASSES}
-    # The options of Strimzi's own build (api/pom.xml) for its install files.
-    options = ["--crd-api-version", "v1", "--api-versions", "v1", "--storage-version", "v1"]
-    classpath = (work / "classpath.txt").read_text().strip()
-    classes = [f"{STRIMZI_CLASSES[kind]}={path}" for kind, path in outputs.items()]
-    run(
-        [
-            java_21(),
-            "-cp",
-            classpath,
-            "io.strimzi.crdgenerator.CrdGenerator",
-            *options,
-            "--yaml",
-            *classes,
-        ]
-    )
-    return [yaml.safe_load(path.read_text()) for path in outputs.values()]
-
-
-SOURCES = [
-    CrdSource(
-        f"KEDA {KEDA.split('@')[1]} CRD",
-        go_module_crds(
-            KEDA,
-            [
-                "config/crd/bases/keda.sh_scaledobjects.yaml",
-                "config/crd/bases/keda.sh_triggerauthentications.yaml",
-            ],
-        ),
-    ),
-    CrdSource(
-        f"prometheus-operator {PROMETHEUS_OPERATOR.split('@')[1]} CRD",
-        go_module_crds(
-            PROMETHEUS_OPERATOR,
-            [
-                "example/prometheus-operator-crd/monitoring.coreos.com_servicemonitors.yaml",
-            ],
-        ),
-    ),
-    CrdSource(f"Strimzi {STRIMZI} CRD", strimzi_crds),
-]
-
-
-def crd_schemas() -> dict[tuple[str, str], CrdSchema]:
-    """(apiVersion, kind) -> the strict schema of every served version, cached per source."""
-    schemas = {}
-    for source in SOURCES:
-        cached = CACHE / "crd-schemas" / (re.sub(r"[^\w.-]+", "_", source.label) + ".json")
-        if not cached.exists():
-            entries = [
-                [
-                    f"{crd['spec']['group']}/{version['name']}",
-                    crd["spec"]["names"]["kind"],
-                    strict(version["schema"]["openAPIV3Schema"]),
-                ]
-                for crd in source.fetch()
-                for version in crd["spec"]["versions"]
-                if version.get("served", True)
-            ]
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            partial = cached.with_suffix(".partial")
-            partial.write_text(json.dumps(entries))
-            partial.replace(cached)  # whole or absent, should a run be interrupted
-        for api_version, kind, schema in json.loads(cached.read_text()):
-            schemas[(api_version, kind)] = CrdSchema(source.label, schema)
-    return schemas
-
-
-def strict(schema: Any) -> Any:
-    """An openAPIV3Schema as JSON Schema, refusing unknown fields as the API server prunes them.
-
-    Wherever a schema lists its properties and does not keep unknown fields, others are
-    refused; `nullable` admits null; int-or-string admits both.
-    """
-    if isinstance(schema, list):
-        return [strict(item) for item in schema]
-    if not isinstance(schema, dict):
-        return schema
-    result = {
-        key: {name: strict(field) for name, field in value.items()}
-        if key == "properties"
-        else strict(value)
-        for key, value in schema.items()
-        if key != "description"  # only size in the cache
-    }
-    preserve = result.get("x-kubernetes-preserve-unknown-fields")
-    if "properties" in result and "additionalProperties" not in result and not preserve:
-        result["additionalProperties"] = False
-    if result.pop("nullable", False) and "type" in result:
-        result["type"] = [result["type"], "null"]
-    if result.get("x-kubernetes-int-or-string"):
-        result["type"] = ["integer", "string"]
-    return result
 
 
 def object_meta_validator() -> jsonschema.protocols.Validator:
