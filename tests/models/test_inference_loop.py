@@ -14,6 +14,7 @@ from kafka import TopicPartition
 
 from cache_store.memory_partition import MemoryPartitionStore
 from tests.models.checkpoint_harness import SCOPE, RecordingDelivery, records, tiny_commentator
+from worker.io.topics import TopicNames
 from worker.ops.metrics import WorkerMetrics
 from worker.runtime.checkpoint_schedule import CheckpointSchedule
 from worker.runtime.inference_loop import (
@@ -27,7 +28,7 @@ from worker.runtime.inference_loop import (
     Revoke,
     Stop,
 )
-from worker.runtime.kafka_settings import WorkerSettings
+from worker.runtime.kafka_settings import GroupSettings, WorkerSettings
 
 PARTITION = TopicPartition("in", 0)  # claimed as SCOPE
 
@@ -55,7 +56,7 @@ def _run(commentator, store, *steps: object | Callable[[], object]) -> tuple:
     """Run the loop over the script; returns its replies, delivery and metrics."""
     delivery, metrics, replies = RecordingDelivery(), WorkerMetrics(), queue.Queue()
     settings = WorkerSettings(
-        "in", "out", "group", schedule=CheckpointSchedule(4, 3600), shutdown_seconds=1.0
+        TopicNames("in", "out"), GroupSettings(shutdown_seconds=1.0), CheckpointSchedule(4, 3600)
     )
     loop = InferenceLoop(
         commentator, store, delivery, settings, metrics, ScriptedInbox(*steps), replies

@@ -25,6 +25,9 @@ from worker.io.topics import (
 )
 from worker.model.default_model import DEFAULT_MODEL
 from worker.model.loading import LoadedModel, load_model
+from worker.runtime.checkpoint_schedule import CheckpointSchedule
+from worker.runtime.kafka_settings import GroupSettings
+from worker.runtime.state_loss import StateLossPolicy
 from worker.stream.commentator import CacheSettings
 from worker.stream.policy import CommentaryPolicy
 from worker.stream.processor import BadStatePolicy, ProcessSettings
@@ -232,3 +235,44 @@ def line_key_options(
     ] = None,
 ) -> LineKeys:
     return LineKeys(stream, key_separator)
+
+
+@option_group("Checkpoints")
+def schedule_options(
+    checkpoint_every: Annotated[
+        int,
+        typer.Option(
+            envvar="STREAMSINK_CHECKPOINT_EVERY_RECORDS", help="records between checkpoints"
+        ),
+    ] = CheckpointSchedule.every_records,
+    checkpoint_every_seconds: Annotated[
+        float,
+        typer.Option(
+            envvar="STREAMSINK_CHECKPOINT_EVERY_SECONDS", help="seconds between checkpoints"
+        ),
+    ] = CheckpointSchedule.every_seconds,
+) -> CheckpointSchedule:
+    return CheckpointSchedule(checkpoint_every, checkpoint_every_seconds)
+
+
+@option_group("Kafka")
+def group_options(
+    group: Annotated[
+        str, typer.Option(envvar="STREAMSINK_GROUP", help="Kafka consumer group")
+    ] = GroupSettings.name,
+    session_timeout_ms: Annotated[
+        int, typer.Option(envvar="STREAMSINK_SESSION_TIMEOUT_MS", help="Kafka group session")
+    ] = GroupSettings.session_timeout_ms,
+    shutdown_seconds: Annotated[
+        float,
+        typer.Option(envvar="STREAMSINK_SHUTDOWN_SECONDS", help="budget of the final checkpoint"),
+    ] = GroupSettings.shutdown_seconds,
+    on_state_loss: Annotated[
+        StateLossPolicy,
+        typer.Option(
+            envvar="STREAMSINK_ON_STATE_LOSS",
+            help="Redis behind Kafka's committed offset: replay, or resume at Kafka's",
+        ),
+    ] = GroupSettings.on_state_loss,
+) -> GroupSettings:
+    return GroupSettings(group, session_timeout_ms, shutdown_seconds, on_state_loss)

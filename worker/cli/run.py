@@ -23,7 +23,9 @@ from worker.io.topics import TopicNames
 from worker.ops.health import Health, serve
 from worker.ops.logs import configure_logging
 from worker.ops.metrics import WorkerMetrics
-from worker.runtime.kafka_run import KafkaWorker, WorkerSettings
+from worker.runtime.checkpoint_schedule import CheckpointSchedule
+from worker.runtime.kafka_run import KafkaWorker
+from worker.runtime.kafka_settings import GroupSettings, WorkerSettings
 from worker.runtime.local_run import Runner, RunSettings
 from worker.stream.commentator import CacheSettings, Engine
 from worker.stream.policy import CommentaryPolicy
@@ -40,9 +42,11 @@ def run(
     cache: CacheSettings,
     policy: CommentaryPolicy,
     process: ProcessSettings,
+    schedule: CheckpointSchedule,
     keys: LineKeys,
     kafka: KafkaConnection | None,
     topics: TopicNames,
+    group: GroupSettings,
     redis: RedisSettings,
     source: Annotated[
         str, typer.Option(envvar="STREAMSINK_SOURCE", help="file:PATH, or - for stdin")
@@ -77,9 +81,11 @@ def run(
     metrics, health, stop = WorkerMetrics(), Health(), threading.Event()
     with exit_on_known_errors():
         if kafka is None:
-            start = _local_run(source, state, keys, follow, json_output, process, stop)
+            settings = RunSettings(schedule, process)
+            start = _local_run(source, state, keys, follow, json_output, settings, stop)
         else:
-            start = _kafka_run(kafka, topics, redis, process, stop)
+            settings = WorkerSettings(topics, group, schedule, process)
+            start = _kafka_run(kafka, redis, settings, stop)
             metrics_port = DEFAULT_METRICS_PORT if metrics_port is None else metrics_port
         server = None if metrics_port is None else serve(metrics, health, port=metrics_port)
         if server is not None:
@@ -101,7 +107,7 @@ def _local_run(
     keys: LineKeys,
     follow: bool,
     json_output: bool,
-    process: ProcessSettings,
+    settings: RunSettings,
     stop: threading.Event,
 ) -> Start:
     """Check the local run's inputs before the model loads; return what starts it."""
@@ -115,24 +121,20 @@ def _local_run(
 
     def start(engine: Engine, metrics: WorkerMetrics, health: Health) -> None:
         health.group_joined = True  # a local run has no group to join
-        Runner(engine, lines, output, store, RunSettings(process=process), metrics).run(stop)
+        Runner(engine, lines, output, store, settings, metrics).run(stop)
 
     return start
 
 
 def _kafka_run(
     kafka: KafkaConnection,
-    topics: TopicNames,
     redis: RedisSettings,
-    process: ProcessSettings,
+    settings: WorkerSettings,
     stop: threading.Event,
 ) -> Start:
     """Check that Redis answers before the model loads; return what starts the worker."""
     store = connect(redis)
     _stop_on_signals(stop)
-    settings = WorkerSettings(
-        topics.input, topics.output, "streamsink", topics.dead_letter, process=process
-    )
 
     def start(engine: Engine, metrics: WorkerMetrics, health: Health) -> None:
         KafkaWorker(engine, kafka, store, settings, metrics, health).run(stop)
@@ -141,13 +143,9 @@ def _kafka_run(
 
 
 def _summary_line(metrics: WorkerMetrics) -> str:
-    return (
-        f"records {metrics.value('streamsink_records'):.0f}, commentaries "
-        f"{metrics.value('streamsink_commentaries'):.0f}, streams new "
-        f"{metrics.value('streamsink_new_streams'):.0f} restored "
-        f"{metrics.value('streamsink_restored_streams'):.0f}, set aside "
-        f"{metrics.value('streamsink_dead_letter_records'):.0f}, checkpoint bytes "
-        f"{metrics.value('streamsink_checkpoint_bytes'):.0f}"
+    """The stop summary (the counters the Kafka worker also logs) as one line for a person."""
+    return ", ".join(
+        f"{name.replace('_', ' ')} {value:.0f}" for name, value in metrics.summary().items()
     )
 
 

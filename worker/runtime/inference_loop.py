@@ -139,7 +139,7 @@ class InferenceLoop:
             self.producer,
             self.settings.schedule,
             self.metrics,
-            flush_seconds=self.settings.shutdown_seconds / 2,
+            flush_seconds=self.settings.group.shutdown_seconds / 2,
         )
         self._owned[partition] = checkpointer
         log.info(
@@ -189,7 +189,7 @@ class InferenceLoop:
         checkpointer = self._owned.get(partition)
         if checkpointer is None:
             return
-        checkpointer.release(checkpoint, self.settings.shutdown_seconds, self.stopping)
+        checkpointer.release(checkpoint, self.settings.group.shutdown_seconds, self.stopping)
         self._settle(partition, checkpointer)
         self._owned.pop(partition, None)
         log.info("partition released", partition=partition.partition, checkpointed=checkpoint)

@@ -43,10 +43,8 @@ from worker.runtime.inference_loop import (
 )
 from worker.runtime.kafka_settings import WorkerSettings
 from worker.runtime.rebalance import RebalanceListener
-from worker.runtime.state_loss import StateLossPolicy, decide_seek
+from worker.runtime.state_loss import decide_seek
 from worker.stream.commentator import Commentator
-
-__all__ = ["KafkaWorker", "StateLossPolicy", "WorkerSettings"]
 
 log = structlog.get_logger("streamsink.worker")
 
@@ -67,7 +65,7 @@ class KafkaWorker:
         self.connection, self.store = connection, store
         self.settings, self.metrics, self.health = settings, metrics, health
         self.producer = OutputProducer(
-            connection, settings.output_topic, settings.dead_letter_topic
+            connection, settings.topics.output, settings.topics.dead_letter
         )
         self._to_inference: queue.Queue = queue.Queue()
         self._to_polling: queue.Queue = queue.Queue()
@@ -80,7 +78,7 @@ class KafkaWorker:
             self._to_inference,
             self._to_polling,
         )
-        self._gate = PartitionGate(settings.max_queued_batches)
+        self._gate = PartitionGate(settings.group.max_queued_batches)
         self._applied: dict[TopicPartition, int] = {}  # next offsets the inference side reported
         self._closing = False
 
@@ -91,19 +89,19 @@ class KafkaWorker:
         s = self.settings
         consumer = KafkaConsumer(
             **self.connection.client_config(),
-            group_id=s.group,
+            group_id=s.group.name,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             partition_assignment_strategy=[CooperativeStickyAssignor],
-            session_timeout_ms=s.session_timeout_ms,
-            heartbeat_interval_ms=max(100, s.session_timeout_ms // 10),
-            max_poll_records=s.max_poll_records,
+            session_timeout_ms=s.group.session_timeout_ms,
+            heartbeat_interval_ms=max(100, s.group.session_timeout_ms // 10),
+            max_poll_records=s.group.max_poll_records,
         )
         self._wait_for_topic(consumer, stop)
         inference = threading.Thread(target=self.inference.run, name="inference", daemon=True)
         inference.start()
-        consumer.subscribe([s.input_topic], listener=RebalanceListener(self))
-        log.info("worker started", group=s.group, input_topic=s.input_topic)
+        consumer.subscribe([s.topics.input], listener=RebalanceListener(self))
+        log.info("worker started", group=s.group.name, input_topic=s.topics.input)
         try:
             while not stop.is_set() and inference.is_alive():
                 self._poll_once(consumer)
@@ -127,11 +125,11 @@ class KafkaWorker:
         """Join only once the input topic's partitions are known: a group that joins before
         its members see the topic can settle on an empty assignment."""
         deadline = time.monotonic() + TOPIC_WAIT_SECONDS
-        while not consumer.partitions_for_topic(self.settings.input_topic):
+        while not consumer.partitions_for_topic(self.settings.topics.input):
             if stop.is_set() or time.monotonic() > deadline:
                 consumer.close(autocommit=False)
                 raise StreamsinkError(
-                    f"input topic {self.settings.input_topic!r} does not exist (or is not "
+                    f"input topic {self.settings.topics.input!r} does not exist (or is not "
                     "visible to this worker); create it with `streamsink topics create`"
                 )
             time.sleep(_RETRY_SECONDS)
@@ -139,11 +137,12 @@ class KafkaWorker:
     def _shut_down(self, consumer: KafkaConsumer, inference: threading.Thread) -> None:
         log.info("worker stopping: final checkpoint")
         self._to_inference.put(Stop())
-        inference.join(self.settings.shutdown_seconds)
+        inference.join(self.settings.group.shutdown_seconds)
         if inference.is_alive():
             self.inference.stopping.set()
             log.error(
-                "final checkpoint did not finish in time", seconds=self.settings.shutdown_seconds
+                "final checkpoint did not finish in time",
+                seconds=self.settings.group.shutdown_seconds,
             )
         self._handle_replies(consumer)
         self._closing = True
@@ -178,7 +177,7 @@ class KafkaWorker:
         else:
             self._applied[partition] = ready.next_offset
         committed = consumer.committed(partition)
-        seek = decide_seek(ready.next_offset, committed, self.settings.on_state_loss)
+        seek = decide_seek(ready.next_offset, committed, self.settings.group.on_state_loss)
         if seek.states_lost:
             self.metrics.errors.labels(kind="state_behind_kafka").inc()
             log.error(
@@ -186,7 +185,7 @@ class KafkaWorker:
                 partition=partition.partition,
                 redis_offset=ready.next_offset,
                 kafka_offset=committed,
-                policy=str(self.settings.on_state_loss),
+                policy=str(self.settings.group.on_state_loss),
             )
         if seek.offset is None:
             consumer.seek_to_beginning(partition)
@@ -221,7 +220,7 @@ class KafkaWorker:
         self._gate.close(revoked)
         done = threading.Event()
         self._to_inference.put(Revoke(frozenset(revoked), done))
-        if not done.wait(self.settings.shutdown_seconds):
+        if not done.wait(self.settings.group.shutdown_seconds):
             log.error("revoked partitions not checkpointed in time", partitions=sorted(revoked))
 
     def on_lost(self, lost: set[TopicPartition]) -> None:
