@@ -18,8 +18,8 @@ from worker.cli.options import JsonOption, ModelChoice, connect
 from worker.exceptions import StreamsinkError
 from worker.io.kafka_connection import KafkaConnection
 from worker.io.topics import TopicNames
+from worker.model.cache_settings import CacheSettings
 from worker.model.loading import load_model
-from worker.stream.commentator import CacheSettings
 
 
 @dataclass(frozen=True)

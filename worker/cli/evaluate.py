@@ -11,7 +11,7 @@ import typer
 from worker.cli.console import err, exit_on_known_errors
 from worker.cli.option_groups import uses_groups
 from worker.cli.options import JsonOption, ModelChoice
-from worker.stream.commentator import CacheSettings
+from worker.model.cache_settings import CacheSettings
 
 app = typer.Typer(no_args_is_help=True, help="Score texts the way the paper does.")
 

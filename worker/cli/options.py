@@ -23,12 +23,13 @@ from worker.io.topics import (
     DEFAULT_OUTPUT_TOPIC,
     TopicNames,
 )
+from worker.model.cache_settings import CacheSettings
 from worker.model.default_model import DEFAULT_MODEL
 from worker.model.loading import LoadedModel, load_model
 from worker.runtime.checkpoint_schedule import CheckpointSchedule
 from worker.runtime.kafka_settings import GroupSettings
 from worker.runtime.state_loss import StateLossPolicy
-from worker.stream.commentator import CacheSettings
+from worker.stream.chat_format import DEFAULT_INSTRUCTION, DEFAULT_REQUEST, Prompt
 from worker.stream.policy import CommentaryPolicy
 from worker.stream.processor import BadStatePolicy, ProcessSettings
 from worker.stream.records import DEFAULT_MAX_RECORD_BYTES
@@ -205,6 +206,22 @@ def policy_options(
     return CommentaryPolicy(
         every_records, every_tokens, every_seconds, max_new_tokens, temperature, seed=seed
     )
+
+
+@option_group("Commentary")
+def prompt_options(
+    instruction: Annotated[
+        str,
+        typer.Option(envvar="STREAMSINK_INSTRUCTION", help="system prompt, pinned in the cache"),
+    ] = DEFAULT_INSTRUCTION,
+    request: Annotated[
+        str,
+        typer.Option(
+            envvar="STREAMSINK_REQUEST", help="question that closes each batch of records"
+        ),
+    ] = DEFAULT_REQUEST,
+) -> Prompt:
+    return Prompt(instruction, request)
 
 
 @option_group("Records")

@@ -20,6 +20,7 @@ from worker.io.file_source import FileSource, LineKeys
 from worker.io.kafka_connection import KafkaConnection
 from worker.io.outputs import JsonLinesOutput, TextOutput
 from worker.io.topics import TopicNames
+from worker.model.cache_settings import CacheSettings
 from worker.ops.health import Health, serve
 from worker.ops.logs import configure_logging
 from worker.ops.metrics import WorkerMetrics
@@ -27,7 +28,8 @@ from worker.runtime.checkpoint_schedule import CheckpointSchedule
 from worker.runtime.kafka_run import KafkaWorker
 from worker.runtime.kafka_settings import GroupSettings, WorkerSettings
 from worker.runtime.local_run import Runner, RunSettings
-from worker.stream.commentator import CacheSettings, Engine
+from worker.stream.chat_format import Prompt
+from worker.stream.commentator import Commentator
 from worker.stream.policy import CommentaryPolicy
 from worker.stream.processor import ProcessSettings
 
@@ -41,6 +43,7 @@ def run(
     model: ModelChoice,
     cache: CacheSettings,
     policy: CommentaryPolicy,
+    prompt: Prompt,
     process: ProcessSettings,
     schedule: CheckpointSchedule,
     keys: LineKeys,
@@ -90,15 +93,15 @@ def run(
         server = None if metrics_port is None else serve(metrics, health, port=metrics_port)
         if server is not None:
             log.info("serving metrics", port=server.port)
-        engine = Engine(model.load(), cache, policy)
+        commentator = Commentator(model.load(), cache, policy, prompt)
         health.model_loaded = True
-        start(engine, metrics, health)
+        start(commentator, metrics, health)
         if server is not None:
             server.close()
     typer.echo(_summary_line(metrics), err=True)
 
 
-Start = Callable[[Engine, WorkerMetrics, Health], None]
+Start = Callable[[Commentator, WorkerMetrics, Health], None]
 
 
 def _local_run(
@@ -119,9 +122,9 @@ def _local_run(
     _stop_on_signals(stop, lines.stop)
     output = JsonLinesOutput() if json_output else TextOutput()
 
-    def start(engine: Engine, metrics: WorkerMetrics, health: Health) -> None:
+    def start(commentator: Commentator, metrics: WorkerMetrics, health: Health) -> None:
         health.group_joined = True  # a local run has no group to join
-        Runner(engine, lines, output, store, settings, metrics).run(stop)
+        Runner(commentator, lines, output, store, settings, metrics).run(stop)
 
     return start
 
@@ -136,8 +139,8 @@ def _kafka_run(
     store = connect(redis)
     _stop_on_signals(stop)
 
-    def start(engine: Engine, metrics: WorkerMetrics, health: Health) -> None:
-        KafkaWorker(engine, kafka, store, settings, metrics, health).run(stop)
+    def start(commentator: Commentator, metrics: WorkerMetrics, health: Health) -> None:
+        KafkaWorker(commentator, kafka, store, settings, metrics, health).run(stop)
 
     return start
 
