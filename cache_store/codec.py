@@ -31,7 +31,8 @@ from cache_store.state import StreamState
 FORMAT_VERSION = 1
 MAGIC = "streamsink-state"
 
-_DTYPES: dict[str, torch.dtype] = {
+# The dtypes the format stores, by the name a manifest gives them.
+DTYPES: dict[str, torch.dtype] = {
     str(dtype).removeprefix("torch."): dtype
     for dtype in (
         torch.bool,
@@ -91,11 +92,6 @@ class EncodedState:
 def block_id(data: bytes) -> str:
     """Content hash naming a block; equal bytes get equal ids, which is what dedups them."""
     return hashlib.blake2b(data, digest_size=16).hexdigest()
-
-
-def supported_dtypes() -> tuple[str, ...]:
-    """Dtype names the format stores, as written in manifests."""
-    return tuple(_DTYPES)
 
 
 def encode_state(state: StreamState) -> EncodedState:
@@ -196,10 +192,10 @@ def _tensor_bytes(tensor: Any, where: str) -> tuple[bytes, str]:
     if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided:
         raise TypeError(f"{where} must be a dense torch.Tensor, got {type(tensor).__name__}")
     dtype_name = str(tensor.dtype).removeprefix("torch.")
-    if dtype_name not in _DTYPES:
+    if dtype_name not in DTYPES:
         raise ValueError(
             f"{where} has dtype {dtype_name}, which the state format does not store; "
-            f"convert it to one of {', '.join(_DTYPES)}"
+            f"convert it to one of {', '.join(DTYPES)}"
         )
     flat = tensor.detach().cpu().contiguous().reshape(-1)
     return flat.view(torch.uint8).numpy().tobytes(), dtype_name
@@ -207,7 +203,7 @@ def _tensor_bytes(tensor: Any, where: str) -> tuple[bytes, str]:
 
 def _tensor_from(data: bytes, entry: TensorEntry) -> torch.Tensor:
     """A tensor owning a private copy of `data` (never a read-only view of the caller's bytes)."""
-    dtype = _DTYPES[entry.dtype]
+    dtype = DTYPES[entry.dtype]
     if not data:  # torch.frombuffer refuses empty buffers
         return torch.empty(entry.shape, dtype=dtype)
     flat = torch.frombuffer(bytearray(data), dtype=torch.uint8)
@@ -250,7 +246,7 @@ def _parse_entry(raw: Any, label: str) -> TensorEntry:
         raise _corrupt(label, "a tensor entry of the manifest is not a map")
     name = _field(raw, "name", str, label)
     dtype = _field(raw, "dtype", str, label)
-    if dtype not in _DTYPES:
+    if dtype not in DTYPES:
         raise _corrupt(label, f"tensor {name!r} has unknown dtype {dtype!r}")
     shape = tuple(_field(raw, "shape", list, label))
     if any(type(size) is not int or size < 0 for size in shape):
@@ -259,7 +255,7 @@ def _parse_entry(raw: Any, label: str) -> TensorEntry:
     if not _BLOCK_ID.match(block):
         raise _corrupt(label, f"tensor {name!r} names invalid block id {block!r}")
     nbytes = _field(raw, "nbytes", int, label)
-    if nbytes != math.prod(shape) * _DTYPES[dtype].itemsize:
+    if nbytes != math.prod(shape) * DTYPES[dtype].itemsize:
         raise _corrupt(label, f"tensor {name!r} claims {nbytes} bytes for shape {list(shape)}")
     return TensorEntry(name=name, dtype=dtype, shape=shape, block=block, nbytes=nbytes)
 

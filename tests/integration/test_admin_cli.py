@@ -49,6 +49,7 @@ def test_streams_list_show_export_evict_import(stored, tmp_path: Path) -> None:
     assert listed.exit_code == 0, listed.output
     (row,) = json.loads(listed.stdout)
     assert row["stream_id"] == "orders" and row["partition"] == 2 and row["epoch"] == 1
+    assert row["partition_next_offset"] == 2
     assert row["tokens_seen"] == session.tokens_seen and row["last_offset"] == 1
     assert row["next_seq"] == 1 and row["last_commentary_time"] is not None
     assert row["bytes"] > 0 and row["cache_fill"].endswith("/64")

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from cache_store.codec import (
+    DTYPES,
     FORMAT_VERSION,
     EncodedState,
     decode_state,
     encode_state,
     read_manifest,
-    supported_dtypes,
 )
 from cache_store.exceptions import (
     StateCorruptError,
@@ -76,7 +76,7 @@ def encoded() -> EncodedState:
     return encode_state(_state(tensors))
 
 
-@pytest.mark.parametrize("dtype_name", supported_dtypes())
+@pytest.mark.parametrize("dtype_name", sorted(DTYPES))
 def test_every_supported_dtype_round_trips_bit_exactly(dtype_name: str) -> None:
     original = _random_bits(getattr(torch, dtype_name), (2, 3, 5))
     decoded = _round_trip(_state({"t": original})).tensors["t"]

@@ -32,6 +32,7 @@ def describe(info: StreamInfo) -> dict[str, Any]:
         "topic": topic or None,
         "partition": int(partition) if partition.isdigit() else None,
         "epoch": info.epoch,
+        "partition_next_offset": info.partition_next_offset,
         "tokens_seen": layout.get("tokens_seen"),
         "cache_fill": f"{layout.get('length', 0)}/{layout.get('capacity', 0)}",
         "bytes": info.manifest_bytes + info.block_bytes,
