@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -14,7 +15,7 @@ import typer
 from cache_store import from_url
 from cache_store.redis.settings import RedisSettings
 from worker.cli.console import exit_on_known_errors
-from worker.cli.option_groups import uses_groups
+from worker.cli.option_groups import option_group, uses_groups
 from worker.cli.options import JsonOption, ModelChoice, connect
 from worker.io.file_source import FileSource, LineKeys
 from worker.io.kafka_connection import KafkaConnection
@@ -38,19 +39,18 @@ log = structlog.get_logger("streamsink.cli")
 DEFAULT_METRICS_PORT = 9400  # of Kafka runs; local runs serve none unless asked
 
 
-@uses_groups
-def run(
-    model: ModelChoice,
-    cache: CacheSettings,
-    policy: CommentaryPolicy,
-    prompt: Prompt,
-    process: ProcessSettings,
-    schedule: CheckpointSchedule,
-    keys: LineKeys,
-    kafka: KafkaConnection | None,
-    topics: TopicNames,
-    group: GroupSettings,
-    redis: RedisSettings,
+@dataclass(frozen=True)
+class LocalInput:
+    """What a local run reads, where it keeps its states, and how it prints."""
+
+    source: str  # file:PATH or - for stdin
+    state: str  # a state store URL: dir:PATH, memory: or a Redis URL
+    follow: bool
+    json_output: bool
+
+
+@option_group("Local run")
+def local_input_options(
     source: Annotated[
         str, typer.Option(envvar="STREAMSINK_SOURCE", help="file:PATH, or - for stdin")
     ] = "-",
@@ -65,6 +65,18 @@ def run(
         bool, typer.Option(help="wait for new lines at the end, like tail -f")
     ] = False,
     json_output: JsonOption = False,
+) -> LocalInput:
+    return LocalInput(source, state, follow, json_output)
+
+
+@dataclass(frozen=True)
+class Operations:
+    metrics_port: int | None  # None: Kafka runs serve on 9400, local runs serve nothing
+    log_level: str
+
+
+@option_group("Operations")
+def operations_options(
     metrics_port: Annotated[
         int | None,
         typer.Option(
@@ -73,6 +85,25 @@ def run(
         ),
     ] = None,
     log_level: Annotated[str, typer.Option(envvar="STREAMSINK_LOG_LEVEL")] = "info",
+) -> Operations:
+    return Operations(metrics_port, log_level)
+
+
+@uses_groups
+def run(
+    model: ModelChoice,
+    cache: CacheSettings,
+    policy: CommentaryPolicy,
+    prompt: Prompt,
+    local: LocalInput,
+    keys: LineKeys,
+    process: ProcessSettings,
+    schedule: CheckpointSchedule,
+    kafka: KafkaConnection | None,
+    topics: TopicNames,
+    group: GroupSettings,
+    redis: RedisSettings,
+    operations: Operations,
 ) -> None:
     """Comment on a file or stdin, or, with --bootstrap-servers, on a Kafka topic.
 
@@ -80,15 +111,14 @@ def run(
     the first stopped. Kafka runs join --group, keep state in Redis and move streams
     between workers without recomputation.
     """
-    configure_logging(log_level)
+    configure_logging(operations.log_level)
     metrics, health, stop = WorkerMetrics(), Health(), threading.Event()
+    metrics_port = operations.metrics_port
     with exit_on_known_errors():
         if kafka is None:
-            settings = RunSettings(schedule, process)
-            start = _local_run(source, state, keys, follow, json_output, settings, stop)
+            start = _local_run(local, keys, RunSettings(schedule, process), stop)
         else:
-            settings = WorkerSettings(topics, group, schedule, process)
-            start = _kafka_run(kafka, redis, settings, stop)
+            start = _kafka_run(kafka, redis, WorkerSettings(topics, group, schedule, process), stop)
             metrics_port = DEFAULT_METRICS_PORT if metrics_port is None else metrics_port
         server = None if metrics_port is None else serve(metrics, health, port=metrics_port)
         if server is not None:
@@ -105,22 +135,16 @@ Start = Callable[[Commentator, WorkerMetrics, Health], None]
 
 
 def _local_run(
-    source: str,
-    state: str,
-    keys: LineKeys,
-    follow: bool,
-    json_output: bool,
-    settings: RunSettings,
-    stop: threading.Event,
+    local: LocalInput, keys: LineKeys, settings: RunSettings, stop: threading.Event
 ) -> Start:
     """Check the local run's inputs before the model loads; return what starts it."""
-    path = source.removeprefix("file:")
+    path = local.source.removeprefix("file:")
     if path != "-" and not Path(path).is_file():
         raise ValueError(f"no file at {path!r}; pass --source file:PATH or - for stdin")
-    store = from_url(state)
-    lines = FileSource(path, keys, follow)
+    store = from_url(local.state)
+    lines = FileSource(path, keys, local.follow)
     _stop_on_signals(stop, lines.stop)
-    output = JsonLinesOutput() if json_output else TextOutput()
+    output = JsonLinesOutput() if local.json_output else TextOutput()
 
     def start(commentator: Commentator, metrics: WorkerMetrics, health: Health) -> None:
         health.group_joined = True  # a local run has no group to join

@@ -28,67 +28,65 @@ _SECONDS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120
 class WorkerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        r = self.registry
-        self.records = Counter("streamsink_records", "records applied to a stream", registry=r)
-        self.tokens = Counter("streamsink_tokens", "tokens fed to the model", registry=r)
-        self.prefill_tokens = Counter(
-            "streamsink_prefill_tokens",
+        self._declare_stream_metrics()
+        self._declare_state_metrics()
+        self.errors = self._counter("errors", "errors by kind", "kind")
+        self.dead_letters = self._counter(
+            "dead_letter_records", "records set aside, by reason", "reason"
+        )
+        self.streams_owned = self._gauge("streams_owned", "streams in memory")
+        self.partitions_owned = self._gauge("partitions_owned", "input partitions owned")
+        self.consumer_lag = self._gauge(
+            "consumer_lag_records", "records behind the partition's end", "partition"
+        )
+
+    def _declare_stream_metrics(self) -> None:
+        self.records = self._counter("records", "records applied to a stream")
+        self.tokens = self._counter("tokens", "tokens fed to the model")
+        self.prefill_tokens = self._counter(
+            "prefill_tokens",
             "tokens prefilled to build a stream's cache from nothing (a restore adds none)",
-            registry=r,
         )
-        self.new_streams = Counter("streamsink_new_streams", "streams started afresh", registry=r)
-        self.replayed_records = Counter(
-            "streamsink_replayed_records",
-            "records skipped because the stream's state already covers them",
-            registry=r,
+        self.new_streams = self._counter("new_streams", "streams started afresh")
+        self.replayed_records = self._counter(
+            "replayed_records", "records skipped because the stream's state already covers them"
         )
-        self.commentaries = Counter("streamsink_commentaries", "commentaries written", registry=r)
-        self.commentary_seconds = Histogram(
-            "streamsink_commentary_seconds", "time to write one commentary", buckets=_SECONDS,
-            registry=r,
-        )  # fmt: skip
-        self.dead_letters = Counter(
-            "streamsink_dead_letter_records", "records set aside, by reason", ["reason"],
-            registry=r,
-        )  # fmt: skip
-        self.errors = Counter("streamsink_errors", "errors by kind", ["kind"], registry=r)
-        self.bad_states = Counter(
-            "streamsink_bad_states", "saved states that could not be used, by kind", ["kind"],
-            registry=r,
-        )  # fmt: skip
-        self.checkpoints = Counter("streamsink_checkpoints", "checkpoints committed", registry=r)
-        self.checkpoint_seconds = Histogram(
-            "streamsink_checkpoint_seconds", "time of one checkpoint commit", buckets=_SECONDS,
-            registry=r,
-        )  # fmt: skip
-        self.checkpoint_bytes = Counter(
-            "streamsink_checkpoint_bytes", "bytes written by checkpoints", registry=r
+        self.commentaries = self._counter("commentaries", "commentaries written")
+        self.commentary_seconds = self._histogram(
+            "commentary_seconds", "time to write one commentary"
         )
-        self.restore_seconds = Histogram(
-            "streamsink_restore_seconds", "time to restore one stream", buckets=_SECONDS,
-            registry=r,
-        )  # fmt: skip
-        self.restored_streams = Counter(
-            "streamsink_restored_streams", "streams restored from saved state", registry=r
+
+    def _declare_state_metrics(self) -> None:
+        self.bad_states = self._counter(
+            "bad_states", "saved states that could not be used, by kind", "kind"
         )
-        self.fenced_writes = Counter(
-            "streamsink_fenced_writes",
+        self.checkpoints = self._counter("checkpoints", "checkpoints committed")
+        self.checkpoint_seconds = self._histogram(
+            "checkpoint_seconds", "time of one checkpoint commit"
+        )
+        self.checkpoint_bytes = self._counter("checkpoint_bytes", "bytes written by checkpoints")
+        self.restore_seconds = self._histogram("restore_seconds", "time to restore one stream")
+        self.restored_streams = self._counter(
+            "restored_streams", "streams restored from saved state"
+        )
+        self.fenced_writes = self._counter(
+            "fenced_writes",
             "checkpoint writes refused because another worker owns the partition now",
-            registry=r,
         )
-        self.replayed_outputs = Counter(
-            "streamsink_replayed_outputs",
-            "committed commentary re-sent after a takeover",
-            registry=r,
+        self.replayed_outputs = self._counter(
+            "replayed_outputs", "committed commentary re-sent after a takeover"
         )
-        self.streams_owned = Gauge("streamsink_streams_owned", "streams in memory", registry=r)
-        self.partitions_owned = Gauge(
-            "streamsink_partitions_owned", "input partitions owned", registry=r
+
+    def _counter(self, name: str, documentation: str, *labels: str) -> Counter:
+        return Counter(f"streamsink_{name}", documentation, labels, registry=self.registry)
+
+    def _gauge(self, name: str, documentation: str, *labels: str) -> Gauge:
+        return Gauge(f"streamsink_{name}", documentation, labels, registry=self.registry)
+
+    def _histogram(self, name: str, documentation: str) -> Histogram:
+        return Histogram(
+            f"streamsink_{name}", documentation, buckets=_SECONDS, registry=self.registry
         )
-        self.consumer_lag = Gauge(
-            "streamsink_consumer_lag_records", "records behind the partition's end",
-            ["partition"], registry=r,
-        )  # fmt: skip
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
