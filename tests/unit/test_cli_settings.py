@@ -42,6 +42,8 @@ def test_the_commands_share_one_declaration_of_the_kafka_and_redis_options() -> 
         assert {"--bootstrap-servers", "--sasl-password"} <= options_of(*path), path
     for path in [("run",), ("doctor",), ("streams", "list"), ("bench", "restore")]:
         assert {"--redis-url", "--redis-password", "--key-prefix"} <= options_of(*path), path
+    for path in [("run",), ("doctor",), ("bench", "decode"), ("bench", "restore")]:
+        assert {"--model", "--threads"} <= options_of(*path), path
 
 
 def test_secrets_are_hidden_when_printed() -> None:

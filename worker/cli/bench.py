@@ -44,8 +44,11 @@ def decode(
     from worker.tools.decode_bench import run_benchmark
 
     with exit_on_known_errors():
-        random = random_config is not None
-        loaded = load_random(random_config, model.device) if random else model.load()
+        if random_config is None:
+            loaded = model.load()
+        else:
+            model.use_threads()
+            loaded = load_random(random_config, model.device)
         run_benchmark(loaded, _sizes(sizes), tokens, _sizes(stream_lengths), out=typer.echo)
 
 

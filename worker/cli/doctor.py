@@ -67,6 +67,7 @@ def check_redis(redis: RedisSettings) -> Check:
 
 
 def check_model(model: ModelChoice, cache_tokens: int) -> Check:
+    threads = model.use_threads()
     try:
         loaded = load_model(model.spec, model.device)
     except (StreamsinkError, OSError, ValueError) as error:
@@ -83,7 +84,8 @@ def check_model(model: ModelChoice, cache_tokens: int) -> Check:
         "model",
         True,
         f"{loaded.name} ({loaded.model.config.model_type}, {parameters:.0f}M parameters) loads "
-        f"on {loaded.device} as {str(loaded.dtype).removeprefix('torch.')}",
+        f"on {loaded.device} as {str(loaded.dtype).removeprefix('torch.')}, "
+        f"{threads} CPU threads",
     )
 
 

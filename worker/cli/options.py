@@ -26,6 +26,7 @@ from worker.io.topics import (
 from worker.model.cache_settings import CacheSettings
 from worker.model.default_model import DEFAULT_MODEL
 from worker.model.loading import LoadedModel, load_model
+from worker.ops.cpu_threads import apply_threads, available_cpus
 from worker.runtime.checkpoint_schedule import CheckpointSchedule
 from worker.runtime.kafka_settings import GroupSettings
 from worker.runtime.state_loss import StateLossPolicy
@@ -149,9 +150,15 @@ class ModelChoice:
 
     spec: str = DEFAULT_MODEL
     device: str = "auto"
+    threads: int | None = None  # None: the CPUs this process is given
+
+    def use_threads(self) -> int:
+        """Size torch's thread pools; before the model loads, so every forward runs on them."""
+        return apply_threads(self.threads or available_cpus())
 
     def load(self) -> LoadedModel:
         """Load it with a spinner on stderr that says what is going on (fetch, convert, load)."""
+        self.use_threads()
         with err.status("loading model") as status:
             return load_model(self.spec, self.device, progress=lambda stage: status.update(stage))
 
@@ -168,8 +175,14 @@ def model_options(
     device: Annotated[
         str, typer.Option(envvar="STREAMSINK_DEVICE", help="auto, cpu or cuda")
     ] = "auto",
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            envvar="STREAMSINK_THREADS", min=1, help="torch threads (default: the CPU quota)"
+        ),
+    ] = None,
 ) -> ModelChoice:
-    return ModelChoice(model, device)
+    return ModelChoice(model, device, threads)
 
 
 @option_group("Cache")
