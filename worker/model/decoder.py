@@ -1,8 +1,8 @@
 """Tokens into sink caches, and tokens out of them: the model's forwards, and nothing else.
 
 The decoder knows caches, tokens and samplers, not streams or dialogue. Both calls take a list
-of items, one per cache; each item runs its own forward today, and the lists are where one
-batched forward over many caches will go.
+of items, one per cache. A decode step over many caches (one token each) runs as one batched
+forward (see batch_cache.py); prefill runs one forward per item.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from worker.exceptions import CacheCapacityError
+from worker.model.batch_cache import batch_forward, can_batch
 from worker.model.cache_settings import CacheSettings
 from worker.model.loading import LoadedModel
 from worker.model.sampling import Sampler
@@ -52,7 +53,14 @@ class Decoder:
     @torch.inference_mode()
     def feed(self, items: Sequence[tuple[SinkCache, torch.Tensor]]) -> list[torch.Tensor]:
         """Run each item's 1-D tokens into its cache, in pieces of at most `chunk` tokens;
-        each item's last logits [vocab]."""
+        each item's last logits [vocab].
+
+        Items of one token each (a decode step) run as one forward of them all when every cache
+        may be a row of a batch (rotary keys); otherwise (prefill, ALiBi) each runs its own.
+        """
+        if len(items) > 1 and all(can_batch(cache, tokens) for cache, tokens in items):
+            caches = [cache for cache, _ in items]
+            return list(batch_forward(self.model, caches, torch.cat([t for _, t in items])))
         return [self._feed_one(cache, tokens) for cache, tokens in items]
 
     def _feed_one(self, cache: SinkCache, tokens: torch.Tensor) -> torch.Tensor:

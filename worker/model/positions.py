@@ -66,7 +66,8 @@ class RotaryScheme(PositionScheme):
         self._tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, ...]] = {}
 
     def _table(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        """(cos, sin, inverse cos, inverse sin) for positions 0..capacity-1, made once per dtype."""
+        """(cos, sin, inverse cos, inverse sin) [capacity, dims] for positions 0..capacity-1,
+        made once per dtype."""
         key = (device, dtype)
         if key not in self._tables:
             probe = torch.zeros(1, dtype=torch.float32, device=device)
@@ -74,31 +75,41 @@ class RotaryScheme(PositionScheme):
             cos, sin = self._rotary(probe, position_ids=positions)
             cos, sin = cos[0].float(), sin[0].float()
             scale = cos.square() + sin.square()
-            self._tables[key] = tuple(
-                t.to(dtype)[None, None] for t in (cos, sin, cos / scale, sin / scale)
-            )
+            self._tables[key] = tuple(t.to(dtype) for t in (cos, sin, cos / scale, sin / scale))
         return self._tables[key]
 
-    def to_stored(self, keys: torch.Tensor, first_position: int) -> torch.Tensor:
-        """Undone in float32 (only the new keys), so a bf16 key is rounded once, when stored."""
+    def to_stored(self, keys: torch.Tensor, first_position: int | torch.Tensor) -> torch.Tensor:
+        """Undone in float32 (only the new keys), so a bf16 key is rounded once, when stored.
+
+        `first_position` is one per row ([rows]) when the rows of a batch sit at their own
+        positions."""
         _, _, inv_cos, inv_sin = self._table(keys.device, torch.float32)
-        span = slice(first_position, first_position + keys.shape[-2])
-        stored = _rotate(keys.float(), inv_cos[..., span, :], -inv_sin[..., span, :])
+        count = keys.shape[-2]
+        if isinstance(first_position, int):
+            span: slice | torch.Tensor = slice(first_position, first_position + count)
+        else:
+            span = first_position[:, None] + torch.arange(count, device=keys.device)
+        stored = _rotate(keys.float(), _rows(inv_cos, span), -_rows(inv_sin, span))
         return stored.to(keys.dtype)
 
     def rotation(
         self, positions: torch.Tensor | int, device: torch.device, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """In the model's own dtype, as its attention rotates the queries."""
+        """In the model's own dtype, as its attention rotates the queries. `positions` may be
+        [rows, keys]: each row of a batch rotated to its own positions."""
         cos, sin, _, _ = self._table(device, dtype)
-        if isinstance(positions, int):
-            return cos[..., :positions, :], sin[..., :positions, :]
-        return cos.index_select(-2, positions), sin.index_select(-2, positions)
+        index = slice(0, positions) if isinstance(positions, int) else positions
+        return _rows(cos, index), _rows(sin, index)
 
     def to_attention(
         self, stored: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor]
     ) -> torch.Tensor:
         return _rotate(stored, *rotation)
+
+
+def _rows(table: torch.Tensor, index: slice | torch.Tensor) -> torch.Tensor:
+    """The table's rows at `index` ([keys], or [rows, keys]), shaped to broadcast over heads."""
+    return table[index].unsqueeze(-3)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -48,15 +48,9 @@ class SinkCacheLayer(CacheLayerMixin):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        plan = self._owner.plan
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        scheme = self._owner.scheme
-        slots = plan.new_slots
-        self.keys.index_copy_(2, slots, scheme.to_stored(key_states, plan.length_before))
-        self.values.index_copy_(2, slots, value_states)
-        self.length = plan.length_after
-        if plan.full_ring and scheme.order_free and len(slots) == 1:
+        plan, scheme = self._owner.plan, self._owner.scheme
+        self.write(scheme.to_stored(key_states, plan.length_before), value_states)
+        if plan.full_ring and scheme.order_free and len(plan.new_slots) == 1:
             # One query attends to every slot alike: keys in slot order, rotated to each
             # slot's position, and the values as they lie. No gather, no copy of the values.
             keys, values, positions = self.keys, self.values, plan.slot_positions
@@ -64,6 +58,15 @@ class SinkCacheLayer(CacheLayerMixin):
             keys, values = self._in_position_order(plan)
             positions = plan.length_after
         return scheme.to_attention(keys, self._owner.rotation(positions, keys.dtype)), values
+
+    def write(self, stored_keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Put this step's new keys (already position-free) and values in their slots."""
+        plan = self._owner.plan
+        if not self.is_initialized:
+            self.lazy_initialization(stored_keys, values)
+        self.keys.index_copy_(2, plan.new_slots, stored_keys)
+        self.values.index_copy_(2, plan.new_slots, values)
+        self.length = plan.length_after
 
     def _in_position_order(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(plan.order, slice):
@@ -131,8 +134,7 @@ class SinkCache(Cache):
         A forward that fails after eviction has overwritten slots that the layout still counts
         as live, so the cache is marked damaged: the stream must be restored from its state.
         """
-        if self.damaged:
-            raise CacheDamagedError("this cache was damaged by a failed forward; restore its state")
+        self.require_intact()
         plan = self.layout.plan(len(input_ids), self.device)
         self.plan = plan
         self._rotation = None
@@ -150,6 +152,11 @@ class SinkCache(Cache):
         self.layout.commit(plan)
         # Kept on the cache's device: no host round trip on every decoded token.
         self.token_ids[plan.new_slots] = input_ids.to(self.device)
+
+    def require_intact(self) -> None:
+        """Refuse a cache that a failed forward left half-written."""
+        if self.damaged:
+            raise CacheDamagedError("this cache was damaged by a failed forward; restore its state")
 
     def rotation(self, positions: torch.Tensor | int, dtype: torch.dtype) -> object:
         """The scheme's rotation for this step, made by the first layer that needs it."""

@@ -1,0 +1,111 @@
+"""One batched decode forward over many sink caches gives each stream what it gets alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.models.reference import ReferenceCache
+from tests.models.tiny_models import VOCAB, tiny_configs, tiny_loaded, tiny_model
+from worker.exceptions import CacheDamagedError
+from worker.model.batch_cache import batch_forward, can_batch
+from worker.model.cache_settings import CacheSettings
+from worker.model.decoder import Decoder, GenerationRequest, forward_step
+from worker.model.positions import scheme_for
+from worker.model.sampling import Sampler
+from worker.model.sink_cache import SinkCache
+
+ARCHITECTURES = sorted(tiny_configs())
+CAPACITY, SINKS, CHUNK = 24, 4, 8
+# Rows of different lengths: short, about to fill (it evicts a few steps in), full (it evicts
+# from the first step on), and one whose ring has long turned.
+PROMPTS = (5, 19, 23, 41)
+
+
+def _ids(count: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (count,), generator=torch.Generator().manual_seed(seed))
+
+
+def _cache(model: torch.nn.Module) -> SinkCache:
+    scheme = scheme_for(model, CAPACITY)
+    return SinkCache(scheme, model.config.num_hidden_layers, CAPACITY, SINKS)
+
+
+def _reference_step(model: torch.nn.Module, cache: ReferenceCache, ids: torch.Tensor):
+    cache.make_room(len(ids))
+    return model(ids[None], past_key_values=cache, use_cache=True).logits[0, -1]
+
+
+def _batchable() -> list[str]:
+    return [name for name in ARCHITECTURES if scheme_for(tiny_model(name), CAPACITY).order_free]
+
+
+@pytest.mark.parametrize("name", _batchable())
+@torch.inference_mode()
+def test_batched_step_logits_equal_each_stream_alone_and_the_reference(name: str) -> None:
+    model = tiny_model(name)
+    prompts = [_ids(length, seed) for seed, length in enumerate(PROMPTS)]
+    batched, alone = [_cache(model) for _ in prompts], [_cache(model) for _ in prompts]
+    layers = model.config.num_hidden_layers
+    references = [ReferenceCache(model, layers, CAPACITY, SINKS) for _ in prompts]
+    for prompt, *caches in zip(prompts, batched, alone, strict=True):
+        for cache in caches:
+            for piece in prompt.split(CHUNK):
+                forward_step(model, cache, piece)
+    for prompt, reference in zip(prompts, references, strict=True):
+        for piece in prompt.split(CHUNK):
+            _reference_step(model, reference, piece)
+    tokens = _ids(len(prompts), 99)
+    for _ in range(12):
+        together = batch_forward(model, batched, tokens)
+        each = _each_alone(lambda c, t: forward_step(model, c, t)[-1], alone, tokens)
+        slow = _each_alone(lambda r, t: _reference_step(model, r, t), references, tokens)
+        torch.testing.assert_close(together, each, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(together, slow, rtol=1e-4, atol=1e-5)
+        assert together.argmax(-1).tolist() == each.argmax(-1).tolist()
+        tokens = each.argmax(-1)
+    assert [c.layout.to_meta() for c in batched] == [c.layout.to_meta() for c in alone]
+    evicted = [cache.layout.evicted_total for cache in batched]
+    assert evicted[0] == 0 and all(evicted[1:])
+
+
+def _each_alone(step, caches: list, tokens: torch.Tensor) -> torch.Tensor:
+    """Each cache's own forward of its token: the logits as rows."""
+    return torch.stack(
+        [step(cache, token[None]) for cache, token in zip(caches, tokens, strict=True)]
+    )
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt_neox-partial", "falcon-alibi", "bloom", "mpt"])
+def test_a_stream_writes_the_same_tokens_whatever_batch_it_is_in(name: str) -> None:
+    """Rows leave the batch at their own lengths; ALiBi models run one forward per item."""
+    decoder = Decoder(tiny_loaded(name), CacheSettings(sinks=SINKS, window=20, max_chunk=CHUNK))
+    prompts = [_ids(length, seed) for seed, length in enumerate(PROMPTS)]
+    caps = [9, 14, 4, 11]
+
+    def generate(rows: range) -> list[list[int]]:
+        return decoder.generate(
+            [
+                GenerationRequest(decoder.new_cache(), prompts[i], Sampler(), caps[i], frozenset())
+                for i in rows
+            ]
+        )
+
+    alone = [generate(range(i, i + 1))[0] for i in range(len(prompts))]
+    assert generate(range(2)) == alone[:2]
+    assert generate(range(len(prompts))) == alone
+    assert can_batch(decoder.new_cache(), torch.tensor([1])) == (name in _batchable())
+
+
+@torch.inference_mode()
+def test_a_damaged_row_is_refused_before_any_cache_moves() -> None:
+    model = tiny_model("llama")
+    caches = [_cache(model) for _ in range(3)]
+    for seed, cache in enumerate(caches):
+        forward_step(model, cache, _ids(CAPACITY, seed))
+    caches[2].damaged = True
+    before = [cache.layout.to_meta() for cache in caches]
+    with pytest.raises(CacheDamagedError):
+        batch_forward(model, caches, _ids(3, 7))
+    assert [cache.layout.to_meta() for cache in caches] == before
+    assert [cache.damaged for cache in caches] == [False, False, True]

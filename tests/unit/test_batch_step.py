@@ -1,0 +1,47 @@
+"""The batched decode step as data: each row's positions, rotations and mask, with no model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from worker.model.batch_step import plan_batch
+from worker.model.slot_layout import SlotLayout
+
+
+def _layout_after(tokens: int, capacity: int = 8, sinks: int = 2) -> SlotLayout:
+    layout = SlotLayout(capacity, sinks)
+    for _ in range(tokens):
+        layout.commit(layout.plan(1))
+    return layout
+
+
+def test_ragged_rows_keep_their_own_positions_and_hide_unfilled_slots() -> None:
+    layouts = [_layout_after(2), _layout_after(7), _layout_after(11)]  # short, filling, turned
+    plans = [layout.plan(1) for layout in layouts]
+    batch = plan_batch(plans, 8, torch.float32, "cpu")
+    assert batch.query_positions.tolist() == [[2], [7], [7]]
+    assert batch.first_positions.tolist() == [2, 7, 7]
+    live = batch.attention_mask[:, 0, 0] == 0
+    assert live.sum(-1).tolist() == [3, 8, 8]
+    assert live[0].tolist() == [True] * 3 + [False] * 5
+    assert batch.attention_mask.min() == torch.finfo(torch.float32).min
+    # Rows whose ring has not turned hold position i in slot i; a turned ring, its own order.
+    assert batch.slot_positions[:2].tolist() == [list(range(8))] * 2
+    assert (
+        plans[2].full_ring and batch.slot_positions[2].tolist() == plans[2].slot_positions.tolist()
+    )
+    assert sorted(batch.slot_positions[2].tolist()) == list(range(8))
+
+
+def test_the_mask_is_made_in_the_model_dtype() -> None:
+    batch = plan_batch([_layout_after(1).plan(1)], 8, torch.bfloat16, "cpu")
+    assert batch.attention_mask.dtype == torch.bfloat16
+    assert batch.attention_mask.shape == (1, 1, 1, 8)
+
+
+def test_only_one_token_per_row_is_batched() -> None:
+    with pytest.raises(ValueError, match="one new token per row"):
+        plan_batch([_layout_after(1).plan(2)], 8, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="one new token per row"):
+        plan_batch([], 8, torch.float32, "cpu")

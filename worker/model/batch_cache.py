@@ -1,0 +1,105 @@
+"""One forward of one token for each of many sink caches: a transformers Cache over their rows.
+
+Each layer writes every row's new key (stored position-free, see positions.py) and value into
+that row's own SinkCache, then gives attention every row's keys in slot order, rotated to each
+slot's position, and the values as they lie, gathered into one batch [rows, heads, capacity,
+dims]. The BatchPlan's mask hides the slots a row has not filled. Each cache plans, commits and
+is marked damaged on a failed forward through its own `step()`, exactly as when it runs alone.
+
+The rows are gathered (copied) into the batch on every step; caches that share one buffer
+per layer, a row each, would let attention read them in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import ExitStack
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from worker.model.batch_step import BatchPlan, plan_batch
+from worker.model.sink_cache import SinkCache
+
+
+class BatchCacheLayer(CacheLayerMixin):
+    """One model layer over the same layer of every row's cache."""
+
+    is_sliding = False
+
+    def __init__(self, owner: BatchCache, index: int) -> None:
+        super().__init__()
+        self._owner = owner
+        self._index = index
+        self.is_initialized = True  # the rows hold the tensors
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Nothing to make: each row's own layer makes its buffers on first use."""
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        owner = self._owner
+        rows = [cache.layers[self._index] for cache in owner.caches]
+        stored = owner.scheme.to_stored(key_states, owner.plan.first_positions)
+        for row, layer in enumerate(rows):
+            layer.write(stored[row : row + 1], value_states[row : row + 1])
+        keys = torch.cat([layer.keys for layer in rows])
+        values = torch.cat([layer.values for layer in rows])
+        return owner.scheme.to_attention(keys, owner.rotation(keys.dtype)), values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self._owner.capacity, 0
+
+    def get_seq_length(self) -> int:
+        """The longest row before the step: a batch has no one length, its position ids and its
+        mask say each row's."""
+        return max(plan.length_before for plan in self._owner.plan.plans)
+
+    def get_max_length(self) -> int:
+        return self._owner.capacity
+
+
+class BatchCache(Cache):
+    """The caches of one batched forward, row by row, and the plan that forward follows."""
+
+    def __init__(self, caches: Sequence[SinkCache], plan: BatchPlan) -> None:
+        self.caches = list(caches)
+        self.plan = plan
+        self.scheme = caches[0].scheme
+        self.capacity = caches[0].layout.capacity
+        self._rotation: object = None  # every row's key rotation, shared by every layer
+        super().__init__(layers=[BatchCacheLayer(self, i) for i in range(len(caches[0].layers))])
+
+    def rotation(self, dtype: torch.dtype) -> object:
+        if self._rotation is None:
+            positions = self.plan.slot_positions
+            self._rotation = self.scheme.rotation(positions, positions.device, dtype)
+        return self._rotation
+
+
+def can_batch(cache: SinkCache, tokens: torch.Tensor) -> bool:
+    """Whether this item may be a row of a batched decode step: one token, rotary keys."""
+    return len(tokens) == 1 and cache.scheme.order_free
+
+
+def batch_forward(
+    model: torch.nn.Module, caches: Sequence[SinkCache], tokens: torch.Tensor
+) -> torch.Tensor:
+    """One forward of tokens [rows], one per cache, each cache taking its own: logits [rows,
+    vocab]. Each cache commits its step only once the forward has succeeded."""
+    if len({id(cache) for cache in caches}) != len(caches):
+        raise ValueError("a cache can be only one row of a batched step")
+    for cache in caches:
+        cache.require_intact()  # before any cache plans: a refusal must damage none
+    with ExitStack() as steps:
+        plans = [steps.enter_context(c.step(t[None])) for c, t in zip(caches, tokens, strict=True)]
+        plan = plan_batch(plans, caches[0].layout.capacity, model.dtype, model.device)
+        out = model(
+            input_ids=tokens[:, None].to(model.device),
+            position_ids=plan.query_positions,
+            attention_mask=plan.attention_mask,
+            past_key_values=BatchCache(caches, plan),
+            use_cache=True,
+        )
+    return out.logits[:, -1]

@@ -1,0 +1,54 @@
+"""One decode forward over many sink caches, decided before the forward, like `StepPlan`.
+
+Each row is one stream's cache taking one token, with its own layout, positions and eviction
+(its own StepPlan). Every row attends over all `capacity` slots of its cache, in slot order: a
+row whose ring has turned holds a position in every slot (its plan's `slot_positions`); a row
+whose ring has not turned holds position i in slot i, and the mask hides its slots beyond its
+length. Rotary keys carry their positions, so for one query the order of the slots changes
+nothing. ALiBi's bias follows a key's index instead, so ALiBi caches are never batched.
+
+This module is pure bookkeeping (no model), so it is tested on its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from worker.model.slot_layout import StepPlan
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """What one batched decode forward gives the model and each row's cache."""
+
+    plans: tuple[StepPlan, ...]  # each row's own step, committed by its own cache
+    query_positions: torch.Tensor  # [rows, 1]: each new token's in-cache position
+    slot_positions: torch.Tensor  # [rows, capacity]: the position each key is rotated to
+    attention_mask: torch.Tensor  # [rows, 1, 1, capacity]: 0 where a slot is live, else -inf-ish
+
+    @property
+    def first_positions(self) -> torch.Tensor:
+        """[rows]: where each row's new key was computed, to store it position-free."""
+        return self.query_positions[:, 0]
+
+
+def plan_batch(
+    plans: Sequence[StepPlan], capacity: int, dtype: torch.dtype, device: torch.device | str
+) -> BatchPlan:
+    """The batch of these one-token steps over caches of `capacity` slots; the mask in the
+    model's `dtype`, as its attention adds it to the scores."""
+    if not plans or any(len(plan.new_slots) != 1 for plan in plans):
+        raise ValueError("a batched decode step takes exactly one new token per row")
+    every_slot = torch.arange(capacity, device=device)
+    slot_positions = torch.stack(
+        [plan.slot_positions.to(device) if plan.full_ring else every_slot for plan in plans]
+    )
+    lengths = torch.tensor([plan.length_after for plan in plans], device=device)
+    hidden = every_slot[None] >= lengths[:, None]
+    mask = torch.zeros(hidden.shape, dtype=dtype, device=device)
+    mask.masked_fill_(hidden, torch.finfo(dtype).min)
+    positions = torch.tensor([[plan.length_before] for plan in plans], device=device)
+    return BatchPlan(tuple(plans), positions, slot_positions, mask[:, None, None])
