@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 from typer.testing import CliRunner
 
@@ -132,3 +133,19 @@ def test_bench_prints_sink_against_recompute_for_a_random_model(tmp_path: Path) 
     }
     assert memory["100"][0] == memory["300"][0]  # the sink cache does not grow with the stream
     assert float(memory["300"][1]) > float(memory["100"][1])  # a dense one would
+
+
+def test_bench_batch_prints_sequential_batched_and_plain_side_by_side(model_dir: Path) -> None:
+    threads = torch.get_num_threads()
+    try:
+        result = CliRunner().invoke(app, ["bench", "batch", "--model", str(model_dir),
+                                          "--device", "cpu", "--threads", "1", "--streams", "1,3",
+                                          "--size", "40", "--steps", "2"])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert "1 CPU threads" in lines[0] and "full cache of 40" in lines[0]
+    rows = [line.split() for line in lines[2:]]
+    assert [row[0] for row in rows] == ["1", "3"] and all(row[3].endswith("x") for row in rows)
+    assert all(float(figure) > 0 for row in rows for figure in (row[1], row[2], row[4]))

@@ -52,6 +52,23 @@ def decode(
         run_benchmark(loaded, _sizes(sizes), tokens, _sizes(stream_lengths), out=typer.echo)
 
 
+@app.command("batch")
+@uses_groups
+def batch(
+    model: ModelChoice,
+    streams: Annotated[str, typer.Option(help="numbers of streams to compare")] = "1,4,8,16",
+    size: Annotated[int, typer.Option(help="cache size, full (every step evicts)")] = 1024,
+    steps: Annotated[int, typer.Option(help="decode steps timed per figure (median)")] = 8,
+) -> None:
+    """Decode tokens/s across streams: one forward per stream, one batched forward, and plain
+    transformers batched with a DynamicCache."""
+    from worker.tools.batch_bench import run_batch_benchmark
+
+    with exit_on_known_errors():
+        loaded = model.load()
+        run_batch_benchmark(loaded, _sizes(streams), size, steps, out=typer.echo)
+
+
 @app.command("restore")
 @uses_groups
 def restore(

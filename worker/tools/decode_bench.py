@@ -11,11 +11,7 @@ import torch
 
 from worker.model.decoder import forward_step
 from worker.model.loading import LoadedModel
-from worker.model.sink_cache import SinkCache
-from worker.tools.measure import peak_memory_mb, random_ids, timed_ms
-
-SINKS = 4
-PREFILL_CHUNK = 256
+from worker.tools.measure import filled_cache, peak_memory_mb, random_ids, timed_ms
 
 
 def run_benchmark(
@@ -43,21 +39,10 @@ def run_benchmark(
         out(f"{length:>13} {cache_mb:>14.2f} {dense_mb:>15.2f} {peak_mb:>9.1f}")
 
 
-def _new_cache(loaded: LoadedModel, capacity: int) -> SinkCache:
-    return SinkCache.for_model(loaded.model, capacity, SINKS)
-
-
-@torch.inference_mode()
-def _fill(loaded: LoadedModel, cache: SinkCache, ids: torch.Tensor) -> None:
-    for piece in ids.split(PREFILL_CHUNK):
-        forward_step(loaded.model, cache, piece, last_only=True)
-
-
 @torch.inference_mode()
 def _sink_decode_ms(loaded: LoadedModel, size: int, tokens: int) -> float:
     """One decode step in a full cache of `size`: every step evicts one token."""
-    cache = _new_cache(loaded, size)
-    _fill(loaded, cache, random_ids(loaded, size))
+    cache = filled_cache(loaded, size, size)
     next_ids = iter(random_ids(loaded, tokens + 1, seed=1).split(1))
     return timed_ms(loaded, lambda: forward_step(loaded.model, cache, next(next_ids), True), tokens)
 
@@ -70,8 +55,7 @@ def _recompute_ms(loaded: LoadedModel, size: int, repeats: int) -> float:
 
 
 def _stream_memory(loaded: LoadedModel, length: int, capacity: int) -> tuple[float, float, float]:
-    cache = _new_cache(loaded, capacity)
-    _fill(loaded, cache, random_ids(loaded, length, seed=2))
+    cache = filled_cache(loaded, capacity, length, seed=2)
     layer = cache.layers[0]
     per_token = 2 * layer.keys[:, :, :1].numel() * layer.keys.element_size() * len(cache.layers)
     cache_mb = per_token * capacity / 2**20

@@ -9,13 +9,27 @@ from collections.abc import Callable
 
 import torch
 
+from worker.model.decoder import forward_step
 from worker.model.loading import LoadedModel
+from worker.model.sink_cache import SinkCache
+
+SINKS = 4
+PREFILL_CHUNK = 256
 
 
 def random_ids(loaded: LoadedModel, count: int, seed: int = 0) -> torch.Tensor:
     """Token ids drawn from the model's vocabulary: speed does not depend on what they say."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, loaded.model.config.vocab_size, (count,), generator=generator)
+
+
+@torch.inference_mode()
+def filled_cache(loaded: LoadedModel, capacity: int, tokens: int, seed: int = 0) -> SinkCache:
+    """A sink cache of `capacity` that has taken `tokens` random tokens, in chunks."""
+    cache = SinkCache.for_model(loaded.model, capacity, SINKS)
+    for piece in random_ids(loaded, tokens, seed).split(PREFILL_CHUNK):
+        forward_step(loaded.model, cache, piece, last_only=True)
+    return cache
 
 
 def synchronize(loaded: LoadedModel) -> None:
