@@ -4,20 +4,24 @@ A worker that is assigned a partition claims it: the claim bumps the partition's
 the lease it returns is this worker's token. Every write through the lease is refused with
 FencedError once a later claim exists, so a paused or evicted worker (a zombie) cannot
 overwrite what the new owner committed. One commit carries the changed states, the next
-input offset and the commentary to deliver (the outbox), all or nothing.
+input offset and the output to deliver (the outbox: commentary and dead letters), all or
+nothing.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Protocol
 
 import msgpack
 
-from cache_store.exceptions import StateError
+from cache_store.exceptions import StateCorruptError, StateError, StateVersionError
 from cache_store.state import StreamState
 from cache_store.store import SaveReport
+
+OUTBOX_FORMAT_VERSION = 2  # 1: commentary only, [stream_id, seq, payload]
 
 
 class FencedError(StateError):
@@ -28,21 +32,65 @@ class StoreUnavailableError(StateError):
     """The store did not answer within the retry budget; nothing was lost, try again later."""
 
 
+class OutboxKind(StrEnum):
+    COMMENTARY = "commentary"
+    DEAD_LETTER = "dead_letter"
+
+
 @dataclass(frozen=True)
 class OutboxEntry:
-    """One committed commentary awaiting delivery; (stream_id, seq) identifies it."""
+    """One committed output awaiting delivery: a commentary or a dead letter.
 
-    stream_id: str
+    A commentary: (stream_id, seq) identifies it, the payload is its JSON. A dead letter is the
+    record set aside as it came: its key (stream_id, None when it had none), its offset (seq),
+    its value (payload), and why in `headers` (reason, error, source).
+    """
+
+    stream_id: str | None
     seq: int
     payload: bytes
+    kind: OutboxKind = OutboxKind.COMMENTARY
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+    @classmethod
+    def dead_letter(
+        cls, key: str | None, offset: int, value: bytes, headers: Sequence[tuple[str, bytes]]
+    ) -> OutboxEntry:
+        return cls(key, offset, value, OutboxKind.DEAD_LETTER, tuple(headers))
 
     def pack(self) -> bytes:
-        return msgpack.packb([self.stream_id, self.seq, self.payload])
+        """Commentary as [stream_id, seq, payload], which every version reads; a dead letter as
+        a map that names its format version and kind."""
+        if self.kind is OutboxKind.COMMENTARY:
+            return msgpack.packb([self.stream_id, self.seq, self.payload])
+        return msgpack.packb(
+            {
+                "v": OUTBOX_FORMAT_VERSION,
+                "kind": str(self.kind),
+                "key": self.stream_id,
+                "offset": self.seq,
+                "value": self.payload,
+                "headers": [list(header) for header in self.headers],
+            }
+        )
 
     @classmethod
     def unpack(cls, raw: bytes) -> OutboxEntry:
-        stream_id, seq, payload = msgpack.unpackb(raw)
-        return cls(stream_id, seq, payload)
+        """Either format; StateVersionError for an entry a newer streamsink wrote."""
+        try:
+            packed = msgpack.unpackb(raw)
+            if isinstance(packed, list) and len(packed) == 3:
+                return cls(*packed)
+            version, kind = packed["v"], packed["kind"]
+            if version <= OUTBOX_FORMAT_VERSION and kind == OutboxKind.DEAD_LETTER:
+                headers = [(name, value) for name, value in packed["headers"]]
+                return cls.dead_letter(packed["key"], packed["offset"], packed["value"], headers)
+        except (KeyError, TypeError, ValueError) as error:
+            raise StateCorruptError(f"an outbox entry is unreadable: {error!r}") from error
+        raise StateVersionError(
+            f"an outbox entry has format version {version} and kind {kind!r}, which this "
+            "streamsink does not know; upgrade streamsink"
+        )
 
 
 class PartitionLease(Protocol):
@@ -60,7 +108,7 @@ class PartitionLease(Protocol):
 
     @property
     def outbox(self) -> tuple[OutboxEntry, ...]:
-        """Commentary committed but not known to be delivered when the lease was taken."""
+        """Output committed but not known to be delivered when the lease was taken."""
 
     def load(self, stream_id: str, expected_fingerprint: str | None = None) -> StreamState | None:
         """The stream's committed state in this partition, or None; StateError if unusable."""

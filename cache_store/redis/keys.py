@@ -2,7 +2,7 @@
 
     P:{S}:epoch            owner token, INCR'd by each new owner of the partition
     P:{S}:offset           next input offset of the partition that the committed states cover
-    P:{S}:outbox           list of commentary committed but not yet known to be produced
+    P:{S}:outbox           list of output (commentary, dead letters) committed, not yet produced
     P:{S}:streams          set of stream ids with a state in this scope
     P:{S}:m:<stream>       the stream's manifest (codec format)
     P:{S}:bl:<stream>      set of the block ids the manifest names

@@ -6,6 +6,7 @@ import socket
 import subprocess
 import uuid
 
+import msgpack
 import pytest
 import torch
 
@@ -78,6 +79,19 @@ def test_outbox_survives_until_trimmed_and_is_handed_to_the_next_owner(store) ->
     lease.commit([_state("s", 1.0)], 3, entries)
     lease.trim_outbox(2)
     assert store.claim(SCOPE).outbox == (entries[2],)
+
+
+def test_dead_letters_share_the_outbox_and_old_entries_still_read(store) -> None:
+    lease = store.claim(SCOPE)
+    old = msgpack.packb(["s", 0, b"text 0"])  # an entry a worker of format 1 committed
+    store.client.rpush(lease.states.keys(SCOPE).outbox, old)
+    dead = OutboxEntry.dead_letter("s", 9, b"\xff\xfe", [("streamsink.reason", b"invalid_utf8")])
+    lease.commit([], 10, [OutboxEntry("s", 1, b"text 1"), dead])
+    assert store.claim(SCOPE).outbox == (
+        OutboxEntry("s", 0, b"text 0"),
+        OutboxEntry("s", 1, b"text 1"),
+        dead,
+    )
 
 
 def test_idle_ttl_applies_to_the_manifest_and_every_block(redis_service) -> None:

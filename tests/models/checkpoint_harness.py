@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from kafka import TopicPartition
 from kafka.errors import KafkaTimeoutError
 
 from cache_store.memory_partition import MemoryPartitionStore
@@ -39,17 +40,30 @@ def records(first: int, count: int) -> list[Record]:
     ]
 
 
+def with_bad_record(first: int, count: int, bad: int) -> list[Record]:
+    """`records(first, count)`, but the record at offset `bad` has no key: it is set aside."""
+    return [
+        Record(None, record.offset, b"no key at all") if record.offset == bad else record
+        for record in records(first, count)
+    ]
+
+
 class RecordingDelivery:
-    """Keeps what was flushed as (stream, seq, text); `fail` makes the next flushes fail."""
+    """Keeps what was flushed: commentary as (stream, seq, text), dead letters as (key, value,
+    headers); `fail` makes the next flushes fail."""
 
     def __init__(self, on_flush=None) -> None:
-        self.buffered: list[bytes] = []
+        self.buffered: list[tuple[str, tuple]] = []
         self.delivered: list[tuple[str, int, str]] = []
+        self.dead_letters: list[tuple[str | None, bytes, dict[str, bytes]]] = []
         self.fail = False
         self.on_flush = on_flush
 
     def send_commentary(self, stream_id: str, payload: bytes) -> None:
-        self.buffered.append(payload)
+        self.buffered.append(("commentary", (payload,)))
+
+    def send_dead_letter(self, key: str | None, value: bytes, headers) -> None:
+        self.buffered.append(("dead_letter", (key, value, dict(headers))))
 
     def flush(self, timeout: float | None = None) -> None:
         if self.on_flush is not None:
@@ -57,7 +71,11 @@ class RecordingDelivery:
         if self.fail:
             self.buffered = []
             raise KafkaTimeoutError("the output topic did not acknowledge in time")
-        self.delivered += [key_of(payload) for payload in self.buffered]
+        for kind, sent in self.buffered:
+            if kind == "commentary":
+                self.delivered.append(key_of(*sent))
+            else:
+                self.dead_letters.append(sent)
         self.buffered = []
 
 
@@ -80,4 +98,5 @@ def checkpointer(
         lambda stream_id: lease.load(stream_id, commentator.loaded.fingerprint),
         metrics,
     )
-    return PartitionCheckpointer(0, lease, processor, delivery, schedule, metrics, 1.0)
+    source = TopicPartition("in", 0)
+    return PartitionCheckpointer(source, lease, processor, delivery, schedule, metrics, 1.0)

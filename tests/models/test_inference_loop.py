@@ -13,7 +13,13 @@ import pytest
 from kafka import TopicPartition
 
 from cache_store.memory_partition import MemoryPartitionStore
-from tests.models.checkpoint_harness import SCOPE, RecordingDelivery, records, tiny_commentator
+from tests.models.checkpoint_harness import (
+    SCOPE,
+    RecordingDelivery,
+    records,
+    tiny_commentator,
+    with_bad_record,
+)
 from worker.io.topics import TopicNames
 from worker.ops.metrics import WorkerMetrics
 from worker.runtime.checkpoint_schedule import CheckpointSchedule
@@ -116,3 +122,26 @@ def test_a_lost_partition_is_dropped_without_a_write(commentator) -> None:
     assert store.partitions[SCOPE].next_offset is None and delivery.delivered == []
     assert metrics.value("streamsink_checkpoints") == 0
     assert metrics.value("streamsink_partitions_owned") == 0
+
+
+def test_a_fenced_zombie_dead_letters_nothing(commentator) -> None:
+    store = MemoryPartitionStore()
+    replies, delivery, metrics = _run(
+        commentator, store, Claim(PARTITION), lambda: store.claim(SCOPE),
+        Batch(PARTITION, with_bad_record(0, 4, bad=1)), Stop(),
+    )  # fmt: skip
+    assert metrics.value("streamsink_fenced_writes") == 1
+    assert delivery.buffered == [] and delivery.dead_letters == []
+    assert metrics.value("streamsink_dead_letter_records", reason="no_key") == 1  # still counted
+
+
+def test_a_bad_record_is_dead_lettered_once_however_often_it_is_processed(commentator) -> None:
+    store = MemoryPartitionStore()
+    batch = Batch(PARTITION, with_bad_record(0, 3, bad=1))  # not due: checkpoints every 4
+    _, lost, _ = _run(
+        commentator, store, Claim(PARTITION), batch, Lost(frozenset({PARTITION})), Stop()
+    )
+    _, owner, _ = _run(commentator, store, Claim(PARTITION), batch, Stop())
+    assert lost.buffered == [] and lost.dead_letters == []  # never committed, never sent
+    assert [(key, value) for key, value, _ in owner.dead_letters] == [(None, b"no key at all")]
+    assert store.partitions[SCOPE].outbox == []

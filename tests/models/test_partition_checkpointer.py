@@ -12,6 +12,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from cache_store.memory_partition import MemoryPartitionStore
+from cache_store.partition import OutboxKind
 from tests.models.checkpoint_harness import (
     SCOPE,
     RecordingDelivery,
@@ -19,6 +20,7 @@ from tests.models.checkpoint_harness import (
     key_of,
     records,
     tiny_commentator,
+    with_bad_record,
 )
 from worker.ops.metrics import WorkerMetrics
 from worker.runtime.checkpoint_schedule import CheckpointSchedule
@@ -108,6 +110,29 @@ def test_a_new_owner_replays_the_committed_outbox_without_regenerating(
     assert delivery.delivered == committed
     assert metrics.value("streamsink_replayed_outputs") == 2
     assert metrics.value("streamsink_commentaries") == generated
+    assert store.partitions[SCOPE].outbox == []
+
+
+def test_a_dead_letter_is_sent_once_committed_then_replayed_not_regenerated(
+    commentator, store, metrics
+) -> None:
+    failing = RecordingDelivery()
+    failing.fail = True
+    first = checkpointer(commentator, store, failing, metrics)
+    first.apply(with_bad_record(0, 5, bad=2))
+    assert failing.buffered == []  # set aside, but nothing is sent before the commit
+    assert not first.checkpoint()  # committed, then the delivery failed
+    (dead,) = [e for e in store.partitions[SCOPE].outbox if e.kind is OutboxKind.DEAD_LETTER]
+    assert (dead.stream_id, dead.seq, dead.payload) == (None, 2, b"no key at all")
+
+    delivery = RecordingDelivery()
+    second = checkpointer(commentator, store, delivery, metrics)
+    assert second.replay_outbox()
+    ((key, value, headers),) = delivery.dead_letters
+    assert (key, value) == (None, b"no key at all")
+    assert headers["streamsink.reason"] == b"no_key"
+    assert headers["streamsink.source"] == b"in/0@2"
+    assert metrics.value("streamsink_dead_letter_records", reason="no_key") == 1
     assert store.partitions[SCOPE].outbox == []
 
 

@@ -1,13 +1,15 @@
-"""The in-memory PartitionStore: epochs, fencing, the outbox, outages, exact states."""
+"""The in-memory PartitionStore: epochs, fencing, the outbox, outages, exact states; and the
+outbox entries' format every store shares."""
 
 from __future__ import annotations
 
+import msgpack
 import pytest
 import torch
 
-from cache_store.exceptions import StateForeignError
+from cache_store.exceptions import StateCorruptError, StateForeignError, StateVersionError
 from cache_store.memory_partition import MemoryPartitionStore
-from cache_store.partition import FencedError, OutboxEntry, StoreUnavailableError
+from cache_store.partition import FencedError, OutboxEntry, OutboxKind, StoreUnavailableError
 from cache_store.state import StreamState
 
 SCOPE = "in/0"
@@ -70,3 +72,27 @@ def test_an_unavailable_store_refuses_everything_until_it_is_back() -> None:
     store.available = True
     lease.commit([_state("s", 1.0)], 1)
     assert store.claim(SCOPE).next_offset == 1
+
+
+def test_outbox_entries_of_both_kinds_round_trip_and_old_entries_still_unpack() -> None:
+    commentary = OutboxEntry("s", 3, b'{"text": "ok"}')
+    dead = OutboxEntry.dead_letter(None, 7, b"\xff raw", [("streamsink.reason", b"no_key")])
+    assert dead.kind is OutboxKind.DEAD_LETTER and commentary.kind is OutboxKind.COMMENTARY
+    assert [OutboxEntry.unpack(entry.pack()) for entry in (commentary, dead)] == [commentary, dead]
+    assert commentary.pack() == msgpack.packb(["s", 3, b'{"text": "ok"}'])  # what old workers read
+    assert OutboxEntry.unpack(msgpack.packb(["s", 1, b"old"])) == OutboxEntry("s", 1, b"old")
+
+
+@pytest.mark.parametrize(
+    ("raw", "error"),
+    [
+        (msgpack.packb({"v": 3, "kind": "dead_letter"}), StateVersionError),
+        (msgpack.packb({"v": 2, "kind": "telegram"}), StateVersionError),
+        (msgpack.packb({"v": 2, "kind": "dead_letter"}), StateCorruptError),
+        (msgpack.packb(["s", 1]), StateCorruptError),
+        (b"\xc1", StateCorruptError),
+    ],
+)
+def test_an_outbox_entry_of_unknown_format_is_refused_by_name(raw: bytes, error: type) -> None:
+    with pytest.raises(error, match="outbox entry"):
+        OutboxEntry.unpack(raw)

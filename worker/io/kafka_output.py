@@ -2,12 +2,14 @@
 
 Output records are keyed by stream id, so a stream's commentary keeps its order on the output
 topic. Dead letters keep the original key and bytes, with the reason in headers, so nothing
-set aside is lost and a fixed record can be replayed from there.
+set aside is lost and a fixed record can be replayed from there. Both are produced only once
+committed, from the partition's outbox (worker/runtime/partition_checkpointer.py).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 
 from kafka import KafkaProducer
 from kafka.consumer.fetcher import ConsumerRecord
@@ -24,6 +26,17 @@ def to_record(message: ConsumerRecord) -> Record:
     except UnicodeDecodeError:
         stream_id = None
     return Record(stream_id, message.offset, message.value or b"", message.partition)
+
+
+def dead_letter_headers(
+    topic: str, record: Record, error: BadRecordError
+) -> list[tuple[str, bytes]]:
+    """Why a record was set aside, and where it came from (topic/partition@offset)."""
+    return [
+        ("streamsink.reason", error.reason.encode()),
+        ("streamsink.error", str(error).encode()),
+        ("streamsink.source", f"{topic}/{record.partition}@{record.offset}".encode()),
+    ]
 
 
 def commentary_payload(commentary: Commentary) -> bytes:
@@ -46,20 +59,17 @@ class OutputProducer:
     def send_commentary(self, stream_id: str, payload: bytes) -> None:
         self.producer.send(self.output_topic, key=stream_id.encode(), value=payload)
 
-    def send_dead_letter(self, topic: str, record: Record, error: BadRecordError) -> None:
+    def send_dead_letter(
+        self, key: str | None, value: bytes, headers: Sequence[tuple[str, bytes]]
+    ) -> None:
         """Forward a record set aside; without a dead-letter topic it is only logged."""
         if self.dead_letter_topic is None:
             return
-        headers = [
-            ("streamsink.reason", error.reason.encode()),
-            ("streamsink.error", str(error).encode()),
-            ("streamsink.source", f"{topic}/{record.partition}@{record.offset}".encode()),
-        ]
         self.producer.send(
             self.dead_letter_topic,
-            key=None if record.stream_id is None else record.stream_id.encode(),
-            value=record.value,
-            headers=headers,
+            key=None if key is None else key.encode(),
+            value=value,
+            headers=list(headers),
         )
 
     def flush(self, timeout: float | None = None) -> None:

@@ -133,9 +133,9 @@ class InferenceLoop:
         if lease is None:
             return
         checkpointer = PartitionCheckpointer(
-            partition.partition,
+            partition,
             lease,
-            self._processor(partition, lease),
+            self._processor(lease),
             self.producer,
             self.settings.schedule,
             self.metrics,
@@ -153,16 +153,13 @@ class InferenceLoop:
         self._settle(partition, checkpointer)
         self.replies.put(Ready(partition, lease.next_offset))
 
-    def _processor(self, partition: TopicPartition, lease: PartitionLease) -> StreamProcessor:
+    def _processor(self, lease: PartitionLease) -> StreamProcessor:
         fingerprint = self.commentator.loaded.fingerprint
         return StreamProcessor(
             self.commentator,
             lambda stream_id: lease.load(stream_id, fingerprint),
             self.metrics,
             self.settings.process,
-            on_reject=lambda record, error: self.producer.send_dead_letter(
-                partition.topic, record, error
-            ),
         )
 
     def _apply(self, batch: Batch) -> None:

@@ -3,32 +3,38 @@
 A checkpoint (ARCHITECTURE.md, "The checkpoint protocol"), in order:
 
 1. commit, in one call fenced on the lease's epoch: the changed streams' states, the next
-   input offset, and the commentary produced since the last checkpoint (the outbox);
+   input offset, and the output since the last checkpoint (the outbox): commentary, and the
+   dead letters of the records set aside;
 2. deliver: produce the committed outbox, flush, then trim it (fenced too); a replay
-   re-sends the committed text, it never generates it again;
+   re-sends the committed entries, it never generates them again;
 3. the owner commits the Kafka offset `take_offset_to_commit` hands it (lag, autoscaling).
 
-Commentary is only delivered once committed, so what consumers see is always covered by a
-state a successor restores. A fenced write means another worker owns the partition: the
-checkpointer sets `fenced` and does nothing more, and its owner drops it.
+Output is only delivered once committed, so what consumers see is always covered by a state
+a successor restores, and a record processed again after a takeover is dead-lettered once.
+A fenced write means another worker owns the partition: the checkpointer sets `fenced` and
+does nothing more, and its owner drops it.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from typing import Protocol
 
 import structlog
+from kafka import TopicPartition
 from kafka.errors import KafkaError
 
 from cache_store.partition import (
     FencedError,
     OutboxEntry,
+    OutboxKind,
     PartitionLease,
     StoreUnavailableError,
 )
-from worker.io.kafka_output import commentary_payload
+from worker.exceptions import BadRecordError
+from worker.io.kafka_output import commentary_payload, dead_letter_headers
 from worker.ops.metrics import WorkerMetrics
 from worker.runtime.checkpoint_schedule import CheckpointClock, CheckpointSchedule
 from worker.stream.processor import StreamProcessor
@@ -40,20 +46,27 @@ RETRY_SECONDS = 1.0  # pause between attempts of a release while the store is un
 
 
 class Delivery(Protocol):
-    """Where committed commentary goes; OutputProducer is one."""
+    """Where committed output goes; OutputProducer is one."""
 
     def send_commentary(self, stream_id: str, payload: bytes) -> None: ...
+
+    def send_dead_letter(
+        self, key: str | None, value: bytes, headers: Sequence[tuple[str, bytes]]
+    ) -> None: ...
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until everything sent is acknowledged; raises KafkaError if it is not."""
 
 
 class PartitionCheckpointer:
-    """One owned partition: its lease, its streams, and commentary not yet delivered."""
+    """One owned partition: its lease, its streams, and output not yet delivered.
+
+    The records its processor sets aside join the outbox as dead letters.
+    """
 
     def __init__(
         self,
-        partition: int,
+        source: TopicPartition,
         lease: PartitionLease,
         processor: StreamProcessor,
         delivery: Delivery,
@@ -61,7 +74,9 @@ class PartitionCheckpointer:
         metrics: WorkerMetrics,
         flush_seconds: float,
     ) -> None:
-        self.partition, self.lease, self.processor = partition, lease, processor
+        self.topic, self.partition = source.topic, source.partition
+        self.lease, self.processor = lease, processor
+        processor.on_reject = self._set_aside
         self.delivery, self.metrics, self.flush_seconds = delivery, metrics, flush_seconds
         self.next_offset = lease.next_offset  # after the last record applied
         self.committed_offset = lease.next_offset  # what the last commit recorded
@@ -109,7 +124,7 @@ class PartitionCheckpointer:
         if not self._undelivered:
             return True
         for entry in self._undelivered:
-            self.delivery.send_commentary(entry.stream_id, entry.payload)
+            self._send(entry)
         try:
             self.delivery.flush(timeout=self.flush_seconds)
             self.lease.trim_outbox(len(self._undelivered))
@@ -184,6 +199,19 @@ class PartitionCheckpointer:
 
     def _queue(self, produced: list[Commentary]) -> None:
         self._pending += [OutboxEntry(c.stream_id, c.seq, commentary_payload(c)) for c in produced]
+
+    def _set_aside(self, record: Record, error: BadRecordError) -> None:
+        """Dead-letter a record once committed, so a replay or a zombie sends no other copy."""
+        headers = dead_letter_headers(self.topic, record, error)
+        self._pending.append(
+            OutboxEntry.dead_letter(record.stream_id, record.offset, record.value, headers)
+        )
+
+    def _send(self, entry: OutboxEntry) -> None:
+        if entry.kind is OutboxKind.DEAD_LETTER:
+            self.delivery.send_dead_letter(entry.stream_id, entry.payload, entry.headers)
+        else:
+            self.delivery.send_commentary(entry.stream_id, entry.payload)
 
     def _fence(self, error: FencedError) -> None:
         """Another worker owns the partition: stop here, keep nothing this worker computed."""

@@ -53,13 +53,14 @@ class StreamProcessor:
         load_state: StateLoader,
         metrics: WorkerMetrics,
         settings: ProcessSettings = ProcessSettings(),
-        on_reject: RejectHandler | None = None,
     ) -> None:
         self.commentator = commentator
         self.load_state = load_state
         self.metrics = metrics
         self.settings = settings
-        self.on_reject = on_reject
+        # Where a record set aside goes besides the log and the count: the Kafka run's
+        # checkpointer sets it, to dead-letter the record once the partition commits.
+        self.on_reject: RejectHandler | None = None
         self.sessions: dict[str, StreamSession] = {}
         self.skipped_streams: set[str] = set()
         self.dirty: set[str] = set()
