@@ -23,17 +23,8 @@ from tests.models.checkpoint_harness import (
 from worker.io.topics import TopicNames
 from worker.ops.metrics import WorkerMetrics
 from worker.runtime.checkpoint_schedule import CheckpointSchedule
-from worker.runtime.inference_loop import (
-    Batch,
-    Claim,
-    CommitOffset,
-    InferenceLoop,
-    Lost,
-    Progress,
-    Ready,
-    Revoke,
-    Stop,
-)
+from worker.runtime.inbox import Batch, Claim, Inbox, Lost, Revoke, Stop
+from worker.runtime.inference_loop import CommitOffset, InferenceLoop, Progress, Ready
 from worker.runtime.kafka_settings import GroupSettings, WorkerSettings
 
 PARTITION = TopicPartition("in", 0)  # claimed as SCOPE
@@ -58,18 +49,34 @@ def commentator():
     return tiny_commentator()
 
 
-def _run(commentator, store, *steps: object | Callable[[], object]) -> tuple:
-    """Run the loop over the script; returns its replies, delivery and metrics."""
-    delivery, metrics, replies = RecordingDelivery(), WorkerMetrics(), queue.Queue()
+class SlowClaims(MemoryPartitionStore):
+    """Each claim waits until `proceed` is set: what the loop is sent meanwhile queues up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.claiming, self.proceed = threading.Event(), threading.Event()
+
+    def claim(self, scope: str):
+        self.claiming.set()
+        self.proceed.wait(10)
+        return super().claim(scope)
+
+
+def _loop(commentator, store, inbox) -> tuple[InferenceLoop, RecordingDelivery, queue.Queue]:
+    delivery, replies = RecordingDelivery(), queue.Queue()
     settings = WorkerSettings(
         TopicNames("in", "out"), GroupSettings(shutdown_seconds=1.0), CheckpointSchedule(4, 3600)
     )
-    loop = InferenceLoop(
-        commentator, store, delivery, settings, metrics, ScriptedInbox(*steps), replies
-    )
+    loop = InferenceLoop(commentator, store, delivery, settings, WorkerMetrics(), inbox, replies)
+    return loop, delivery, replies
+
+
+def _run(commentator, store, *steps: object | Callable[[], object]) -> tuple:
+    """Run the loop over the script; returns its replies, delivery and metrics."""
+    loop, delivery, replies = _loop(commentator, store, ScriptedInbox(*steps))
     loop.run()
     assert loop.failure is None
-    return list(replies.queue), delivery, metrics
+    return list(replies.queue), delivery, loop.metrics
 
 
 def test_applied_offsets_and_committed_offsets_are_reported(commentator) -> None:
@@ -145,3 +152,24 @@ def test_a_bad_record_is_dead_lettered_once_however_often_it_is_processed(commen
     assert lost.buffered == [] and lost.dead_letters == []  # never committed, never sent
     assert [(key, value) for key, value, _ in owner.dead_letters] == [(None, b"no key at all")]
     assert store.partitions[SCOPE].outbox == []
+
+
+@pytest.mark.parametrize("gone", ["revoked", "lost"])
+def test_a_partition_that_is_gone_is_not_applied_any_further(commentator, gone: str) -> None:
+    store, inbox, done = SlowClaims(), Inbox(), threading.Event()
+    loop, _, replies = _loop(commentator, store, inbox)
+    thread = threading.Thread(target=loop.run)
+    thread.start()
+    inbox.put(Claim(PARTITION))
+    assert store.claiming.wait(10)  # the loop waits in its claim while the rest arrives
+    for first in (0, 2, 4):
+        inbox.put(Batch(PARTITION, records(first, 2)))
+    partitions = frozenset({PARTITION})
+    inbox.put(Revoke(partitions, done) if gone == "revoked" else Lost(partitions))
+    inbox.put(Stop())
+    store.proceed.set()
+    thread.join(30)
+    assert loop.failure is None and not thread.is_alive()
+    assert list(replies.queue) == [Ready(PARTITION, None)]  # no batch was applied
+    assert loop.metrics.value("streamsink_records") == 0
+    assert done.is_set() == (gone == "revoked")

@@ -1,7 +1,7 @@
 """The Kafka worker's inference thread: one PartitionCheckpointer per owned partition.
 
-Messages come in the order the polling thread saw things happen (claim, batches, revoke,
-lost, stop); replies tell it where a claimed partition's state stops (Ready), how far each
+Messages come through the Inbox (inbox.py: in order, but revokes and losses first); replies
+tell the polling thread where a claimed partition's state stops (Ready), how far each
 partition is applied (Progress, for lag) and which offsets it may commit (CommitOffset).
 The checkpointers are this thread's alone.
 """
@@ -18,40 +18,13 @@ from kafka import TopicPartition
 from cache_store.partition import PartitionLease, PartitionStore, StoreUnavailableError
 from worker.io.kafka_output import OutputProducer
 from worker.ops.metrics import WorkerMetrics
+from worker.runtime.inbox import Batch, Claim, Inbox, Lost, Revoke, Stop
 from worker.runtime.kafka_settings import WorkerSettings
 from worker.runtime.partition_checkpointer import RETRY_SECONDS, PartitionCheckpointer
 from worker.stream.commentator import Commentator
 from worker.stream.processor import StreamProcessor
-from worker.stream.records import Record
 
 log = structlog.get_logger("streamsink.worker")
-
-
-# Messages to the inference thread.
-@dataclass(frozen=True)
-class Claim:
-    partition: TopicPartition
-
-
-@dataclass(frozen=True)
-class Batch:
-    partition: TopicPartition
-    records: list[Record]
-
-
-@dataclass(frozen=True)
-class Revoke:
-    partitions: frozenset[TopicPartition]
-    done: threading.Event
-
-
-@dataclass(frozen=True)
-class Lost:
-    partitions: frozenset[TopicPartition]
-
-
-class Stop:
-    pass
 
 
 # Replies to the polling thread.
@@ -83,7 +56,7 @@ class InferenceLoop:
         producer: OutputProducer,
         settings: WorkerSettings,
         metrics: WorkerMetrics,
-        inbox: queue.Queue,
+        inbox: Inbox,
         replies: queue.Queue,
     ) -> None:
         self.commentator, self.store, self.producer = commentator, store, producer

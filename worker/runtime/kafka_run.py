@@ -7,10 +7,12 @@ commits offsets. It never waits on the model, so a slow step never drops the wor
 its group. The checkpoint protocol of each partition (ARCHITECTURE.md) is the inference
 thread's business, one PartitionCheckpointer per partition.
 
-kafka-python calls the rebalance listener on its IO thread. A revoke waits there, bounded by
-the shutdown budget, until the inference thread has checkpointed the revoked partitions, so
-the next owner finds them complete; a lost partition (this worker was evicted) is dropped
-without a write, since its epoch is stale anyway.
+kafka-python calls the rebalance listener on its IO thread, the one that also heartbeats. A
+revoke is awaited there (rebalance.py), bounded by the shutdown budget, until the inference
+thread has checkpointed the revoked partitions, so the next owner finds them complete, while
+heartbeats go on; a lost partition (this worker was evicted) is dropped without a write, since
+its epoch is stale anyway. Either goes ahead of the batches queued for inference, which are
+dropped (inbox.py).
 """
 
 from __future__ import annotations
@@ -31,18 +33,10 @@ from worker.io.kafka_output import OutputProducer, to_record
 from worker.ops.health import Health
 from worker.ops.metrics import WorkerMetrics
 from worker.runtime.backpressure import PartitionGate
-from worker.runtime.inference_loop import (
-    Batch,
-    Claim,
-    InferenceLoop,
-    Lost,
-    Progress,
-    Ready,
-    Revoke,
-    Stop,
-)
+from worker.runtime.inbox import Batch, Claim, Inbox, Lost, Revoke, Stop
+from worker.runtime.inference_loop import InferenceLoop, Progress, Ready
 from worker.runtime.kafka_settings import WorkerSettings
-from worker.runtime.rebalance import RebalanceListener
+from worker.runtime.rebalance import Handoff, RebalanceListener
 from worker.runtime.state_loss import decide_seek
 from worker.stream.commentator import Commentator
 
@@ -67,7 +61,7 @@ class KafkaWorker:
         self.producer = OutputProducer(
             connection, settings.topics.output, settings.topics.dead_letter
         )
-        self._to_inference: queue.Queue = queue.Queue()
+        self._to_inference = Inbox()
         self._to_polling: queue.Queue = queue.Queue()
         self.inference = InferenceLoop(
             commentator,
@@ -205,7 +199,8 @@ class KafkaWorker:
     # The rebalance listener (kafka-python's IO thread) ----------------------------------------
 
     # Only queues and flags here: calling into the consumer from its own IO thread can
-    # deadlock with the polling thread, which holds the consumer's locks while it waits.
+    # deadlock with the polling thread, which holds the consumer's locks while it waits;
+    # and nothing here may wait, or the heartbeats wait with it.
     def on_assigned(self, added: set[TopicPartition]) -> None:
         self.health.group_joined = True
         log.info("group joined", added=sorted(p.partition for p in added))
@@ -213,15 +208,15 @@ class KafkaWorker:
             log.info("partition assigned", partition=partition.partition)
             self._to_inference.put(Claim(partition))
 
-    def on_revoked(self, revoked: set[TopicPartition]) -> None:
+    def on_revoked(self, revoked: set[TopicPartition]) -> Handoff | None:
+        """Hand the revoke to the inference thread; the listener awaits the handoff."""
         if self._closing or not revoked:
-            return  # closing: everything was checkpointed already
+            return None  # closing: everything was checkpointed already
         log.info("partitions revoked", partitions=sorted(p.partition for p in revoked))
         self._gate.close(revoked)
-        done = threading.Event()
-        self._to_inference.put(Revoke(frozenset(revoked), done))
-        if not done.wait(self.settings.group.shutdown_seconds):
-            log.error("revoked partitions not checkpointed in time", partitions=sorted(revoked))
+        handoff = Handoff(self.settings.group.shutdown_seconds)
+        self._to_inference.put(Revoke(frozenset(revoked), handoff))
+        return handoff
 
     def on_lost(self, lost: set[TopicPartition]) -> None:
         log.warning("partitions lost", partitions=sorted(p.partition for p in lost))
