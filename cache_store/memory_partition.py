@@ -42,6 +42,9 @@ class MemoryPartitionStore:
             self, scope, partition.epoch, partition.next_offset, tuple(partition.outbox)
         )
 
+    def ping(self) -> None:
+        self.check_available()
+
     def close(self) -> None:
         """Nothing to release."""
 

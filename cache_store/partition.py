@@ -32,6 +32,10 @@ class StoreUnavailableError(StateError):
     """The store did not answer within the retry budget; nothing was lost, try again later."""
 
 
+class StoreRefusedError(StoreUnavailableError):
+    """The store answered but refused this client (its credentials): waiting will not help."""
+
+
 class OutboxKind(StrEnum):
     COMMENTARY = "commentary"
     DEAD_LETTER = "dead_letter"
@@ -133,6 +137,9 @@ class PartitionStore(Protocol):
 
     def claim(self, scope: str) -> PartitionLease:
         """Become the owner of `scope`; every earlier lease of it is fenced off from now on."""
+
+    def ping(self) -> None:
+        """Return once the store answers; StoreUnavailableError if it does not."""
 
     def close(self) -> None:
         """Release connections; the leases taken from this store are unusable afterwards."""

@@ -10,7 +10,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from cache_store.partition import StoreUnavailableError
+from cache_store.partition import StoreRefusedError, StoreUnavailableError
 
 
 def connect(url: str, password: str | None, retry_seconds: float) -> redis.Redis:
@@ -51,6 +51,6 @@ def redis_errors() -> Iterator[None]:
     try:
         yield
     except redis.AuthenticationError as error:
-        raise StoreUnavailableError(f"Redis refused the credentials: {error}") from error
+        raise StoreRefusedError(f"Redis refused the credentials: {error}") from error
     except (redis.ConnectionError, redis.TimeoutError) as error:
         raise StoreUnavailableError(f"Redis is unavailable: {error}") from error

@@ -1,4 +1,5 @@
-"""Session-wide real services: one Kafka broker and one Redis server for all integration tests."""
+"""Session-wide real services (one Kafka broker, one Redis server) for all integration tests,
+per-test clusters on them, and the reference run the worker scenarios compare with."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.integration.cluster import Cluster
 from tests.integration.services import KafkaService, RedisService
+from tests.integration.worker_harness import EXPECTED
 
 
 @pytest.fixture(scope="session")
@@ -23,3 +26,32 @@ def redis_service(tmp_path_factory) -> Iterator[RedisService]:
     service.start()
     yield service
     service.stop()
+
+
+@pytest.fixture
+def cluster(kafka_service, redis_service, tmp_path):
+    clusters: list[Cluster] = []
+
+    def make(label: str) -> Cluster:
+        clusters.append(Cluster(label, kafka_service, redis_service, tmp_path))
+        return clusters[-1]
+
+    yield make
+    for c in clusters:
+        c.close()
+
+
+@pytest.fixture(scope="session")
+def reference(kafka_service, redis_service, tmp_path_factory) -> dict[tuple[str, int], str]:
+    """(stream, seq) -> text from one worker that ran from start to end without moving."""
+    c = Cluster("reference", kafka_service, redis_service, tmp_path_factory.mktemp("ref"))
+    try:
+        c.produce()
+        worker = c.worker("only")
+        records = c.wait_for(EXPECTED)
+        assert worker.terminate() == 0
+    finally:
+        c.close()
+    texts = {(r["stream_id"], r["seq"]): r["text"] for r in records}
+    assert set(texts) == EXPECTED and all(texts.values())
+    return texts

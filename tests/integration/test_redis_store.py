@@ -11,7 +11,12 @@ import pytest
 import torch
 
 from cache_store.exceptions import StateCorruptError, StateForeignError
-from cache_store.partition import FencedError, OutboxEntry, StoreUnavailableError
+from cache_store.partition import (
+    FencedError,
+    OutboxEntry,
+    StoreRefusedError,
+    StoreUnavailableError,
+)
 from cache_store.redis.scoped import ORPHAN_BLOCK_SECONDS
 from cache_store.redis.store import RedisStore
 from cache_store.state import StreamState
@@ -135,7 +140,7 @@ def test_auth_password_is_used_and_a_refusal_is_a_clear_error(tmp_path) -> None:
         assert store.load("s") is not None
         store.close()
         for password in (None, "wrong"):
-            with pytest.raises(StoreUnavailableError, match="refused the credentials"):
+            with pytest.raises(StoreRefusedError, match="refused the credentials"):
                 RedisStore(server.url, password=password).ping()
         with_url = RedisStore(server.url.replace("redis://", "redis://:s3cret@"))
         assert with_url.list_streams() == ["s"]

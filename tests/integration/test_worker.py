@@ -8,116 +8,19 @@ the streams moved between workers.
 from __future__ import annotations
 
 import signal
-import urllib.error
-import urllib.request
-import uuid
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
 from cache_store.redis.store import RedisStore
 from cache_store.state import StreamState
-from tests.integration.worker_harness import (
-    EXPECTED,
-    STREAMS,
-    Topics,
-    Worker,
-    commentary,
-    create_topics,
-    produce_lines,
-    read_topic,
-    wait_for_commentary,
-)
+from tests.integration.cluster import check_against, sample, scrape
+from tests.integration.worker_harness import EXPECTED, STREAMS, commentary, read_topic
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
 HALF = slice(0, 8)
 REST = slice(8, None)
-
-
-def _name(label: str) -> str:
-    return f"{label}-{uuid.uuid4().hex[:8]}"
-
-
-class Cluster:
-    """Topics, a group and a key prefix of their own for one scenario."""
-
-    def __init__(self, label: str, kafka, redis, log_dir: Path) -> None:
-        self.name = _name(label)
-        self.bootstrap, self.redis_url = kafka.bootstrap, redis.url
-        self.topics: Topics = create_topics(self.bootstrap, self.name)
-        self.log_dir = log_dir
-        self.workers: list[Worker] = []
-
-    def worker(self, label: str, *extra: str) -> Worker:
-        worker = Worker(
-            f"{self.name}-{label}",
-            self.log_dir,
-            self.bootstrap,
-            self.redis_url,
-            self.topics,
-            group=self.name,
-            prefix=self.name,
-            extra=list(extra),
-        )
-        self.workers.append(worker)
-        return worker
-
-    def produce(self, part: slice = slice(None)) -> None:
-        produce_lines(self.bootstrap, self.topics.input, part)
-
-    def wait_for(self, wanted: set[tuple[str, int]]) -> list[dict]:
-        return wait_for_commentary(self.bootstrap, self.topics.output, wanted)
-
-    def close(self) -> None:
-        for worker in self.workers:
-            worker.stop_quietly()
-
-
-@pytest.fixture
-def cluster(kafka_service, redis_service, tmp_path):
-    clusters: list[Cluster] = []
-
-    def make(label: str) -> Cluster:
-        clusters.append(Cluster(label, kafka_service, redis_service, tmp_path))
-        return clusters[-1]
-
-    yield make
-    for c in clusters:
-        c.close()
-
-
-@pytest.fixture(scope="module")
-def reference(kafka_service, redis_service, tmp_path_factory) -> dict[tuple[str, int], str]:
-    """(stream, seq) -> text from one worker that ran from start to end without moving."""
-    c = Cluster("reference", kafka_service, redis_service, tmp_path_factory.mktemp("ref"))
-    try:
-        c.produce()
-        worker = c.worker("only")
-        records = c.wait_for(EXPECTED)
-        assert worker.terminate() == 0
-    finally:
-        c.close()
-    texts = {(r["stream_id"], r["seq"]): r["text"] for r in records}
-    assert set(texts) == EXPECTED and all(texts.values())
-    return texts
-
-
-def _check_against(reference: dict, records: list[dict]) -> None:
-    """Same text per (stream, seq); every input offset covered; repeats carry a known seq."""
-    by_key: dict[tuple[str, int], set[str]] = {}
-    for r in records:
-        by_key.setdefault((r["stream_id"], r["seq"]), set()).add(r["text"])
-    assert set(by_key) == set(reference)
-    for key, texts in by_key.items():
-        assert texts == {reference[key]}, key
-    for stream, lines in STREAMS.items():
-        seqs = sorted({r["seq"] for r in records if r["stream_id"] == stream})
-        assert seqs == list(range(len(lines) // 4))
-        spans = {(r["first_offset"], r["last_offset"]) for r in records if r["stream_id"] == stream}
-        covered = sorted(o for first, last in spans for o in range(first, last + 1))
-        assert len(covered) == len(set(covered)) == len(lines), (stream, spans)
 
 
 def test_round_trip_in_order_with_seq_offsets_and_dead_letters(cluster, reference) -> None:
@@ -143,7 +46,7 @@ def test_round_trip_in_order_with_seq_offsets_and_dead_letters(cluster, referenc
         assert [r["seq"] for r in items] == sorted(r["seq"] for r in items), stream
         assert [r["first_offset"] for r in items] == sorted(r["first_offset"] for r in items)
         assert {"text", "model", "time", "last_offset"} <= set(items[0])
-    _check_against(reference, records)
+    check_against(reference, records)
     dead = read_topic(c.bootstrap, c.topics.dead_letter)
     reasons = Counter(dict(m.headers)["streamsink.reason"].decode() for m in dead)
     assert reasons == {"no_key": 1, "invalid_utf8": 1, "too_large": 1}
@@ -167,7 +70,7 @@ def test_sigkill_mid_stream_the_other_worker_finishes_identically(cluster, refer
         "the survivor to take the killed worker's partitions",
     )
     records = c.wait_for(EXPECTED)
-    _check_against(reference, records)
+    check_against(reference, records)
     assert second.terminate() == 0
 
 
@@ -182,7 +85,7 @@ def test_graceful_handoff_restores_with_zero_prefill(cluster, reference) -> None
     c.produce(REST)
     records = c.wait_for(EXPECTED)
     assert second.terminate() == 0
-    _check_against(reference, records)
+    check_against(reference, records)
     took_over = second.summary()
     assert took_over["restored_streams"] == len(STREAMS)
     assert took_over["prefill_tokens"] == 0
@@ -211,7 +114,7 @@ def test_a_paused_zombie_writes_nothing_that_sticks(cluster, reference) -> None:
     )
     assert zombie.terminate() == 0
     assert successor.terminate() == 0
-    _check_against(reference, commentary(c.bootstrap, c.topics.output))
+    check_against(reference, commentary(c.bootstrap, c.topics.output))
 
 
 def test_redis_and_kafka_restarts_lose_nothing(cluster, reference, kafka_service, redis_service):
@@ -225,7 +128,7 @@ def test_redis_and_kafka_restarts_lose_nothing(cluster, reference, kafka_service
     c.produce(REST)
     records = c.wait_for(EXPECTED)
     assert worker.terminate() == 0
-    _check_against(reference, records)
+    check_against(reference, records)
 
 
 def test_unusable_states_are_reported_and_their_records_set_aside(cluster, redis_service) -> None:
@@ -273,39 +176,26 @@ def test_unusable_states_are_reported_and_their_records_set_aside(cluster, redis
     assert {r["stream_id"] for r in late} == {healthy}
 
 
-def _scrape(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-
-
-def _sample(text: str, name: str) -> float:
-    lines = [line for line in text.splitlines() if line.startswith(name + " ")]
-    return float(lines[0].split()[-1]) if lines else 0.0
-
-
 def test_metrics_of_a_running_worker_move_and_it_reports_ready(cluster) -> None:
     c = cluster("metrics")
     worker = c.worker("one")
     worker.wait_for_event("serving metrics")
     port = next(e["port"] for e in worker.events() if e.get("event") == "serving metrics")
     worker.wait_for_event("partition assigned")
-    worker.wait_for(lambda _: _scrape(port, "/readyz")[0] == 200, "readiness")
-    before = _scrape(port, "/metrics")[1]
-    assert _sample(before, "streamsink_records_total") == 0
+    worker.wait_for(lambda _: scrape(port, "/readyz")[0] == 200, "readiness")
+    before = scrape(port, "/metrics")[1]
+    assert sample(before, "streamsink_records_total") == 0
     c.produce(HALF)
     c.wait_for({(stream, 1) for stream in STREAMS})
     worker.wait_for(
-        lambda _: _sample(_scrape(port, "/metrics")[1], "streamsink_checkpoints_total") > 0,
+        lambda _: sample(scrape(port, "/metrics")[1], "streamsink_checkpoints_total") > 0,
         "a checkpoint",
     )
-    after = _scrape(port, "/metrics")[1]
-    assert _sample(after, "streamsink_records_total") == 32
-    assert _sample(after, "streamsink_commentaries_total") == 8
-    assert _sample(after, "streamsink_tokens_total") > 32
-    assert _sample(after, "streamsink_partitions_owned") == 4
-    assert _sample(after, "streamsink_checkpoint_bytes_total") > 0
-    assert _scrape(port, "/healthz")[0] == 200
+    after = scrape(port, "/metrics")[1]
+    assert sample(after, "streamsink_records_total") == 32
+    assert sample(after, "streamsink_commentaries_total") == 8
+    assert sample(after, "streamsink_tokens_total") > 32
+    assert sample(after, "streamsink_partitions_owned") == 4
+    assert sample(after, "streamsink_checkpoint_bytes_total") > 0
+    assert scrape(port, "/healthz")[0] == 200
     assert worker.terminate() == 0

@@ -37,6 +37,18 @@ def test_ready_only_once_the_model_is_loaded_and_the_group_joined(served) -> Non
     assert _get(port, "/readyz") == (200, "ready\n")
 
 
+def test_not_ready_while_cut_off_from_a_service_and_ready_again_after(served) -> None:
+    _, health, port = served
+    health.model_loaded = health.group_joined = True
+    health.cut_off("Kafka")
+    health.cut_off("Redis")
+    assert _get(port, "/readyz") == (503, "cut off from Kafka and Redis\n")
+    assert health.reconnected("Kafka") and not health.reconnected("Kafka")
+    assert _get(port, "/readyz") == (503, "cut off from Redis\n")
+    health.reconnected("Redis")
+    assert _get(port, "/readyz") == (200, "ready\n")
+
+
 def test_alive_until_the_loop_stalls(served) -> None:
     _, health, port = served
     assert _get(port, "/healthz")[0] == 200  # not started yet: still loading is alive

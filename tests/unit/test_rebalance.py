@@ -14,7 +14,6 @@ from kafka.coordinator.consumer import ConsumerCoordinator
 from kafka.net.selector import NetworkSelector
 from structlog.testing import capture_logs
 
-import worker.runtime.kafka_run as kafka_run
 from cache_store.memory_partition import MemoryPartitionStore
 from worker.io.kafka_connection import KafkaConnection
 from worker.ops.health import Health
@@ -62,8 +61,7 @@ def _revoke(net: NetworkSelector, worker: KafkaWorker) -> None:
     )
 
 
-def _worker(monkeypatch, shutdown_seconds: float) -> KafkaWorker:
-    monkeypatch.setattr(kafka_run, "OutputProducer", lambda *args: None)  # no broker here
+def _worker(shutdown_seconds: float) -> KafkaWorker:
     settings = WorkerSettings(group=GroupSettings(shutdown_seconds=shutdown_seconds))
     store = MemoryPartitionStore()
     connection = KafkaConnection("127.0.0.1:9")
@@ -83,8 +81,8 @@ def _checkpoint_after(worker: KafkaWorker, seconds: float) -> threading.Thread:
     return thread
 
 
-def test_a_revoke_is_awaited_while_the_loop_goes_on_heartbeating(monkeypatch) -> None:
-    worker = _worker(monkeypatch, shutdown_seconds=10)
+def test_a_revoke_is_awaited_while_the_loop_goes_on_heartbeating() -> None:
+    worker = _worker(shutdown_seconds=10)
     with event_loop() as (net, ticks):
         inference = _checkpoint_after(worker, 0.5)
         started = time.monotonic()
@@ -96,8 +94,8 @@ def test_a_revoke_is_awaited_while_the_loop_goes_on_heartbeating(monkeypatch) ->
     assert max(b - a for a, b in zip(during, during[1:], strict=False)) < 0.2
 
 
-def test_a_revoke_the_inference_thread_never_finishes_is_given_up(monkeypatch) -> None:
-    worker = _worker(monkeypatch, shutdown_seconds=0.3)
+def test_a_revoke_the_inference_thread_never_finishes_is_given_up() -> None:
+    worker = _worker(shutdown_seconds=0.3)
     with event_loop() as (net, _), capture_logs() as logs:
         started = time.monotonic()
         _revoke(net, worker)

@@ -135,11 +135,16 @@ def redis_options(
     return RedisSettings(redis_url, redis_password, key_prefix, state_ttl_seconds)
 
 
-def connect(redis: RedisSettings, retry_seconds: float = 30.0) -> RedisStore:
-    """A store on the configured Redis that has answered a PING."""
-    store = RedisStore(
+def open_store(redis: RedisSettings, retry_seconds: float = 30.0) -> RedisStore:
+    """A store on the configured Redis, not asked anything yet (a worker waits for Redis)."""
+    return RedisStore(
         redis.url, redis.prefix, redis.idle_ttl_seconds, redis.password, retry_seconds
     )
+
+
+def connect(redis: RedisSettings, retry_seconds: float = 30.0) -> RedisStore:
+    """A store on the configured Redis that has answered a PING."""
+    store = open_store(redis, retry_seconds)
     store.ping()
     return store
 

@@ -16,7 +16,7 @@ from cache_store import from_url
 from cache_store.redis.settings import RedisSettings
 from worker.cli.console import exit_on_known_errors
 from worker.cli.option_groups import option_group, uses_groups
-from worker.cli.options import JsonOption, ModelChoice, connect
+from worker.cli.options import JsonOption, ModelChoice, open_store
 from worker.io.file_source import FileSource, LineKeys
 from worker.io.kafka_connection import KafkaConnection
 from worker.io.outputs import JsonLinesOutput, TextOutput
@@ -159,8 +159,8 @@ def _kafka_run(
     settings: WorkerSettings,
     stop: threading.Event,
 ) -> Start:
-    """Check that Redis answers before the model loads; return what starts the worker."""
-    store = connect(redis)
+    """Return what starts the worker; it waits for Redis and the brokers if they are down."""
+    store = open_store(redis)
     _stop_on_signals(stop)
 
     def start(commentator: Commentator, metrics: WorkerMetrics, health: Health) -> None:

@@ -45,16 +45,35 @@ def commentary_payload(commentary: Commentary) -> bytes:
 
 
 class OutputProducer:
-    """Commentary and dead letters out, idempotent and acknowledged by all in-sync replicas."""
+    """Commentary and dead letters out, idempotent and acknowledged by all in-sync replicas.
+
+    It reaches the brokers on `connect`, not when made: a worker that starts while they are
+    down waits for them (worker/runtime/outages.py) instead of failing to start.
+    """
 
     def __init__(
         self, connection: KafkaConnection, output_topic: str, dead_letter_topic: str | None
     ) -> None:
+        self.connection = connection
         self.output_topic = output_topic
         self.dead_letter_topic = dead_letter_topic
-        self.producer = KafkaProducer(
-            **connection.client_config(), acks="all", enable_idempotence=True, linger_ms=5
+        self._producer: KafkaProducer | None = None
+
+    def connect(self, bootstrap_timeout_ms: int) -> None:
+        """Reach the brokers; KafkaTimeoutError if none answers in `bootstrap_timeout_ms`."""
+        self._producer = KafkaProducer(
+            **self.connection.client_config(),
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=5,
+            bootstrap_timeout_ms=bootstrap_timeout_ms,
         )
+
+    @property
+    def producer(self) -> KafkaProducer:
+        if self._producer is None:
+            raise RuntimeError("OutputProducer.connect() was not called")
+        return self._producer
 
     def send_commentary(self, stream_id: str, payload: bytes) -> None:
         self.producer.send(self.output_topic, key=stream_id.encode(), value=payload)
@@ -77,4 +96,5 @@ class OutputProducer:
         self.producer.flush(timeout=timeout)
 
     def close(self, timeout: float = 10.0) -> None:
-        self.producer.close(timeout=timeout)
+        if self._producer is not None:
+            self._producer.close(timeout=timeout)

@@ -1,8 +1,9 @@
 """/metrics, /healthz and /readyz over HTTP, for Prometheus and the kubelet's probes.
 
 Liveness says the run loop still turns (a stuck worker gets restarted); readiness says the
-model is loaded and the consumer group joined (a pod still loading gets no traffic and does
-not count as available to a rollout).
+model is loaded, the consumer group joined and no service the worker needs is out of reach
+(a pod still loading, or cut off from its broker or Redis, does not count as available to a
+rollout; it waits the outage out in place, see worker/runtime/outages.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class Health:
         self.model_loaded = False
         self.group_joined = False
         self._last_beat: float | None = None
+        self._cut_off: set[str] = set()  # services the worker cannot reach now
         self._lock = threading.Lock()
 
     def beat(self) -> None:
@@ -36,9 +38,24 @@ class Health:
             last = self._last_beat
         return last is None or time.monotonic() - last < self.stall_seconds
 
+    def cut_off(self, service: str) -> None:
+        with self._lock:
+            self._cut_off.add(service)
+
+    def reconnected(self, service: str) -> bool:
+        """Mark `service` reachable again; True if it had been cut off."""
+        with self._lock:
+            was_cut_off = service in self._cut_off
+            self._cut_off.discard(service)
+        return was_cut_off
+
     def not_ready_because(self) -> str | None:
         if not self.model_loaded:
             return "model not loaded"
+        with self._lock:
+            cut_off = sorted(self._cut_off)
+        if cut_off:
+            return f"cut off from {' and '.join(cut_off)}"
         if not self.group_joined:
             return "consumer group not joined"
         return None

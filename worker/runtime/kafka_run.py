@@ -13,6 +13,10 @@ thread has checkpointed the revoked partitions, so the next owner finds them com
 heartbeats go on; a lost partition (this worker was evicted) is dropped without a write, since
 its epoch is stale anyway. Either goes ahead of the batches queued for inference, which are
 dropped (inbox.py).
+
+A broker or Redis outage, as it starts or later, is waited out in place (outages.py): calls
+that reach them are retried with a backoff, the brokers are asked something every few
+seconds so /readyz says when they are gone, and the worker goes on once they are back.
 """
 
 from __future__ import annotations
@@ -20,10 +24,13 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from contextlib import suppress
+from functools import partial
 
 import structlog
 from kafka import KafkaConsumer, TopicPartition
 from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
+from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from cache_store.partition import PartitionStore
@@ -36,6 +43,7 @@ from worker.runtime.backpressure import PartitionGate
 from worker.runtime.inbox import Batch, Claim, Inbox, Lost, Revoke, Stop
 from worker.runtime.inference_loop import InferenceLoop, Progress, Ready
 from worker.runtime.kafka_settings import WorkerSettings
+from worker.runtime.outages import KAFKA, REDIS, Outages, Unreachable
 from worker.runtime.rebalance import Handoff, RebalanceListener
 from worker.runtime.state_loss import decide_seek
 from worker.stream.commentator import Commentator
@@ -44,6 +52,8 @@ log = structlog.get_logger("streamsink.worker")
 
 _RETRY_SECONDS = 1.0  # pause between looks for the input topic
 TOPIC_WAIT_SECONDS = 60.0  # how long a starting worker waits for its input topic to appear
+BOOTSTRAP_TIMEOUT_MS = 10_000  # one attempt to reach the brokers, as a client is made
+PROBE_SECONDS, PROBE_TIMEOUT_MS = 2.0, 2_000  # how often the brokers are asked, how long
 
 
 class KafkaWorker:
@@ -73,27 +83,30 @@ class KafkaWorker:
             self._to_polling,
         )
         self._gate = PartitionGate(settings.group.max_queued_batches)
+        self._outages = Outages(health, metrics)
+        self._partitions: list[TopicPartition] = []  # of the input topic
+        self._unstarted: dict[TopicPartition, Ready] = {}  # claimed, not yet sought
         self._applied: dict[TopicPartition, int] = {}  # next offsets the inference side reported
+        self._next_probe = 0.0
         self._closing = False
 
     # The polling thread ------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
-        """Consume until `stop` is set, then checkpoint everything and leave the group."""
-        s = self.settings
-        consumer = KafkaConsumer(
-            **self.connection.client_config(),
-            group_id=s.group.name,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            partition_assignment_strategy=[CooperativeStickyAssignor],
-            session_timeout_ms=s.group.session_timeout_ms,
-            heartbeat_interval_ms=max(100, s.group.session_timeout_ms // 10),
-            max_poll_records=s.group.max_poll_records,
-        )
-        self._wait_for_topic(consumer, stop)
+        """Consume until `stop` is set, then checkpoint everything and leave the group.
+
+        Redis and the brokers may be down as it starts, or go down later: it waits them out.
+        """
+        self._outages.stop = stop
+        try:
+            consumer = self._connect()
+        except Unreachable:
+            log.info("worker stopped before Redis and Kafka answered")
+            self.store.close()
+            return
         inference = threading.Thread(target=self.inference.run, name="inference", daemon=True)
         inference.start()
+        s = self.settings
         consumer.subscribe([s.topics.input], listener=RebalanceListener(self))
         log.info("worker started", group=s.group.name, input_topic=s.topics.input)
         try:
@@ -104,29 +117,73 @@ class KafkaWorker:
         if self.inference.failure is not None:
             raise self.inference.failure
 
+    def _connect(self) -> KafkaConsumer:
+        """Redis, then the producer, then the consumer: a consumer that fails to reach the
+        brokers leaves its IO thread behind, so it is made once the producer reached them."""
+        self._outages.wait_for(REDIS, "connect", self.store.ping)
+        connect = partial(self.producer.connect, BOOTSTRAP_TIMEOUT_MS)
+        self._outages.wait_for(KAFKA, "connect the producer", connect)
+        consumer = self._outages.wait_for(KAFKA, "connect the consumer", self._consumer)
+        try:
+            self._partitions = self._wait_for_topic(consumer)
+        except (Unreachable, StreamsinkError):
+            consumer.close(autocommit=False)
+            self.producer.close()
+            raise
+        return consumer
+
+    def _consumer(self) -> KafkaConsumer:
+        s = self.settings
+        return KafkaConsumer(
+            **self.connection.client_config(),
+            group_id=s.group.name,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            partition_assignment_strategy=[CooperativeStickyAssignor],
+            session_timeout_ms=s.group.session_timeout_ms,
+            heartbeat_interval_ms=max(100, s.group.session_timeout_ms // 10),
+            max_poll_records=s.group.max_poll_records,
+            bootstrap_timeout_ms=BOOTSTRAP_TIMEOUT_MS,
+        )
+
     def _poll_once(self, consumer: KafkaConsumer) -> None:
         self._handle_replies(consumer)
-        for partition, messages in consumer.poll(timeout_ms=200).items():
-            if self._gate.is_open(partition):  # else: sought again once claimed
-                records = [to_record(message) for message in messages]
-                self._to_inference.put(Batch(partition, records))
+        self._start_claimed(consumer)
+        poll = partial(consumer.poll, timeout_ms=200)
+        with suppress(Unreachable):  # it returns nothing while the broker is down: no proof
+            for partition, messages in self._outages.call(KAFKA, "poll", poll, False).items():
+                if self._gate.is_open(partition):  # else: sought again once claimed
+                    records = [to_record(message) for message in messages]
+                    self._to_inference.put(Batch(partition, records))
         self._gate.pause_unclaimed(consumer)
         self._gate.apply_backpressure(consumer, self._to_inference.qsize())
+        self._probe(consumer)
         self._report_lag(consumer)
         self.health.beat()
 
-    def _wait_for_topic(self, consumer: KafkaConsumer, stop: threading.Event) -> None:
+    def _probe(self, consumer: KafkaConsumer) -> None:
+        """Ask the brokers something every PROBE_SECONDS, so /readyz tells when they went."""
+        if time.monotonic() < self._next_probe:
+            return
+        self._next_probe = time.monotonic() + PROBE_SECONDS
+        ask = partial(consumer.end_offsets, self._partitions, timeout_ms=PROBE_TIMEOUT_MS)
+        with suppress(Unreachable):
+            self._outages.call(KAFKA, "probe", ask)
+
+    def _wait_for_topic(self, consumer: KafkaConsumer) -> list[TopicPartition]:
         """Join only once the input topic's partitions are known: a group that joins before
         its members see the topic can settle on an empty assignment."""
+        topic = self.settings.topics.input
         deadline = time.monotonic() + TOPIC_WAIT_SECONDS
-        while not consumer.partitions_for_topic(self.settings.topics.input):
-            if stop.is_set() or time.monotonic() > deadline:
-                consumer.close(autocommit=False)
+        look = partial(consumer.partitions_for_topic, topic)
+        while not (found := self._outages.wait_for(KAFKA, "look for the input topic", look)):
+            if self._outages.stop.is_set() or time.monotonic() > deadline:
                 raise StreamsinkError(
-                    f"input topic {self.settings.topics.input!r} does not exist (or is not "
-                    "visible to this worker); create it with `streamsink topics create`"
+                    f"input topic {topic!r} does not exist (or is not visible to this "
+                    "worker); create it with `streamsink topics create`"
                 )
             time.sleep(_RETRY_SECONDS)
+        return [TopicPartition(topic, number) for number in sorted(found)]
 
     def _shut_down(self, consumer: KafkaConsumer, inference: threading.Thread) -> None:
         log.info("worker stopping: final checkpoint")
@@ -140,7 +197,10 @@ class KafkaWorker:
             )
         self._handle_replies(consumer)
         self._closing = True
-        consumer.close(autocommit=False, timeout_ms=5000)
+        try:
+            consumer.close(autocommit=False, timeout_ms=5000)
+        except KafkaError as error:  # the broker is down: the group drops this member anyway
+            log.warning("leaving the group failed", error=str(error))
         self.producer.close()
         self.store.close()
         log.info("worker stopped", **self.metrics.summary())
@@ -153,7 +213,7 @@ class KafkaWorker:
             except queue.Empty:
                 break
             if isinstance(reply, Ready):
-                self._start_consuming(consumer, reply)
+                self._unstarted[reply.partition] = reply
             elif isinstance(reply, Progress):
                 self._applied[reply.partition] = reply.next_offset
             elif reply.partition in consumer.assignment():
@@ -161,16 +221,27 @@ class KafkaWorker:
         if offsets:
             consumer.commit_async(offsets)  # for lag and autoscaling; Redis is the truth
 
-    def _start_consuming(self, consumer: KafkaConsumer, ready: Ready) -> None:
-        """Seek a claimed partition to where its committed state stops, then let it flow."""
+    def _start_claimed(self, consumer: KafkaConsumer) -> None:
+        """Seek each claimed partition to where its committed state stops, then let it flow;
+        one whose committed offset Kafka cannot tell now is tried again next time."""
+        for partition, ready in list(self._unstarted.items()):
+            if partition in consumer.assignment():
+                ask = partial(consumer.committed, partition, timeout_ms=PROBE_TIMEOUT_MS)
+                try:
+                    committed = self._outages.call(KAFKA, "claim", ask)
+                except Unreachable:
+                    return
+                self._start_consuming(consumer, ready, committed)
+            del self._unstarted[partition]
+
+    def _start_consuming(
+        self, consumer: KafkaConsumer, ready: Ready, committed: int | None
+    ) -> None:
         partition = ready.partition
-        if partition not in consumer.assignment():
-            return
         if ready.next_offset is None:
             self._applied.pop(partition, None)
         else:
             self._applied[partition] = ready.next_offset
-        committed = consumer.committed(partition)
         seek = decide_seek(ready.next_offset, committed, self.settings.group.on_state_loss)
         if seek.states_lost:
             self.metrics.errors.labels(kind="state_behind_kafka").inc()
