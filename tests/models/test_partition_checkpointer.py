@@ -90,14 +90,20 @@ def test_a_second_claim_fences_the_first_owner_off(commentator, store, metrics) 
     assert partition.states.list_streams() == []
 
 
+def _commit_then_fail_delivery(commentator, store, metrics, batch: list) -> None:
+    """An owner applies `batch` and commits it, then its delivery fails."""
+    failing = RecordingDelivery()
+    failing.fail = True
+    owner = checkpointer(commentator, store, failing, metrics)
+    owner.apply(batch)
+    assert failing.buffered == []  # nothing is sent before the commit, dead letters included
+    assert not owner.checkpoint()  # committed, then the delivery failed
+
+
 def test_a_new_owner_replays_the_committed_outbox_without_regenerating(
     commentator, store, metrics
 ) -> None:
-    failing = RecordingDelivery()
-    failing.fail = True
-    first = checkpointer(commentator, store, failing, metrics)
-    first.apply(records(0, 4))
-    assert not first.checkpoint()  # committed, then the delivery failed
+    _commit_then_fail_delivery(commentator, store, metrics, records(0, 4))
     assert metrics.value("streamsink_errors", kind="delivery") == 1
     committed = [key_of(entry.payload) for entry in store.partitions[SCOPE].outbox]
     assert len(committed) == 2 and store.partitions[SCOPE].next_offset == 4
@@ -116,12 +122,7 @@ def test_a_new_owner_replays_the_committed_outbox_without_regenerating(
 def test_a_dead_letter_is_sent_once_committed_then_replayed_not_regenerated(
     commentator, store, metrics
 ) -> None:
-    failing = RecordingDelivery()
-    failing.fail = True
-    first = checkpointer(commentator, store, failing, metrics)
-    first.apply(with_bad_record(0, 5, bad=2))
-    assert failing.buffered == []  # set aside, but nothing is sent before the commit
-    assert not first.checkpoint()  # committed, then the delivery failed
+    _commit_then_fail_delivery(commentator, store, metrics, with_bad_record(0, 5, bad=2))
     (dead,) = [e for e in store.partitions[SCOPE].outbox if e.kind is OutboxKind.DEAD_LETTER]
     assert (dead.stream_id, dead.seq, dead.payload) == (None, 2, b"no key at all")
 

@@ -100,9 +100,12 @@ class KafkaWorker:
         self._outages.stop = stop
         try:
             consumer = self._connect()
-        except Unreachable:
-            log.info("worker stopped before Redis and Kafka answered")
+        except (Unreachable, StreamsinkError) as error:
+            self.producer.close()
             self.store.close()
+            if isinstance(error, StreamsinkError):
+                raise
+            log.info("worker stopped before Redis and Kafka answered")
             return
         inference = threading.Thread(target=self.inference.run, name="inference", daemon=True)
         inference.start()
@@ -128,7 +131,6 @@ class KafkaWorker:
             self._partitions = self._wait_for_topic(consumer)
         except (Unreachable, StreamsinkError):
             consumer.close(autocommit=False)
-            self.producer.close()
             raise
         return consumer
 
