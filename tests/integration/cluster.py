@@ -79,6 +79,8 @@ def scrape(port: int, path: str) -> tuple[int, str]:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as error:
         return error.code, error.read().decode()
+    except (urllib.error.URLError, ConnectionError) as error:  # the worker is gone
+        return 0, str(error)
 
 
 def sample(text: str, name: str) -> float:
