@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from tests.models.tiny_models import VOCAB, tiny_loaded
@@ -61,3 +63,15 @@ def test_greedy_takes_the_argmax_and_drawing_replays_per_generator() -> None:
     assert draws[0] == draws[1] and len(set(draws[0])) > 1
     narrow = Sampler.drawing(1.0, 1e-6, torch.Generator().manual_seed(6))
     assert {narrow.pick([1], logits) for _ in range(10)} == {int(logits.argmax())}
+
+
+def test_feeding_and_decoding_pass_the_cache_without_a_deprecation_warning() -> None:
+    """The cache goes to the forward under the name the installed transformers expects."""
+    decoder = Decoder(tiny_loaded("llama"), SETTINGS)
+    caches = [decoder.new_cache(), decoder.new_cache()]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        decoder.feed([(caches[0], _ids(8, 3)), (caches[1], _ids(5, 4))])
+        decoder.feed([(cache, _ids(1, 5)) for cache in caches])  # one batched decode step
+    assert [str(w.message) for w in caught if "deprecated" in str(w.message)] == []
+    assert [cache.layout.tokens_seen for cache in caches] == [9, 6]

@@ -19,6 +19,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from worker.model.batch_step import BatchPlan, plan_batch
+from worker.model.compat import cache_argument
 from worker.model.sink_cache import SinkCache
 
 
@@ -99,7 +100,7 @@ def batch_forward(
             input_ids=tokens[:, None].to(model.device),
             position_ids=plan.query_positions,
             attention_mask=plan.attention_mask,
-            past_key_values=BatchCache(caches, plan),
+            **cache_argument(model, BatchCache(caches, plan)),
             use_cache=True,
         )
     return out.logits[:, -1]

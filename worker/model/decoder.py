@@ -16,6 +16,7 @@ import torch
 from worker.exceptions import CacheCapacityError
 from worker.model.batch_cache import batch_forward, can_batch
 from worker.model.cache_settings import CacheSettings
+from worker.model.compat import cache_argument
 from worker.model.loading import LoadedModel
 from worker.model.sampling import Sampler
 from worker.model.sink_cache import SinkCache
@@ -105,7 +106,10 @@ def forward_step(
     kwargs = {"logits_to_keep": 1} if last_only else {}
     with cache.step(tokens):
         out = model(
-            input_ids=tokens[None].to(model.device), past_key_values=cache, use_cache=True, **kwargs
+            input_ids=tokens[None].to(model.device),
+            use_cache=True,
+            **cache_argument(model, cache),
+            **kwargs,
         )
     return out.logits[0]
 

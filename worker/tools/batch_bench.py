@@ -18,6 +18,7 @@ from transformers import DynamicCache
 
 from worker.exceptions import CacheCapacityError
 from worker.model.batch_cache import batch_forward
+from worker.model.compat import cache_argument
 from worker.model.decoder import forward_step
 from worker.model.loading import LoadedModel
 from worker.model.sink_cache import SinkCache
@@ -77,7 +78,9 @@ def _plain(loaded: LoadedModel, dense: DynamicCache, count: int) -> Step:
     cache.batch_repeat_interleave(count)
 
     def step(ids: torch.Tensor) -> None:
-        loaded.model(input_ids=ids[:, None].to(loaded.device), past_key_values=cache)
+        loaded.model(
+            input_ids=ids[:, None].to(loaded.device), **cache_argument(loaded.model, cache)
+        )
 
     return step
 
@@ -93,5 +96,7 @@ def _copy(loaded: LoadedModel, cache: SinkCache) -> SinkCache:
 def _dense_cache(loaded: LoadedModel, length: int) -> DynamicCache:
     cache = DynamicCache(config=loaded.model.config)
     ids = random_ids(loaded, length)[None].to(loaded.device)
-    loaded.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    loaded.model(
+        input_ids=ids, use_cache=True, logits_to_keep=1, **cache_argument(loaded.model, cache)
+    )
     return cache

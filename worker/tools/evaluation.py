@@ -19,6 +19,7 @@ from rich.progress import Progress
 from transformers import DynamicCache
 
 from worker.exceptions import CacheCapacityError
+from worker.model.compat import cache_argument
 from worker.model.decoder import forward_step
 from worker.model.loading import LoadedModel
 from worker.model.sink_cache import SinkCache
@@ -114,7 +115,9 @@ def _scorer(
 
         def dense_step(t: int) -> torch.Tensor:
             token = ids[t : t + 1][None].to(model.device)
-            return model(input_ids=token, past_key_values=dense, use_cache=True).logits[0, -1]
+            return model(input_ids=token, use_cache=True, **cache_argument(model, dense)).logits[
+                0, -1
+            ]
 
         return dense_step, dense
     kept_sinks = sinks if mode is EvalMode.SINK else 0
