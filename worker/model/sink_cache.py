@@ -79,8 +79,11 @@ class SinkCacheLayer(CacheLayerMixin):
         for kind, buffer in (("keys", self.keys), ("values", self.values)):
             for block, start in enumerate(range(0, buffer.shape[2], BLOCK_SLOTS)):
                 piece = buffer[:, :, start : start + BLOCK_SLOTS].detach()
-                # A copy even on the CPU: a block must not change when the cache goes on.
-                blocks[f"{kind}.{block}"] = piece.to("cpu", copy=True).contiguous()
+                # One contiguous copy, even on the CPU: a block must not change when the cache
+                # goes on.
+                blocks[f"{kind}.{block}"] = piece.to(
+                    "cpu", copy=True, memory_format=torch.contiguous_format
+                )
         return blocks
 
     def load_blocks(self, blocks: Mapping[str, torch.Tensor]) -> None:

@@ -49,7 +49,7 @@ class Runner:
     def run(self, stop: threading.Event | None = None) -> WorkerMetrics:
         try:
             for batch in self.source.batches():
-                self._emit(self.processor.apply(batch))
+                self._emit(self.processor.apply(batch).commentary)
                 self._clock.count(len(batch))
                 self._emit(self.processor.comment_on_timers())
                 if self._clock.due(bool(self.processor.dirty)):

@@ -76,7 +76,6 @@ class PartitionCheckpointer:
     ) -> None:
         self.topic, self.partition = source.topic, source.partition
         self.lease, self.processor = lease, processor
-        processor.on_reject = self._set_aside
         self.delivery, self.metrics, self.flush_seconds = delivery, metrics, flush_seconds
         self.next_offset = lease.next_offset  # after the last record applied
         self.committed_offset = lease.next_offset  # what the last commit recorded
@@ -95,8 +94,10 @@ class PartitionCheckpointer:
     def apply(self, records: list[Record]) -> None:
         """Apply a batch (and any time trigger); its commentary waits for the next commit."""
         with structlog.contextvars.bound_contextvars(partition=self.partition):
-            produced = self.processor.apply(records)
-            produced += self.processor.comment_on_timers()
+            applied = self.processor.apply(records)
+            produced = applied.commentary + self.processor.comment_on_timers()
+        for record, error in applied.set_aside:
+            self._set_aside(record, error)
         self._queue(produced)
         self.next_offset = records[-1].offset + 1
         self._clock.count(len(records))

@@ -27,7 +27,7 @@ from worker.stream.session_state import restore, snapshot
 log = structlog.get_logger("streamsink.processor")
 
 StateLoader = Callable[[str], StreamState | None]
-RejectHandler = Callable[[Record, BadRecordError], None]
+SetAside = tuple[Record, BadRecordError]  # a record the run could not apply, and why
 
 
 class BadStatePolicy(StrEnum):
@@ -44,6 +44,12 @@ class ProcessSettings:
     on_bad_state: BadStatePolicy = BadStatePolicy.SKIP
 
 
+@dataclass(frozen=True)
+class Applied:
+    commentary: list[Commentary]
+    set_aside: list[SetAside]
+
+
 class StreamProcessor:
     """Applies records to their streams' sessions; see the module docstring."""
 
@@ -58,24 +64,23 @@ class StreamProcessor:
         self.load_state = load_state
         self.metrics = metrics
         self.settings = settings
-        # Where a record set aside goes besides the log and the count: the Kafka run's
-        # checkpointer sets it, to dead-letter the record once the partition commits.
-        self.on_reject: RejectHandler | None = None
         self.sessions: dict[str, StreamSession] = {}
         self.skipped_streams: set[str] = set()
         self.dirty: set[str] = set()
 
-    def apply(self, batch: list[Record]) -> list[Commentary]:
-        """Apply a batch in offset order; returns the commentary it produced, in order."""
+    def apply(self, batch: list[Record]) -> Applied:
+        """Apply a batch in offset order: the commentary it produced, in order, and the records
+        set aside (already logged and counted; the caller dead-letters them, or not)."""
         grouped: dict[str, list[tuple[int, str]]] = {}
+        set_aside: list[SetAside] = []
         for record in batch:
-            text = self._accept(record)
+            text = self._accept(record, set_aside)
             if text is not None:
                 grouped.setdefault(record.stream_id, []).append((record.offset, text))
         produced: list[Commentary] = []
         for stream_id, records in grouped.items():
-            produced += self._step(stream_id, records, batch)
-        return produced
+            produced += self._step(stream_id, records, batch, set_aside)
+        return Applied(produced, set_aside)
 
     def comment_on_timers(self) -> list[Commentary]:
         """Commentary of streams whose time trigger fired, for runs with --every-seconds."""
@@ -101,7 +106,11 @@ class StreamProcessor:
         self.dirty.clear()
 
     def _step(
-        self, stream_id: str, records: list[tuple[int, str]], batch: list[Record]
+        self,
+        stream_id: str,
+        records: list[tuple[int, str]],
+        batch: list[Record],
+        set_aside: list[SetAside],
     ) -> list[Commentary]:
         session = self.sessions[stream_id]
         fed_before = session.prefilled_tokens
@@ -118,7 +127,9 @@ class StreamProcessor:
             failed = {offset for offset, _ in records}
             for record in batch:
                 if record.stream_id == stream_id and record.offset in failed:
-                    self._reject(record, BadRecordError("engine_error", str(error)))
+                    set_aside.append(
+                        self._reject(record, BadRecordError("engine_error", str(error)))
+                    )
             return []
         self._count_commentary(produced, started)
         self.metrics.records.inc(len(records))
@@ -134,18 +145,17 @@ class StreamProcessor:
         for _ in produced:
             self.metrics.commentary_seconds.observe(seconds)
 
-    def _accept(self, record: Record) -> str | None:
+    def _accept(self, record: Record, set_aside: list[SetAside]) -> str | None:
         """The record's text if it is to be applied now, else None (set aside or a repeat)."""
         try:
             text = decode_record(record, self.settings.max_record_bytes)
         except BadRecordError as error:
-            self._reject(record, error)
+            set_aside.append(self._reject(record, error))
             return None
         session = self._session(record.stream_id)
         if session is None:
-            self._reject(
-                record, BadRecordError("bad_state", f"stream {record.stream_id!r} is skipped")
-            )
+            skipped = BadRecordError("bad_state", f"stream {record.stream_id!r} is skipped")
+            set_aside.append(self._reject(record, skipped))
             return None
         if record.offset < session.counters.next_offset:
             self.metrics.replayed_records.inc()
@@ -193,7 +203,7 @@ class StreamProcessor:
         self.metrics.prefill_tokens.inc(session.prefilled_tokens)
         return session
 
-    def _reject(self, record: Record, error: BadRecordError) -> None:
+    def _reject(self, record: Record, error: BadRecordError) -> SetAside:
         self.metrics.dead_letters.labels(reason=error.reason).inc()
         log.warning(
             "record set aside",
@@ -203,8 +213,7 @@ class StreamProcessor:
             partition=record.partition,
             offset=record.offset,
         )
-        if self.on_reject is not None:
-            self.on_reject(record, error)
+        return record, error
 
 
 def _bad_state_kind(error: Exception) -> str:
