@@ -3,8 +3,6 @@ its commentary against an uninterrupted run's, and the worker's HTTP endpoints."
 
 from __future__ import annotations
 
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -71,16 +69,6 @@ def check_against(reference: dict, records: list[dict]) -> None:
         spans = {(r["first_offset"], r["last_offset"]) for r in records if r["stream_id"] == stream}
         covered = sorted(o for first, last in spans for o in range(first, last + 1))
         assert len(covered) == len(set(covered)) == len(lines), (stream, spans)
-
-
-def scrape(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-    except (urllib.error.URLError, ConnectionError) as error:  # the worker is gone
-        return 0, str(error)
 
 
 def sample(text: str, name: str) -> float:

@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from tests.integration.cluster import check_against, metrics_port, sample, scrape
+from tests.http_probe import scrape
+from tests.integration.cluster import check_against, metrics_port, sample
 from tests.integration.worker_harness import EXPECTED, STREAMS, Worker
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]

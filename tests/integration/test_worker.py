@@ -14,7 +14,8 @@ import pytest
 
 from cache_store.redis.store import RedisStore
 from cache_store.state import StreamState
-from tests.integration.cluster import check_against, sample, scrape
+from tests.http_probe import scrape
+from tests.integration.cluster import check_against, sample
 from tests.integration.worker_harness import EXPECTED, STREAMS, commentary, read_topic
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]

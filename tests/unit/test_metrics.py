@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 
+from tests.http_probe import scrape
 from worker.ops.health import Health, serve
 from worker.ops.metrics import WorkerMetrics
-
-
-def _get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
 
 
 @pytest.fixture
@@ -30,11 +21,11 @@ def served():
 
 def test_ready_only_once_the_model_is_loaded_and_the_group_joined(served) -> None:
     _, health, port = served
-    assert _get(port, "/readyz") == (503, "model not loaded\n")
+    assert scrape(port, "/readyz") == (503, "model not loaded\n")
     health.model_loaded = True
-    assert _get(port, "/readyz") == (503, "consumer group not joined\n")
+    assert scrape(port, "/readyz") == (503, "consumer group not joined\n")
     health.group_joined = True
-    assert _get(port, "/readyz") == (200, "ready\n")
+    assert scrape(port, "/readyz") == (200, "ready\n")
 
 
 def test_not_ready_while_cut_off_from_a_service_and_ready_again_after(served) -> None:
@@ -42,21 +33,21 @@ def test_not_ready_while_cut_off_from_a_service_and_ready_again_after(served) ->
     health.model_loaded = health.group_joined = True
     health.cut_off("Kafka")
     health.cut_off("Redis")
-    assert _get(port, "/readyz") == (503, "cut off from Kafka and Redis\n")
+    assert scrape(port, "/readyz") == (503, "cut off from Kafka and Redis\n")
     assert health.reconnected("Kafka") and not health.reconnected("Kafka")
-    assert _get(port, "/readyz") == (503, "cut off from Redis\n")
+    assert scrape(port, "/readyz") == (503, "cut off from Redis\n")
     health.reconnected("Redis")
-    assert _get(port, "/readyz") == (200, "ready\n")
+    assert scrape(port, "/readyz") == (200, "ready\n")
 
 
 def test_alive_until_the_loop_stalls(served) -> None:
     _, health, port = served
-    assert _get(port, "/healthz")[0] == 200  # not started yet: still loading is alive
+    assert scrape(port, "/healthz")[0] == 200  # not started yet: still loading is alive
     health.beat()
-    assert _get(port, "/healthz")[0] == 200
+    assert scrape(port, "/healthz")[0] == 200
     time.sleep(0.3)
-    assert _get(port, "/healthz") == (503, "run loop stalled\n")
-    assert _get(port, "/nope")[0] == 404
+    assert scrape(port, "/healthz") == (503, "run loop stalled\n")
+    assert scrape(port, "/nope")[0] == 404
 
 
 def test_metrics_text_shows_counters_moving(served) -> None:
@@ -65,12 +56,12 @@ def test_metrics_text_shows_counters_moving(served) -> None:
     metrics.dead_letters.labels(reason="invalid_utf8").inc()
     metrics.consumer_lag.labels(partition="2").set(17)
     metrics.checkpoint_seconds.observe(0.02)
-    status, text = _get(port, "/metrics")
+    status, text = scrape(port, "/metrics")
     assert status == 200
     assert "streamsink_records_total 3.0" in text
     assert 'streamsink_dead_letter_records_total{reason="invalid_utf8"} 1.0' in text
     metrics.records.inc(2)
-    assert "streamsink_records_total 5.0" in _get(port, "/metrics")[1]
+    assert "streamsink_records_total 5.0" in scrape(port, "/metrics")[1]
     assert metrics.value("streamsink_records") == 5
     assert metrics.value("streamsink_consumer_lag_records", partition="2") == 17
     assert metrics.value("streamsink_checkpoint_seconds_count") == 1
