@@ -100,3 +100,17 @@ def checkpointer(
     )
     source = TopicPartition("in", 0)
     return PartitionCheckpointer(source, lease, processor, delivery, schedule, metrics, 1.0)
+
+
+class ScriptedInbox:
+    """Hands out messages in order; a callable in the script runs between two messages."""
+
+    def __init__(self, *steps: object) -> None:
+        self.steps = list(steps)
+
+    def get(self, timeout: float) -> object:
+        step = self.steps.pop(0)
+        if callable(step) and not isinstance(step, type):
+            step()
+            return self.get(timeout)
+        return step

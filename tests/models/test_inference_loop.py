@@ -16,6 +16,7 @@ from cache_store.memory_partition import MemoryPartitionStore
 from tests.models.checkpoint_harness import (
     SCOPE,
     RecordingDelivery,
+    ScriptedInbox,
     records,
     tiny_commentator,
     with_bad_record,
@@ -28,20 +29,6 @@ from worker.runtime.inference_loop import CommitOffset, InferenceLoop, Progress,
 from worker.runtime.kafka_settings import GroupSettings, WorkerSettings
 
 PARTITION = TopicPartition("in", 0)  # claimed as SCOPE
-
-
-class ScriptedInbox:
-    """Hands out messages in order; a callable in the script runs between two messages."""
-
-    def __init__(self, *steps: object) -> None:
-        self.steps = list(steps)
-
-    def get(self, timeout: float) -> object:
-        step = self.steps.pop(0)
-        if callable(step) and not isinstance(step, type):
-            step()
-            return self.get(timeout)
-        return step
 
 
 @pytest.fixture(scope="module")

@@ -242,7 +242,7 @@ def prompt_options(
     return Prompt(instruction, request)
 
 
-@option_group("Records")
+@option_group("Records and streams")
 def process_options(
     max_record_bytes: Annotated[
         int,
@@ -255,8 +255,16 @@ def process_options(
             help="a stream whose saved state is unusable: set its records aside, or restart it",
         ),
     ] = BadStatePolicy.SKIP,
+    max_live_streams: Annotated[
+        int | None,
+        typer.Option(
+            envvar="STREAMSINK_MAX_LIVE_STREAMS",
+            min=1,
+            help="stream caches kept in memory; idle streams beyond wait in the state store",
+        ),
+    ] = None,
 ) -> ProcessSettings:
-    return ProcessSettings(max_record_bytes, on_bad_state)
+    return ProcessSettings(max_record_bytes, on_bad_state, max_live_streams)
 
 
 @option_group("Lines")

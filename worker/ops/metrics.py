@@ -15,6 +15,7 @@ SUMMARY_COUNTERS = (
     "commentaries",
     "new_streams",
     "restored_streams",
+    "evicted_streams",
     "prefill_tokens",
     "dead_letter_records",
     "bad_states",
@@ -34,7 +35,9 @@ class WorkerMetrics:
         self.dead_letters = self._counter(
             "dead_letter_records", "records set aside, by reason", "reason"
         )
-        self.streams_owned = self._gauge("streams_owned", "streams in memory")
+        self.live_streams = self._gauge(
+            "live_streams", "stream caches in memory (at most --max-live-streams)"
+        )
         self.partitions_owned = self._gauge("partitions_owned", "input partitions owned")
         self.consumer_lag = self._gauge(
             "consumer_lag_records", "records behind the partition's end", "partition"
@@ -67,7 +70,10 @@ class WorkerMetrics:
         self.checkpoint_bytes = self._counter("checkpoint_bytes", "bytes written by checkpoints")
         self.restore_seconds = self._histogram("restore_seconds", "time to restore one stream")
         self.restored_streams = self._counter(
-            "restored_streams", "streams restored from saved state"
+            "restored_streams", "streams restored from saved state (after a move or an eviction)"
+        )
+        self.evicted_streams = self._counter(
+            "evicted_streams", "saved stream caches dropped from memory to stay within the budget"
         )
         self.fenced_writes = self._counter(
             "fenced_writes",

@@ -3,7 +3,9 @@
 Messages come through the Inbox (inbox.py: in order, but revokes and losses first); replies
 tell the polling thread where a claimed partition's state stops (Ready), how far each
 partition is applied (Progress, for lag) and which offsets it may commit (CommitOffset).
-The checkpointers are this thread's alone.
+The checkpointers are this thread's alone, and so is the budget of live streams their
+processors share: a batch that needs the room of unsaved streams is cut there, every
+partition holding unsaved streams is checkpointed (its fenced commit), and then they may go.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from worker.runtime.inbox import Batch, Claim, Inbox, Lost, Revoke, Stop
 from worker.runtime.kafka_settings import WorkerSettings
 from worker.runtime.partition_checkpointer import RETRY_SECONDS, PartitionCheckpointer
 from worker.stream.commentator import Commentator
-from worker.stream.processor import StreamProcessor
+from worker.stream.live_budget import LiveBudget
+from worker.stream.processor import LiveKey, StreamProcessor
+from worker.stream.records import Record
 
 log = structlog.get_logger("streamsink.worker")
 
@@ -65,6 +69,7 @@ class InferenceLoop:
         self.stopping = threading.Event()  # set by the polling thread: give up retries
         self.failure: BaseException | None = None
         self._owned: dict[TopicPartition, PartitionCheckpointer] = {}
+        self.live: LiveBudget[LiveKey] = LiveBudget(settings.process.max_live_streams)
 
     def run(self) -> None:
         try:
@@ -133,16 +138,38 @@ class InferenceLoop:
             lambda stream_id: lease.load(stream_id, fingerprint),
             self.metrics,
             self.settings.process,
+            self.live,
         )
 
     def _apply(self, batch: Batch) -> None:
         checkpointer = self._owned.get(batch.partition)
         if checkpointer is None:
             return  # fetched before a revoke: the next owner reads it again
-        checkpointer.apply(batch.records)
+        records = batch.records
+        while records:
+            admitted = checkpointer.processor.admit(records) or self._make_room(
+                checkpointer, records
+            )
+            if checkpointer.fenced:
+                return  # another worker owns the partition now; it was dropped
+            checkpointer.apply(records[:admitted])
+            records = records[admitted:]
         self.replies.put(Progress(batch.partition, checkpointer.next_offset))
         if checkpointer.due():
             self._checkpoint(batch.partition, checkpointer)
+
+    def _make_room(self, checkpointer: PartitionCheckpointer, records: list[Record]) -> int:
+        """Checkpoint every partition with unsaved streams, so their caches may go; how many
+        of `records` fit then. Where a commit failed (the store is out) the rest of the batch
+        runs over budget: waiting here would hold up revokes, and its input is safe anyway."""
+        for partition, other in list(self._owned.items()):
+            if other.processor.dirty:
+                self._checkpoint(partition, other)
+        admitted = checkpointer.processor.admit(records)
+        if not admitted and not checkpointer.fenced:
+            self.metrics.errors.labels(kind="over_live_budget").inc()
+            log.warning("over the live budget until the store takes checkpoints again")
+        return admitted or len(records)
 
     def _on_idle(self) -> None:
         """Fire time triggers and time-based checkpoints while no records arrive."""
@@ -161,7 +188,7 @@ class InferenceLoop:
             return
         checkpointer.release(checkpoint, self.settings.group.shutdown_seconds, self.stopping)
         self._settle(partition, checkpointer)
-        self._owned.pop(partition, None)
+        self._drop(partition)
         log.info("partition released", partition=partition.partition, checkpointed=checkpoint)
 
     def _settle(self, partition: TopicPartition, checkpointer: PartitionCheckpointer) -> None:
@@ -170,7 +197,13 @@ class InferenceLoop:
         if offset is not None:
             self.replies.put(CommitOffset(partition, offset))
         if checkpointer.fenced:
-            self._owned.pop(partition, None)
+            self._drop(partition)
+
+    def _drop(self, partition: TopicPartition) -> None:
+        """Forget a partition and its streams' caches."""
+        checkpointer = self._owned.pop(partition, None)
+        if checkpointer is not None:
+            checkpointer.processor.close()
 
     def _claim_lease(self, scope: str) -> PartitionLease | None:
         """Retry while the store is down, until the worker stops."""
@@ -185,4 +218,3 @@ class InferenceLoop:
 
     def _update_gauges(self) -> None:
         self.metrics.partitions_owned.set(len(self._owned))
-        self.metrics.streams_owned.set(sum(len(c.processor.sessions) for c in self._owned.values()))

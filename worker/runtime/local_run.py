@@ -1,7 +1,8 @@
 """The local run loop: source -> stream processor -> commentary output -> state store.
 
 Outputs are flushed before the state that covers them is saved: a crash in between replays
-records and re-sends commentary with the same seq.
+records and re-sends commentary with the same seq. With a budget of live streams, a batch that
+needs the room of unsaved streams is cut there: a checkpoint saves them, then they may go.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from worker.ops.metrics import WorkerMetrics
 from worker.runtime.checkpoint_schedule import CheckpointClock, CheckpointSchedule
 from worker.stream.commentator import Commentator
 from worker.stream.processor import ProcessSettings, StreamProcessor
+from worker.stream.records import Record
 
 
 @dataclass(frozen=True)
@@ -49,8 +51,7 @@ class Runner:
     def run(self, stop: threading.Event | None = None) -> WorkerMetrics:
         try:
             for batch in self.source.batches():
-                self._emit(self.processor.apply(batch).commentary)
-                self._clock.count(len(batch))
+                self._apply(batch)
                 self._emit(self.processor.comment_on_timers())
                 if self._clock.due(bool(self.processor.dirty)):
                     self.checkpoint()
@@ -60,6 +61,17 @@ class Runner:
             self.checkpoint()
             self.source.close()
         return self.metrics
+
+    def _apply(self, batch: list[Record]) -> None:
+        """Apply the batch in parts that fit the live budget, checkpointing between them."""
+        while batch:
+            admitted = self.processor.admit(batch)
+            if not admitted:
+                self.checkpoint()  # every stream is saved now: any of them may go
+                admitted = self.processor.admit(batch)
+            self._emit(self.processor.apply(batch[:admitted]).commentary)
+            self._clock.count(admitted)
+            batch = batch[admitted:]
 
     def _emit(self, produced: list) -> None:
         for commentary in produced:

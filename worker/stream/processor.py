@@ -4,6 +4,10 @@ A processor owns the sessions of one group of streams (all of a local run, or on
 partition's). It validates each record, opens or restores the record's stream, runs the
 commentator, and remembers which streams changed since their state was last saved. Where states
 are saved and where commentary goes is the caller's business.
+
+With a budget of live streams (LiveBudget, shared by the processors of one worker), `admit`
+says how much of a batch fits and drops the saved caches least recently used to make room;
+a dropped stream is restored from its saved state when its next record comes.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from cache_store.state import StreamState
 from worker.exceptions import BadRecordError, StreamsinkError
 from worker.ops.metrics import WorkerMetrics
 from worker.stream.commentator import Commentator, StreamInput
+from worker.stream.live_budget import LiveBudget
 from worker.stream.records import DEFAULT_MAX_RECORD_BYTES, Commentary, Record, decode_record
 from worker.stream.session import StreamSession
 from worker.stream.session_state import restore, snapshot
@@ -28,6 +33,7 @@ log = structlog.get_logger("streamsink.processor")
 
 StateLoader = Callable[[str], StreamState | None]
 SetAside = tuple[Record, BadRecordError]  # a record the run could not apply, and why
+LiveKey = tuple["StreamProcessor", str]  # a live cache in a budget the processors share
 
 
 class BadStatePolicy(StrEnum):
@@ -42,6 +48,7 @@ class ProcessSettings:
     max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
     # Skipping is the default: a restarted stream would reuse seq numbers consumers have seen.
     on_bad_state: BadStatePolicy = BadStatePolicy.SKIP
+    max_live_streams: int | None = None  # caches kept in memory; None: every stream seen
 
 
 @dataclass(frozen=True)
@@ -59,11 +66,13 @@ class StreamProcessor:
         load_state: StateLoader,
         metrics: WorkerMetrics,
         settings: ProcessSettings = ProcessSettings(),
+        live: LiveBudget[LiveKey] | None = None,
     ) -> None:
         self.commentator = commentator
         self.load_state = load_state
         self.metrics = metrics
         self.settings = settings
+        self.live = LiveBudget(settings.max_live_streams) if live is None else live
         self.sessions: dict[str, StreamSession] = {}
         self.skipped_streams: set[str] = set()
         self.dirty: set[str] = set()
@@ -94,6 +103,7 @@ class StreamProcessor:
                 self._count_commentary([commentary], started)
                 produced.append(commentary)
                 self.dirty.add(stream_id)
+                self.live.used((self, stream_id))
         return produced
 
     def changed_states(self) -> list[StreamState]:
@@ -104,6 +114,41 @@ class StreamProcessor:
 
     def mark_saved(self) -> None:
         self.dirty.clear()
+
+    def admit(self, batch: list[Record]) -> int:
+        """How many leading records of `batch` fit in the live budget now (all, without one).
+
+        Saved caches are dropped to make room, least recently used first, this processor's
+        or another's of the same budget. 0: the caches that would have to go are not saved;
+        save them (a checkpoint) and ask again.
+        """
+        keys = [
+            (self, r.stream_id) if r.stream_id and r.stream_id not in self.skipped_streams else None
+            for r in batch
+        ]
+        admission = self.live.admit(keys, lambda key: key[1] not in key[0].dirty)
+        for owner, stream_id in admission.drop:
+            owner.evict(stream_id)
+        return admission.count
+
+    def evict(self, stream_id: str) -> None:
+        """Drop a saved stream's cache; its next record restores it from the saved state."""
+        if stream_id in self.dirty:
+            raise RuntimeError(f"stream {stream_id!r} has changed since its state was saved")
+        self._forget(stream_id)
+        self.metrics.evicted_streams.inc()
+        log.debug("stream evicted", stream_id=stream_id)
+
+    def close(self) -> None:
+        """Give up every session (the partition is gone), and their room in the budget."""
+        for stream_id in list(self.sessions):
+            self._forget(stream_id)
+        self.dirty.clear()
+
+    def _forget(self, stream_id: str) -> None:
+        self.sessions.pop(stream_id)
+        self.live.dropped((self, stream_id))
+        self.metrics.live_streams.set(len(self.live))
 
     def _step(
         self,
@@ -122,7 +167,7 @@ class StreamProcessor:
                 produced = self.commentator.step([StreamInput(session, records)])
         except StreamsinkError as error:
             # Dropped unsaved: reloaded from its last saved state when it is next seen.
-            self.sessions.pop(stream_id)
+            self._forget(stream_id)
             self.dirty.discard(stream_id)
             failed = {offset for offset, _ in records}
             for record in batch:
@@ -170,6 +215,8 @@ class StreamProcessor:
             if session is None:
                 return None
             self.sessions[stream_id] = session
+        self.live.used((self, stream_id))
+        self.metrics.live_streams.set(len(self.live))
         return self.sessions[stream_id]
 
     def _open(self, stream_id: str) -> StreamSession | None:
