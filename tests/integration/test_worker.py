@@ -15,7 +15,7 @@ import pytest
 from cache_store.redis.store import RedisStore
 from cache_store.state import StreamState
 from tests.http_probe import scrape
-from tests.integration.cluster import check_against, sample
+from tests.integration.cluster import check_against, metrics_port, sample
 from tests.integration.worker_harness import EXPECTED, STREAMS, commentary, read_topic
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
@@ -200,3 +200,21 @@ def test_metrics_of_a_running_worker_move_and_it_reports_ready(cluster) -> None:
     assert sample(after, "streamsink_checkpoint_bytes_total") > 0
     assert scrape(port, "/healthz")[0] == 200
     assert worker.terminate() == 0
+
+
+def test_a_budget_of_one_live_stream_writes_what_an_unbounded_worker_does(
+    cluster, reference
+) -> None:
+    c = cluster("budget")
+    c.produce(HALF)
+    worker = c.worker("one", "--max-live-streams", "1")
+    c.wait_for({(stream, 0) for stream in STREAMS})
+    c.produce(REST)  # every stream comes back after the others had its room
+    records = c.wait_for(EXPECTED)
+    live = sample(scrape(metrics_port(worker), "/metrics")[1], "streamsink_live_streams")
+    assert worker.terminate() == 0
+    check_against(reference, records)
+    summary = worker.summary()
+    assert live == 1  # the last stream's
+    assert summary["evicted_streams"] >= len(STREAMS) - 1
+    assert summary["restored_streams"] >= len(STREAMS) - 1

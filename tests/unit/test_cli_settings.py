@@ -15,6 +15,7 @@ from worker.cli.app import app
 from worker.cli.option_groups import option_group, uses_groups
 from worker.io.kafka_connection import KafkaConnection
 from worker.io.topics import TopicNames
+from worker.stream.processor import ProcessSettings
 
 CLI = Path(__file__).resolve().parents[2] / "worker" / "cli"
 
@@ -98,3 +99,21 @@ def test_two_groups_declaring_one_option_are_refused() -> None:
 
     with pytest.raises(TypeError, match="same option"):
         uses_groups(clash)
+
+
+def test_the_live_stream_budget_reaches_the_process_settings(monkeypatch) -> None:
+    seen = []
+    demo = typer.Typer()
+
+    @demo.command()
+    @uses_groups
+    def show(process: ProcessSettings) -> None:
+        seen.append(process.max_live_streams)
+
+    runner = CliRunner()
+    assert runner.invoke(demo, []).exit_code == 0
+    assert runner.invoke(demo, ["--max-live-streams", "3"]).exit_code == 0
+    monkeypatch.setenv("STREAMSINK_MAX_LIVE_STREAMS", "5")
+    assert runner.invoke(demo, []).exit_code == 0
+    assert runner.invoke(demo, ["--max-live-streams", "0"]).exit_code == 2
+    assert seen == [None, 3, 5]
