@@ -17,6 +17,7 @@ from kafka import TopicPartition
 from cache_store.local import LocalDirStore
 from cache_store.memory import MemoryStore
 from cache_store.memory_partition import MemoryPartitionStore
+from cache_store.partition import StoreUnavailableError
 from cache_store.store import StateStore
 from tests.memory_outputs import ListOutput
 from tests.models.checkpoint_harness import RecordingDelivery, ScriptedInbox, tiny_commentator
@@ -29,7 +30,7 @@ from worker.runtime.inference_loop import InferenceLoop
 from worker.runtime.kafka_settings import GroupSettings, WorkerSettings
 from worker.runtime.local_run import Runner, RunSettings
 from worker.stream.live_budget import LiveBudget
-from worker.stream.processor import ProcessSettings
+from worker.stream.processor import ProcessSettings, StreamProcessor
 from worker.stream.records import Record
 
 STREAMS = [f"svc{i:02d}" for i in range(12)]
@@ -40,11 +41,13 @@ SCHEDULE = CheckpointSchedule(every_records=40, every_seconds=3600)
 
 
 class WatchedBudget(LiveBudget):
-    """A LiveBudget that fails the test the moment more caches are live than its limit."""
+    """A LiveBudget that remembers the most caches ever live at once."""
+
+    peak = 0
 
     def used(self, key) -> None:
         super().used(key)
-        assert self.limit is None or len(self) <= self.limit, f"{len(self)} caches are live"
+        self.peak = max(self.peak, len(self))
 
 
 def _records(count: int, streams: list[str], seed: int = 7) -> list[Record]:
@@ -83,8 +86,8 @@ def _local_run(commentator, store: StateStore, budget: int | None, stream_record
     output = ListOutput()
     settings = RunSettings(SCHEDULE, ProcessSettings(max_live_streams=budget))
     runner = Runner(commentator, ListSource(stream_records), output, store, settings)
-    runner.processor.live = WatchedBudget(budget)
-    return runner.run(), output.items
+    runner.processor.live = watched = WatchedBudget(budget)
+    return runner.run(), output.items, watched.peak
 
 
 @pytest.fixture(scope="module")
@@ -97,9 +100,9 @@ def test_a_local_run_within_the_budget_writes_what_an_unbounded_one_does(
     commentator, stream_records, unbounded_local, tmp_path: Path, store_kind: str
 ) -> None:
     bounded_store = MemoryStore() if store_kind == "memory" else LocalDirStore(tmp_path)
-    metrics, bounded = _local_run(commentator, bounded_store, BUDGET, stream_records)
+    metrics, bounded, peak = _local_run(commentator, bounded_store, BUDGET, stream_records)
 
-    assert len(unbounded_local) >= 20
+    assert len(unbounded_local) >= 20 and peak == BUDGET
     assert sorted(map(_key, bounded)) == sorted(map(_key, unbounded_local))
     assert metrics.value("streamsink_evicted_streams") >= 20
     assert metrics.value("streamsink_restored_streams") >= 20
@@ -133,7 +136,13 @@ def _partition_batches(stream_records: list[Record], first_offset: int = 0) -> l
     return batches
 
 
-def _kafka_run(commentator, store: MemoryPartitionStore, budget: int | None, batches: list):
+def _kafka_run(
+    commentator,
+    store: MemoryPartitionStore,
+    budget: int | None,
+    batches: list,
+    partitions: list[TopicPartition] = PARTITIONS,
+):
     delivery = RecordingDelivery()
     settings = WorkerSettings(
         TopicNames("in", "out"),
@@ -141,14 +150,14 @@ def _kafka_run(commentator, store: MemoryPartitionStore, budget: int | None, bat
         SCHEDULE,
         ProcessSettings(max_live_streams=budget),
     )
-    script = ScriptedInbox(*(Claim(p) for p in PARTITIONS), *batches, Stop())
+    script = ScriptedInbox(*(Claim(p) for p in partitions), *batches, Stop())
     loop = InferenceLoop(
         commentator, store, delivery, settings, WorkerMetrics(), script, queue.Queue()
     )
-    loop.live = WatchedBudget(budget)
+    loop.live = watched = WatchedBudget(budget)
     loop.run()
     assert loop.failure is None
-    return loop.metrics, delivery
+    return loop.metrics, delivery, watched.peak
 
 
 @pytest.fixture(scope="module")
@@ -162,9 +171,9 @@ def test_partitions_share_the_budget_and_write_what_an_unbounded_worker_does(
 ) -> None:
     batches = _partition_batches(stream_records)
     store = MemoryPartitionStore()
-    metrics, bounded = _kafka_run(commentator, store, BUDGET, batches)
+    metrics, bounded, peak = _kafka_run(commentator, store, BUDGET, batches)
 
-    assert len(unbounded_kafka) >= 20
+    assert len(unbounded_kafka) >= 20 and peak == BUDGET
     assert sorted(bounded.delivered) == sorted(unbounded_kafka)
     assert len(set(bounded.delivered)) == len(bounded.delivered)  # each delivered once
     assert metrics.value("streamsink_evicted_streams") >= 20
@@ -181,14 +190,62 @@ def test_a_takeover_after_evictions_goes_on_from_the_committed_states(
 ) -> None:
     store = MemoryPartitionStore()
     first = _partition_batches(stream_records[: RECORDS // 2])
-    _, before = _kafka_run(commentator, store, BUDGET, first)
+    _, before, first_peak = _kafka_run(commentator, store, BUDGET, first)
     offsets = {p: store.partitions[f"in/{p.partition}"].next_offset for p in PARTITIONS}
     assert offsets == {p: sum(len(b.records) for b in first if b.partition == p) for p in offsets}
     rest = [
         Batch(b.partition, [r for r in b.records if r.offset >= offsets[b.partition]])
         for b in _partition_batches(stream_records)
     ]
-    metrics, after = _kafka_run(commentator, store, BUDGET, [b for b in rest if b.records])
+    metrics, after, peak = _kafka_run(commentator, store, BUDGET, [b for b in rest if b.records])
 
     assert sorted(before.delivered + after.delivered) == sorted(unbounded_kafka)
     assert metrics.value("streamsink_replayed_records") == 0
+    assert first_peak == peak == BUDGET
+
+
+class RefusingStore(MemoryPartitionStore):
+    """Refuses its next `refusals` calls (loads and commits alike): an outage that ends."""
+
+    refusals = 0
+
+    def check_available(self) -> None:
+        if self.refusals:
+            self.refusals -= 1
+            raise StoreUnavailableError("the in-memory store refuses this call")
+        super().check_available()
+
+
+def test_an_outage_keeps_evicted_streams_waiting_not_set_aside(commentator) -> None:
+    stream_records = _records(24, STREAMS[:4])
+    batches = [Batch(PARTITIONS[0], stream_records[i : i + 6]) for i in range(0, 24, 6)]
+    _, unbounded, _ = _kafka_run(
+        commentator, MemoryPartitionStore(), None, batches, [PARTITIONS[0]]
+    )
+    store = RefusingStore()
+    outage = lambda: setattr(store, "refusals", 3)  # noqa: E731
+    metrics, bounded, peak = _kafka_run(
+        commentator, store, 1, [*batches[:2], outage, *batches[2:]], [PARTITIONS[0]]
+    )
+
+    assert sorted(bounded.delivered) == sorted(unbounded.delivered)
+    assert metrics.value("streamsink_errors", kind="redis_unavailable") == 3
+    assert metrics.value("streamsink_bad_states") == 0
+    assert metrics.value("streamsink_dead_letter_records") == 0
+    assert store.partitions["in/0"].next_offset == len(stream_records)
+    assert peak > 1  # over the budget while the store took no checkpoint
+    assert metrics.value("streamsink_errors", kind="over_live_budget") >= 1
+
+
+def test_only_a_saved_stream_leaves_memory(commentator) -> None:
+    metrics = WorkerMetrics()
+    settings = ProcessSettings(max_live_streams=1)
+    processor = StreamProcessor(commentator, lambda stream_id: None, metrics, settings)
+    processor.apply([Record("a", 0, b"one line")])
+    arriving = [Record("b", 1, b"another line")]
+    assert processor.admit(arriving) == 0  # a has changed since it was saved
+    with pytest.raises(RuntimeError, match="changed since its state was saved"):
+        processor.evict("a")
+    processor.mark_saved()
+    assert processor.admit(arriving) == 1
+    assert list(processor.sessions) == [] and metrics.value("streamsink_evicted_streams") == 1

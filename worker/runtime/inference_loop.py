@@ -147,12 +147,17 @@ class InferenceLoop:
             return  # fetched before a revoke: the next owner reads it again
         records = batch.records
         while records:
-            admitted = checkpointer.processor.admit(records) or self._make_room(
-                checkpointer, records
-            )
-            if checkpointer.fenced:
-                return  # another worker owns the partition now; it was dropped
-            checkpointer.apply(records[:admitted])
+            try:
+                admitted = checkpointer.processor.admit(records) or self._make_room(
+                    checkpointer, records
+                )
+                if checkpointer.fenced:
+                    return  # another worker owns the partition now; it was dropped
+                checkpointer.apply(records[:admitted])
+            except StoreUnavailableError as error:
+                if not self._wait_for_store(error):
+                    return  # stopping: what is applied is released, the rest is read again
+                continue
             records = records[admitted:]
         self.replies.put(Progress(batch.partition, checkpointer.next_offset))
         if checkpointer.due():
@@ -165,11 +170,19 @@ class InferenceLoop:
         for partition, other in list(self._owned.items()):
             if other.processor.dirty:
                 self._checkpoint(partition, other)
+        if checkpointer.fenced:
+            return 0
         admitted = checkpointer.processor.admit(records)
-        if not admitted and not checkpointer.fenced:
+        if not admitted:
             self.metrics.errors.labels(kind="over_live_budget").inc()
             log.warning("over the live budget until the store takes checkpoints again")
         return admitted or len(records)
+
+    def _wait_for_store(self, error: StoreUnavailableError) -> bool:
+        """A stream's state could not be read: wait, as for a claim; False once stopping."""
+        self.metrics.errors.labels(kind="redis_unavailable").inc()
+        log.warning("restore postponed", error=str(error))
+        return not self.stopping.wait(RETRY_SECONDS)
 
     def _on_idle(self) -> None:
         """Fire time triggers and time-based checkpoints while no records arrive."""

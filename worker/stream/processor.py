@@ -20,6 +20,7 @@ from enum import StrEnum
 import structlog
 
 from cache_store.exceptions import StateCorruptError, StateError, StateForeignError
+from cache_store.partition import StoreUnavailableError
 from cache_store.state import StreamState
 from worker.exceptions import BadRecordError, StreamsinkError
 from worker.ops.metrics import WorkerMetrics
@@ -79,7 +80,11 @@ class StreamProcessor:
 
     def apply(self, batch: list[Record]) -> Applied:
         """Apply a batch in offset order: the commentary it produced, in order, and the records
-        set aside (already logged and counted; the caller dead-letters them, or not)."""
+        set aside (already logged and counted; the caller dead-letters them, or not).
+
+        StoreUnavailableError if a stream's state could not be read (the store is out): no
+        record of the batch is applied then (its set-aside ones are counted again on a retry).
+        """
         grouped: dict[str, list[tuple[int, str]]] = {}
         set_aside: list[SetAside] = []
         for record in batch:
@@ -234,6 +239,8 @@ class StreamProcessor:
                     next_offset=session.counters.next_offset,
                 )
                 return session
+        except StoreUnavailableError:
+            raise  # the state is not at fault: the caller applies the batch once the store answers
         except (StateError, KeyError, ValueError) as error:
             self.metrics.bad_states.labels(kind=_bad_state_kind(error)).inc()
             log.error(
