@@ -166,7 +166,7 @@ class InferenceLoop:
     def _make_room(self, checkpointer: PartitionCheckpointer, records: list[Record]) -> int:
         """Checkpoint every partition with unsaved streams, so their caches may go; how many
         of `records` fit then. Where a commit failed (the store is out) the rest of the batch
-        runs over budget: waiting here would hold up revokes, and its input is safe anyway."""
+        runs over budget rather than wait: nothing is lost by it, the next batch tries again."""
         for partition, other in list(self._owned.items()):
             if other.processor.dirty:
                 self._checkpoint(partition, other)
