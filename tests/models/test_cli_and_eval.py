@@ -44,6 +44,25 @@ def test_run_prints_commentary_and_resumes_from_its_state(model_dir: Path, tmp_p
     assert [(r["seq"], r["first_offset"]) for r in again] == [(3, 12)]
 
 
+def test_run_within_a_live_budget_writes_what_an_unbounded_run_does(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    log = tmp_path / "app.log"
+    log.write_text("".join(f"svc{i % 3}|12:00:{i:02d} INFO request {i}\n" for i in range(12)))
+
+    def run(state: str, *extra: str) -> tuple[list, str]:
+        args = run_arguments(log, tmp_path / state, model_dir, every_records=2)
+        result = CliRunner().invoke(app, [*args, "--key-separator", "|", *extra])
+        assert result.exit_code == 0, result.output
+        lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+        return sorted((r["stream_id"], r["seq"], r["text"]) for r in lines), result.stderr
+
+    unbounded, _ = run("unbounded")
+    bounded, summary = run("bounded", "--max-live-streams", "1")
+    assert len(unbounded) == 6 and bounded == unbounded
+    assert "evicted streams 11" in summary and "restored streams 9" in summary
+
+
 def test_instruction_too_long_for_the_cache_exits_2(model_dir: Path, tmp_path: Path) -> None:
     log = tmp_path / "app.log"
     log.write_text("one line\n")
