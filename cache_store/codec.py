@@ -51,6 +51,10 @@ DTYPES: dict[str, torch.dtype] = {
 }
 _BLOCK_ID = re.compile(r"[0-9a-f]{32}\Z")
 _PLAIN_SCALARS = (type(None), bool, int, float, str, bytes)
+MAX_META_DEPTH = 32  # far deeper than any meta streamsink writes; bounds the decoder's work
+# A tensor's extent in bytes, each empty dimension counted as one: what torch's stride and size
+# arithmetic must hold in an int64, even for a tensor with no elements.
+_MAX_EXTENT = 2**63 - 1
 _CORRUPT_FIX = "delete the stream's state so the stream starts fresh, or restore it from a backup"
 
 
@@ -181,7 +185,10 @@ def decode_state(
             if block_id(data) != entry.block:
                 raise _corrupt(label, f"{what} fails its checksum")
             verified.add(entry.block)
-        tensors[entry.name] = _tensor_from(data, entry)
+        tensor = _tensor_from(data, entry)
+        if tensor.dtype == torch.bool and tensor.numel() and tensor.view(torch.uint8).max() > 1:
+            raise _corrupt(label, f"{what} holds bool values other than 0 and 1")
+        tensors[entry.name] = tensor
     return StreamState(
         manifest.stream_id, manifest.fingerprint, tensors, copy.deepcopy(manifest.meta)
     )
@@ -232,11 +239,15 @@ def _parse_body(body: Any, version: int, label: str) -> Manifest:
     names = [entry.name for entry in entries]
     if len(set(names)) != len(names):
         raise _corrupt(label, "the manifest names a tensor twice")
+    meta = _field(body, "meta", dict, label)
+    problem = _not_plain(meta, "its meta")
+    if problem is not None:
+        raise _corrupt(label, problem)
     return Manifest(
         version=version,
         stream_id=_field(body, "stream_id", str, label),
         fingerprint=_field(body, "fingerprint", str, label),
-        meta=_field(body, "meta", dict, label),
+        meta=meta,
         tensors=entries,
     )
 
@@ -251,6 +262,8 @@ def _parse_entry(raw: Any, label: str) -> TensorEntry:
     shape = tuple(_field(raw, "shape", list, label))
     if any(type(size) is not int or size < 0 for size in shape):
         raise _corrupt(label, f"tensor {name!r} has invalid shape {list(shape)}")
+    if math.prod(max(size, 1) for size in shape) * DTYPES[dtype].itemsize > _MAX_EXTENT:
+        raise _corrupt(label, f"tensor {name!r} has impossibly large shape {list(shape)}")
     block = _field(raw, "block", str, label)
     if not _BLOCK_ID.match(block):
         raise _corrupt(label, f"tensor {name!r} names invalid block id {block!r}")
@@ -286,18 +299,34 @@ def _require_str(value: Any, where: str) -> None:
 
 def _check_plain(value: Any, where: str) -> None:
     """Reject what msgpack would not give back unchanged: tuples, non-str keys, objects."""
-    if isinstance(value, _PLAIN_SCALARS):
-        return
-    if isinstance(value, list):
-        for index, item in enumerate(value):
-            _check_plain(item, f"{where}[{index}]")
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise TypeError(f"{where} has key {key!r}; meta dict keys must be str")
-            _check_plain(item, f"{where}[{key!r}]")
-    else:
-        raise TypeError(
-            f"{where} is a {type(value).__name__}; meta holds only None, bool, int, float, str, "
-            "bytes, lists and str-keyed dicts (use a list instead of a tuple)"
-        )
+    problem = _not_plain(value, where)
+    if problem is not None:
+        raise TypeError(problem)
+
+
+def _not_plain(value: Any, where: str) -> str | None:
+    """What makes `value` more than plain data nested at most MAX_META_DEPTH deep, or None.
+
+    Iterative, so that no nesting exhausts Python's stack; the encoder and the decoder share it,
+    so every meta one writes the other reads, and a decoded meta saves again unchanged.
+    """
+    pending = [(value, where, 0)]
+    while pending:
+        item, path, depth = pending.pop()
+        if isinstance(item, _PLAIN_SCALARS):
+            continue
+        if depth >= MAX_META_DEPTH:
+            return f"{path} nests deeper than {MAX_META_DEPTH} levels"
+        if isinstance(item, list):
+            pending += ((child, f"{path}[{i}]", depth + 1) for i, child in enumerate(item))
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                if not isinstance(key, str):
+                    return f"{path} has key {key!r}; meta dict keys must be str"
+                pending.append((child, f"{path}[{key!r}]", depth + 1))
+        else:
+            return (
+                f"{path} is a {type(item).__name__}; meta holds only None, bool, int, float, "
+                "str, bytes, lists and str-keyed dicts (use a list instead of a tuple)"
+            )
+    return None

@@ -14,7 +14,9 @@ import torch
 from cache_store.codec import (
     DTYPES,
     FORMAT_VERSION,
+    MAX_META_DEPTH,
     EncodedState,
+    block_id,
     decode_state,
     encode_state,
     read_manifest,
@@ -25,6 +27,7 @@ from cache_store.exceptions import (
     StateForeignError,
     StateVersionError,
 )
+from cache_store.export import export_state, import_state
 from cache_store.state import StreamState
 
 FINGERPRINT = "ab12" * 8
@@ -223,6 +226,83 @@ def test_inconsistent_tensor_entry_is_corrupt(
     )
     with pytest.raises(StateCorruptError, match=problem):
         read_manifest(manifest)
+
+
+def _nested(depth: int) -> Any:
+    value: Any = 0
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+# Found by tests/unit/test_codec_fuzz.py: each of these raised another error, or decoded into a
+# state that could not be saved again.
+@pytest.mark.parametrize(
+    ("meta", "problem"),
+    [
+        pytest.param({"deep": _nested(480)}, "nests deeper than", id="deep"),  # RecursionError
+        pytest.param({"ext": msgpack.ExtType(5, b"x")}, "is a ExtType", id="ext-type"),
+        pytest.param({"keys": {b"raw": 1}}, "has key b'raw'", id="bytes-key"),
+    ],
+)
+def test_meta_the_encoder_would_refuse_is_corrupt(
+    encoded: EncodedState, meta: dict[str, Any], problem: str
+) -> None:
+    manifest = _rewrite(encoded.manifest, lambda env, body: body.update(meta=meta))
+    with pytest.raises(StateCorruptError, match=problem):
+        read_manifest(manifest)
+
+
+def test_meta_nested_too_deep_is_refused_when_saved() -> None:
+    encode_state(_state({}, {"deep": _nested(MAX_META_DEPTH - 1)}))
+    with pytest.raises(TypeError, match="nests deeper than"):
+        encode_state(_state({}, {"deep": _nested(MAX_META_DEPTH)}))
+
+
+@pytest.mark.parametrize("shape", [[0, 2**63], [3, 2**63 - 1, 0], [0, 2**62, 2**62]])
+def test_empty_tensor_of_impossible_shape_is_corrupt(
+    encoded: EncodedState, shape: list[int]
+) -> None:
+    # torch.empty raised TypeError or RuntimeError on these, although they hold no element
+    manifest = _rewrite(
+        encoded.manifest, lambda env, body: body["tensors"][0].update(shape=shape, nbytes=0)
+    )
+    with pytest.raises(StateCorruptError, match="impossibly large shape"):
+        read_manifest(manifest)
+
+
+def test_bool_block_holding_other_values_is_corrupt(encoded: EncodedState) -> None:
+    data = bytes([1, 0, 2])
+    manifest = _rewrite(
+        encoded.manifest,
+        lambda env, body: body["tensors"][0].update(
+            dtype="bool", shape=[3], nbytes=3, block=block_id(data)
+        ),
+    )
+    with pytest.raises(StateCorruptError, match="bool values other than 0 and 1"):
+        decode_state(read_manifest(manifest), {**encoded.blocks, block_id(data): data})
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        pytest.param(lambda export: export.pop("blocks"), id="no-blocks"),  # KeyError
+        pytest.param(lambda export: export.update(blocks="x"), id="blocks-str"),  # AttributeError
+        pytest.param(lambda export: export.update(manifest=1.5), id="manifest-float"),  # TypeError
+        pytest.param(lambda export: export.update(scope=None), id="no-scope"),
+        pytest.param(
+            lambda export: export["blocks"].update({next(iter(export["blocks"])): 7}),
+            id="block-int",
+        ),
+    ],
+)
+def test_damaged_export_file_is_corrupt(edit: Callable[[dict[str, Any]], None]) -> None:
+    state = _state({"keys": torch.ones(3)})
+    assert import_state(export_state(state, "scope-1"))[1] == "scope-1"
+    export = msgpack.unpackb(export_state(state, "scope-1"))
+    edit(export)
+    with pytest.raises(StateCorruptError, match="export is damaged"):
+        import_state(msgpack.packb(export))
 
 
 def test_manifest_of_another_stream_is_corrupt(encoded: EncodedState) -> None:
