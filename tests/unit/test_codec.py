@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -28,7 +29,7 @@ from cache_store.exceptions import (
     StateVersionError,
 )
 from cache_store.export import export_state, import_state
-from cache_store.state import StreamState
+from cache_store.state import Expected, StreamState
 
 FINGERPRINT = "ab12" * 8
 
@@ -339,6 +340,77 @@ def test_foreign_fingerprint_names_both_and_how_to_fix(encoded: EncodedState) ->
     assert FINGERPRINT in message and "ffff" in message
     assert "another model" in message and "--model" in message
     assert decode_state(manifest, encoded.blocks, FINGERPRINT).fingerprint == FINGERPRINT
+
+
+WRITTEN_WITH = {
+    "dtype": "float32",
+    "rope": {"rope_type": "default", "rope_theta": 10000.0},
+    "layer_types": ["full_attention", "sliding_attention"],
+    "cache_capacity": 128,
+}
+
+
+@pytest.fixture
+def written() -> EncodedState:
+    tensors = {"keys": torch.arange(12, dtype=torch.float32).reshape(3, 4)}
+    return encode_state(StreamState("stream-1", FINGERPRINT, tensors, {}, WRITTEN_WITH))
+
+
+def test_what_a_state_was_written_with_round_trips(written: EncodedState) -> None:
+    manifest = read_manifest(written.manifest)
+    assert manifest.written_with == WRITTEN_WITH
+    expected = Expected(FINGERPRINT, WRITTEN_WITH)
+    assert decode_state(manifest, written.blocks, expected).written_with == WRITTEN_WITH
+
+
+@pytest.mark.parametrize(
+    ("running", "named"),
+    [
+        ({"dtype": "bfloat16"}, "dtype='float32', but this worker runs dtype='bfloat16'"),
+        (
+            {"rope": {"rope_type": "default", "rope_theta": 5e5}},
+            "rope.rope_theta=10000.0, but this worker runs rope.rope_theta=500000.0",
+        ),
+        (
+            {"rope": {"rope_type": "default", "rope_theta": 10000.0, "factor": 4.0}},
+            "written with no rope.factor, but this worker runs rope.factor=4.0",
+        ),
+        (
+            {"layer_types": ["full_attention", "full_attention"]},
+            "layer_types[1]='sliding_attention', but this worker runs "
+            "layer_types[1]='full_attention'",
+        ),
+        (
+            {"layer_types": ["full_attention"]},
+            "layer_types=['full_attention', 'sliding_attention'], but this worker runs "
+            "layer_types=['full_attention']",
+        ),
+        ({"cache_capacity": 256}, "cache_capacity=128, but this worker runs cache_capacity=256"),
+    ],
+)
+def test_state_written_with_other_settings_is_refused_naming_the_field(
+    written: EncodedState, running: dict[str, Any], named: str
+) -> None:
+    expected = Expected(FINGERPRINT, {**WRITTEN_WITH, **running}, fix="run it like so")
+    with pytest.raises(StateForeignError, match=re.escape(named)) as raised:
+        decode_state(read_manifest(written.manifest), {}, expected)  # before any block is read
+    assert "'stream-1'" in str(raised.value) and "run it like so" in str(raised.value)
+
+
+def test_what_a_state_does_not_record_is_left_to_the_fingerprint(written: EncodedState) -> None:
+    older = read_manifest(_rewrite(written.manifest, lambda env, body: body.pop("written_with")))
+    assert older.written_with == {}
+    assert decode_state(older, written.blocks, Expected(FINGERPRINT, WRITTEN_WITH)).tensors
+    with pytest.raises(StateForeignError, match="another model"):
+        decode_state(older, written.blocks, Expected("ffff", WRITTEN_WITH))
+    newer_reader = Expected(FINGERPRINT, {**WRITTEN_WITH, "recorded_later": 1})
+    assert decode_state(read_manifest(written.manifest), written.blocks, newer_reader).tensors
+
+
+def test_written_with_that_is_not_a_map_is_corrupt(written: EncodedState) -> None:
+    manifest = _rewrite(written.manifest, lambda env, body: body.update(written_with=[1]))
+    with pytest.raises(StateCorruptError, match="'written_with' is not a dict"):
+        read_manifest(manifest)
 
 
 def test_all_state_errors_share_one_base() -> None:

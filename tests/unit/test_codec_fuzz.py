@@ -30,12 +30,25 @@ import torch
 from cache_store.codec import DTYPES, decode_state, encode_state, read_manifest
 from cache_store.exceptions import StateError
 from cache_store.export import export_state, import_state
-from cache_store.state import StreamState
+from cache_store.state import Expected, StreamState
 
 CASES = int(os.environ.get("STREAMSINK_FUZZ_CASES", 100_000))
 SEED = int(os.environ.get("STREAMSINK_FUZZ_SEED", 0))
 FIRST = int(os.environ.get("STREAMSINK_FUZZ_FIRST", 0))
 FINGERPRINT = "ab12" * 8
+WRITTEN_WITH = {
+    "dtype": "float32",
+    "rope": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0},
+    "layer_types": ["full_attention", "sliding_attention"],
+    "cache_capacity": 16,
+}
+READERS = [
+    None,
+    FINGERPRINT,
+    "ffff",
+    Expected(FINGERPRINT, WRITTEN_WITH),
+    Expected(FINGERPRINT, {**WRITTEN_WITH, "rope": {"rope_type": "default"}}),
+]
 _HUGE = [2**31, 2**32 + 1, 2**40, 2**62, 2**63 - 1, 2**63, 2**64 - 1]
 _NUMBERS = [0, 1, -1, 2, 3, 7, 64, -(2**63), *_HUGE, 0.5, -0.0, float("nan"), float("inf")]
 
@@ -64,6 +77,7 @@ def _base_states() -> list[StreamState]:
                 "scalar": torch.tensor(1.5, dtype=torch.bfloat16),
             },
             meta,
+            WRITTEN_WITH,
         ),
         StreamState("s", FINGERPRINT, {"t": torch.arange(6, dtype=torch.int8)}, {}),
     ]
@@ -235,7 +249,7 @@ class Case:
     blocks: dict[str, bytes] | None = None
     export: bytes | None = None
     stream_id: str | None = None
-    fingerprint: str | None = None
+    fingerprint: str | Expected | None = None
 
 
 def make_case(seed: int, index: int) -> Case:
@@ -250,7 +264,7 @@ def make_case(seed: int, index: int) -> Case:
 def _make_case(rng: random.Random) -> Case:
     base = rng.choice(BASES)
     stream_id = rng.choice([None, None, "stream-1", "s"])
-    fingerprint = rng.choice([None, FINGERPRINT, FINGERPRINT, "ffff"])
+    fingerprint = rng.choice(READERS)
     kind = rng.randrange(8)
     if kind == 0:
         raw = rng.randbytes(rng.randrange(64))
@@ -302,8 +316,9 @@ def _check_decoded(case: Case, state: StreamState) -> None:
         assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
         if tensor.dtype == torch.bool and tensor.numel():
             assert tensor.view(torch.uint8).max() <= 1
-    again = encode_state(state)
-    assert msgpack.packb(read_manifest(again.manifest).meta) == msgpack.packb(state.meta)
+    again = read_manifest(encode_state(state).manifest)
+    assert msgpack.packb(again.meta) == msgpack.packb(state.meta)
+    assert msgpack.packb(again.written_with) == msgpack.packb(state.written_with)
 
 
 def _run(cases: range, check: Callable[[Case, StreamState], None]) -> dict[str, str]:
