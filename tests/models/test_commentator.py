@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from cache_store import LocalDirStore, MemoryStore
-from cache_store.exceptions import StateForeignError
+from cache_store.exceptions import StateCorruptError, StateForeignError
 from tests.cache_probes import kept_token_ids
 from tests.models.tiny_models import tiny_loaded, tiny_variant
 from worker.exceptions import CacheCapacityError
@@ -190,6 +191,31 @@ def test_state_saved_before_its_settings_were_recorded_still_restores_exactly() 
     wider = _commentator(settings=CacheSettings(sinks=4, window=200))
     with pytest.raises(StateForeignError, match="same --sinks/--window"):
         restore(store.load("s", expected_writer(wider)), wider)
+
+
+# Found by tests/models/test_restore_fuzz.py: each raised TypeError or IndexError at the restore,
+# or at the next forward, which would have stopped the worker.
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [
+        (lambda meta, tensors: meta["counters"].update(added_later=1), "unexpected keyword"),
+        (lambda meta, tensors: meta["counters"].update(pending=[10**6]), "vocabulary"),
+        (lambda meta, tensors: meta["layout"].update(length="7"), "not an int"),
+        (lambda meta, tensors: meta["layout"].update(ring_start=10**4), "inconsistent"),
+        (lambda meta, tensors: tensors.update(token_ids=tensors["token_ids"][:9]), "token ids"),
+        (lambda meta, tensors: tensors.pop("layer1.values.0"), "values have 64 slots"),
+        (lambda meta, tensors: tensors.update({"layer0.keys.0": torch.zeros(3)}), "out of range"),
+    ],
+)
+def test_a_state_that_does_not_fit_the_cache_is_corrupt(damage, problem: str) -> None:
+    commentator = _commentator()
+    session = commentator.new_session("s")
+    _feed(commentator, session, LINES[:3])
+    state = snapshot(session, commentator)
+    meta, tensors = copy.deepcopy(dict(state.meta)), dict(state.tensors)
+    damage(meta, tensors)
+    with pytest.raises(StateCorruptError, match=f"does not fit this cache.*{problem}"):
+        restore(dataclasses.replace(state, meta=meta, tensors=tensors), commentator)
 
 
 def test_a_record_longer_than_the_window_is_fed_in_pieces() -> None:

@@ -31,6 +31,7 @@ from cache_store.codec import DTYPES, decode_state, encode_state, read_manifest
 from cache_store.exceptions import StateError
 from cache_store.export import export_state, import_state
 from cache_store.state import Expected, StreamState
+from tests.state_mutations import HUGE, NUMBERS, damage_bytes, edit_tree
 
 CASES = int(os.environ.get("STREAMSINK_FUZZ_CASES", 100_000))
 SEED = int(os.environ.get("STREAMSINK_FUZZ_SEED", 0))
@@ -49,8 +50,6 @@ READERS = [
     Expected(FINGERPRINT, WRITTEN_WITH),
     Expected(FINGERPRINT, {**WRITTEN_WITH, "rope": {"rope_type": "default"}}),
 ]
-_HUGE = [2**31, 2**32 + 1, 2**40, 2**62, 2**63 - 1, 2**63, 2**64 - 1]
-_NUMBERS = [0, 1, -1, 2, 3, 7, 64, -(2**63), *_HUGE, 0.5, -0.0, float("nan"), float("inf")]
 
 
 def _base_states() -> list[StreamState]:
@@ -120,89 +119,6 @@ def _seal(body: bytes, envelope: dict[str, Any]) -> bytes:
     return msgpack.packb({**envelope, "body": body, "checksum": _block_id(body)})
 
 
-def _garbage(rng: random.Random, depth: int = 0) -> Any:
-    """Any value msgpack can carry, from plain numbers to deep nests and extension types."""
-    kind = rng.randrange(12 if depth < 3 else 8)
-    if kind == 0:
-        return None
-    if kind == 1:
-        return rng.random() < 0.5
-    if kind == 2:
-        return rng.choice(_NUMBERS)
-    if kind == 3:
-        return rng.choice(["", "x", "float32", "bool", "keys", "0" * 32, "é流", "\x00"])
-    if kind == 4:
-        return rng.randbytes(rng.randrange(40))
-    if kind == 5:
-        return rng.choice(list(DTYPES))
-    if kind == 6:
-        return msgpack.ExtType(rng.randrange(128), rng.randbytes(rng.randrange(8)))
-    if kind == 7:
-        return _block_id(rng.randbytes(4))
-    if kind == 8:
-        return [_garbage(rng, depth + 1) for _ in range(rng.randrange(4))]
-    if kind == 9:
-        return {str(rng.randrange(5)): _garbage(rng, depth + 1) for _ in range(rng.randrange(4))}
-    if kind == 10:
-        nested: Any = rng.choice([0, "x", b""])
-        for _ in range(rng.choice([10, 200, 480])):
-            nested = [nested] if rng.random() < 0.5 else {"k": nested}
-        return nested
-    return [rng.choice(_HUGE) for _ in range(rng.randrange(1, 80))]
-
-
-def _pick(rng: random.Random, tree: dict[str, Any]) -> tuple[Any, Any]:
-    """A random (container, key) in a tree of dicts and lists: a walk down from the root that
-    stops at each level with some chance, so every field of every depth gets its turn."""
-    container: Any = tree
-    key: Any = rng.choice(list(tree))
-    while isinstance(container[key], dict | list) and container[key] and rng.random() < 0.7:
-        container = container[key]
-        key = rng.choice(list(container)) if isinstance(container, dict) else None
-        key = rng.randrange(len(container)) if key is None else key
-    return container, key
-
-
-def _edit_tree(rng: random.Random, tree: Any) -> Any:
-    """One edit somewhere in the tree: replace, delete, add a key, or nudge a number."""
-    if type(tree) is not dict or not tree or rng.random() < 0.03:
-        return _garbage(rng)
-    container, key = _pick(rng, tree)
-    op = rng.randrange(6)
-    if op == 0 and isinstance(container, dict):
-        del container[key]
-    elif op == 1 and isinstance(container, dict):
-        container[rng.choice(["extra", "meta", "shape", b"bytes-key", "tensors"])] = _garbage(rng)
-    elif op == 2 and type(container[key]) is int:
-        container[key] = rng.choice([-container[key], container[key] + 1, container[key] - 1])
-    elif op == 3 and isinstance(container, list):
-        container.insert(rng.randrange(len(container) + 1), _garbage(rng))
-    else:
-        container[key] = _garbage(rng)
-    return tree
-
-
-def _damage_bytes(rng: random.Random, data: bytes) -> bytes:
-    if not data:
-        return rng.randbytes(rng.randrange(8))
-    data = bytearray(data)
-    op = rng.randrange(5)
-    if op == 0:
-        for _ in range(rng.randrange(1, 4)):
-            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
-    elif op == 1:
-        del data[rng.randrange(len(data)) :]
-    elif op == 2:
-        at = rng.randrange(len(data) + 1)
-        data[at:at] = rng.randbytes(rng.randrange(1, 16))
-    elif op == 3:
-        data[rng.randrange(len(data))] = rng.choice([0x00, 0xC1, 0xDC, 0xDD, 0xDF, 0xC6, 0xFF])
-    else:
-        start = rng.randrange(len(data))
-        del data[start : start + rng.randrange(1, 16)]
-    return bytes(data)
-
-
 def _forge_entry(rng: random.Random, base: Base) -> tuple[bytes, dict[str, bytes]]:
     """A tensor entry rewritten with any dtype, shape and bytes, its block renamed to match:
     only the entry's own checks stand between it and a tensor."""
@@ -213,14 +129,14 @@ def _forge_entry(rng: random.Random, base: Base) -> tuple[bytes, dict[str, bytes
     itemsize = DTYPES[dtype].itemsize
     shape = [rng.randrange(4) for _ in range(rng.randrange(4))]
     if rng.random() < 0.3:
-        shape.insert(rng.randrange(len(shape) + 1), rng.choice([0, *_HUGE]))
+        shape.insert(rng.randrange(len(shape) + 1), rng.choice([0, *HUGE]))
     if rng.random() < 0.1:
         shape = [1] * rng.choice([65, 200, 1000])
     count = 1
     for size in shape:
         count *= size
     data = rng.randbytes(count * itemsize) if count * itemsize < 4096 else rng.randbytes(16)
-    nbytes = count * itemsize if rng.random() < 0.8 else rng.choice([len(data), *_NUMBERS])
+    nbytes = count * itemsize if rng.random() < 0.8 else rng.choice([len(data), *NUMBERS])
     block = _block_id(data)
     blocks[block] = data
     entry.update(dtype=dtype, shape=shape, nbytes=nbytes, block=block)
@@ -234,7 +150,7 @@ def _damage_blocks(rng: random.Random, blocks: dict[str, bytes]) -> dict[str, by
     if op == 0:
         del blocks[name]
     elif op == 1:
-        blocks[name] = _damage_bytes(rng, blocks[name])
+        blocks[name] = damage_bytes(rng, blocks[name])
     elif op == 2:
         blocks[name] = blocks[rng.choice(sorted(blocks))]
     else:
@@ -272,19 +188,19 @@ def _make_case(rng: random.Random) -> Case:
             raw = base.manifest[: rng.randrange(len(base.manifest))] + raw
         return Case("random bytes", raw, base.blocks, None, stream_id, fingerprint)
     if kind == 1:
-        manifest = _damage_bytes(rng, base.manifest)
+        manifest = damage_bytes(rng, base.manifest)
         return Case("damaged manifest", manifest, base.blocks, None, stream_id, fingerprint)
     if kind == 2:
-        manifest = _seal(_damage_bytes(rng, base.body), base.envelope)
+        manifest = _seal(damage_bytes(rng, base.body), base.envelope)
         return Case("damaged body, resealed", manifest, base.blocks, None, stream_id, fingerprint)
     if kind == 3:
-        envelope = _edit_tree(rng, msgpack.unpackb(base.manifest))
+        envelope = edit_tree(rng, msgpack.unpackb(base.manifest))
         manifest = msgpack.packb(envelope)
         return Case("edited envelope", manifest, base.blocks, None, stream_id, fingerprint)
     if kind in (4, 5):
         body = msgpack.unpackb(base.body)
         for _ in range(rng.choice([1, 1, 2, 3])):
-            body = _edit_tree(rng, body)
+            body = edit_tree(rng, body)
         manifest = _seal(msgpack.packb(body), base.envelope)
         blocks = _damage_blocks(rng, base.blocks) if rng.random() < 0.2 else base.blocks
         return Case("edited body, resealed", manifest, blocks, None, stream_id, fingerprint)
@@ -295,9 +211,9 @@ def _make_case(rng: random.Random) -> Case:
         blocks = _damage_blocks(rng, base.blocks)
         return Case("damaged blocks", base.manifest, blocks, None, stream_id, fingerprint)
     if rng.random() < 0.5:
-        export = _damage_bytes(rng, base.export)
+        export = damage_bytes(rng, base.export)
     else:
-        export = msgpack.packb(_edit_tree(rng, msgpack.unpackb(base.export)))
+        export = msgpack.packb(edit_tree(rng, msgpack.unpackb(base.export)))
     return Case("damaged export", export=export)
 
 
