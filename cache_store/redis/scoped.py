@@ -24,7 +24,7 @@ from cache_store.partition import FencedError, OutboxEntry
 from cache_store.redis import scripts
 from cache_store.redis.client import redis_errors
 from cache_store.redis.keys import ScopeKeys, index_key
-from cache_store.state import StreamState
+from cache_store.state import Expected, StreamState
 from cache_store.store import SaveReport
 
 ORPHAN_BLOCK_SECONDS = 3600  # life of a block no commit has named yet
@@ -42,7 +42,7 @@ class ScopedStates:
         return ScopeKeys(self.prefix, scope)
 
     def load(
-        self, scope: str, stream_id: str, expected_fingerprint: str | None = None
+        self, scope: str, stream_id: str, expected_fingerprint: str | Expected | None = None
     ) -> StreamState | None:
         """The stream's state in `scope`, or None; raises StateError on a bad state."""
         keys = self.keys(scope)

@@ -17,7 +17,7 @@ from cache_store.redis.client import connect, redis_errors
 from cache_store.redis.keys import check_prefix, index_key
 from cache_store.redis.lease import RedisLease
 from cache_store.redis.scoped import ScopedStates
-from cache_store.state import StreamState
+from cache_store.state import Expected, StreamState
 from cache_store.store import SaveReport, StateStore
 
 LOCAL_SCOPE = "local"  # scope of states saved outside any partition (local runs, imports)
@@ -65,7 +65,9 @@ class RedisStore(StateStore):
 
     # The StateStore interface -----------------------------------------------------------------
 
-    def load(self, stream_id: str, expected_fingerprint: str | None = None) -> StreamState | None:
+    def load(
+        self, stream_id: str, expected_fingerprint: str | Expected | None = None
+    ) -> StreamState | None:
         scope = self.scope_of(stream_id)
         if scope is None:
             return None

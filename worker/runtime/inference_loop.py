@@ -23,6 +23,7 @@ from worker.runtime.kafka_settings import WorkerSettings
 from worker.runtime.partition_checkpointer import RETRY_SECONDS, PartitionCheckpointer
 from worker.stream.commentator import Commentator
 from worker.stream.processor import StreamProcessor
+from worker.stream.session_state import expected_writer
 
 log = structlog.get_logger("streamsink.worker")
 
@@ -127,10 +128,10 @@ class InferenceLoop:
         self.replies.put(Ready(partition, lease.next_offset))
 
     def _processor(self, lease: PartitionLease) -> StreamProcessor:
-        fingerprint = self.commentator.loaded.fingerprint
+        writer = expected_writer(self.commentator)
         return StreamProcessor(
             self.commentator,
-            lambda stream_id: lease.load(stream_id, fingerprint),
+            lambda stream_id: lease.load(stream_id, writer),
             self.metrics,
             self.settings.process,
         )
