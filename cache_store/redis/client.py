@@ -12,7 +12,12 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.cluster import RedisCluster
 from redis.commands.core import Script
-from redis.exceptions import ClusterDownError, RedisClusterException, SlotNotCoveredError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    RedisClusterException,
+    SlotNotCoveredError,
+)
 from redis.retry import Retry
 
 from cache_store.partition import StoreRefusedError, StoreUnavailableError
@@ -116,12 +121,18 @@ def redis_errors() -> Iterator[None]:
     """Turn connection loss (after redis-py's own retries) into StoreUnavailableError.
 
     A cluster client that reaches no node raises RedisClusterException from the connection
-    error; one whose node refused it (a password, cluster mode off) from that refusal.
+    error; one whose node refused it (a password, cluster mode off) from that refusal. A
+    client of one server that reached a cluster node gets MOVED for most keys.
     """
     try:
         yield
     except redis.AuthenticationError as error:
         raise StoreRefusedError(f"Redis refused the credentials: {error}") from error
+    except AskError as error:  # and MovedError: only a client made for one server sees them
+        raise StoreRefusedError(
+            f"Redis is a cluster node (slot {error.slot_id} is at {error.host}:{error.port}): "
+            "connect as a cluster client (--redis-cluster)"
+        ) from error
     except (
         redis.ConnectionError,
         redis.TimeoutError,

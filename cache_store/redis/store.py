@@ -4,6 +4,9 @@ PartitionStore of the distributed worker (`claim` gives a fenced RedisLease).
 The plain StateStore methods (load, save, delete, list_streams) find a stream's scope in the
 index and are unfenced; so is `commit_unfenced`, which imports use to put a state back into
 the partition it came from.
+
+With `cluster=True` the URL names one node of a Redis Cluster. Nothing else changes: every
+key of a scope carries its hash tag, so each script runs on the node that holds the scope.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ class RedisStore(StateStore):
     def claim(self, scope: str) -> RedisLease:
         """Become the owner of `scope`: bump its epoch, read its offset and undelivered outbox."""
         keys = self.states.keys(scope)
-        with redis_errors():
+        with redis_errors():  # a script, not MULTI: the same on a server and on a cluster
             epoch, offset, outbox = self._claim_script(keys=[keys.epoch, keys.offset, keys.outbox])
         return RedisLease(
             self.states,

@@ -193,7 +193,9 @@ def test_a_cluster_restart_loses_nothing_and_the_client_goes_on(redis_cluster_se
     store.close()
 
 
-def test_a_cluster_client_is_made_on_first_use_and_says_why_it_cannot_be(redis_service) -> None:
+def test_the_wrong_client_or_no_cluster_is_a_clear_error(
+    redis_service, redis_cluster_service
+) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         closed = probe.getsockname()[1]
@@ -202,6 +204,10 @@ def test_a_cluster_client_is_made_on_first_use_and_says_why_it_cannot_be(redis_s
         absent.ping()
     with pytest.raises(StoreRefusedError, match="Cluster mode is not enabled"):
         RedisStore(redis_service.url, cluster=True).ping()
+    single = RedisStore(redis_cluster_service.url)  # a node's URL, without cluster=True
+    with pytest.raises(StoreRefusedError, match="connect as a cluster client"):
+        for partition in range(8):  # some of these live on another node than the URL's
+            single.claim(f"input/{partition}")
 
 
 def test_auth_password_is_used_and_a_refusal_is_a_clear_error(tmp_path) -> None:
