@@ -16,11 +16,12 @@ from cache_store.memory import MemoryStore
 from cache_store.memory_partition import MemoryPartitionStore
 from cache_store.partition import PartitionLease, PartitionStore
 from cache_store.redis.store import RedisStore
-from cache_store.state import StreamState
+from cache_store.state import Expected, StreamState
 from cache_store.store import SaveReport, StateStore
 
 __all__ = [
     "FORMAT_VERSION",
+    "Expected",
     "LocalDirStore",
     "MemoryPartitionStore",
     "MemoryStore",

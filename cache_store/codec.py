@@ -5,7 +5,9 @@ writes only the blocks it does not hold yet, identical tensors share one block, 
 change, and the name doubles as the checksum verified on decode.
 
 The manifest is msgpack: an envelope {magic, version, checksum, body} around a msgpack body
-{stream_id, fingerprint, meta, tensors: [{name, dtype, shape, block, nbytes}]}. The envelope
+{stream_id, fingerprint, written_with, meta, tensors: [{name, dtype, shape, block, nbytes}]}
+(`written_with` came later within version 1: a body without it is a state saved before, read
+as written with nothing in particular, which older readers ignore). The envelope
 lets a reader reject a newer format before parsing its body; the checksum (blake2b-128 of the
 body) makes a damaged meta an error instead of a silently different resume. Block bytes are the
 tensor's C-contiguous elements in its own dtype, little-endian (the byte order of every host
@@ -26,7 +28,7 @@ import msgpack
 import torch
 
 from cache_store.exceptions import StateCorruptError, StateForeignError, StateVersionError
-from cache_store.state import StreamState
+from cache_store.state import Expected, StreamState
 
 FORMAT_VERSION = 1
 MAGIC = "streamsink-state"
@@ -51,7 +53,14 @@ DTYPES: dict[str, torch.dtype] = {
 }
 _BLOCK_ID = re.compile(r"[0-9a-f]{32}\Z")
 _PLAIN_SCALARS = (type(None), bool, int, float, str, bytes)
+MAX_META_DEPTH = 32  # far deeper than any meta streamsink writes; bounds the decoder's work
+# A tensor's extent in bytes, each empty dimension counted as one: what torch's stride and size
+# arithmetic must hold in an int64, even for a tensor with no elements.
+_MAX_EXTENT = 2**63 - 1
 _CORRUPT_FIX = "delete the stream's state so the stream starts fresh, or restore it from a backup"
+
+
+_ABSENT = object()  # a key one side of a comparison lacks
 
 
 @dataclass(frozen=True)
@@ -74,6 +83,7 @@ class Manifest:
     fingerprint: str
     meta: Mapping[str, Any]
     tensors: tuple[TensorEntry, ...]
+    written_with: Mapping[str, Any]
 
     @property
     def block_ids(self) -> frozenset[str]:
@@ -100,6 +110,8 @@ def encode_state(state: StreamState) -> EncodedState:
     _require_str(state.fingerprint, "fingerprint")
     meta = dict(state.meta)
     _check_plain(meta, f"meta of stream {state.stream_id!r}")
+    written_with = dict(state.written_with)
+    _check_plain(written_with, f"written_with of stream {state.stream_id!r}")
     blocks: dict[str, bytes] = {}
     entries: list[dict[str, Any]] = []
     for name, tensor in state.tensors.items():
@@ -120,6 +132,7 @@ def encode_state(state: StreamState) -> EncodedState:
     body = {
         "stream_id": state.stream_id,
         "fingerprint": state.fingerprint,
+        "written_with": written_with,
         "meta": meta,
         "tensors": entries,
     }
@@ -150,20 +163,35 @@ def read_manifest(manifest: bytes, stream_id: str | None = None) -> Manifest:
     return parsed
 
 
-def check_fingerprint(manifest: Manifest, expected_fingerprint: str | None) -> None:
-    """Refuse a state of another model before any block is fetched; None accepts any model."""
-    if expected_fingerprint is None or manifest.fingerprint == expected_fingerprint:
+def check_fingerprint(state: Manifest | StreamState, expected: str | Expected | None) -> None:
+    """Refuse a state written by another model or with other settings, before any block is
+    fetched; None accepts any state, a bare fingerprint checks only the model."""
+    if expected is None:
         return
-    raise StateForeignError(
-        f"state of stream {manifest.stream_id!r} was written by another model (fingerprint "
-        f"{manifest.fingerprint}), but this worker runs fingerprint {expected_fingerprint}; "
-        "run with the same --model that wrote it, or delete the stream's state so the stream "
-        "starts fresh"
-    )
+    if isinstance(expected, str):
+        expected = Expected(expected, fix="run with the same --model that wrote it")
+    label = f"state of stream {state.stream_id!r}"
+    for name, running in expected.written_with.items():
+        saved = state.written_with.get(name, _ABSENT)
+        if saved is not _ABSENT and saved != running:
+            path, saved, running = _first_difference(name, saved, running)
+            raise StateForeignError(
+                f"{label} was written with {_shown(path, saved)}, but this worker runs "
+                f"{_shown(path, running)}; {expected.fix}, or delete the stream's state so the "
+                "stream starts fresh"
+            )
+    if state.fingerprint != expected.fingerprint:
+        raise StateForeignError(
+            f"{label} was written by another model (fingerprint {state.fingerprint}), but this "
+            f"worker runs fingerprint {expected.fingerprint}; {expected.fix}, or delete the "
+            "stream's state so the stream starts fresh"
+        )
 
 
 def decode_state(
-    manifest: Manifest, blocks: Mapping[str, bytes], expected_fingerprint: str | None = None
+    manifest: Manifest,
+    blocks: Mapping[str, bytes],
+    expected_fingerprint: str | Expected | None = None,
 ) -> StreamState:
     """Rebuild the state, verifying every block; tensors are fresh, writable and unshared."""
     check_fingerprint(manifest, expected_fingerprint)
@@ -181,9 +209,16 @@ def decode_state(
             if block_id(data) != entry.block:
                 raise _corrupt(label, f"{what} fails its checksum")
             verified.add(entry.block)
-        tensors[entry.name] = _tensor_from(data, entry)
+        tensor = _tensor_from(data, entry)
+        if tensor.dtype == torch.bool and tensor.numel() and tensor.view(torch.uint8).max() > 1:
+            raise _corrupt(label, f"{what} holds bool values other than 0 and 1")
+        tensors[entry.name] = tensor
     return StreamState(
-        manifest.stream_id, manifest.fingerprint, tensors, copy.deepcopy(manifest.meta)
+        manifest.stream_id,
+        manifest.fingerprint,
+        tensors,
+        copy.deepcopy(manifest.meta),
+        copy.deepcopy(manifest.written_with),
     )
 
 
@@ -232,12 +267,21 @@ def _parse_body(body: Any, version: int, label: str) -> Manifest:
     names = [entry.name for entry in entries]
     if len(set(names)) != len(names):
         raise _corrupt(label, "the manifest names a tensor twice")
+    meta = _field(body, "meta", dict, label)
+    written_with = body.get("written_with", {})  # absent from states saved before it existed
+    if type(written_with) is not dict:
+        raise _corrupt(label, "manifest field 'written_with' is not a dict")
+    for value, where in ((meta, "its meta"), (written_with, "its written_with")):
+        problem = _not_plain(value, where)
+        if problem is not None:
+            raise _corrupt(label, problem)
     return Manifest(
         version=version,
         stream_id=_field(body, "stream_id", str, label),
         fingerprint=_field(body, "fingerprint", str, label),
-        meta=_field(body, "meta", dict, label),
+        meta=meta,
         tensors=entries,
+        written_with=written_with,
     )
 
 
@@ -251,6 +295,8 @@ def _parse_entry(raw: Any, label: str) -> TensorEntry:
     shape = tuple(_field(raw, "shape", list, label))
     if any(type(size) is not int or size < 0 for size in shape):
         raise _corrupt(label, f"tensor {name!r} has invalid shape {list(shape)}")
+    if math.prod(max(size, 1) for size in shape) * DTYPES[dtype].itemsize > _MAX_EXTENT:
+        raise _corrupt(label, f"tensor {name!r} has impossibly large shape {list(shape)}")
     block = _field(raw, "block", str, label)
     if not _BLOCK_ID.match(block):
         raise _corrupt(label, f"tensor {name!r} names invalid block id {block!r}")
@@ -258,6 +304,24 @@ def _parse_entry(raw: Any, label: str) -> TensorEntry:
     if nbytes != math.prod(shape) * DTYPES[dtype].itemsize:
         raise _corrupt(label, f"tensor {name!r} claims {nbytes} bytes for shape {list(shape)}")
     return TensorEntry(name=name, dtype=dtype, shape=shape, block=block, nbytes=nbytes)
+
+
+def _first_difference(path: str, saved: Any, running: Any) -> tuple[str, Any, Any]:
+    """Where two unequal plain values first differ: 'rope.rope_theta', 'layer_types[5]'."""
+    if type(saved) is dict and type(running) is dict:
+        for key in sorted(saved.keys() | running.keys()):
+            inner = saved.get(key, _ABSENT), running.get(key, _ABSENT)
+            if inner[0] != inner[1]:
+                return _first_difference(f"{path}.{key}", *inner)
+    if type(saved) is list and type(running) is list and len(saved) == len(running):
+        for index, inner in enumerate(zip(saved, running, strict=True)):
+            if inner[0] != inner[1]:
+                return _first_difference(f"{path}[{index}]", *inner)
+    return path, saved, running
+
+
+def _shown(path: str, value: Any) -> str:
+    return f"no {path}" if value is _ABSENT else f"{path}={value!r}"
 
 
 def _unpack(data: bytes, label: str, what: str) -> Any:
@@ -286,18 +350,34 @@ def _require_str(value: Any, where: str) -> None:
 
 def _check_plain(value: Any, where: str) -> None:
     """Reject what msgpack would not give back unchanged: tuples, non-str keys, objects."""
-    if isinstance(value, _PLAIN_SCALARS):
-        return
-    if isinstance(value, list):
-        for index, item in enumerate(value):
-            _check_plain(item, f"{where}[{index}]")
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise TypeError(f"{where} has key {key!r}; meta dict keys must be str")
-            _check_plain(item, f"{where}[{key!r}]")
-    else:
-        raise TypeError(
-            f"{where} is a {type(value).__name__}; meta holds only None, bool, int, float, str, "
-            "bytes, lists and str-keyed dicts (use a list instead of a tuple)"
-        )
+    problem = _not_plain(value, where)
+    if problem is not None:
+        raise TypeError(problem)
+
+
+def _not_plain(value: Any, where: str) -> str | None:
+    """What makes `value` more than plain data nested at most MAX_META_DEPTH deep, or None.
+
+    Iterative, so that no nesting exhausts Python's stack; the encoder and the decoder share it,
+    so every meta one writes the other reads, and a decoded meta saves again unchanged.
+    """
+    pending = [(value, where, 0)]
+    while pending:
+        item, path, depth = pending.pop()
+        if isinstance(item, _PLAIN_SCALARS):
+            continue
+        if depth >= MAX_META_DEPTH:
+            return f"{path} nests deeper than {MAX_META_DEPTH} levels"
+        if isinstance(item, list):
+            pending += ((child, f"{path}[{i}]", depth + 1) for i, child in enumerate(item))
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                if not isinstance(key, str):
+                    return f"{path} has key {key!r}; meta dict keys must be str"
+                pending.append((child, f"{path}[{key!r}]", depth + 1))
+        else:
+            return (
+                f"{path} is a {type(item).__name__}; meta holds only None, bool, int, float, "
+                "str, bytes, lists and str-keyed dicts (use a list instead of a tuple)"
+            )
+    return None

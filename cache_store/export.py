@@ -33,7 +33,11 @@ def import_state(raw: bytes) -> tuple[StreamState, str]:
         data = msgpack.unpackb(raw)
     except (ValueError, msgpack.UnpackException) as error:
         raise StateCorruptError(f"not a streamsink export: {error}") from error
-    if not isinstance(data, dict) or data.get("kind") != EXPORT_KIND:
+    if type(data) is not dict or data.get("kind") != EXPORT_KIND:
         raise StateCorruptError(f"not a streamsink export (expected kind {EXPORT_KIND!r})")
-    manifest = read_manifest(data["manifest"])
-    return decode_state(manifest, data["blocks"]), data["scope"]
+    scope, manifest, blocks = data.get("scope"), data.get("manifest"), data.get("blocks")
+    if type(scope) is not str or type(manifest) is not bytes or type(blocks) is not dict:
+        raise StateCorruptError("the streamsink export is damaged: no scope, manifest or blocks")
+    if any(type(block) is not bytes for block in blocks.values()):
+        raise StateCorruptError("the streamsink export is damaged: a block is not bytes")
+    return decode_state(read_manifest(manifest), blocks), scope

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from cache_store.memory import MemoryStore
 from cache_store.partition import FencedError, OutboxEntry, StoreUnavailableError
-from cache_store.state import StreamState
+from cache_store.state import Expected, StreamState
 from cache_store.store import SaveReport
 
 
@@ -63,7 +63,9 @@ class MemoryLease:
     next_offset: int | None
     outbox: tuple[OutboxEntry, ...]
 
-    def load(self, stream_id: str, expected_fingerprint: str | None = None) -> StreamState | None:
+    def load(
+        self, stream_id: str, expected_fingerprint: str | Expected | None = None
+    ) -> StreamState | None:
         self.store.check_available()
         return self._partition().states.load(stream_id, expected_fingerprint)
 

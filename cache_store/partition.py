@@ -18,7 +18,7 @@ from typing import Protocol
 import msgpack
 
 from cache_store.exceptions import StateCorruptError, StateError, StateVersionError
-from cache_store.state import StreamState
+from cache_store.state import Expected, StreamState
 from cache_store.store import SaveReport
 
 OUTBOX_FORMAT_VERSION = 2  # 1: commentary only, [stream_id, seq, payload]
@@ -114,7 +114,9 @@ class PartitionLease(Protocol):
     def outbox(self) -> tuple[OutboxEntry, ...]:
         """Output committed but not known to be delivered when the lease was taken."""
 
-    def load(self, stream_id: str, expected_fingerprint: str | None = None) -> StreamState | None:
+    def load(
+        self, stream_id: str, expected_fingerprint: str | Expected | None = None
+    ) -> StreamState | None:
         """The stream's committed state in this partition, or None; StateError if unusable."""
 
     def commit(

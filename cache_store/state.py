@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,3 +18,22 @@ class StreamState:
     fingerprint: str  # model fingerprint (opaque hex string)
     tensors: Mapping[str, torch.Tensor]  # named CPU tensors, any shape and supported dtype
     meta: Mapping[str, Any]  # plain data: None, bool, int, float, str, bytes, list, str-keyed dict
+    # What the writer ran, by name, as plain data (the worker decides which: dtype, rope, cache
+    # size, layer types); compared one by one on load, see Expected. States saved before it
+    # existed have none.
+    written_with: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What a reader runs, which a state must have been written with to be loaded.
+
+    cache_store compares the values without knowing what they mean: each name in
+    `written_with` that the state also carries must be equal, so a refusal names the field and
+    both values; a name the state lacks (a state saved before that field was recorded) is left
+    to the fingerprint, which the state must match too. `fix` says how to run so that it loads.
+    """
+
+    fingerprint: str
+    written_with: Mapping[str, Any] = field(default_factory=dict)
+    fix: str = "run with the model and settings that wrote it"

@@ -7,7 +7,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 from cache_store.codec import check_fingerprint, decode_state, encode_state, read_manifest
-from cache_store.state import StreamState
+from cache_store.state import Expected, StreamState
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,9 @@ class StateStore(ABC):
     """Where stream states live; the run loop sees only this interface."""
 
     @abstractmethod
-    def load(self, stream_id: str, expected_fingerprint: str | None = None) -> StreamState | None:
+    def load(
+        self, stream_id: str, expected_fingerprint: str | Expected | None = None
+    ) -> StreamState | None:
         """The stream's saved state, or None if it has none; raises StateError on a bad state."""
 
     @abstractmethod
@@ -50,7 +52,9 @@ class BlockStore(StateStore):
     manifest or a block and how to commit a new manifest with the blocks it needs.
     """
 
-    def load(self, stream_id: str, expected_fingerprint: str | None = None) -> StreamState | None:
+    def load(
+        self, stream_id: str, expected_fingerprint: str | Expected | None = None
+    ) -> StreamState | None:
         raw = self._read_manifest(stream_id)
         if raw is None:
             return None

@@ -6,10 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import redis
-
 from cache_store.codec import read_manifest
-from cache_store.redis.client import redis_errors
+from cache_store.redis.client import Client, redis_errors
 from cache_store.redis.keys import ScopeKeys, index_key
 
 
@@ -28,14 +26,14 @@ class StreamInfo:
     meta: Mapping[str, Any]  # the stream's plain data (counters, layout), no tensors
 
 
-def scope_of(client: redis.Redis, prefix: str, stream_id: str) -> str | None:
+def scope_of(client: Client, prefix: str, stream_id: str) -> str | None:
     """The scope the index names for the stream (advisory: written after each commit)."""
     with redis_errors():
         scope = client.hget(index_key(prefix), stream_id)
     return None if scope is None else scope.decode()
 
 
-def stream_info(client: redis.Redis, keys: ScopeKeys, stream_id: str) -> StreamInfo | None:
+def stream_info(client: Client, keys: ScopeKeys, stream_id: str) -> StreamInfo | None:
     """Sizes, owner epoch, TTL and meta of a stored stream, without fetching its tensors."""
     with redis_errors():
         pipe = client.pipeline(transaction=False)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from cache_store.partition import OutboxEntry
 from cache_store.redis.scoped import ScopedStates
-from cache_store.state import StreamState
+from cache_store.state import Expected, StreamState
 from cache_store.store import SaveReport
 
 
@@ -21,7 +21,9 @@ class RedisLease:
     next_offset: int | None  # None: nothing was ever committed for this partition
     outbox: tuple[OutboxEntry, ...]
 
-    def load(self, stream_id: str, expected_fingerprint: str | None = None) -> StreamState | None:
+    def load(
+        self, stream_id: str, expected_fingerprint: str | Expected | None = None
+    ) -> StreamState | None:
         return self.states.load(self.scope, stream_id, expected_fingerprint)
 
     def commit(

@@ -2,15 +2,14 @@
 
 Blocks are written before the commit with a short TTL, so the blocks of a commit that never
 happens (a crash, a fenced zombie) expire by themselves; the commit makes the blocks it names
-permanent (or gives them the stream's idle TTL) and deletes the ones the new manifest dropped.
+permanent (or gives them the stream's idle TTL) and deletes the ones the new manifest dropped,
+which the client names (scripts.py says why).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-
-import redis
 
 from cache_store.codec import (
     EncodedState,
@@ -22,18 +21,19 @@ from cache_store.codec import (
 from cache_store.exceptions import StateCorruptError
 from cache_store.partition import FencedError, OutboxEntry
 from cache_store.redis import scripts
-from cache_store.redis.client import redis_errors
+from cache_store.redis.client import Client, redis_errors
 from cache_store.redis.keys import ScopeKeys, index_key
-from cache_store.state import StreamState
+from cache_store.state import Expected, StreamState
 from cache_store.store import SaveReport
 
 ORPHAN_BLOCK_SECONDS = 3600  # life of a block no commit has named yet
+COMMIT_ATTEMPTS = 3  # a block may expire, or a block set change, between the reads and a commit
 
 
 class ScopedStates:
     """The states of every scope under one key prefix; see the module docstring."""
 
-    def __init__(self, client: redis.Redis, prefix: str, idle_ttl_seconds: int | None) -> None:
+    def __init__(self, client: Client, prefix: str, idle_ttl_seconds: int | None) -> None:
         self.client, self.prefix, self.idle_ttl_seconds = client, prefix, idle_ttl_seconds
         self._commit_script = client.register_script(scripts.COMMIT)
         self._trim_script = client.register_script(scripts.TRIM_OUTBOX)
@@ -42,7 +42,7 @@ class ScopedStates:
         return ScopeKeys(self.prefix, scope)
 
     def load(
-        self, scope: str, stream_id: str, expected_fingerprint: str | None = None
+        self, scope: str, stream_id: str, expected_fingerprint: str | Expected | None = None
     ) -> StreamState | None:
         """The stream's state in `scope`, or None; raises StateError on a bad state."""
         keys = self.keys(scope)
@@ -74,12 +74,15 @@ class ScopedStates:
         started = time.perf_counter()
         keys = self.keys(scope)
         encoded = [encode_state(state) for state in states]
+        written_bytes = written_blocks = 0
         with redis_errors():
-            written = self._write_missing_blocks(keys, states, encoded)
-            reply = self._run_commit(epoch, keys, states, encoded, next_offset, outbox)
-            if reply[0] == b"missing":  # an unnamed block expired between check and commit
-                written += self._write_missing_blocks(keys, states, encoded, force=True)
-                reply = self._run_commit(epoch, keys, states, encoded, next_offset, outbox)
+            for _ in range(COMMIT_ATTEMPTS):
+                held, more_bytes, more_blocks = self._prepare(keys, states, encoded)
+                written_bytes += more_bytes
+                written_blocks += more_blocks
+                reply = self._run_commit(epoch, keys, states, encoded, held, next_offset, outbox)
+                if reply[0] not in (b"missing", b"stale"):
+                    break
             _check_reply(reply, scope, epoch)
             if states:
                 self.client.hset(
@@ -88,9 +91,9 @@ class ScopedStates:
         manifest_bytes = sum(len(e.manifest) for e in encoded)
         total_blocks = sum(len(e.blocks) for e in encoded)
         return SaveReport(
-            bytes_written=written[0] + manifest_bytes,
-            blocks_written=written[1],
-            blocks_reused=total_blocks - written[1],
+            bytes_written=written_bytes + manifest_bytes,
+            blocks_written=written_blocks,
+            blocks_reused=total_blocks - written_blocks,
             seconds=time.perf_counter() - started,
         )
 
@@ -101,29 +104,31 @@ class ScopedStates:
             reply = self._trim_script(keys=[keys.epoch, keys.outbox], args=[epoch, delivered])
         _check_reply(reply, scope, epoch)
 
-    def _write_missing_blocks(
-        self,
-        keys: ScopeKeys,
-        states: Sequence[StreamState],
-        encoded: Sequence[EncodedState],
-        force: bool = False,
-    ) -> tuple[int, int]:
-        """Write the blocks Redis lacks (all of them with `force`); returns (bytes, blocks)."""
+    def _prepare(
+        self, keys: ScopeKeys, states: Sequence[StreamState], encoded: Sequence[EncodedState]
+    ) -> tuple[list[set[str]], int, int]:
+        """Write the blocks Redis lacks; return the block set each stream has now (a commit
+        drops those of its blocks it does not name again), and the bytes and blocks written."""
         named = [
             (keys.block_prefix(state.stream_id) + bid, data)
             for state, enc in zip(states, encoded, strict=True)
             for bid, data in enc.blocks.items()
         ]
-        if not force and named:
-            pipe = self.client.pipeline(transaction=False)
-            for key, _ in named:
-                pipe.exists(key)
-            named = [item for item, exists in zip(named, pipe.execute(), strict=True) if not exists]
         pipe = self.client.pipeline(transaction=False)
-        for key, data in named:
+        for state in states:
+            pipe.smembers(keys.block_set(state.stream_id))
+        for key, _ in named:
+            pipe.exists(key)
+        replies = pipe.execute() if states else []
+        held = [{bid.decode() for bid in members} for members in replies[: len(states)]]
+        absent = [
+            item for item, exists in zip(named, replies[len(states) :], strict=True) if not exists
+        ]
+        pipe = self.client.pipeline(transaction=False)
+        for key, data in absent:
             pipe.set(key, data, ex=ORPHAN_BLOCK_SECONDS)
         pipe.execute()
-        return sum(len(data) for _, data in named), len(named)
+        return held, sum(len(data) for _, data in absent), len(absent)
 
     def _run_commit(
         self,
@@ -131,6 +136,7 @@ class ScopedStates:
         keys: ScopeKeys,
         states: Sequence[StreamState],
         encoded: Sequence[EncodedState],
+        held: Sequence[set[str]],
         next_offset: int | None,
         outbox: Sequence[OutboxEntry],
     ) -> list:
@@ -141,12 +147,13 @@ class ScopedStates:
             self.idle_ttl_seconds or 0,
             len(states),
         ]
-        for state, enc in zip(states, encoded, strict=True):
+        for state, enc, old in zip(states, encoded, held, strict=True):
             ids = sorted(enc.blocks)
+            dropped = sorted(old - enc.blocks.keys())
             prefix = keys.block_prefix(state.stream_id)
             script_keys += [keys.manifest(state.stream_id), keys.block_set(state.stream_id)]
-            script_keys += [prefix + bid for bid in ids]
-            args += [state.stream_id, prefix, enc.manifest, len(ids), *ids]
+            script_keys += [prefix + bid for bid in ids + dropped]
+            args += [state.stream_id, enc.manifest, len(ids), len(dropped), *ids, *dropped]
         args += [entry.pack() for entry in outbox]
         return self._commit_script(keys=script_keys, args=args)
 
@@ -158,6 +165,12 @@ def _check_reply(reply: list, scope: str, epoch: int | None) -> None:
         raise FencedError(
             f"partition {scope!r} has a new owner (epoch {current}, this worker holds "
             f"{'none' if epoch is None else epoch}); this worker's write was refused"
+        )
+    if status == b"stale":
+        streams = ", ".join(stream.decode() for stream in reply[1:4])
+        raise StateCorruptError(
+            f"another writer changed the blocks of {streams} in {scope!r} during each of "
+            f"{COMMIT_ATTEMPTS} commits"
         )
     if status != b"ok":
         missing = ", ".join(key.decode() for key in reply[1:4])

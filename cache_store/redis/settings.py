@@ -15,6 +15,7 @@ class RedisSettings:
     password: str | None = None  # printed as ***
     prefix: str = DEFAULT_KEY_PREFIX
     idle_ttl_seconds: int | None = None  # forget streams idle this long (None: never)
+    cluster: bool = False  # url names one node of a Redis Cluster, which the client maps
 
     @property
     def display_url(self) -> str:
@@ -29,5 +30,6 @@ class RedisSettings:
     def __repr__(self) -> str:
         return (
             f"RedisSettings(url={self.display_url!r}, password={'***' if self.password else None},"
-            f" prefix={self.prefix!r}, idle_ttl_seconds={self.idle_ttl_seconds!r})"
+            f" prefix={self.prefix!r}, idle_ttl_seconds={self.idle_ttl_seconds!r},"
+            f" cluster={self.cluster!r})"
         )

@@ -4,20 +4,24 @@ PartitionStore of the distributed worker (`claim` gives a fenced RedisLease).
 The plain StateStore methods (load, save, delete, list_streams) find a stream's scope in the
 index and are unfenced; so is `commit_unfenced`, which imports use to put a state back into
 the partition it came from.
+
+With `cluster=True` the URL names one node of a Redis Cluster. Nothing else changes: every
+key of a scope carries its hash tag, so each script runs on the node that holds the scope.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from cache_store.exceptions import StateCorruptError
 from cache_store.partition import OutboxEntry
 from cache_store.redis import admin, scripts
 from cache_store.redis.admin import StreamInfo
 from cache_store.redis.client import connect, redis_errors
 from cache_store.redis.keys import check_prefix, index_key
 from cache_store.redis.lease import RedisLease
-from cache_store.redis.scoped import ScopedStates
-from cache_store.state import StreamState
+from cache_store.redis.scoped import COMMIT_ATTEMPTS, ScopedStates
+from cache_store.state import Expected, StreamState
 from cache_store.store import SaveReport, StateStore
 
 LOCAL_SCOPE = "local"  # scope of states saved outside any partition (local runs, imports)
@@ -33,11 +37,13 @@ class RedisStore(StateStore):
         idle_ttl_seconds: int | None = None,
         password: str | None = None,
         retry_seconds: float = 30.0,
+        cluster: bool = False,
     ) -> None:
         check_prefix(prefix)
         self.prefix = prefix
-        self.client = connect(url, password, retry_seconds)
+        self.client = connect(url, password, retry_seconds, cluster)
         self.states = ScopedStates(self.client, prefix, idle_ttl_seconds)
+        self._claim_script = self.client.register_script(scripts.CLAIM)
         self._delete_script = self.client.register_script(scripts.DELETE_STREAM)
 
     # The partition protocol -----------------------------------------------------------------
@@ -45,10 +51,8 @@ class RedisStore(StateStore):
     def claim(self, scope: str) -> RedisLease:
         """Become the owner of `scope`: bump its epoch, read its offset and undelivered outbox."""
         keys = self.states.keys(scope)
-        with redis_errors():
-            pipe = self.client.pipeline(transaction=True)
-            pipe.incr(keys.epoch).get(keys.offset).lrange(keys.outbox, 0, -1)
-            epoch, offset, outbox = pipe.execute()
+        with redis_errors():  # a script, not MULTI: the same on a server and on a cluster
+            epoch, offset, outbox = self._claim_script(keys=[keys.epoch, keys.offset, keys.outbox])
         return RedisLease(
             self.states,
             scope,
@@ -65,7 +69,9 @@ class RedisStore(StateStore):
 
     # The StateStore interface -----------------------------------------------------------------
 
-    def load(self, stream_id: str, expected_fingerprint: str | None = None) -> StreamState | None:
+    def load(
+        self, stream_id: str, expected_fingerprint: str | Expected | None = None
+    ) -> StreamState | None:
         scope = self.scope_of(stream_id)
         if scope is None:
             return None
@@ -79,13 +85,21 @@ class RedisStore(StateStore):
         if scope is None:
             return False
         keys = self.states.keys(scope)
+        stream_keys = [keys.manifest(stream_id), keys.block_set(stream_id), keys.streams]
         with redis_errors():
-            existed = self._delete_script(
-                keys=[keys.manifest(stream_id), keys.block_set(stream_id), keys.streams],
-                args=[stream_id, keys.block_prefix(stream_id)],
-            )
+            for _ in range(COMMIT_ATTEMPTS):
+                ids = sorted(bid.decode() for bid in self.client.smembers(stream_keys[1]))
+                block_keys = [keys.block_prefix(stream_id) + bid for bid in ids]
+                existed = self._delete_script(keys=stream_keys + block_keys, args=[stream_id, *ids])
+                if existed >= 0:  # -1: a commit changed the block set since it was read
+                    break
+            else:
+                raise StateCorruptError(
+                    f"the blocks of {stream_id!r} changed during each of {COMMIT_ATTEMPTS} "
+                    "deletes: is a worker still writing it?"
+                )
             self.client.hdel(index_key(self.prefix), stream_id)
-        return bool(existed)
+        return existed == 1
 
     def list_streams(self) -> list[str]:
         with redis_errors():

@@ -26,6 +26,7 @@ class Cluster:
     def __init__(self, label: str, kafka, redis, log_dir: Path) -> None:
         self.name = _name(label)
         self.bootstrap, self.redis_url = kafka.bootstrap, redis.url
+        self.redis_options = ["--redis-cluster"] if redis.cluster else []
         self.topics: Topics = create_topics(self.bootstrap, self.name)
         self.log_dir = log_dir
         self.workers: list[Worker] = []
@@ -39,7 +40,7 @@ class Cluster:
             self.topics,
             group=self.name,
             prefix=self.name,
-            extra=list(extra),
+            extra=[*self.redis_options, *extra],
         )
         self.workers.append(worker)
         return worker

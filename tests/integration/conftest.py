@@ -1,5 +1,6 @@
-"""Session-wide real services (one Kafka broker, one Redis server) for all integration tests,
-per-test clusters on them, and the reference run the worker scenarios compare with."""
+"""Session-wide real services (one Kafka broker, one Redis server, and a three-node Redis
+Cluster, started once for the tests that ask for it) for all integration tests, per-test
+clusters on them, and the reference run the worker scenarios compare with."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.integration.cluster import Cluster
-from tests.integration.services import KafkaService, RedisService
+from tests.integration.services import KafkaService, RedisClusterService, RedisService
 from tests.integration.worker_harness import EXPECTED
 
 
@@ -23,6 +24,14 @@ def kafka_service(tmp_path_factory) -> Iterator[KafkaService]:
 @pytest.fixture(scope="session")
 def redis_service(tmp_path_factory) -> Iterator[RedisService]:
     service = RedisService(tmp_path_factory.mktemp("redis"))
+    service.start()
+    yield service
+    service.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_service(tmp_path_factory) -> Iterator[RedisClusterService]:
+    service = RedisClusterService(tmp_path_factory.mktemp("redis-cluster"))
     service.start()
     yield service
     service.stop()

@@ -1,4 +1,5 @@
-"""The real Kafka broker and Redis server, started through the same scripts a person uses."""
+"""The real Kafka broker, Redis server and Redis Cluster, started through the same scripts a
+person uses."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import subprocess
 from pathlib import Path
 
 import redis
+from redis.cluster import RedisCluster
+
+from cache_store.redis.store import RedisStore
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
@@ -49,12 +53,29 @@ class KafkaService(Service):
 
 
 class RedisService(Service):
-    def __init__(self, directory: Path) -> None:
-        super().__init__("redis.sh", directory)
+    cluster = False
+
+    def __init__(self, directory: Path, script: str = "redis.sh") -> None:
+        super().__init__(script, directory)
 
     @property
     def url(self) -> str:
         return self.address
 
-    def client(self) -> redis.Redis:
+    def client(self) -> redis.Redis | RedisCluster:
         return redis.Redis.from_url(self.url)
+
+    def store(self, **options) -> RedisStore:
+        return RedisStore(self.url, cluster=self.cluster, **options)
+
+
+class RedisClusterService(RedisService):
+    """Three primaries; `url` names one of them, and clients find the others from it."""
+
+    cluster = True
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory, "redis-cluster.sh")
+
+    def client(self) -> RedisCluster:
+        return RedisCluster.from_url(self.url)

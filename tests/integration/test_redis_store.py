@@ -1,4 +1,5 @@
-"""The Redis state store against a real Redis server: fencing, outbox, block lifetimes, damage."""
+"""The Redis state store against a real Redis server and a real three-node Redis Cluster:
+fencing, outbox, block lifetimes, damage; TLS and passwords on the server."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import msgpack
 import pytest
 import torch
 
+from cache_store.codec import encode_state
 from cache_store.exceptions import StateCorruptError, StateForeignError
 from cache_store.partition import (
     FencedError,
@@ -25,9 +27,17 @@ from tests.integration.services import RedisService
 SCOPE = "input/3"
 
 
+@pytest.fixture(params=["server", "cluster"])
+def redis_target(request) -> RedisService:
+    """The session's Redis server, then its Redis Cluster (started on first use)."""
+    return request.getfixturevalue(
+        "redis_service" if request.param == "server" else "redis_cluster_service"
+    )
+
+
 @pytest.fixture
-def store(redis_service):
-    store = RedisStore(redis_service.url, prefix=f"t{uuid.uuid4().hex[:8]}")
+def store(redis_target):
+    store = redis_target.store(prefix=f"t{uuid.uuid4().hex[:8]}")
     yield store
     store.close()
 
@@ -42,7 +52,8 @@ def _state(stream_id: str, fill: float, fingerprint: str = "model-a") -> StreamS
 
 
 def _keys(store: RedisStore, pattern: str) -> set[str]:
-    return {key.decode() for key in store.client.keys(f"{store.prefix}:{pattern}")}
+    """The key names matching the pattern, on every node of a cluster."""
+    return {key.decode() for key in store.client.scan_iter(match=f"{store.prefix}:{pattern}")}
 
 
 def test_commit_then_load_is_exact_and_unchanged_blocks_are_reused(store) -> None:
@@ -99,8 +110,8 @@ def test_dead_letters_share_the_outbox_and_old_entries_still_read(store) -> None
     )
 
 
-def test_idle_ttl_applies_to_the_manifest_and_every_block(redis_service) -> None:
-    store = RedisStore(redis_service.url, prefix=f"t{uuid.uuid4().hex[:8]}", idle_ttl_seconds=50)
+def test_idle_ttl_applies_to_the_manifest_and_every_block(redis_target) -> None:
+    store = redis_target.store(prefix=f"t{uuid.uuid4().hex[:8]}", idle_ttl_seconds=50)
     store.claim(SCOPE).commit([_state("s", 1.0)], 1)
     ttls = [store.client.ttl(key) for key in _keys(store, "{input/3}:*:s*")]
     assert len(ttls) == 5 and all(0 < ttl <= 50 for ttl in ttls)
@@ -128,6 +139,75 @@ def test_delete_removes_the_stream_and_its_blocks(store) -> None:
     assert store.info("s").block_bytes > 0
     assert store.delete("s") and not store.delete("s")
     assert _keys(store, "{local}:*:s*") == set() and store.list_streams() == []
+
+
+def test_a_commit_that_misreads_the_dropped_blocks_is_refused_and_changes_nothing(store) -> None:
+    lease = store.claim(SCOPE)
+    lease.commit([_state("s", 1.0)], 1)
+    states = [_state("s", 2.0)]
+    encoded = [encode_state(state) for state in states]
+    keys = store.states.keys(SCOPE)
+    store.states._prepare(keys, states, encoded)
+    # Read as if the stream had no blocks yet: the block of fill 1.0 would be left behind.
+    reply = store.states._run_commit(lease.epoch, keys, states, encoded, [set()], 2, ())
+    assert reply == [b"stale", b"s"]
+    assert lease.load("s").meta == {"next_offset": 1}
+    owner = store.claim(SCOPE)
+    assert owner.next_offset == 1
+    assert owner.commit(states, 2).blocks_written == 0  # read again; the written block reused
+    assert len(_keys(store, "{input/3}:b:s:*")) == 3
+
+
+def test_partitions_spread_over_the_cluster_nodes_and_admin_sees_them_all(
+    redis_cluster_service,
+) -> None:
+    store = redis_cluster_service.store(prefix=f"t{uuid.uuid4().hex[:8]}")
+    scopes = [f"input/{partition}" for partition in range(8)]
+    for scope in scopes:
+        store.claim(scope).commit([_state(f"s{scope[-1]}", 1.0)], 1)
+    holders = {}
+    for scope in scopes:
+        pattern = f"{store.prefix}:{{{scope}}}:*"
+        holders[scope] = [
+            node.name
+            for node in store.client.get_primaries()
+            if node.redis_connection.keys(pattern)
+        ]
+    assert all(len(nodes) == 1 for nodes in holders.values()), holders  # one slot each
+    assert len({nodes[0] for nodes in holders.values()}) == 3, holders
+    assert store.list_streams() == [f"s{partition}" for partition in range(8)]
+    assert {store.info(f"s{p}").scope for p in range(8)} == set(scopes)
+    assert store.delete("s5") and store.load("s5") is None and store.load("s6") is not None
+    store.close()
+
+
+def test_a_cluster_restart_loses_nothing_and_the_client_goes_on(redis_cluster_service) -> None:
+    store = redis_cluster_service.store(prefix=f"t{uuid.uuid4().hex[:8]}")
+    lease = store.claim(SCOPE)
+    lease.commit([_state("s", 1.0)], 4, [OutboxEntry("s", 0, b"text 0")])
+    redis_cluster_service.restart()
+    assert lease.load("s").meta == {"next_offset": 1}
+    lease.commit([_state("s", 2.0)], 8)
+    again = store.claim(SCOPE)
+    assert again.next_offset == 8 and again.outbox == (OutboxEntry("s", 0, b"text 0"),)
+    store.close()
+
+
+def test_the_wrong_client_or_no_cluster_is_a_clear_error(
+    redis_service, redis_cluster_service
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    absent = RedisStore(f"redis://127.0.0.1:{closed}", cluster=True, retry_seconds=1)
+    with pytest.raises(StoreUnavailableError, match="cannot be connected"):
+        absent.ping()
+    with pytest.raises(StoreRefusedError, match="Cluster mode is not enabled"):
+        RedisStore(redis_service.url, cluster=True).ping()
+    single = RedisStore(redis_cluster_service.url)  # a node's URL, without cluster=True
+    with pytest.raises(StoreRefusedError, match="connect as a cluster client"):
+        for partition in range(8):  # some of these live on another node than the URL's
+            single.claim(f"input/{partition}")
 
 
 def test_auth_password_is_used_and_a_refusal_is_a_clear_error(tmp_path) -> None:

@@ -18,6 +18,7 @@ from worker.stream.commentator import Commentator
 from worker.stream.policy import CommentaryPolicy
 from worker.stream.processor import StreamProcessor
 from worker.stream.records import Record
+from worker.stream.session_state import expected_writer
 
 SCOPE = "in/0"
 EVERY_RECORDS = 2  # commentary after two records of a stream
@@ -95,7 +96,7 @@ def checkpointer(
     lease = store.claim(SCOPE)
     processor = StreamProcessor(
         commentator,
-        lambda stream_id: lease.load(stream_id, commentator.loaded.fingerprint),
+        lambda stream_id: lease.load(stream_id, expected_writer(commentator)),
         metrics,
     )
     source = TopicPartition("in", 0)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from worker.model.compat import LayerAcrossReleases
+
 
 def rotary_module(model: torch.nn.Module) -> torch.nn.Module | None:
     config = model.config
@@ -38,7 +40,7 @@ def _unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
     return _rotate(x, cos / scale, -sin / scale)
 
 
-class _ReferenceLayer(CacheLayerMixin):
+class _ReferenceLayer(LayerAcrossReleases, CacheLayerMixin):
     def __init__(self, owner: ReferenceCache) -> None:
         super().__init__()
         self.owner = owner
@@ -68,7 +70,7 @@ class _ReferenceLayer(CacheLayerMixin):
             keys = _rotate(keys, cos[None, None], sin[None, None])
         return keys, values
 
-    def get_mask_sizes(self, query_length):
+    def mask_sizes(self, query_length):
         return len(self.kept) + query_length, 0
 
     def get_seq_length(self):

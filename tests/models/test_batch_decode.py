@@ -10,6 +10,7 @@ from tests.models.tiny_models import VOCAB, tiny_configs, tiny_loaded, tiny_mode
 from worker.exceptions import CacheDamagedError
 from worker.model.batch_cache import batch_forward, can_batch
 from worker.model.cache_settings import CacheSettings
+from worker.model.compat import cache_argument
 from worker.model.decoder import Decoder, GenerationRequest, forward_step
 from worker.model.positions import scheme_for
 from worker.model.sampling import Sampler
@@ -33,7 +34,7 @@ def _cache(model: torch.nn.Module) -> SinkCache:
 
 def _reference_step(model: torch.nn.Module, cache: ReferenceCache, ids: torch.Tensor):
     cache.make_room(len(ids))
-    return model(ids[None], past_key_values=cache, use_cache=True).logits[0, -1]
+    return model(ids[None], **cache_argument(model, cache), use_cache=True).logits[0, -1]
 
 
 def _batchable() -> list[str]:

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
 from cache_store import LocalDirStore, MemoryStore
-from cache_store.exceptions import StateForeignError
+from cache_store.exceptions import StateCorruptError, StateForeignError
 from tests.cache_probes import kept_token_ids
-from tests.models.tiny_models import tiny_loaded
+from tests.models.tiny_models import tiny_loaded, tiny_variant
 from worker.exceptions import CacheCapacityError
 from worker.model.cache_settings import CacheSettings
 from worker.stream.chat_format import Prompt
 from worker.stream.commentator import Commentator, StreamInput
 from worker.stream.policy import CommentaryPolicy
-from worker.stream.session_state import restore, snapshot
+from worker.stream.session_state import expected_writer, restore, snapshot
 
 LINES = [
     f"12:00:{i:02d} {'ERROR' if i % 5 == 0 else 'INFO'} request {i} took {i * 7}ms"
@@ -28,7 +31,7 @@ POLICY = CommentaryPolicy(every_records=5, max_new_tokens=6)
 
 def _commentator(name: str = "llama", seed: int = 0, **overrides) -> Commentator:
     return Commentator(
-        tiny_loaded(name, seed),
+        overrides.get("loaded") or tiny_loaded(name, seed),
         overrides.get("settings", SETTINGS),
         overrides.get("policy", POLICY),
         Prompt(instruction="Comment on the log."),
@@ -89,13 +92,130 @@ def test_state_of_another_model_is_refused() -> None:
         store.load("s", other.loaded.fingerprint)
 
 
-def test_state_with_other_cache_settings_is_refused() -> None:
+# What each reader differs in from the tiny model that wrote the state, and the refusal's words.
+OTHER_READERS = {
+    "dtype": (
+        "llama",
+        lambda: _commentator(loaded=tiny_variant("llama", torch.bfloat16)),
+        "dtype='float32', but this worker runs dtype='bfloat16'",
+    ),
+    "rope theta": (
+        "llama",
+        lambda: _commentator(
+            loaded=tiny_variant(
+                "llama", rope_parameters={"rope_type": "default", "rope_theta": 5e5}
+            )
+        ),
+        "rope.rope_theta=10000.0, but this worker runs rope.rope_theta=500000.0",
+    ),
+    "rope scaling": (
+        "llama-yarn",
+        lambda: _commentator(
+            loaded=tiny_variant(
+                "llama-yarn",
+                rope_parameters={
+                    "rope_type": "yarn",
+                    "rope_theta": 10000.0,
+                    "factor": 8.0,
+                    "original_max_position_embeddings": 64,
+                },
+            )
+        ),
+        "rope.factor=4.0, but this worker runs rope.factor=8.0",
+    ),
+    "partial rotary factor": (
+        "phi3-partial",
+        lambda: _commentator(
+            loaded=tiny_variant(
+                "phi3-partial",
+                rope_parameters={
+                    "rope_type": "default",
+                    "rope_theta": 10000.0,
+                    "partial_rotary_factor": 0.25,
+                },
+            )
+        ),
+        "rope.partial_rotary_factor=0.5, but this worker runs rope.partial_rotary_factor=0.25",
+    ),
+    "layer types": (
+        "qwen2",
+        lambda: _commentator(
+            loaded=tiny_variant(
+                "qwen2",
+                layer_types=["full_attention", "sliding_attention"],
+                use_sliding_window=True,
+                sliding_window=512,
+            )
+        ),
+        "layer_types[1]='full_attention', but this worker runs layer_types[1]='sliding_attention'",
+    ),
+    "cache capacity": (
+        "llama",
+        lambda: _commentator(settings=CacheSettings(sinks=4, window=200)),
+        "cache_capacity=128, but this worker runs cache_capacity=204",
+    ),
+    "sinks": (
+        "llama",
+        lambda: _commentator(settings=CacheSettings(sinks=2, window=126)),
+        "cache_sinks=4, but this worker runs cache_sinks=2",
+    ),
+}
+
+
+@pytest.mark.parametrize("field", sorted(OTHER_READERS))
+def test_state_written_with_other_settings_is_refused_naming_them(field: str) -> None:
+    writer_model, make_reader, difference = OTHER_READERS[field]
+    commentator = _commentator(writer_model)
+    session = commentator.new_session("s")
+    _feed(commentator, session, LINES[:3])
+    state = snapshot(session, commentator)
+    store = MemoryStore()
+    store.save(state)
+    reader = make_reader()
+    with pytest.raises(StateForeignError, match=re.escape(difference)):
+        store.load("s", expected_writer(reader))
+    with pytest.raises(StateForeignError, match=re.escape(difference)):
+        restore(state, reader)
+    assert restore(store.load("s", expected_writer(commentator)), commentator).tokens_seen > 0
+
+
+def test_state_saved_before_its_settings_were_recorded_still_restores_exactly() -> None:
+    commentator = _commentator()
+    session = commentator.new_session("s")
+    _feed(commentator, session, LINES[:17])
+    store = MemoryStore()
+    store.save(dataclasses.replace(snapshot(session, commentator), written_with={}))
+    resumed = restore(store.load("s", expected_writer(commentator)), commentator)
+    texts = [c.text for c in _feed(commentator, resumed, LINES[17:], first_offset=17)]
+    assert texts == [c.text for c in _feed(commentator, session, LINES[17:], first_offset=17)]
+    wider = _commentator(settings=CacheSettings(sinks=4, window=200))
+    with pytest.raises(StateForeignError, match="same --sinks/--window"):
+        restore(store.load("s", expected_writer(wider)), wider)
+
+
+# Found by tests/models/test_restore_fuzz.py: each raised TypeError or IndexError at the restore,
+# or at the next forward, which would have stopped the worker.
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [
+        (lambda meta, tensors: meta["counters"].update(added_later=1), "unexpected keyword"),
+        (lambda meta, tensors: meta["counters"].update(pending=[10**6]), "vocabulary"),
+        (lambda meta, tensors: meta["layout"].update(length="7"), "not an int"),
+        (lambda meta, tensors: meta["layout"].update(ring_start=10**4), "inconsistent"),
+        (lambda meta, tensors: tensors.update(token_ids=tensors["token_ids"][:9]), "token ids"),
+        (lambda meta, tensors: tensors.pop("layer1.values.0"), "values have 64 slots"),
+        (lambda meta, tensors: tensors.update({"layer0.keys.0": torch.zeros(3)}), "out of range"),
+    ],
+)
+def test_a_state_that_does_not_fit_the_cache_is_corrupt(damage, problem: str) -> None:
     commentator = _commentator()
     session = commentator.new_session("s")
     _feed(commentator, session, LINES[:3])
-    wider = _commentator(settings=CacheSettings(sinks=4, window=200))
-    with pytest.raises(StateForeignError, match="same --sinks/--window"):
-        restore(snapshot(session, commentator), wider)
+    state = snapshot(session, commentator)
+    meta, tensors = copy.deepcopy(dict(state.meta)), dict(state.tensors)
+    damage(meta, tensors)
+    with pytest.raises(StateCorruptError, match=f"does not fit this cache.*{problem}"):
+        restore(dataclasses.replace(state, meta=meta, tensors=tensors), commentator)
 
 
 def test_a_record_longer_than_the_window_is_fed_in_pieces() -> None:

@@ -5,13 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from structlog.testing import capture_logs
 
 from cache_store.local import LocalDirStore
 from tests.memory_outputs import ListOutput
-from tests.models.tiny_models import tiny_loaded
+from tests.models.tiny_models import tiny_loaded, tiny_variant
 from worker.io.file_source import FileSource, LineKeys
 from worker.model.cache_settings import CacheSettings
+from worker.model.loading import LoadedModel
 from worker.runtime.checkpoint_schedule import CheckpointSchedule
 from worker.runtime.local_run import Runner, RunSettings
 from worker.stream.chat_format import Prompt
@@ -22,10 +24,12 @@ from worker.stream.processor import BadStatePolicy, ProcessSettings
 LINES = [f"svc{i % 2}|12:00:{i:02d} INFO request {i} took {i * 7}ms" for i in range(30)]
 
 
-def _commentator(seed: int = 0) -> Commentator:
+def _commentator(
+    seed: int = 0, loaded: LoadedModel | None = None, sinks: int = 4, window: int = 92
+) -> Commentator:
     return Commentator(
-        tiny_loaded("llama", seed),
-        CacheSettings(sinks=4, window=92, max_chunk=32),
+        loaded or tiny_loaded("llama", seed),
+        CacheSettings(sinks=sinks, window=window, max_chunk=32),
         CommentaryPolicy(every_records=4, max_new_tokens=5),
         Prompt(instruction="Watch."),
     )
@@ -101,6 +105,40 @@ def test_state_of_another_model_follows_the_policy(tmp_path: Path, policy) -> No
     else:
         assert stats.value("streamsink_new_streams") == 0 and not produced
         assert stats.value("streamsink_dead_letter_records", reason="bad_state") == 16
+
+
+# A reader that differs from the writer in one recorded setting, and how the refusal names it.
+OTHER_READERS = {
+    "dtype": (lambda: _commentator(loaded=tiny_variant("llama", torch.bfloat16)), "dtype="),
+    "rope": (
+        lambda: _commentator(
+            loaded=tiny_variant("llama", rope_parameters={"rope_type": "linear", "factor": 2.0})
+        ),
+        "rope.factor=",
+    ),
+    "layer types": (
+        lambda: _commentator(
+            loaded=tiny_variant("llama", layer_types=["sliding_attention", "full_attention"])
+        ),
+        "layer_types[0]=",
+    ),
+    "sinks": (lambda: _commentator(sinks=2, window=94), "cache_sinks="),
+}
+
+
+@pytest.mark.parametrize("field", sorted(OTHER_READERS))
+def test_state_written_with_other_settings_is_set_aside(tmp_path: Path, field: str) -> None:
+    make_reader, named = OTHER_READERS[field]
+    path = _write(tmp_path / "log", [line.encode() for line in LINES[:8]])
+    _run(path, tmp_path / "state")
+    _write(tmp_path / "log", [line.encode() for line in LINES[:16]])
+    with capture_logs() as logs:
+        stats, produced, _ = _run(path, tmp_path / "state", commentator=make_reader())
+    assert stats.value("streamsink_bad_states", kind="foreign") == 2
+    errors = [entry["error"] for entry in logs if entry["event"] == "unusable saved state"]
+    assert len(errors) == 2 and all(named in error for error in errors)
+    assert stats.value("streamsink_new_streams") == 0 and not produced
+    assert stats.value("streamsink_dead_letter_records", reason="bad_state") == 16
 
 
 def test_corrupt_state_is_reported_not_crashed_on(tmp_path: Path) -> None:

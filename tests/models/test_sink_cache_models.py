@@ -9,6 +9,7 @@ from tests.cache_probes import kept_token_ids
 from tests.models.reference import ReferenceCache
 from tests.models.tiny_models import VOCAB, tiny_configs, tiny_model
 from worker.exceptions import UnsupportedModelError
+from worker.model.compat import cache_argument
 from worker.model.positions import SCHEMES, scheme_for
 from worker.model.sink_cache import SinkCache
 
@@ -23,14 +24,15 @@ def _sink_cache(model: torch.nn.Module, capacity: int, sinks: int = 4) -> SinkCa
 def _run(model, cache, ids: torch.Tensor, chunk: int, make_room=None) -> torch.Tensor:
     """Logits of every token of `ids`, fed `chunk` tokens per forward."""
     outs = []
+    passed = cache_argument(model, cache)
     with torch.no_grad():
         for piece in ids.split(chunk):
             if isinstance(cache, SinkCache):
                 with cache.step(piece):
-                    outs.append(model(piece[None], past_key_values=cache, use_cache=True).logits)
+                    outs.append(model(piece[None], **passed, use_cache=True).logits)
             else:
                 cache.make_room(len(piece))
-                outs.append(model(piece[None], past_key_values=cache, use_cache=True).logits)
+                outs.append(model(piece[None], **passed, use_cache=True).logits)
     return torch.cat(outs, dim=1)[0]
 
 

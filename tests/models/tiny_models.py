@@ -97,9 +97,12 @@ def tiny_configs() -> dict[str, PretrainedConfig]:
     }
 
 
-def tiny_model(name: str, seed: int = 0) -> torch.nn.Module:
+def tiny_model(name: str, seed: int = 0, **changes: object) -> torch.nn.Module:
+    """The tiny `name`, with `changes` made to its config values."""
     torch.manual_seed(seed)
     config = tiny_configs()[name]
+    if changes:
+        config = type(config)(**{**config.to_dict(), **changes})
     eager_only = name.startswith(("mpt", "falcon-alibi", "bloom"))
     config._attn_implementation = "eager" if eager_only else "sdpa"
     return AutoModelForCausalLM.from_config(config).eval()
@@ -136,3 +139,10 @@ def run_arguments(log: Path, state: Path, model_dir: Path, every_records: int) -
         "--window", "124", "--every-records", str(every_records), "--max-new-tokens", "4",
         "--instruction", "Watch this log.", "--json",
     ]  # fmt: skip
+
+
+def tiny_variant(name: str, dtype: torch.dtype = torch.float32, **changes: object) -> LoadedModel:
+    """The tiny `name` with some config values changed, or in another dtype: a model that a
+    state saved by the tiny `name` must refuse to restore into."""
+    model = tiny_model(name, **changes).to(dtype)
+    return LoadedModel(model, byte_tokenizer(), f"tiny-{name}-variant", model_fingerprint(model))

@@ -41,8 +41,9 @@ def test_the_commands_share_one_declaration_of_the_kafka_and_redis_options() -> 
 
     for path in [("run",), ("doctor",), ("topics", "create"), ("produce",), ("consume",)]:
         assert {"--bootstrap-servers", "--sasl-password"} <= options_of(*path), path
+    redis = {"--redis-url", "--redis-password", "--key-prefix", "--redis-cluster"}
     for path in [("run",), ("doctor",), ("streams", "list"), ("bench", "restore")]:
-        assert {"--redis-url", "--redis-password", "--key-prefix"} <= options_of(*path), path
+        assert redis <= options_of(*path), path
     for path in [("run",), ("doctor",), ("bench", "decode"), ("bench", "restore")]:
         assert {"--model", "--threads"} <= options_of(*path), path
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -14,7 +15,9 @@ import torch
 from cache_store.codec import (
     DTYPES,
     FORMAT_VERSION,
+    MAX_META_DEPTH,
     EncodedState,
+    block_id,
     decode_state,
     encode_state,
     read_manifest,
@@ -25,7 +28,8 @@ from cache_store.exceptions import (
     StateForeignError,
     StateVersionError,
 )
-from cache_store.state import StreamState
+from cache_store.export import export_state, import_state
+from cache_store.state import Expected, StreamState
 
 FINGERPRINT = "ab12" * 8
 
@@ -225,6 +229,83 @@ def test_inconsistent_tensor_entry_is_corrupt(
         read_manifest(manifest)
 
 
+def _nested(depth: int) -> Any:
+    value: Any = 0
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+# Found by tests/unit/test_codec_fuzz.py: each of these raised another error, or decoded into a
+# state that could not be saved again.
+@pytest.mark.parametrize(
+    ("meta", "problem"),
+    [
+        pytest.param({"deep": _nested(480)}, "nests deeper than", id="deep"),  # RecursionError
+        pytest.param({"ext": msgpack.ExtType(5, b"x")}, "is a ExtType", id="ext-type"),
+        pytest.param({"keys": {b"raw": 1}}, "has key b'raw'", id="bytes-key"),
+    ],
+)
+def test_meta_the_encoder_would_refuse_is_corrupt(
+    encoded: EncodedState, meta: dict[str, Any], problem: str
+) -> None:
+    manifest = _rewrite(encoded.manifest, lambda env, body: body.update(meta=meta))
+    with pytest.raises(StateCorruptError, match=problem):
+        read_manifest(manifest)
+
+
+def test_meta_nested_too_deep_is_refused_when_saved() -> None:
+    encode_state(_state({}, {"deep": _nested(MAX_META_DEPTH - 1)}))
+    with pytest.raises(TypeError, match="nests deeper than"):
+        encode_state(_state({}, {"deep": _nested(MAX_META_DEPTH)}))
+
+
+@pytest.mark.parametrize("shape", [[0, 2**63], [3, 2**63 - 1, 0], [0, 2**62, 2**62]])
+def test_empty_tensor_of_impossible_shape_is_corrupt(
+    encoded: EncodedState, shape: list[int]
+) -> None:
+    # torch.empty raised TypeError or RuntimeError on these, although they hold no element
+    manifest = _rewrite(
+        encoded.manifest, lambda env, body: body["tensors"][0].update(shape=shape, nbytes=0)
+    )
+    with pytest.raises(StateCorruptError, match="impossibly large shape"):
+        read_manifest(manifest)
+
+
+def test_bool_block_holding_other_values_is_corrupt(encoded: EncodedState) -> None:
+    data = bytes([1, 0, 2])
+    manifest = _rewrite(
+        encoded.manifest,
+        lambda env, body: body["tensors"][0].update(
+            dtype="bool", shape=[3], nbytes=3, block=block_id(data)
+        ),
+    )
+    with pytest.raises(StateCorruptError, match="bool values other than 0 and 1"):
+        decode_state(read_manifest(manifest), {**encoded.blocks, block_id(data): data})
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        pytest.param(lambda export: export.pop("blocks"), id="no-blocks"),  # KeyError
+        pytest.param(lambda export: export.update(blocks="x"), id="blocks-str"),  # AttributeError
+        pytest.param(lambda export: export.update(manifest=1.5), id="manifest-float"),  # TypeError
+        pytest.param(lambda export: export.update(scope=None), id="no-scope"),
+        pytest.param(
+            lambda export: export["blocks"].update({next(iter(export["blocks"])): 7}),
+            id="block-int",
+        ),
+    ],
+)
+def test_damaged_export_file_is_corrupt(edit: Callable[[dict[str, Any]], None]) -> None:
+    state = _state({"keys": torch.ones(3)})
+    assert import_state(export_state(state, "scope-1"))[1] == "scope-1"
+    export = msgpack.unpackb(export_state(state, "scope-1"))
+    edit(export)
+    with pytest.raises(StateCorruptError, match="export is damaged"):
+        import_state(msgpack.packb(export))
+
+
 def test_manifest_of_another_stream_is_corrupt(encoded: EncodedState) -> None:
     with pytest.raises(StateCorruptError, match="belongs to stream 'stream-1'"):
         read_manifest(encoded.manifest, "stream-2")
@@ -259,6 +340,77 @@ def test_foreign_fingerprint_names_both_and_how_to_fix(encoded: EncodedState) ->
     assert FINGERPRINT in message and "ffff" in message
     assert "another model" in message and "--model" in message
     assert decode_state(manifest, encoded.blocks, FINGERPRINT).fingerprint == FINGERPRINT
+
+
+WRITTEN_WITH = {
+    "dtype": "float32",
+    "rope": {"rope_type": "default", "rope_theta": 10000.0},
+    "layer_types": ["full_attention", "sliding_attention"],
+    "cache_capacity": 128,
+}
+
+
+@pytest.fixture
+def written() -> EncodedState:
+    tensors = {"keys": torch.arange(12, dtype=torch.float32).reshape(3, 4)}
+    return encode_state(StreamState("stream-1", FINGERPRINT, tensors, {}, WRITTEN_WITH))
+
+
+def test_what_a_state_was_written_with_round_trips(written: EncodedState) -> None:
+    manifest = read_manifest(written.manifest)
+    assert manifest.written_with == WRITTEN_WITH
+    expected = Expected(FINGERPRINT, WRITTEN_WITH)
+    assert decode_state(manifest, written.blocks, expected).written_with == WRITTEN_WITH
+
+
+@pytest.mark.parametrize(
+    ("running", "named"),
+    [
+        ({"dtype": "bfloat16"}, "dtype='float32', but this worker runs dtype='bfloat16'"),
+        (
+            {"rope": {"rope_type": "default", "rope_theta": 5e5}},
+            "rope.rope_theta=10000.0, but this worker runs rope.rope_theta=500000.0",
+        ),
+        (
+            {"rope": {"rope_type": "default", "rope_theta": 10000.0, "factor": 4.0}},
+            "written with no rope.factor, but this worker runs rope.factor=4.0",
+        ),
+        (
+            {"layer_types": ["full_attention", "full_attention"]},
+            "layer_types[1]='sliding_attention', but this worker runs "
+            "layer_types[1]='full_attention'",
+        ),
+        (
+            {"layer_types": ["full_attention"]},
+            "layer_types=['full_attention', 'sliding_attention'], but this worker runs "
+            "layer_types=['full_attention']",
+        ),
+        ({"cache_capacity": 256}, "cache_capacity=128, but this worker runs cache_capacity=256"),
+    ],
+)
+def test_state_written_with_other_settings_is_refused_naming_the_field(
+    written: EncodedState, running: dict[str, Any], named: str
+) -> None:
+    expected = Expected(FINGERPRINT, {**WRITTEN_WITH, **running}, fix="run it like so")
+    with pytest.raises(StateForeignError, match=re.escape(named)) as raised:
+        decode_state(read_manifest(written.manifest), {}, expected)  # before any block is read
+    assert "'stream-1'" in str(raised.value) and "run it like so" in str(raised.value)
+
+
+def test_what_a_state_does_not_record_is_left_to_the_fingerprint(written: EncodedState) -> None:
+    older = read_manifest(_rewrite(written.manifest, lambda env, body: body.pop("written_with")))
+    assert older.written_with == {}
+    assert decode_state(older, written.blocks, Expected(FINGERPRINT, WRITTEN_WITH)).tensors
+    with pytest.raises(StateForeignError, match="another model"):
+        decode_state(older, written.blocks, Expected("ffff", WRITTEN_WITH))
+    newer_reader = Expected(FINGERPRINT, {**WRITTEN_WITH, "recorded_later": 1})
+    assert decode_state(read_manifest(written.manifest), written.blocks, newer_reader).tensors
+
+
+def test_written_with_that_is_not_a_map_is_corrupt(written: EncodedState) -> None:
+    manifest = _rewrite(written.manifest, lambda env, body: body.update(written_with=[1]))
+    with pytest.raises(StateCorruptError, match="'written_with' is not a dict"):
+        read_manifest(manifest)
 
 
 def test_all_state_errors_share_one_base() -> None:

@@ -131,14 +131,27 @@ def redis_options(
         int | None,
         typer.Option(envvar="STREAMSINK_STATE_TTL_SECONDS", help="forget streams idle this long"),
     ] = None,
+    redis_cluster: Annotated[
+        bool,
+        typer.Option(
+            "--redis-cluster",
+            envvar="STREAMSINK_REDIS_CLUSTER",
+            help="--redis-url is a node of a Redis Cluster; the others are found from it",
+        ),
+    ] = False,
 ) -> RedisSettings:
-    return RedisSettings(redis_url, redis_password, key_prefix, state_ttl_seconds)
+    return RedisSettings(redis_url, redis_password, key_prefix, state_ttl_seconds, redis_cluster)
 
 
 def open_store(redis: RedisSettings, retry_seconds: float = 30.0) -> RedisStore:
     """A store on the configured Redis, not asked anything yet (a worker waits for Redis)."""
     return RedisStore(
-        redis.url, redis.prefix, redis.idle_ttl_seconds, redis.password, retry_seconds
+        redis.url,
+        redis.prefix,
+        redis.idle_ttl_seconds,
+        redis.password,
+        retry_seconds,
+        redis.cluster,
     )
 
 

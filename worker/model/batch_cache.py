@@ -19,11 +19,11 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from worker.model.batch_step import BatchPlan, plan_batch
-from worker.model.compat import cache_argument
+from worker.model.compat import LayerAcrossReleases, cache_argument
 from worker.model.sink_cache import SinkCache
 
 
-class BatchCacheLayer(CacheLayerMixin):
+class BatchCacheLayer(LayerAcrossReleases, CacheLayerMixin):
     """One model layer over the same layer of every row's cache."""
 
     is_sliding = False
@@ -49,7 +49,7 @@ class BatchCacheLayer(CacheLayerMixin):
         values = torch.cat([layer.values for layer in rows])
         return owner.scheme.to_attention(keys, owner.rotation(keys.dtype)), values
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self._owner.capacity, 0
 
     def get_seq_length(self) -> int:

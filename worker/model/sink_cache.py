@@ -21,13 +21,14 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from worker.exceptions import CacheDamagedError
+from worker.model.compat import LayerAcrossReleases
 from worker.model.positions import PositionScheme, scheme_for
 from worker.model.slot_layout import SlotLayout, StepPlan
 
 BLOCK_SLOTS = 64
 
 
-class SinkCacheLayer(CacheLayerMixin):
+class SinkCacheLayer(LayerAcrossReleases, CacheLayerMixin):
     """One layer's keys (position-free) and values, in slots shared with every other layer."""
 
     is_sliding = False
@@ -94,7 +95,7 @@ class SinkCacheLayer(CacheLayerMixin):
         self.is_initialized = True
         self.length = self._owner.layout.length
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.length + query_length, 0
 
     def get_seq_length(self) -> int:

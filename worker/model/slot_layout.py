@@ -118,7 +118,19 @@ class SlotLayout:
 
     @classmethod
     def from_meta(cls, meta: dict[str, int]) -> SlotLayout:
+        """The layout `to_meta` gave; ValueError if the values cannot be one (a damaged state)."""
+        if any(type(meta[name]) is not int for name in cls._SAVED):
+            raise ValueError(f"a saved layout holds a value that is not an int: {meta}")
         layout = cls(meta["capacity"], meta["sinks"])
-        for name in ("head", "length", "ring_start", "tokens_seen", "evicted_total"):
-            setattr(layout, name, int(meta[name]))
+        for name in cls._SAVED[2:]:
+            setattr(layout, name, meta[name])
+        if not (
+            layout.sinks <= layout.head < layout.capacity
+            and 0 <= layout.length <= layout.capacity
+            and 0 <= layout.ring_start < layout.ring_size
+            and 0 <= layout.evicted_total <= layout.tokens_seen - layout.length
+        ):
+            raise ValueError(f"a saved layout is inconsistent: {meta}")
         return layout
+
+    _SAVED = ("capacity", "sinks", "head", "length", "ring_start", "tokens_seen", "evicted_total")

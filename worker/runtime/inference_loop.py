@@ -27,6 +27,7 @@ from worker.stream.commentator import Commentator
 from worker.stream.live_budget import LiveBudget
 from worker.stream.processor import LiveKey, StreamProcessor
 from worker.stream.records import Record
+from worker.stream.session_state import expected_writer
 
 log = structlog.get_logger("streamsink.worker")
 
@@ -132,10 +133,10 @@ class InferenceLoop:
         self.replies.put(Ready(partition, lease.next_offset))
 
     def _processor(self, lease: PartitionLease) -> StreamProcessor:
-        fingerprint = self.commentator.loaded.fingerprint
+        writer = expected_writer(self.commentator)
         return StreamProcessor(
             self.commentator,
-            lambda stream_id: lease.load(stream_id, fingerprint),
+            lambda stream_id: lease.load(stream_id, writer),
             self.metrics,
             self.settings.process,
             self.live,

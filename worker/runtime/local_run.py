@@ -19,6 +19,7 @@ from worker.runtime.checkpoint_schedule import CheckpointClock, CheckpointSchedu
 from worker.stream.commentator import Commentator
 from worker.stream.processor import ProcessSettings, StreamProcessor
 from worker.stream.records import Record
+from worker.stream.session_state import expected_writer
 
 
 @dataclass(frozen=True)
@@ -40,9 +41,10 @@ class Runner:
         self.source, self.output, self.store = source, output, store
         self.settings = settings
         self.metrics = metrics or WorkerMetrics()
+        writer = expected_writer(commentator)
         self.processor = StreamProcessor(
             commentator,
-            lambda stream_id: store.load(stream_id, commentator.loaded.fingerprint),
+            lambda stream_id: store.load(stream_id, writer),
             self.metrics,
             settings.process,
         )

@@ -2,12 +2,25 @@
 
 The cache exports and loads its own tensors (see SinkCache.export); a state adds the session's
 counters, its kind, and the prompt the stream was started with, which a restore must match.
+
+A state also records what it was written with (dtype, rope, layer types, cache size: see
+worker/model/cache_identity.py), and a restore refuses on any difference, naming the field.
+States saved before those were recorded still restore: a user who upgrades streamsink expects
+their streams to go on, and nothing is lost by it, since the model fingerprint they were
+checked against hashes the config and the dtype, and their cache size is checked from their
+layout below.
 """
 
 from __future__ import annotations
 
-from cache_store.exceptions import StateForeignError
-from cache_store.state import StreamState
+from typing import get_args, get_origin, get_type_hints
+
+import torch
+
+from cache_store.codec import check_fingerprint
+from cache_store.exceptions import StateCorruptError, StateForeignError
+from cache_store.state import Expected, StreamState
+from worker.model.cache_identity import cache_identity
 from worker.stream.commentator import Commentator
 from worker.stream.session import SessionCounters, StreamSession
 
@@ -24,16 +37,80 @@ def snapshot(session: StreamSession, commentator: Commentator) -> StreamState:
         "request": commentator.prompt.request,
         "layers": cache_meta["layers"],
     }
-    return StreamState(session.stream_id, commentator.loaded.fingerprint, tensors, meta)
+    writer = expected_writer(commentator)
+    return StreamState(session.stream_id, writer.fingerprint, tensors, meta, writer.written_with)
+
+
+def expected_writer(commentator: Commentator) -> Expected:
+    """What a state must have been written with for this commentator to restore it; a store
+    checks it before it fetches any block."""
+    return Expected(
+        commentator.loaded.fingerprint,
+        cache_identity(commentator.loaded.model, commentator.settings),
+        fix="run with the --model, --device, --sinks and --window that wrote it",
+    )
 
 
 def restore(state: StreamState, commentator: Commentator) -> StreamSession:
-    """A session that continues exactly where the saved one stopped, with no prefill."""
-    _check_compatible(state, commentator)
-    session = commentator.new_empty_session(state.stream_id)
-    session.cache.load(state.tensors, state.meta)
-    session.counters = SessionCounters.from_meta(dict(state.meta["counters"]))
+    """A session that continues exactly where the saved one stopped, with no prefill.
+
+    A state the codec accepted can still be one that does not fit (written by a bug, or by
+    hand): whatever in it does not fit this cache is a StateCorruptError, never an error that
+    would stop the worker, here or at the stream's next forward.
+    """
+    try:
+        _check_compatible(state, commentator)
+        session = commentator.new_empty_session(state.stream_id)
+        session.cache.load(state.tensors, state.meta)
+        session.counters = _counters(state.meta["counters"], commentator)
+        _check_loaded(session, commentator)
+    except (LookupError, TypeError, ValueError, RuntimeError) as error:
+        raise StateCorruptError(
+            f"state of stream {state.stream_id!r} does not fit this cache ({error}); delete the "
+            "stream's state so the stream starts fresh"
+        ) from error
     return session
+
+
+def _counters(saved: object, commentator: Commentator) -> SessionCounters:
+    """The saved counters, each of its own type; pending tokens inside the vocabulary."""
+    counters = SessionCounters.from_meta(dict(saved))  # TypeError on a missing or extra field
+    for name, kind in get_type_hints(SessionCounters).items():
+        value = getattr(counters, name)
+        if not _is_of(value, kind):
+            raise TypeError(f"counter {name!r} is {value!r}")
+    vocabulary = commentator.loaded.model.get_input_embeddings().num_embeddings
+    if not all(0 <= token < vocabulary for token in counters.pending):
+        raise ValueError("a pending token is outside the vocabulary")
+    return counters
+
+
+def _is_of(value: object, kind: object) -> bool:
+    """Whether a plain value is of an annotation: int (not bool), bool, float | None, list[int]."""
+    if get_origin(kind) is list:
+        return type(value) is list and all(type(item) is int for item in value)
+    return type(value) in (get_args(kind) or (kind,)) or (kind is float and type(value) is int)
+
+
+def _check_loaded(session: StreamSession, commentator: Commentator) -> None:
+    """The loaded tensors are the ones this cache runs: token ids, and keys and values in the
+    model's dtype with a slot for each position, of one shape in every layer (the model's own
+    head shape is known only to its forward)."""
+    cache, capacity = session.cache, session.cache.layout.capacity
+    if cache.token_ids.dtype != torch.long or tuple(cache.token_ids.shape) != (capacity,):
+        raise ValueError(f"its token ids are {cache.token_ids.dtype} {list(cache.token_ids.shape)}")
+    shapes = set()
+    for index, layer in enumerate(cache.layers):
+        if not layer.is_initialized:
+            continue
+        for kind, tensor in (("keys", layer.keys), ("values", layer.values)):
+            if tensor.dtype != commentator.loaded.dtype or tensor.dim() != 4:
+                raise ValueError(f"layer {index}'s {kind} are {tensor.dtype} {list(tensor.shape)}")
+            if tensor.shape[2] != capacity:
+                raise ValueError(f"layer {index}'s {kind} have {tensor.shape[2]} slots")
+            shapes.add((kind, tuple(tensor.shape)))
+    if len(shapes) > 2:
+        raise ValueError(f"its layers differ in shape: {sorted(shapes)}")
 
 
 def _check_compatible(state: StreamState, commentator: Commentator) -> None:
@@ -43,7 +120,8 @@ def _check_compatible(state: StreamState, commentator: Commentator) -> None:
             f"state of stream {state.stream_id!r} is of kind {meta.get('kind')!r}, not "
             f"{STATE_KIND!r}; evict it or use the streamsink version that wrote it"
         )
-    layout = meta["layout"]
+    check_fingerprint(state, expected_writer(commentator))
+    layout = meta["layout"]  # where a state saved before `written_with` has its cache size
     settings = commentator.settings
     if (layout["capacity"], layout["sinks"]) != (settings.capacity, settings.sinks):
         raise StateForeignError(
