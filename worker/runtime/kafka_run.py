@@ -44,6 +44,7 @@ from worker.runtime.inbox import Batch, Claim, Inbox, Lost, Revoke, Stop
 from worker.runtime.inference_loop import InferenceLoop, Progress, Ready
 from worker.runtime.kafka_settings import WorkerSettings
 from worker.runtime.outages import KAFKA, REDIS, Outages, Unreachable
+from worker.runtime.ownership import OwnershipWatch
 from worker.runtime.rebalance import Handoff, RebalanceListener
 from worker.runtime.state_loss import decide_seek
 from worker.stream.commentator import Commentator
@@ -84,6 +85,7 @@ class KafkaWorker:
         )
         self._gate = PartitionGate(settings.group.max_queued_batches)
         self._outages = Outages(health, metrics)
+        self._ownership = OwnershipWatch(connection, settings.group.name, metrics, self._outages)
         self._partitions: list[TopicPartition] = []  # of the input topic
         self._unstarted: dict[TopicPartition, Ready] = {}  # claimed, not yet sought
         self._applied: dict[TopicPartition, int] = {}  # next offsets the inference side reported
@@ -160,17 +162,21 @@ class KafkaWorker:
         self._gate.pause_unclaimed(consumer)
         self._gate.apply_backpressure(consumer, self._to_inference.qsize())
         self._probe(consumer)
+        self._ownership.look(consumer, self._partitions)
         self._report_lag(consumer)
         self.health.beat()
 
     def _probe(self, consumer: KafkaConsumer) -> None:
-        """Ask the brokers something every PROBE_SECONDS, so /readyz tells when they went."""
+        """Ask the brokers and Redis something every PROBE_SECONDS, so /readyz tells when
+        either went, even while the inference thread has nothing to write."""
         if time.monotonic() < self._next_probe:
             return
         self._next_probe = time.monotonic() + PROBE_SECONDS
         ask = partial(consumer.end_offsets, self._partitions, timeout_ms=PROBE_TIMEOUT_MS)
         with suppress(Unreachable):
             self._outages.call(KAFKA, "probe", ask)
+        with suppress(Unreachable):
+            self._outages.call(REDIS, "probe", self.store.ping)
 
     def _wait_for_topic(self, consumer: KafkaConsumer) -> list[TopicPartition]:
         """Join only once the input topic's partitions are known: a group that joins before
@@ -203,6 +209,7 @@ class KafkaWorker:
             consumer.close(autocommit=False, timeout_ms=5000)
         except KafkaError as error:  # the broker is down: the group drops this member anyway
             log.warning("leaving the group failed", error=str(error))
+        self._ownership.close()
         self.producer.close()
         self.store.close()
         log.info("worker stopped", **self.metrics.summary())
