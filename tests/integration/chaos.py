@@ -124,6 +124,7 @@ def reference_texts(streams: dict[str, list[str]], log_dir: Path) -> dict[tuple[
     source.write_text("".join(f"{s}\t{line}\n" for s, lines in streams.items() for line in lines))
     args = [sys.executable, "-m", "worker", "run", "--source", f"file:{source}"]
     args += ["--key-separator", "\t", "--state", "memory:", "--json", *WORKER_ARGS]
+    args += ["--checkpoint-every", str(10**6), "--checkpoint-every-seconds", str(10**6)]
     with open(log_dir / "reference.log", "wb") as log:
         done = subprocess.run(args, stdout=subprocess.PIPE, stderr=log, check=True, timeout=3600)
     lines = done.stdout.decode().splitlines()

@@ -57,6 +57,7 @@ WORKER_ARGS = [
     "--shutdown-seconds", "30",
     "--metrics-port", "0",
     "--log-level", "info",
+    "--threads", "1",
 ]  # fmt: skip
 
 

@@ -88,7 +88,9 @@ class OwnershipWatch:
     def _ask(self, consumer: KafkaConsumer, partitions: list[TopicPartition]) -> dict[int, int]:
         if self._admin is None:
             self._admin = KafkaAdminClient(
-                **self.connection.client_config(), request_timeout_ms=REQUEST_TIMEOUT_MS
+                **self.connection.client_config(),
+                request_timeout_ms=REQUEST_TIMEOUT_MS,
+                bootstrap_timeout_ms=REQUEST_TIMEOUT_MS,
             )
         group = self._admin.describe_groups([self.group])[self.group]
         committed = self._admin.list_group_offsets({self.group: partitions})[self.group]
