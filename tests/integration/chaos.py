@@ -66,6 +66,7 @@ class ChaosReport:
     duplicates: int = 0
     dead_letters: int = 0
     unowned_detected: float = 0.0
+    redelivered: float = 0.0  # as the live workers' metric counts it (the killed ones' is gone)
     seconds: float = 0.0
     problems: list[str] = field(default_factory=list)
 
@@ -76,7 +77,8 @@ class ChaosReport:
             f"chaos seed {plan.seed}: {sum(self.faults.values())} faults ({kinds}); "
             f"{self.records} records ({self.bad_records} bad) on {plan.streams} streams, "
             f"{plan.partitions} partitions, {plan.workers} workers; "
-            f"{self.commentaries} commentaries, {self.duplicates} duplicates, "
+            f"{self.commentaries} commentaries, {self.duplicates} duplicates "
+            f"({self.redelivered:g} counted redelivered by live workers), "
             f"{self.dead_letters} dead letters, {self.unowned_detected:g} unowned-partition "
             f"alarms; {self.seconds:.0f} s: {verdict}"
         )
@@ -274,6 +276,8 @@ class ChaosRun:
             time.sleep(2.0)
         alarms = 'streamsink_errors_total{kind="partition_unowned"}'
         self.report.unowned_detected = sum(sample(page, alarms) for page in pages)
+        redelivered = "streamsink_redelivered_commentaries_total"
+        self.report.redelivered = sum(sample(page, redelivered) for page in pages)
 
     def _check_output(
         self,
