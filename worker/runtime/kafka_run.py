@@ -85,7 +85,7 @@ class KafkaWorker:
         )
         self._gate = PartitionGate(settings.group.max_queued_batches)
         self._outages = Outages(health, metrics)
-        self._ownership = OwnershipWatch(connection, settings.group.name, metrics, self._outages)
+        self._ownership = OwnershipWatch(connection, settings.group, metrics, self._outages)
         self._partitions: list[TopicPartition] = []  # of the input topic
         self._unstarted: dict[TopicPartition, Ready] = {}  # claimed, not yet sought
         self._applied: dict[TopicPartition, int] = {}  # next offsets the inference side reported

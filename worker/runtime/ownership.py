@@ -4,10 +4,11 @@ After a fault the group must hand every partition to a member again. If it does 
 member that never rejoined, an assignment gone wrong), records wait with nobody to read
 them, and nothing else would say so: a worker's lag gauge covers only what it owns. So the
 polling thread asks the group coordinator now and then who owns what. A partition that no
-member owns while the group's committed offset is behind its end, at two looks in a row, is
-counted (`streamsink_errors_total{kind="partition_unowned"}`), shown
-(`streamsink_partitions_unowned`) and logged. Two looks, because a cooperative rebalance
-leaves the partitions it moves unowned for a moment on purpose.
+member owns while the group's committed offset is behind its end, look after look for
+longer than a rebalance may leave it so (a cooperative rebalance unassigns what it moves
+until its old owner has checkpointed it: the shutdown budget, then a rejoin within a
+session), is counted once (`streamsink_errors_total{kind="partition_unowned"}`), shown
+while it lasts (`streamsink_partitions_unowned`) and logged.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from kafka.errors import KafkaError
 
 from worker.io.kafka_connection import KafkaConnection
 from worker.ops.metrics import WorkerMetrics
+from worker.runtime.kafka_settings import GroupSettings
 from worker.runtime.outages import KAFKA, Outages, Unreachable
 
 log = structlog.get_logger("streamsink.worker")
@@ -61,15 +63,17 @@ class OwnershipWatch:
     def __init__(
         self,
         connection: KafkaConnection,
-        group: str,
+        group: GroupSettings,
         metrics: WorkerMetrics,
         outages: Outages,
         look_seconds: float = LOOK_SECONDS,
     ) -> None:
-        self.connection, self.group = connection, group
+        self.connection, self.group = connection, group.name
         self.metrics, self.outages, self.look_seconds = metrics, outages, look_seconds
+        self.grace_seconds = group.shutdown_seconds + group.session_timeout_ms / 1000
         self._admin: KafkaAdminClient | None = None
-        self._suspects: set[int] = set()  # unowned with lag at the last look
+        self._since: dict[int, float] = {}  # unowned with lag at every look since then
+        self._alarmed: set[int] = set()
         self._next_look = time.monotonic() + look_seconds
 
     def look(self, consumer: KafkaConsumer, partitions: list[TopicPartition]) -> None:
@@ -102,14 +106,22 @@ class OwnershipWatch:
             {tp.partition: meta.offset for tp, meta in committed.items() if meta.offset >= 0},
         )
 
-    def judge(self, unowned: dict[int, int]) -> None:
-        """Raise the alarm for what was unowned with lag at this look and the last."""
-        confirmed = {number: lag for number, lag in unowned.items() if number in self._suspects}
-        self._suspects = set(unowned)
-        self.metrics.partitions_unowned.set(len(confirmed))
-        for number, lag in confirmed.items():
+    def judge(self, unowned: dict[int, int], now: float | None = None) -> None:
+        """Raise the alarm, once, for what has stayed unowned with lag past the grace."""
+        now = time.monotonic() if now is None else now
+        self._since = {number: self._since.get(number, now) for number in unowned}
+        self._alarmed &= set(unowned)
+        overdue = {n for n, since in self._since.items() if now - since >= self.grace_seconds}
+        self.metrics.partitions_unowned.set(len(overdue))
+        for number in sorted(overdue - self._alarmed):
             self.metrics.errors.labels(kind="partition_unowned").inc()
-            log.error("partition with lag and no owner", partition=number, lag=lag)
+            log.error(
+                "partition with lag and no owner",
+                partition=number,
+                lag=unowned[number],
+                seconds=round(now - self._since[number]),
+            )
+        self._alarmed |= overdue
 
     def close(self) -> None:
         admin, self._admin = self._admin, None
