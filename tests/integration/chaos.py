@@ -35,6 +35,7 @@ from tests.integration.worker_harness import (
     EVERY_RECORDS,
     WORKER_ARGS,
     Worker,
+    commentary,
     log_lines,
     produce_records,
     read_topic,
@@ -160,9 +161,13 @@ class ChaosRun:
                 worker.wait_for_event("group joined", timeout=600)
             offsets = self._inject_between_slices(cluster)
             expected = set(reference)
-            records = wait_for_commentary(
-                cluster.bootstrap, cluster.topics.output, expected, timeout=900 + 30 * len(expected)
-            )
+            try:
+                records = wait_for_commentary(
+                    cluster.bootstrap, cluster.topics.output, expected, 900 + 30 * len(expected)
+                )
+            except AssertionError as error:  # timed out: the checks below say what is missing
+                self._problem(str(error)[:600])
+                records = commentary(cluster.bootstrap, cluster.topics.output)
             self._check_owned()
             dead = read_topic(cluster.bootstrap, cluster.topics.dead_letter)
             self._check_output(reference, records, offsets)
@@ -237,6 +242,10 @@ class ChaosRun:
             self.kafka.restart()
 
     def _check_exits(self) -> None:
+        """Only the SIGKILLs ended workers."""
+        for worker in self.killed:
+            if worker.process.returncode != -signal.SIGKILL:
+                self._problem(f"{worker.name} ended {worker.process.returncode}, not by SIGKILL")
         for worker in self.slots:
             code = worker.process.poll()
             if code is not None and worker.name not in self._gone:
@@ -265,9 +274,12 @@ class ChaosRun:
         """Every partition owned by a live worker, and no worker's alarm of an unowned one on."""
         deadline = time.monotonic() + timeout
         while True:
-            pages = [scrape(metrics_port(w), "/metrics")[1] for w in self.slots]
+            live = [w for w in self.slots if w.process.poll() is None]
+            pages = [scrape(metrics_port(w), "/metrics")[1] for w in live]
             owned = sum(sample(page, "streamsink_partitions_owned") for page in pages)
-            unowned = max(sample(page, "streamsink_partitions_unowned") for page in pages)
+            unowned = max(
+                (sample(page, "streamsink_partitions_unowned") for page in pages), default=0
+            )
             if owned == self.plan.partitions and unowned == 0:
                 break
             if time.monotonic() > deadline:
