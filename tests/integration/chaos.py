@@ -44,6 +44,9 @@ from tests.integration.worker_harness import (
 
 KINDS = ("sigkill", "sigstop", "redis_restart", "broker_restart")
 SESSION_SECONDS = 6  # the harness's --session-timeout-ms
+# Three workers on a small machine: one torch thread each, or they fight over the cores; the
+# reference run on one thread too, so its sums run in the same order.
+THREADS = ["--threads", "1"]
 BAD_REASONS = {"keyless": "no_key", "invalid_utf8": "invalid_utf8"}
 
 
@@ -126,7 +129,7 @@ def reference_texts(streams: dict[str, list[str]], log_dir: Path) -> dict[tuple[
     source = log_dir / "reference-input.txt"
     source.write_text("".join(f"{s}\t{line}\n" for s, lines in streams.items() for line in lines))
     args = [sys.executable, "-m", "worker", "run", "--source", f"file:{source}"]
-    args += ["--key-separator", "\t", "--state", "memory:", "--json", *WORKER_ARGS]
+    args += ["--key-separator", "\t", "--state", "memory:", "--json", *WORKER_ARGS, *THREADS]
     args += ["--checkpoint-every", str(10**6), "--checkpoint-every-seconds", str(10**6)]
     with open(log_dir / "reference.log", "wb") as log:
         done = subprocess.run(args, stdout=subprocess.PIPE, stderr=log, check=True, timeout=3600)
@@ -156,7 +159,7 @@ class ChaosRun:
         reference = reference_texts(self.streams, self.log_dir)
         cluster = Cluster("chaos", self.kafka, self.redis, self.log_dir, self.plan.partitions)
         try:
-            self.slots = [cluster.worker(f"w{n}") for n in range(self.plan.workers)]
+            self.slots = [cluster.worker(f"w{n}", *THREADS) for n in range(self.plan.workers)]
             for worker in self.slots:
                 worker.wait_for_event("group joined", timeout=600)
             offsets = self._inject_between_slices(cluster)
@@ -226,7 +229,7 @@ class ChaosRun:
             self.slots[slot].kill()
             self.killed.append(self.slots[slot])
             self.restarts += 1
-            self.slots[slot] = cluster.worker(f"w{slot}-r{self.restarts}")
+            self.slots[slot] = cluster.worker(f"w{slot}-r{self.restarts}", *THREADS)
         elif kind == "sigstop":
             worker = self.rng.choice(self.slots)
             pause = SESSION_SECONDS + self.rng.uniform(1.0, 4.0)

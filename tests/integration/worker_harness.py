@@ -57,7 +57,6 @@ WORKER_ARGS = [
     "--shutdown-seconds", "30",
     "--metrics-port", "0",
     "--log-level", "info",
-    "--threads", "1",
 ]  # fmt: skip
 
 
