@@ -15,8 +15,10 @@ its epoch is stale anyway. Either goes ahead of the batches queued for inference
 dropped (inbox.py).
 
 A broker or Redis outage, as it starts or later, is waited out in place (outages.py): calls
-that reach them are retried with a backoff, the brokers are asked something every few
-seconds so /readyz says when they are gone, and the worker goes on once they are back.
+that reach them are retried with a backoff, the brokers and Redis are asked something every
+few seconds so /readyz says when they are gone, and the worker goes on once they are back.
+Now and then it also asks the group who owns what (ownership.py), so a partition with lag
+and no owner does not go unnoticed.
 """
 
 from __future__ import annotations
