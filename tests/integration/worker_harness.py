@@ -110,7 +110,7 @@ def commentary(bootstrap: str, topic: str) -> list[dict]:
 
 
 def wait_for_commentary(
-    bootstrap: str, topic: str, wanted: set[tuple[str, int]], timeout: float = 240.0
+    bootstrap: str, topic: str, wanted: set[tuple[str, int]], timeout: float = 600.0
 ) -> list[dict]:
     """Read the output topic until every wanted (stream, seq) is there; all records read."""
     deadline = time.monotonic() + timeout
