@@ -23,11 +23,11 @@ def _name(label: str) -> str:
 class Cluster:
     """Topics, a group and a key prefix of their own for one scenario."""
 
-    def __init__(self, label: str, kafka, redis, log_dir: Path) -> None:
+    def __init__(self, label: str, kafka, redis, log_dir: Path, partitions: int = 4) -> None:
         self.name = _name(label)
         self.bootstrap, self.redis_url = kafka.bootstrap, redis.url
         self.redis_options = ["--redis-cluster"] if redis.cluster else []
-        self.topics: Topics = create_topics(self.bootstrap, self.name)
+        self.topics: Topics = create_topics(self.bootstrap, self.name, partitions)
         self.log_dir = log_dir
         self.workers: list[Worker] = []
 

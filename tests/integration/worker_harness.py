@@ -18,28 +18,32 @@ from pathlib import Path
 
 from kafka import KafkaConsumer, KafkaProducer
 
-STREAMS = {
-    f"svc-{name}": [
-        f"2026-11-23T12:{minute:02d}:00 {name} {event}"
-        for minute, event in enumerate(
-            [
-                "INFO request /login took 12ms",
-                "INFO request /cart took 40ms",
-                "WARN cache miss ratio 0.4",
-                "ERROR upstream timeout after 3000ms",
-                "INFO retry succeeded",
-                "INFO request /pay took 95ms",
-                "WARN queue depth 120",
-                "INFO request /login took 11ms",
-                "ERROR disk usage 91%",
-                "INFO cleanup freed 2GB",
-                "INFO request /cart took 38ms",
-                "WARN slow query 1.2s",
-            ]
-        )
+EVENTS = [
+    "INFO request /login took 12ms",
+    "INFO request /cart took 40ms",
+    "WARN cache miss ratio 0.4",
+    "ERROR upstream timeout after 3000ms",
+    "INFO retry succeeded",
+    "INFO request /pay took 95ms",
+    "WARN queue depth 120",
+    "INFO request /login took 11ms",
+    "ERROR disk usage 91%",
+    "INFO cleanup freed 2GB",
+    "INFO request /cart took 38ms",
+    "WARN slow query 1.2s",
+]
+
+
+def log_lines(name: str, count: int, shift: int = 0) -> list[str]:
+    """`count` timestamped log lines of service `name`, the events taken from `shift` on."""
+    return [
+        f"2026-11-23T{12 + minute // 60:02d}:{minute % 60:02d}:00 {name} "
+        f"{EVENTS[(minute + shift) % len(EVENTS)]}"
+        for minute in range(count)
     ]
-    for name in ("api", "db", "cache", "auth")
-}
+
+
+STREAMS = {f"svc-{name}": log_lines(name, 12) for name in ("api", "db", "cache", "auth")}
 EVERY_RECORDS = 4
 EXPECTED = {(stream, seq) for stream, lines in STREAMS.items() for seq in range(len(lines) // 4)}
 
@@ -65,15 +69,25 @@ class Topics:
 
 def produce_lines(bootstrap: str, topic: str, part: slice = slice(None)) -> int:
     """Send each stream's lines (the given slice of them), keyed by stream id, in order."""
+    items = [
+        (stream.encode(), line.encode())
+        for stream, lines in STREAMS.items()
+        for line in lines[part]
+    ]
+    return len(produce_records(bootstrap, topic, items))
+
+
+def produce_records(
+    bootstrap: str, topic: str, items: list[tuple[bytes | None, bytes]]
+) -> list[tuple[int, int]]:
+    """Send (key, value) records in order; the (partition, offset) each was written at."""
     producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
-    sent = 0
-    for stream, lines in STREAMS.items():
-        for line in lines[part]:
-            producer.send(topic, key=stream.encode(), value=line.encode())
-            sent += 1
-    producer.flush()
-    producer.close()
-    return sent
+    try:
+        futures = [producer.send(topic, key=key, value=value) for key, value in items]
+        producer.flush()
+        return [(meta.partition, meta.offset) for meta in (f.get(timeout=60) for f in futures)]
+    finally:
+        producer.close()
 
 
 def read_topic(bootstrap: str, topic: str, timeout: float = 2.0) -> list:
@@ -96,7 +110,7 @@ def commentary(bootstrap: str, topic: str) -> list[dict]:
 
 
 def wait_for_commentary(
-    bootstrap: str, topic: str, wanted: set[tuple[str, int]], timeout: float = 240.0
+    bootstrap: str, topic: str, wanted: set[tuple[str, int]], timeout: float = 600.0
 ) -> list[dict]:
     """Read the output topic until every wanted (stream, seq) is there; all records read."""
     deadline = time.monotonic() + timeout

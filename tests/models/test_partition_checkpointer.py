@@ -115,6 +115,7 @@ def test_a_new_owner_replays_the_committed_outbox_without_regenerating(
     assert second.replay_outbox()
     assert delivery.delivered == committed
     assert metrics.value("streamsink_replayed_outputs") == 2
+    assert metrics.value("streamsink_redelivered_commentaries") == 2  # it may repeat them
     assert metrics.value("streamsink_commentaries") == generated
     assert store.partitions[SCOPE].outbox == []
 
@@ -201,3 +202,35 @@ def test_a_lost_partition_is_released_without_a_write(commentator, store, metric
     assert not owner.release(False, 1.0, threading.Event())
     assert store.partitions[SCOPE].next_offset is None
     assert metrics.value("streamsink_checkpoints") == 0
+
+
+def test_a_trim_that_meets_an_outage_after_the_flush_sends_nothing_twice(
+    commentator, store, metrics
+) -> None:
+    delivery = RecordingDelivery(on_flush=lambda: setattr(store, "available", False))
+    owner = checkpointer(commentator, store, delivery, metrics)
+    owner.apply(records(0, 4))
+    assert not owner.checkpoint()  # delivered, then Redis went before the trim
+    assert len(store.partitions[SCOPE].outbox) == 2
+    delivery.on_flush, store.available = None, True
+    assert owner.checkpoint()  # only the trim is done again
+    assert sorted((s, q) for s, q, _ in delivery.delivered) == [("svc0", 0), ("svc1", 0)]
+    assert store.partitions[SCOPE].outbox == []
+    assert metrics.value("streamsink_redelivered_commentaries") == 0
+
+
+def test_what_a_failed_flush_may_have_delivered_is_counted_when_sent_again(
+    commentator, store, metrics
+) -> None:
+    delivery = RecordingDelivery()
+    owner = checkpointer(commentator, store, delivery, metrics)
+    owner.apply(records(0, 4))
+    delivery.fail = True
+    assert not owner.checkpoint()
+    delivery.fail = False
+    assert owner.checkpoint()
+    assert len(delivery.delivered) == 2
+    assert metrics.value("streamsink_redelivered_commentaries") == 2
+    successor = checkpointer(commentator, store, RecordingDelivery(), metrics)
+    assert successor.replay_outbox()  # nothing left to replay: the outbox was trimmed
+    assert metrics.value("streamsink_redelivered_commentaries") == 2

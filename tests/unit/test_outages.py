@@ -93,3 +93,26 @@ def test_a_worker_waits_for_redis_as_it_starts_and_stops_cleanly_meanwhile(outag
     stop.set()
     thread.join(10)
     assert not thread.is_alive()
+
+
+class _Brokers:
+    """The one consumer call the probe makes, answered as a reachable broker would."""
+
+    def end_offsets(self, partitions, timeout_ms):
+        return {}
+
+
+def test_a_redis_gone_mid_run_shows_on_readyz_until_it_answers_again(outages) -> None:
+    store = MemoryPartitionStore()
+    worker = KafkaWorker(
+        None, KafkaConnection("127.0.0.1:9"), store, WorkerSettings(), outages.metrics,
+        outages.health,
+    )  # fmt: skip
+    worker._outages = outages
+    store.available = False
+    worker._probe(_Brokers())
+    assert outages.health.not_ready_because() == "cut off from Redis"
+    store.available = True
+    worker._next_probe = 0.0
+    worker._probe(_Brokers())
+    assert outages.health.not_ready_because() is None

@@ -21,6 +21,7 @@ SUMMARY_COUNTERS = (
     "bad_states",
     "fenced_writes",
     "replayed_outputs",
+    "redelivered_commentaries",
     "checkpoint_bytes",
 )
 _SECONDS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -39,6 +40,9 @@ class WorkerMetrics:
             "live_streams", "stream caches in memory (at most --max-live-streams)"
         )
         self.partitions_owned = self._gauge("partitions_owned", "input partitions owned")
+        self.partitions_unowned = self._gauge(
+            "partitions_unowned", "input partitions with lag that no member of the group owns"
+        )
         self.consumer_lag = self._gauge(
             "consumer_lag_records", "records behind the partition's end", "partition"
         )
@@ -81,6 +85,11 @@ class WorkerMetrics:
         )
         self.replayed_outputs = self._counter(
             "replayed_outputs", "committed commentary re-sent after a takeover"
+        )
+        self.redelivered_commentaries = self._counter(
+            "redelivered_commentaries",
+            "commentary sent again that may have been delivered already (the same stream, seq "
+            "and text): a takeover's replay, or a send again after a failed flush",
         )
 
     def _counter(self, name: str, documentation: str, *labels: str) -> Counter:

@@ -15,8 +15,10 @@ its epoch is stale anyway. Either goes ahead of the batches queued for inference
 dropped (inbox.py).
 
 A broker or Redis outage, as it starts or later, is waited out in place (outages.py): calls
-that reach them are retried with a backoff, the brokers are asked something every few
-seconds so /readyz says when they are gone, and the worker goes on once they are back.
+that reach them are retried with a backoff, the brokers and Redis are asked something every
+few seconds so /readyz says when they are gone, and the worker goes on once they are back.
+Now and then it also asks the group who owns what (ownership.py), so a partition with lag
+and no owner does not go unnoticed.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from worker.runtime.inbox import Batch, Claim, Inbox, Lost, Revoke, Stop
 from worker.runtime.inference_loop import InferenceLoop, Progress, Ready
 from worker.runtime.kafka_settings import WorkerSettings
 from worker.runtime.outages import KAFKA, REDIS, Outages, Unreachable
+from worker.runtime.ownership import OwnershipWatch
 from worker.runtime.rebalance import Handoff, RebalanceListener
 from worker.runtime.state_loss import decide_seek
 from worker.stream.commentator import Commentator
@@ -84,6 +87,7 @@ class KafkaWorker:
         )
         self._gate = PartitionGate(settings.group.max_queued_batches)
         self._outages = Outages(health, metrics)
+        self._ownership = OwnershipWatch(connection, settings.group, metrics, self._outages)
         self._partitions: list[TopicPartition] = []  # of the input topic
         self._unstarted: dict[TopicPartition, Ready] = {}  # claimed, not yet sought
         self._applied: dict[TopicPartition, int] = {}  # next offsets the inference side reported
@@ -160,17 +164,21 @@ class KafkaWorker:
         self._gate.pause_unclaimed(consumer)
         self._gate.apply_backpressure(consumer, self._to_inference.qsize())
         self._probe(consumer)
+        self._ownership.look(consumer, self._partitions)
         self._report_lag(consumer)
         self.health.beat()
 
     def _probe(self, consumer: KafkaConsumer) -> None:
-        """Ask the brokers something every PROBE_SECONDS, so /readyz tells when they went."""
+        """Ask the brokers and Redis something every PROBE_SECONDS, so /readyz tells when
+        either went, even while the inference thread has nothing to write."""
         if time.monotonic() < self._next_probe:
             return
         self._next_probe = time.monotonic() + PROBE_SECONDS
         ask = partial(consumer.end_offsets, self._partitions, timeout_ms=PROBE_TIMEOUT_MS)
         with suppress(Unreachable):
             self._outages.call(KAFKA, "probe", ask)
+        with suppress(Unreachable):
+            self._outages.call(REDIS, "probe", self.store.ping)
 
     def _wait_for_topic(self, consumer: KafkaConsumer) -> list[TopicPartition]:
         """Join only once the input topic's partitions are known: a group that joins before
@@ -203,6 +211,7 @@ class KafkaWorker:
             consumer.close(autocommit=False, timeout_ms=5000)
         except KafkaError as error:  # the broker is down: the group drops this member anyway
             log.warning("leaving the group failed", error=str(error))
+        self._ownership.close()
         self.producer.close()
         self.store.close()
         log.info("worker stopped", **self.metrics.summary())

@@ -82,13 +82,21 @@ class PartitionCheckpointer:
         self.fenced = False
         self._clock = CheckpointClock(schedule)
         self._undelivered = list(lease.outbox)  # committed, not yet delivered and trimmed
+        self._flushed = 0  # how many of them the outputs acknowledged (a trim may be missing)
+        self._resend = False  # a flush of the unflushed ones failed: sending again may repeat
         self._pending: list[OutboxEntry] = []  # produced since the last commit
         self._offset_to_commit: int | None = None
 
     def replay_outbox(self) -> bool:
-        """Re-send what the last owner committed but did not trim; False if not delivered."""
+        """Re-send what the last owner committed but did not trim; False if not delivered.
+
+        The last owner may have delivered some of it already: its commentary counts as
+        redelivered (`streamsink_redelivered_commentaries_total`), as a consumer may see it
+        twice.
+        """
         if self.lease.outbox:
             self.metrics.replayed_outputs.inc(len(self.lease.outbox))
+            self._count_redelivered(self.lease.outbox)
         return self.deliver()
 
     def apply(self, records: list[Record]) -> None:
@@ -124,10 +132,8 @@ class PartitionCheckpointer:
             return False
         if not self._undelivered:
             return True
-        for entry in self._undelivered:
-            self._send(entry)
         try:
-            self.delivery.flush(timeout=self.flush_seconds)
+            self._send_unflushed()
             self.lease.trim_outbox(len(self._undelivered))
         except FencedError as error:
             self._fence(error)
@@ -136,7 +142,7 @@ class PartitionCheckpointer:
             self.metrics.errors.labels(kind="delivery").inc()
             log.warning("delivery postponed", error=str(error), entries=len(self._undelivered))
             return False
-        self._undelivered = []
+        self._undelivered, self._flushed = [], 0
         return True
 
     def release(
@@ -207,6 +213,23 @@ class PartitionCheckpointer:
         self._pending.append(
             OutboxEntry.dead_letter(record.stream_id, record.offset, record.value, headers)
         )
+
+    def _send_unflushed(self) -> None:
+        """Send and flush the entries not yet acknowledged; after a failed flush, each of
+        them again (the outputs may have taken some), counted as redelivered. Entries a
+        flush acknowledged are never sent again, even while their trim waits for Redis."""
+        unflushed = self._undelivered[self._flushed :]
+        if self._resend:
+            self._count_redelivered(unflushed)
+        self._resend = True
+        for entry in unflushed:
+            self._send(entry)
+        self.delivery.flush(timeout=self.flush_seconds)
+        self._flushed, self._resend = len(self._undelivered), False
+
+    def _count_redelivered(self, entries: Sequence[OutboxEntry]) -> None:
+        commentary = sum(entry.kind is OutboxKind.COMMENTARY for entry in entries)
+        self.metrics.redelivered_commentaries.inc(commentary)
 
     def _send(self, entry: OutboxEntry) -> None:
         if entry.kind is OutboxKind.DEAD_LETTER:
