@@ -9,15 +9,15 @@ from tests.cache_probes import kept_token_ids
 from tests.models.reference import ReferenceCache
 from tests.models.tiny_models import VOCAB, tiny_configs, tiny_model
 from worker.exceptions import UnsupportedModelError
-from worker.model.positions import SCHEMES, scheme_for
+from worker.model.layer_kinds import layer_kinds
+from worker.model.positions import SCHEMES
 from worker.model.sink_cache import SinkCache
 
 ARCHITECTURES = sorted(tiny_configs())
 
 
 def _sink_cache(model: torch.nn.Module, capacity: int, sinks: int = 4) -> SinkCache:
-    scheme = scheme_for(model, capacity)
-    return SinkCache(scheme, model.config.num_hidden_layers, capacity, sinks)
+    return SinkCache(layer_kinds(model, capacity), capacity, sinks)
 
 
 def _run(model, cache, ids: torch.Tensor, chunk: int, make_room=None) -> torch.Tensor:
@@ -82,4 +82,4 @@ def test_unsupported_architecture_is_refused_by_name() -> None:
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=VOCAB))
     with pytest.raises(UnsupportedModelError, match="'gpt2'.*supported: "):
-        scheme_for(model, 16)
+        layer_kinds(model, 16)

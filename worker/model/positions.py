@@ -8,6 +8,7 @@ position order) back into what the model's attention expects.
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
@@ -29,10 +30,11 @@ class PositionScheme(ABC):
         """Keys a model produced at positions first_position.. -> keys to store."""
 
     def rotation(
-        self, positions: torch.Tensor | int, device: torch.device, dtype: torch.dtype
+        self, positions: torch.Tensor | int | slice, device: torch.device, dtype: torch.dtype
     ) -> object:
-        """What `to_attention` needs to place keys at `positions` (one per key, or n for
-        0..n-1); made once per step and shared by every layer."""
+        """What `to_attention` needs to place keys at `positions` (one per key, n for 0..n-1,
+        or a slice of consecutive positions); made once per step and shared by the layers of
+        one kind."""
         return None
 
     @abstractmethod
@@ -60,9 +62,12 @@ class RotaryScheme(PositionScheme):
 
     order_free = True
 
-    def __init__(self, rotary: nn.Module, capacity: int) -> None:
+    def __init__(self, rotary: nn.Module, capacity: int, layer_type: str | None = None) -> None:
         self._rotary = rotary
         self._capacity = capacity
+        # A model whose layer types rotate with their own bases (Gemma 3) has one rotary module
+        # that takes the layer type; others take none.
+        self._layer_type = {"layer_type": layer_type} if layer_type else {}
         self._tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, ...]] = {}
 
     def _table(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
@@ -72,7 +77,7 @@ class RotaryScheme(PositionScheme):
         if key not in self._tables:
             probe = torch.zeros(1, dtype=torch.float32, device=device)
             positions = torch.arange(self._capacity, device=device)[None]
-            cos, sin = self._rotary(probe, position_ids=positions)
+            cos, sin = self._rotary(probe, position_ids=positions, **self._layer_type)
             cos, sin = cos[0].float(), sin[0].float()
             scale = cos.square() + sin.square()
             self._tables[key] = tuple(t.to(dtype) for t in (cos, sin, cos / scale, sin / scale))
@@ -93,7 +98,7 @@ class RotaryScheme(PositionScheme):
         return stored.to(keys.dtype)
 
     def rotation(
-        self, positions: torch.Tensor | int, device: torch.device, dtype: torch.dtype
+        self, positions: torch.Tensor | int | slice, device: torch.device, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """In the model's own dtype, as its attention rotates the queries. `positions` may be
         [rows, keys]: each row of a batch rotated to its own positions."""
@@ -135,20 +140,24 @@ def _rotary_module(model: nn.Module) -> nn.Module:
     return found[0]
 
 
-def _rotary(model: nn.Module, capacity: int) -> PositionScheme:
-    return RotaryScheme(_rotary_module(model), capacity)
+def _rotary(model: nn.Module, capacity: int, layer_type: str) -> PositionScheme:
+    rotary = _rotary_module(model)
+    takes_type = "layer_type" in inspect.signature(rotary.forward).parameters
+    return RotaryScheme(rotary, capacity, layer_type if takes_type else None)
 
 
-def _alibi(model: nn.Module, capacity: int) -> PositionScheme:
+def _alibi(model: nn.Module, capacity: int, layer_type: str) -> PositionScheme:
     return AlibiScheme()
 
 
-def _falcon(model: nn.Module, capacity: int) -> PositionScheme:
+def _falcon(model: nn.Module, capacity: int, layer_type: str) -> PositionScheme:
     """Falcon is ALiBi or RoPE depending on its config."""
-    return _alibi(model, capacity) if model.config.alibi else _rotary(model, capacity)
+    rotary = not model.config.alibi
+    return (_rotary if rotary else _alibi)(model, capacity, layer_type)
 
 
-SchemeFactory = Callable[[nn.Module, int], PositionScheme]
+# (model, capacity, layer type) -> the scheme of that model's layers of that type
+SchemeFactory = Callable[[nn.Module, int, str], PositionScheme]
 
 SCHEMES: dict[str, SchemeFactory] = {
     "llama": _rotary,
@@ -157,15 +166,22 @@ SCHEMES: dict[str, SchemeFactory] = {
     "qwen3": _rotary,
     "phi3": _rotary,
     "gemma": _rotary,
+    "gemma2": _rotary,
+    "gemma3_text": _rotary,
     "gpt_neox": _rotary,
     "falcon": _falcon,
     "bloom": _alibi,
     "mpt": _alibi,
 }
 
+# Architectures refused on purpose, with the reason a user is told.
+REFUSED: dict[str, str] = {}
+
 
 def require_supported(model_type: str | None) -> SchemeFactory:
     """The scheme factory of an architecture, or a clear refusal naming it."""
+    if model_type in REFUSED:
+        raise UnsupportedModelError(f"architecture {model_type!r} is refused: {REFUSED[model_type]}")
     factory = SCHEMES.get(model_type or "")
     if factory is None:
         raise UnsupportedModelError(
@@ -173,8 +189,3 @@ def require_supported(model_type: str | None) -> SchemeFactory:
             f"{', '.join(sorted(SCHEMES))}. Use a model of one of these architectures."
         )
     return factory
-
-
-def scheme_for(model: nn.Module, capacity: int) -> PositionScheme:
-    """The position scheme of `model`."""
-    return require_supported(getattr(model.config, "model_type", None))(model, capacity)
