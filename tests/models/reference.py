@@ -27,10 +27,14 @@ def _cos_sin(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The model's own cos/sin; Gemma 3's rotary module takes the layer type (its bases)."""
     probe = torch.zeros(1, dtype=torch.float32)
-    by_type = {"layer_type": layer_type} if hasattr(rotary, "rope_type") and isinstance(
-        rotary.rope_type, dict
-    ) else {}
+    by_type = (
+        {"layer_type": layer_type}
+        if hasattr(rotary, "rope_type") and isinstance(rotary.rope_type, dict)
+        else {}
+    )
     cos, sin = rotary(probe, position_ids=torch.tensor([positions]), **by_type)
+    if rotary.__class__.__name__.startswith("GptOss"):  # one angle per pair of dims
+        cos, sin = cos.repeat(1, 1, 2), sin.repeat(1, 1, 2)
     return cos[0], sin[0]
 
 

@@ -14,6 +14,7 @@ from transformers import (
     Gemma3TextConfig,
     GemmaConfig,
     GPTNeoXConfig,
+    GptOssConfig,
     LlamaConfig,
     MistralConfig,
     MptConfig,
@@ -108,6 +109,15 @@ def tiny_configs() -> dict[str, PretrainedConfig]:
                 "partial_rotary_factor": 0.25,
             },
         ),
+        # Learned attention sinks (one logit per head, a weight: nothing of it in the cache),
+        # sliding and full layers, yarn.
+        "gpt_oss-sinks": GptOssConfig(
+            **_DECODER,
+            head_dim=8,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=6,
+        ),
         "falcon-rotary": FalconConfig(
             vocab_size=VOCAB,
             hidden_size=32,
@@ -133,8 +143,8 @@ def tiny_configs() -> dict[str, PretrainedConfig]:
 def tiny_model(name: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     config = tiny_configs()[name]
-    # Gemma 2 caps its attention logits, which only its eager attention does.
-    eager_only = name.startswith(("mpt", "falcon-alibi", "bloom", "gemma2"))
+    # Gemma 2 caps its attention logits and gpt-oss adds its sink logits, in eager attention.
+    eager_only = name.startswith(("mpt", "falcon-alibi", "bloom", "gemma2", "gpt_oss"))
     config._attn_implementation = "eager" if eager_only else "sdpa"
     return AutoModelForCausalLM.from_config(config).eval()
 

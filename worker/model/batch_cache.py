@@ -4,8 +4,9 @@ Each layer writes every row's new key (stored position-free, see positions.py) a
 that row's own SinkCache, then gives attention every row's keys in slot order, rotated to each
 slot's position, and the values as they lie, gathered into one batch [rows, heads, capacity,
 dims]. The BatchPlan's mask hides the slots a row has not filled; where layers slide, the
-model gets one mask per layer type, and its sliding layers' also hide what they cannot see. Each cache plans, commits and
-is marked damaged on a failed forward through its own `step()`, exactly as when it runs alone.
+model gets one mask per layer type, and its sliding layers' also hides what they cannot see.
+Each cache plans, commits and is marked damaged on a failed forward through its own `step()`,
+exactly as when it runs alone.
 
 The rows are gathered (copied) into the batch on every step; caches that share one buffer
 per layer, a row each, would let attention read them in place.
@@ -84,8 +85,9 @@ class BatchCache(Cache):
         """The mask the model takes: one tensor, or one per layer type where layers slide."""
         if not any(kind.window for kind in self.kinds):
             return self.plan.attention_mask
+        plan = self.plan
         return {
-            kind.name: self.plan.window_masks[kind.window] if kind.window else self.plan.attention_mask
+            kind.name: plan.window_masks[kind.window] if kind.window else plan.attention_mask
             for kind in self.kinds
         }
 

@@ -16,6 +16,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from worker.exceptions import ModelLoadError
+from worker.model.gguf_conversion import convert_gguf, converted_dir_for
+from worker.model.layer_kinds import position_limit, require_placeable
 from worker.model.packaged_models import (
     DEFAULT_MODEL,
     PACKAGED,
@@ -23,8 +25,6 @@ from worker.model.packaged_models import (
     fetch_packaged,
     model_cache_dir,
 )
-from worker.model.gguf_conversion import convert_gguf, converted_dir_for
-from worker.model.layer_kinds import position_limit, require_placeable
 from worker.model.positions import require_supported
 
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "dtype", "torch_dtype"}

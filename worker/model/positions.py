@@ -78,7 +78,7 @@ class RotaryScheme(PositionScheme):
             probe = torch.zeros(1, dtype=torch.float32, device=device)
             positions = torch.arange(self._capacity, device=device)[None]
             cos, sin = self._rotary(probe, position_ids=positions, **self._layer_type)
-            cos, sin = cos[0].float(), sin[0].float()
+            cos, sin = _duplicated(cos[0].float()), _duplicated(sin[0].float())
             scale = cos.square() + sin.square()
             self._tables[key] = tuple(t.to(dtype) for t in (cos, sin, cos / scale, sin / scale))
         return self._tables[key]
@@ -110,6 +110,17 @@ class RotaryScheme(PositionScheme):
         self, stored: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor]
     ) -> torch.Tensor:
         return _rotate(stored, *rotation)
+
+
+def _duplicated(table: torch.Tensor) -> torch.Tensor:
+    """The rotate-half layout's table, whose two halves repeat one angle per pair of dims.
+
+    Most rotary modules return it so; gpt-oss returns one column per pair (its halves
+    differ), which is widened here, so a partial rotation is never mistaken for it."""
+    half = table.shape[-1] // 2
+    if torch.equal(table[..., :half], table[..., half:]):
+        return table
+    return torch.cat((table, table), dim=-1)
 
 
 def _rows(table: torch.Tensor, index: slice | torch.Tensor) -> torch.Tensor:
@@ -169,19 +180,15 @@ SCHEMES: dict[str, SchemeFactory] = {
     "gemma2": _rotary,
     "gemma3_text": _rotary,
     "gpt_neox": _rotary,
+    "gpt_oss": _rotary,
     "falcon": _falcon,
     "bloom": _alibi,
     "mpt": _alibi,
 }
 
-# Architectures refused on purpose, with the reason a user is told.
-REFUSED: dict[str, str] = {}
-
 
 def require_supported(model_type: str | None) -> SchemeFactory:
     """The scheme factory of an architecture, or a clear refusal naming it."""
-    if model_type in REFUSED:
-        raise UnsupportedModelError(f"architecture {model_type!r} is refused: {REFUSED[model_type]}")
     factory = SCHEMES.get(model_type or "")
     if factory is None:
         raise UnsupportedModelError(
