@@ -22,7 +22,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from worker.model.batch_step import BatchPlan, plan_batch
 from worker.model.compat import cache_argument
-from worker.model.layer_kinds import LayerKind
+from worker.model.layer_kinds import LayerKind, is_hybrid
 from worker.model.sink_cache import SinkCache
 
 
@@ -83,7 +83,7 @@ class BatchCache(Cache):
 
     def attention_mask(self) -> torch.Tensor | dict[str, torch.Tensor]:
         """The mask the model takes: one tensor, or one per layer type where layers slide."""
-        if not any(kind.window for kind in self.kinds):
+        if not is_hybrid(self.kinds):
             return self.plan.attention_mask
         plan = self.plan
         return {
