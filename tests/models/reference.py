@@ -3,7 +3,10 @@
 It keeps every token's position-free key and value in Python lists, forever. Before each
 forward it picks the kept tokens by plain list slicing (the sinks, then the most recent ones so
 that the new tokens fit), and rotates the kept keys freshly to positions 0..n-1 with cos/sin it
-asks the model's own rotary module for. No ring buffer, no cached tables, no slot arithmetic.
+asks the model's own rotary module for (with each layer's own type, where the bases differ).
+No ring buffer, no cached tables, no slot arithmetic, and no masks of its own: every layer
+returns every kept key, so the model's own masks (sliding ones for its sliding layers) apply
+exactly as when it runs over the kept tokens at positions 0..n-1.
 """
 
 from __future__ import annotations
@@ -21,9 +24,19 @@ def rotary_module(model: torch.nn.Module) -> torch.nn.Module | None:
     return next(m for name, m in model.named_modules() if name.endswith("rotary_emb"))
 
 
-def _cos_sin(rotary: torch.nn.Module, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def _cos_sin(
+    rotary: torch.nn.Module, positions: list[int], layer_type: str | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's own cos/sin; Gemma 3's rotary module takes the layer type (its bases)."""
     probe = torch.zeros(1, dtype=torch.float32)
-    cos, sin = rotary(probe, position_ids=torch.tensor([positions]))
+    by_type = (
+        {"layer_type": layer_type}
+        if hasattr(rotary, "rope_type") and isinstance(rotary.rope_type, dict)
+        else {}
+    )
+    cos, sin = rotary(probe, position_ids=torch.tensor([positions]), **by_type)
+    if rotary.__class__.__name__.startswith("GptOss"):  # one angle per pair of dims
+        cos, sin = cos.repeat(1, 1, 2), sin.repeat(1, 1, 2)
     return cos[0], sin[0]
 
 
@@ -41,9 +54,13 @@ def _unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
 
 
 class _ReferenceLayer(LayerAcrossReleases, CacheLayerMixin):
-    def __init__(self, owner: ReferenceCache) -> None:
+    """Every layer, sliding or not, returns all kept keys: the model's own masks (a sliding
+    window mask for its sliding layers) decide what each query sees."""
+
+    def __init__(self, owner: ReferenceCache, layer_type: str | None) -> None:
         super().__init__()
         self.owner = owner
+        self.layer_type = layer_type
         self.all_keys: list[torch.Tensor] = []  # one [B, H, D] position-free key per token
         self.all_values: list[torch.Tensor] = []
         self.kept: list[int] = []
@@ -56,7 +73,7 @@ class _ReferenceLayer(LayerAcrossReleases, CacheLayerMixin):
         for i in range(key_states.shape[-2]):
             key = key_states[:, :, i]
             if self.owner.rotary is not None:
-                cos, sin = _cos_sin(self.owner.rotary, [first + i])
+                cos, sin = _cos_sin(self.owner.rotary, [first + i], self.layer_type)
                 key = _unrotate(key, cos, sin)
             self.all_keys.append(key)
             self.all_values.append(value_states[:, :, i])
@@ -66,7 +83,7 @@ class _ReferenceLayer(LayerAcrossReleases, CacheLayerMixin):
         keys = torch.stack([self.all_keys[t] for t in self.kept], dim=2)
         values = torch.stack([self.all_values[t] for t in self.kept], dim=2)
         if self.owner.rotary is not None:
-            cos, sin = _cos_sin(self.owner.rotary, list(range(len(self.kept))))
+            cos, sin = _cos_sin(self.owner.rotary, list(range(len(self.kept))), self.layer_type)
             keys = _rotate(keys, cos[None, None], sin[None, None])
         return keys, values
 
@@ -86,7 +103,8 @@ class ReferenceCache(Cache):
     def __init__(self, model: torch.nn.Module, num_layers: int, capacity: int, sinks: int) -> None:
         self.rotary = rotary_module(model)
         self.capacity, self.sinks = capacity, sinks
-        super().__init__(layers=[_ReferenceLayer(self) for _ in range(num_layers)])
+        types = getattr(model.config, "layer_types", None) or [None] * num_layers
+        super().__init__(layers=[_ReferenceLayer(self, t) for t in types])
 
     def make_room(self, new_tokens: int) -> None:
         for layer in self.layers:

@@ -12,7 +12,6 @@ from worker.model.batch_cache import batch_forward, can_batch
 from worker.model.cache_settings import CacheSettings
 from worker.model.compat import cache_argument
 from worker.model.decoder import Decoder, GenerationRequest, forward_step
-from worker.model.positions import scheme_for
 from worker.model.sampling import Sampler
 from worker.model.sink_cache import SinkCache
 
@@ -28,8 +27,7 @@ def _ids(count: int, seed: int) -> torch.Tensor:
 
 
 def _cache(model: torch.nn.Module) -> SinkCache:
-    scheme = scheme_for(model, CAPACITY)
-    return SinkCache(scheme, model.config.num_hidden_layers, CAPACITY, SINKS)
+    return SinkCache.for_model(model, CAPACITY, SINKS)
 
 
 def _reference_step(model: torch.nn.Module, cache: ReferenceCache, ids: torch.Tensor):
@@ -38,7 +36,7 @@ def _reference_step(model: torch.nn.Module, cache: ReferenceCache, ids: torch.Te
 
 
 def _batchable() -> list[str]:
-    return [name for name in ARCHITECTURES if scheme_for(tiny_model(name), CAPACITY).order_free]
+    return [name for name in ARCHITECTURES if _cache(tiny_model(name)).order_free]
 
 
 @pytest.mark.parametrize("name", _batchable())

@@ -8,17 +8,17 @@ import torch
 from tests.cache_probes import kept_token_ids
 from tests.models.reference import ReferenceCache
 from tests.models.tiny_models import VOCAB, tiny_configs, tiny_model
-from worker.exceptions import UnsupportedModelError
+from worker.exceptions import CacheCapacityError, UnsupportedModelError
 from worker.model.compat import cache_argument
-from worker.model.positions import SCHEMES, scheme_for
+from worker.model.layer_kinds import layer_kinds
+from worker.model.positions import SCHEMES
 from worker.model.sink_cache import SinkCache
 
 ARCHITECTURES = sorted(tiny_configs())
 
 
 def _sink_cache(model: torch.nn.Module, capacity: int, sinks: int = 4) -> SinkCache:
-    scheme = scheme_for(model, capacity)
-    return SinkCache(scheme, model.config.num_hidden_layers, capacity, sinks)
+    return SinkCache(layer_kinds(model, capacity), capacity, sinks)
 
 
 def _run(model, cache, ids: torch.Tensor, chunk: int, make_room=None) -> torch.Tensor:
@@ -84,4 +84,30 @@ def test_unsupported_architecture_is_refused_by_name() -> None:
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=VOCAB))
     with pytest.raises(UnsupportedModelError, match="'gpt2'.*supported: "):
-        scheme_for(model, 16)
+        layer_kinds(model, 16)
+
+
+def test_a_cache_past_where_longrope_tables_switch_is_refused() -> None:
+    from transformers import AutoModelForCausalLM, Phi3Config
+
+    factors = [1.0] * 4
+    config = Phi3Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+        rope_parameters={
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "short_factor": factors,
+            "long_factor": factors,
+        },
+        original_max_position_embeddings=32,  # Phi-3 reads it here
+        pad_token_id=0,
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    assert len(layer_kinds(model, 32)) == 1
+    with pytest.raises(CacheCapacityError, match="longrope"):
+        layer_kinds(model, 33)

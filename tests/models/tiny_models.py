@@ -10,8 +10,11 @@ from transformers import (
     AutoModelForCausalLM,
     BloomConfig,
     FalconConfig,
+    Gemma2Config,
+    Gemma3TextConfig,
     GemmaConfig,
     GPTNeoXConfig,
+    GptOssConfig,
     LlamaConfig,
     MistralConfig,
     MptConfig,
@@ -49,6 +52,17 @@ def tiny_configs() -> dict[str, PretrainedConfig]:
                 "original_max_position_embeddings": 128,
             },
         ),
+        "llama3-scaled": LlamaConfig(
+            **_DECODER,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        ),
         "mistral": MistralConfig(**_DECODER, sliding_window=None),
         "qwen2": Qwen2Config(**_DECODER),
         "qwen3": Qwen3Config(**_DECODER, head_dim=8),
@@ -62,6 +76,26 @@ def tiny_configs() -> dict[str, PretrainedConfig]:
             pad_token_id=0,
         ),
         "gemma": GemmaConfig(**_DECODER, head_dim=8),
+        # Sliding windows far shorter than the test caches, so that they mask.
+        "gemma2-hybrid": Gemma2Config(
+            **_DECODER,
+            head_dim=8,
+            query_pre_attn_scalar=16,
+            sliding_window=6,
+            attn_logit_softcapping=50.0,
+            final_logit_softcapping=30.0,
+        ),
+        "gemma3-hybrid": Gemma3TextConfig(
+            **{**_DECODER, "num_hidden_layers": 3},
+            head_dim=8,
+            query_pre_attn_scalar=16,
+            sliding_window=6,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 8.0},
+            },
+        ),
         "gpt_neox-partial": GPTNeoXConfig(
             vocab_size=VOCAB,
             hidden_size=32,
@@ -74,6 +108,15 @@ def tiny_configs() -> dict[str, PretrainedConfig]:
                 "rope_theta": 10000.0,
                 "partial_rotary_factor": 0.25,
             },
+        ),
+        # Learned attention sinks (one logit per head, a weight: nothing of it in the cache),
+        # sliding and full layers, yarn.
+        "gpt_oss-sinks": GptOssConfig(
+            **_DECODER,
+            head_dim=8,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=6,
         ),
         "falcon-rotary": FalconConfig(
             vocab_size=VOCAB,
@@ -103,7 +146,8 @@ def tiny_model(name: str, seed: int = 0, **changes: object) -> torch.nn.Module:
     config = tiny_configs()[name]
     if changes:
         config = type(config)(**{**config.to_dict(), **changes})
-    eager_only = name.startswith(("mpt", "falcon-alibi", "bloom"))
+    # Gemma 2 caps its attention logits and gpt-oss adds its sink logits, in eager attention.
+    eager_only = name.startswith(("mpt", "falcon-alibi", "bloom", "gemma2", "gpt_oss"))
     config._attn_implementation = "eager" if eager_only else "sdpa"
     return AutoModelForCausalLM.from_config(config).eval()
 

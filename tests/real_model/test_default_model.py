@@ -11,7 +11,6 @@ from cache_store.local import LocalDirStore
 from worker.model.cache_settings import CacheSettings
 from worker.model.decoder import forward_step
 from worker.model.loading import LoadedModel, load_model
-from worker.model.positions import scheme_for
 from worker.model.sink_cache import SinkCache
 from worker.stream.chat_format import ChatFormat
 from worker.stream.commentator import Commentator, StreamInput
@@ -39,7 +38,7 @@ def test_default_model_is_the_instruct_llama_with_its_chat_template(loaded: Load
 def test_logits_equal_a_plain_forward_before_the_first_eviction(loaded: LoadedModel) -> None:
     model = loaded.model
     ids = torch.tensor(loaded.tokenizer(SAMPLE.read_text()[:1500])["input_ids"][:200])
-    cache = SinkCache(scheme_for(model, 256), model.config.num_hidden_layers, 256, 4)
+    cache = SinkCache.for_model(model, 256, 4)
     with torch.inference_mode():
         chunked = torch.cat([forward_step(model, cache, piece) for piece in ids.split(37)])
         plain = model(input_ids=ids[None]).logits[0]

@@ -45,3 +45,14 @@ def test_only_one_token_per_row_is_batched() -> None:
         plan_batch([_layout_after(1).plan(2)], 8, torch.float32, "cpu")
     with pytest.raises(ValueError, match="one new token per row"):
         plan_batch([], 8, torch.float32, "cpu")
+
+
+def test_a_sliding_window_mask_also_hides_the_slots_too_far_behind_each_query() -> None:
+    layouts = [_layout_after(3), _layout_after(11)]  # short; turned (query at position 7)
+    plans = [layout.plan(1) for layout in layouts]
+    batch = plan_batch(plans, 8, torch.float32, "cpu", windows=[3])
+    seen = batch.window_masks[3][:, 0, 0] == 0
+    assert seen[0].tolist() == [False, True, True, True] + [False] * 4  # positions 1..3
+    positions = batch.slot_positions[1][seen[1]]
+    assert sorted(positions.tolist()) == [5, 6, 7]  # sinks included: they are too far too
+    assert (batch.attention_mask[:, 0, 0] == 0).sum(-1).tolist() == [4, 8]

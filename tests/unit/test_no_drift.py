@@ -7,6 +7,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from tests.cache_probes import kept_stored_keys, kept_token_ids, slot_order
+from worker.model.layer_kinds import uniform
 from worker.model.positions import RotaryScheme
 from worker.model.sink_cache import SinkCache
 
@@ -20,7 +21,7 @@ def _rotary() -> LlamaRotaryEmbedding:
 
 def test_kept_keys_after_100k_shifts_equal_fresh_rotation() -> None:
     rotary = _rotary()
-    cache = SinkCache(RotaryScheme(rotary, CAPACITY), num_layers=1, capacity=CAPACITY, sinks=SINKS)
+    cache = SinkCache(uniform(RotaryScheme(rotary, CAPACITY), 1), capacity=CAPACITY, sinks=SINKS)
     generator = torch.Generator().manual_seed(0)
     steps = 100_050
     pre_rope = torch.randn(steps, HEADS, DIM, generator=generator)

@@ -7,6 +7,7 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+from worker.model.layer_kinds import uniform
 from worker.model.positions import RotaryScheme
 from worker.model.sink_cache import BLOCK_SLOTS, SinkCache
 
@@ -17,7 +18,7 @@ CAPACITY = 2 * BLOCK_SLOTS + 12  # a last block shorter than the others
 def _cache(capacity: int = CAPACITY) -> SinkCache:
     config = LlamaConfig(hidden_size=HEADS * DIM, num_attention_heads=HEADS)
     scheme = RotaryScheme(LlamaRotaryEmbedding(config), capacity)
-    return SinkCache(scheme, num_layers=LAYERS, capacity=capacity, sinks=SINKS)
+    return SinkCache(uniform(scheme, LAYERS), capacity=capacity, sinks=SINKS)
 
 
 def _run(cache: SinkCache, first: int, count: int, chunk: int = 7) -> list[torch.Tensor]:

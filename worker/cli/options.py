@@ -24,8 +24,8 @@ from worker.io.topics import (
     TopicNames,
 )
 from worker.model.cache_settings import CacheSettings
-from worker.model.default_model import DEFAULT_MODEL
 from worker.model.loading import LoadedModel, load_model
+from worker.model.packaged_models import DEFAULT_MODEL
 from worker.ops.cpu_threads import apply_threads, available_cpus
 from worker.runtime.checkpoint_schedule import CheckpointSchedule
 from worker.runtime.kafka_settings import GroupSettings
@@ -187,7 +187,7 @@ def model_options(
         str,
         typer.Option(
             envvar="STREAMSINK_MODEL",
-            help="'smollm2' (the embedded default), a model dir or a .gguf",
+            help="'smollm2' (the embedded default), 'gemma3-270m', a model dir or a .gguf",
         ),
     ] = DEFAULT_MODEL,
     device: Annotated[

@@ -3,8 +3,10 @@
 Each layer writes every row's new key (stored position-free, see positions.py) and value into
 that row's own SinkCache, then gives attention every row's keys in slot order, rotated to each
 slot's position, and the values as they lie, gathered into one batch [rows, heads, capacity,
-dims]. The BatchPlan's mask hides the slots a row has not filled. Each cache plans, commits and
-is marked damaged on a failed forward through its own `step()`, exactly as when it runs alone.
+dims]. The BatchPlan's mask hides the slots a row has not filled; where layers slide, the
+model gets one mask per layer type, and its sliding layers' also hides what they cannot see.
+Each cache plans, commits and is marked damaged on a failed forward through its own `step()`,
+exactly as when it runs alone.
 
 The rows are gathered (copied) into the batch on every step; caches that share one buffer
 per layer, a row each, would let attention read them in place.
@@ -20,18 +22,19 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from worker.model.batch_step import BatchPlan, plan_batch
 from worker.model.compat import LayerAcrossReleases, cache_argument
+from worker.model.layer_kinds import LayerKind, is_hybrid
 from worker.model.sink_cache import SinkCache
 
 
 class BatchCacheLayer(LayerAcrossReleases, CacheLayerMixin):
     """One model layer over the same layer of every row's cache."""
 
-    is_sliding = False
-
     def __init__(self, owner: BatchCache, index: int) -> None:
         super().__init__()
         self._owner = owner
         self._index = index
+        self.kind = owner.kinds[index]
+        self.is_sliding = self.kind.window is not None
         self.is_initialized = True  # the rows hold the tensors
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -40,14 +43,14 @@ class BatchCacheLayer(LayerAcrossReleases, CacheLayerMixin):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        owner = self._owner
+        owner, kind = self._owner, self.kind
         rows = [cache.layers[self._index] for cache in owner.caches]
-        stored = owner.scheme.to_stored(key_states, owner.plan.first_positions)
+        stored = kind.scheme.to_stored(key_states, owner.plan.first_positions)
         for row, layer in enumerate(rows):
             layer.write(stored[row : row + 1], value_states[row : row + 1])
         keys = torch.cat([layer.keys for layer in rows])
         values = torch.cat([layer.values for layer in rows])
-        return owner.scheme.to_attention(keys, owner.rotation(keys.dtype)), values
+        return kind.scheme.to_attention(keys, owner.rotation(kind, keys.dtype)), values
 
     def mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self._owner.capacity, 0
@@ -67,21 +70,31 @@ class BatchCache(Cache):
     def __init__(self, caches: Sequence[SinkCache], plan: BatchPlan) -> None:
         self.caches = list(caches)
         self.plan = plan
-        self.scheme = caches[0].scheme
+        self.kinds = caches[0].kinds
         self.capacity = caches[0].layout.capacity
-        self._rotation: object = None  # every row's key rotation, shared by every layer
-        super().__init__(layers=[BatchCacheLayer(self, i) for i in range(len(caches[0].layers))])
+        self._rotations: dict[LayerKind, object] = {}  # every row's, one per layer kind
+        super().__init__(layers=[BatchCacheLayer(self, i) for i in range(len(self.kinds))])
 
-    def rotation(self, dtype: torch.dtype) -> object:
-        if self._rotation is None:
+    def rotation(self, kind: LayerKind, dtype: torch.dtype) -> object:
+        if kind not in self._rotations:
             positions = self.plan.slot_positions
-            self._rotation = self.scheme.rotation(positions, positions.device, dtype)
-        return self._rotation
+            self._rotations[kind] = kind.scheme.rotation(positions, positions.device, dtype)
+        return self._rotations[kind]
+
+    def attention_mask(self) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The mask the model takes: one tensor, or one per layer type where layers slide."""
+        if not is_hybrid(self.kinds):
+            return self.plan.attention_mask
+        plan = self.plan
+        return {
+            kind.name: plan.window_masks[kind.window] if kind.window else plan.attention_mask
+            for kind in self.kinds
+        }
 
 
 def can_batch(cache: SinkCache, tokens: torch.Tensor) -> bool:
     """Whether this item may be a row of a batched decode step: one token, rotary keys."""
-    return len(tokens) == 1 and cache.scheme.order_free
+    return len(tokens) == 1 and cache.order_free
 
 
 def batch_forward(
@@ -95,12 +108,15 @@ def batch_forward(
         cache.require_intact()  # before any cache plans: a refusal must damage none
     with ExitStack() as steps:
         plans = [steps.enter_context(c.step(t[None])) for c, t in zip(caches, tokens, strict=True)]
-        plan = plan_batch(plans, caches[0].layout.capacity, model.dtype, model.device)
+        windows = {kind.window for kind in caches[0].kinds if kind.window}
+        capacity = caches[0].layout.capacity
+        plan = plan_batch(plans, capacity, model.dtype, model.device, windows)
+        batch = BatchCache(caches, plan)
         out = model(
             input_ids=tokens[:, None].to(model.device),
             position_ids=plan.query_positions,
-            attention_mask=plan.attention_mask,
-            **cache_argument(model, BatchCache(caches, plan)),
+            attention_mask=batch.attention_mask(),
+            **cache_argument(model, batch),
             use_cache=True,
         )
     return out.logits[:, -1]

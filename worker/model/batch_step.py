@@ -5,15 +5,17 @@ Each row is one stream's cache taking one token, with its own layout, positions 
 row whose ring has turned holds a position in every slot (its plan's `slot_positions`); a row
 whose ring has not turned holds position i in slot i, and the mask hides its slots beyond its
 length. Rotary keys carry their positions, so for one query the order of the slots changes
-nothing. ALiBi's bias follows a key's index instead, so ALiBi caches are never batched.
+nothing. ALiBi's bias follows a key's index instead, so ALiBi caches are never batched. Sliding
+layers get a mask of their own per window, which also hides every slot too far behind the
+row's query.
 
 This module is pure bookkeeping (no model), so it is tested on its own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,6 +30,9 @@ class BatchPlan:
     query_positions: torch.Tensor  # [rows, 1]: each new token's in-cache position
     slot_positions: torch.Tensor  # [rows, capacity]: the position each key is rotated to
     attention_mask: torch.Tensor  # [rows, 1, 1, capacity]: 0 where a slot is live, else -inf-ish
+    # window -> the mask of sliding layers with that window: also hides every slot whose
+    # position is window or more behind the row's query
+    window_masks: Mapping[int, torch.Tensor] = field(default_factory=dict)
 
     @property
     def first_positions(self) -> torch.Tensor:
@@ -36,10 +41,14 @@ class BatchPlan:
 
 
 def plan_batch(
-    plans: Sequence[StepPlan], capacity: int, dtype: torch.dtype, device: torch.device | str
+    plans: Sequence[StepPlan],
+    capacity: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    windows: Collection[int] = (),
 ) -> BatchPlan:
-    """The batch of these one-token steps over caches of `capacity` slots; the mask in the
-    model's `dtype`, as its attention adds it to the scores."""
+    """The batch of these one-token steps over caches of `capacity` slots; the masks in the
+    model's `dtype`, as its attention adds them to the scores, one more per sliding window."""
     if not plans or any(len(plan.new_slots) != 1 for plan in plans):
         raise ValueError("a batched decode step takes exactly one new token per row")
     every_slot = torch.arange(capacity, device=device)
@@ -48,7 +57,16 @@ def plan_batch(
     )
     lengths = torch.tensor([plan.length_after for plan in plans], device=device)
     hidden = every_slot[None] >= lengths[:, None]
-    mask = torch.zeros(hidden.shape, dtype=dtype, device=device)
-    mask.masked_fill_(hidden, torch.finfo(dtype).min)
     positions = torch.tensor([[plan.length_before] for plan in plans], device=device)
-    return BatchPlan(tuple(plans), positions, slot_positions, mask[:, None, None])
+    window_masks = {
+        window: _mask(hidden | (positions - slot_positions >= window), dtype)
+        for window in sorted(set(windows))
+    }
+    return BatchPlan(tuple(plans), positions, slot_positions, _mask(hidden, dtype), window_masks)
+
+
+def _mask(hidden: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[rows, 1, 1, capacity]: 0 where a key is seen, the dtype's lowest value where not."""
+    mask = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device)
+    mask.masked_fill_(hidden, torch.finfo(dtype).min)
+    return mask[:, None, None]

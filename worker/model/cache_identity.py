@@ -15,6 +15,7 @@ from typing import Any
 from transformers import PretrainedConfig, PreTrainedModel
 
 from worker.model.cache_settings import CacheSettings
+from worker.model.layer_kinds import layer_types
 
 
 def cache_identity(model: PreTrainedModel, settings: CacheSettings) -> dict[str, Any]:
@@ -29,15 +30,6 @@ def cache_identity(model: PreTrainedModel, settings: CacheSettings) -> dict[str,
         "cache_capacity": settings.capacity,
         "cache_sinks": settings.sinks,
     }
-
-
-def layer_types(config: PretrainedConfig) -> list[str]:
-    """Each layer's attention as the config names it ('full_attention', 'sliding_attention'
-    in hybrid models such as Gemma 3); every layer full attention where it names none."""
-    declared = getattr(config, "layer_types", None)
-    if declared:
-        return [str(kind) for kind in declared]
-    return ["full_attention"] * config.num_hidden_layers
 
 
 def _partial_rotary_factor(config: PretrainedConfig, rope: Any) -> float | None:

