@@ -3,18 +3,38 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 
+@dataclass(frozen=True)
+class BlockRef:
+    """A tensor by the content-addressed block that holds its bytes in a store.
+
+    A checkpoint names the tensors that did not change since the stream's last committed state
+    this way, so they are neither copied nor hashed again.
+    """
+
+    dtype: str  # a name of codec.DTYPES
+    shape: tuple[int, ...]
+    block: str
+    nbytes: int
+
+
 # eq=False: field-wise == would compare tensors element-wise and fail; compare what you need.
 @dataclass(frozen=True, eq=False)
 class StreamState:
-    """Everything needed to resume one stream exactly."""
+    """Everything needed to resume one stream exactly.
+
+    `stored` names tensors by the blocks that hold them: to save, the tensors not carried in
+    `tensors`, whose blocks the store already holds for this stream; read back, the block of
+    every tensor, so that the next save of the stream can name the unchanged ones.
+    """
 
     stream_id: str
     fingerprint: str  # model fingerprint (opaque hex string)
     tensors: Mapping[str, torch.Tensor]  # named CPU tensors, any shape and supported dtype
     meta: Mapping[str, Any]  # plain data: None, bool, int, float, str, bytes, list, str-keyed dict
+    stored: Mapping[str, BlockRef] = field(default_factory=dict)

@@ -3,6 +3,8 @@
 Blocks are written before the commit with a short TTL, so the blocks of a commit that never
 happens (a crash, a fenced zombie) expire by themselves; the commit makes the blocks it names
 permanent (or gives them the stream's idle TTL) and deletes the ones the new manifest dropped.
+A state that names blocks without carrying them (`StreamState.stored`) has them checked by the
+commit like the others. A load fetches the blocks in pipelined MGETs of about MGET_BYTES.
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ import redis
 
 from cache_store.codec import (
     EncodedState,
+    Manifest,
     check_fingerprint,
     decode_state,
     encode_state,
     read_manifest,
 )
-from cache_store.exceptions import StateCorruptError
+from cache_store.exceptions import MissingBlocksError, StateCorruptError
 from cache_store.partition import FencedError, OutboxEntry
 from cache_store.redis import scripts
 from cache_store.redis.client import redis_errors
@@ -28,6 +31,7 @@ from cache_store.state import StreamState
 from cache_store.store import SaveReport
 
 ORPHAN_BLOCK_SECONDS = 3600  # life of a block no commit has named yet
+MGET_BYTES = 8 * 2**20  # block bytes asked for in one MGET of a load
 
 
 class ScopedStates:
@@ -53,10 +57,24 @@ class ScopedStates:
             manifest = read_manifest(raw, stream_id)
             check_fingerprint(manifest, expected_fingerprint)
             ids = sorted(manifest.block_ids)
-            prefix = keys.block_prefix(stream_id)
-            data = self.client.mget([prefix + bid for bid in ids]) if ids else []
+            data = self._fetch(keys.block_prefix(stream_id), ids, _sizes(manifest))
         blocks = {bid: raw for bid, raw in zip(ids, data, strict=True) if raw is not None}
-        return decode_state(manifest, blocks, expected_fingerprint)
+        return decode_state(manifest, blocks, expected_fingerprint, borrow=True)
+
+    def _fetch(self, prefix: str, ids: list[str], sizes: dict[str, int]) -> list[bytes | None]:
+        """The blocks' bytes (None where missing), in MGETs of about MGET_BYTES, pipelined."""
+        pipe = self.client.pipeline(transaction=False)
+        batch: list[str] = []
+        batch_bytes = 0
+        for bid in ids:
+            batch.append(prefix + bid)
+            batch_bytes += sizes[bid]
+            if batch_bytes >= MGET_BYTES:
+                pipe.mget(batch)
+                batch, batch_bytes = [], 0
+        if batch:
+            pipe.mget(batch)
+        return [raw for reply in pipe.execute() for raw in reply]
 
     def commit(
         self,
@@ -80,13 +98,18 @@ class ScopedStates:
             if reply[0] == b"missing":  # an unnamed block expired between check and commit
                 written += self._write_missing_blocks(keys, states, encoded, force=True)
                 reply = self._run_commit(epoch, keys, states, encoded, next_offset, outbox)
+            if reply[0] == b"missing":  # a block named without its bytes is gone
+                raise MissingBlocksError(
+                    f"a commit to {scope!r} names blocks Redis no longer holds "
+                    f"({', '.join(key.decode() for key in reply[1:4])}); save the streams whole"
+                )
             _check_reply(reply, scope, epoch)
             if states:
                 self.client.hset(
                     index_key(self.prefix), mapping={s.stream_id: scope for s in states}
                 )
         manifest_bytes = sum(len(e.manifest) for e in encoded)
-        total_blocks = sum(len(e.blocks) for e in encoded)
+        total_blocks = sum(len(e.block_ids) for e in encoded)
         return SaveReport(
             bytes_written=written[0] + manifest_bytes,
             blocks_written=written[1],
@@ -142,13 +165,17 @@ class ScopedStates:
             len(states),
         ]
         for state, enc in zip(states, encoded, strict=True):
-            ids = sorted(enc.blocks)
+            ids = sorted(enc.block_ids)
             prefix = keys.block_prefix(state.stream_id)
             script_keys += [keys.manifest(state.stream_id), keys.block_set(state.stream_id)]
             script_keys += [prefix + bid for bid in ids]
             args += [state.stream_id, prefix, enc.manifest, len(ids), *ids]
         args += [entry.pack() for entry in outbox]
         return self._commit_script(keys=script_keys, args=args)
+
+
+def _sizes(manifest: Manifest) -> dict[str, int]:
+    return {entry.block: entry.nbytes for entry in manifest.tensors}
 
 
 def _check_reply(reply: list, scope: str, epoch: int | None) -> None:

@@ -1,11 +1,15 @@
 """A session to and from its saved state, exactly.
 
-The cache exports and loads its own tensors (see SinkCache.export); a state adds the session's
-counters, its kind, and the prompt the stream was started with, which a restore must match.
+The cache snapshots and loads its own tensors (see SinkCache.snapshot); a state adds the
+session's counters, its kind, and the prompt the stream was started with, which a restore must
+match. A snapshot carries only the cache pieces changed since the last committed one and names
+the others by their blocks; `mark_saved` once its commit succeeded, `forget_stored` if the
+store lost those blocks.
 """
 
 from __future__ import annotations
 
+from cache_store.codec import tensor_ref
 from cache_store.exceptions import StateForeignError
 from cache_store.state import StreamState
 from worker.stream.commentator import Commentator
@@ -15,7 +19,8 @@ STATE_KIND = "streamsink.session/1"
 
 
 def snapshot(session: StreamSession, commentator: Commentator) -> StreamState:
-    tensors, cache_meta = session.cache.export()
+    cache = session.unsaved = session.cache.snapshot()
+    tensors, cache_meta = cache.tensors, cache.meta
     meta = {
         "kind": STATE_KIND,
         "layout": cache_meta["layout"],
@@ -24,7 +29,25 @@ def snapshot(session: StreamSession, commentator: Commentator) -> StreamState:
         "request": commentator.prompt.request,
         "layers": cache_meta["layers"],
     }
-    return StreamState(session.stream_id, commentator.loaded.fingerprint, tensors, meta)
+    stored = {name: session.stored[name] for name in cache.kept}
+    return StreamState(session.stream_id, commentator.loaded.fingerprint, tensors, meta, stored)
+
+
+def mark_saved(session: StreamSession) -> None:
+    """The last snapshot was committed: the next one names its pieces by their blocks."""
+    cache, session.unsaved = session.unsaved, None
+    if cache is None:
+        return
+    session.cache.saved(cache)
+    kept = {name: session.stored[name] for name in cache.kept}
+    new = cache.plan.new if cache.plan is not None else ()
+    session.stored = kept | {piece.name: tensor_ref(cache.tensors[piece.name]) for piece in new}
+
+
+def forget_stored(session: StreamSession) -> None:
+    """The store may have lost the saved pieces: the next snapshot carries every slot."""
+    session.cache.pieces.forget()
+    session.stored, session.unsaved = {}, None
 
 
 def restore(state: StreamState, commentator: Commentator) -> StreamSession:
@@ -32,6 +55,7 @@ def restore(state: StreamState, commentator: Commentator) -> StreamSession:
     _check_compatible(state, commentator)
     session = commentator.new_empty_session(state.stream_id)
     session.cache.load(state.tensors, state.meta)
+    session.stored = dict(state.stored)
     session.counters = SessionCounters.from_meta(dict(state.meta["counters"]))
     return session
 
