@@ -2,10 +2,11 @@
 
 A piece is one tensor [layers, 2 (keys, values), batch, heads, slots, head_dim] of the slots
 it holds, copied once from every layer into host memory (pinned on a GPU, one wait for all the
-copies). A load allocates each layer's buffers once and copies each piece into its slots, in
-lay-down order: no concatenation, and the saved tensors may be read-only views of the bytes a
-store read. States of the format before pieces (64-slot blocks per layer and kind,
-'layer{i}.keys.{block}') load too; the next snapshot of such a cache carries every slot.
+copies). A load allocates one buffer of that shape for the whole cache (each layer's keys and
+values are views of it) and copies each piece into its slots in one copy, in lay-down order:
+no concatenation, and the saved tensors may be read-only views of the bytes a store read.
+States of the format before pieces (64-slot blocks per layer and kind, 'layer{i}.keys.{block}')
+load too; the next snapshot of such a cache carries every slot.
 """
 
 from __future__ import annotations
@@ -95,29 +96,31 @@ def _lay_down(
     layers: Sequence[SinkCacheLayer],
     pieces: list[tuple[Piece, torch.Tensor]],
 ) -> None:
-    """Each layer's buffers allocated once, every piece copied into its slots, oldest first."""
+    """Every layer's keys and values as views of one buffer allocated once, [layers, 2, ...]
+    like a piece, so that each piece goes into its slots of every layer in one copy."""
     capacity = cache.layout.capacity
     first = pieces[0][1]
     batch, heads, dim = first.shape[2], first.shape[3], first.shape[5]
-    size = (batch, heads, capacity, dim)
-    for layer in layers:
-        layer.keys = torch.empty(size, dtype=first.dtype, device=cache.device)
-        layer.values = torch.empty(size, dtype=first.dtype, device=cache.device)
-    covered = torch.zeros(capacity, dtype=torch.bool)
+    size = (len(layers), 2, batch, heads, capacity, dim)
+    buffer = torch.empty(size, dtype=first.dtype, device=cache.device)
+    for index, layer in enumerate(layers):
+        layer.keys, layer.values = buffer[index, 0], buffer[index, 1]
+    covered = 0
     for piece, tensor in pieces:
-        slots = piece.stop - piece.start
-        if piece.stop > capacity or tensor.shape != (len(layers), 2, batch, heads, slots, dim):
+        if piece.stop > capacity or tensor.shape != (*size[:4], piece.stop - piece.start, dim):
             raise ValueError(
                 f"saved piece {piece.name} of shape {list(tensor.shape)} does not fit a cache "
                 f"of {len(layers)} layers and {capacity} slots; the state is damaged"
             )
-        tensor = tensor.to(cache.device)
-        for index, layer in enumerate(layers):
-            layer.keys[:, :, piece.start : piece.stop].copy_(tensor[index, 0])
-            layer.values[:, :, piece.start : piece.stop].copy_(tensor[index, 1])
-        covered[piece.start : piece.stop] = True
-    if not bool(covered.all()):
+        buffer[:, :, :, :, piece.start : piece.stop].copy_(tensor)
+        covered = _cover(covered, piece)
+    if covered != (1 << capacity) - 1:
         raise ValueError("the saved pieces leave slots of the cache empty; the state is incomplete")
+
+
+def _cover(covered: int, piece: Piece) -> int:
+    """`covered`, a bit per slot, with the piece's slots set."""
+    return covered | ((1 << (piece.stop - piece.start)) - 1) << piece.start
 
 
 def _load_legacy(
