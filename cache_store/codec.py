@@ -1,17 +1,19 @@
 """Pickle-free, versioned serialization of a StreamState into one manifest and raw blocks.
 
-Each tensor's bytes form a block named by their content hash (blake2b-128, hex), so a store
-writes only the blocks it does not hold yet, identical tensors share one block, blocks never
-change, and the name doubles as the checksum verified on decode.
+Each tensor's bytes form a block named by their content hash (BLAKE3, 128 bits, hex; format
+version 1 used blake2b-128 and is still read), so a store writes only the blocks it does not
+hold yet, identical tensors share one block, blocks never change, and the name doubles as the
+checksum verified on decode. A state may also name a tensor by a block the store already holds
+(`StreamState.stored`): a checkpoint carries only what changed.
 
 The manifest is msgpack: an envelope {magic, version, checksum, body} around a msgpack body
 {stream_id, fingerprint, written_with, meta, tensors: [{name, dtype, shape, block, nbytes}]}
 (`written_with` came later within version 1: a body without it is a state saved before, read
-as written with nothing in particular, which older readers ignore). The envelope
-lets a reader reject a newer format before parsing its body; the checksum (blake2b-128 of the
-body) makes a damaged meta an error instead of a silently different resume. Block bytes are the
-tensor's C-contiguous elements in its own dtype, little-endian (the byte order of every host
-torch runs on here).
+as written with nothing in particular, which older readers ignore). The envelope lets a reader
+reject a newer format before parsing its body; the checksum (the body's content hash, as for
+blocks) makes a damaged meta an error instead of a silently different resume. Block bytes are
+the tensor's C-contiguous elements in its own dtype, little-endian (the byte order of every
+host torch runs on here).
 """
 
 from __future__ import annotations
@@ -20,17 +22,19 @@ import copy
 import hashlib
 import math
 import re
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import blake3
 import msgpack
 import torch
 
 from cache_store.exceptions import StateCorruptError, StateForeignError, StateVersionError
-from cache_store.state import Expected, StreamState
+from cache_store.state import BlockRef, Expected, StreamState
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: blocks and manifest body named by blake2b-128; 2: by BLAKE3-128
 MAGIC = "streamsink-state"
 
 # The dtypes the format stores, by the name a manifest gives them.
@@ -73,6 +77,9 @@ class TensorEntry:
     block: str
     nbytes: int
 
+    def ref(self) -> BlockRef:
+        return BlockRef(self.dtype, self.shape, self.block, self.nbytes)
+
 
 @dataclass(frozen=True)
 class Manifest:
@@ -91,17 +98,39 @@ class Manifest:
         return frozenset(entry.block for entry in self.tensors)
 
 
+Buffer = bytes | memoryview  # a block's bytes; a memoryview of an exported tensor is not copied
+
+
 @dataclass(frozen=True)
 class EncodedState:
-    """A state ready to store: the manifest plus every block it references, by id."""
+    """A state ready to store: the manifest, the bytes of the blocks it carries, by id, and
+    the ids of every block the manifest names (those of `StreamState.stored` too)."""
 
     manifest: bytes
-    blocks: dict[str, bytes]
+    blocks: dict[str, Buffer]
+    block_ids: frozenset[str]
 
 
-def block_id(data: bytes) -> str:
+def block_id(data: Buffer, version: int = FORMAT_VERSION) -> str:
     """Content hash naming a block; equal bytes get equal ids, which is what dedups them."""
+    return _HASHES[version](data)
+
+
+def _blake2b(data: Buffer) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def _blake3(data: Buffer) -> str:
+    return blake3.blake3(data).hexdigest(length=16)
+
+
+_HASHES: dict[int, Callable[[Buffer], str]] = {1: _blake2b, 2: _blake3}
+
+
+def tensor_ref(tensor: torch.Tensor) -> BlockRef:
+    """The block a store keeps `tensor` under once a state carrying it is saved."""
+    data, dtype_name = _tensor_bytes(tensor, "a tensor")
+    return BlockRef(dtype_name, tuple(tensor.shape), block_id(data), len(data))
 
 
 def encode_state(state: StreamState) -> EncodedState:
@@ -112,7 +141,7 @@ def encode_state(state: StreamState) -> EncodedState:
     _check_plain(meta, f"meta of stream {state.stream_id!r}")
     written_with = dict(state.written_with)
     _check_plain(written_with, f"written_with of stream {state.stream_id!r}")
-    blocks: dict[str, bytes] = {}
+    blocks: dict[str, Buffer] = {}
     entries: list[dict[str, Any]] = []
     for name, tensor in state.tensors.items():
         where = f"tensor {name!r} of stream {state.stream_id!r}"
@@ -120,15 +149,11 @@ def encode_state(state: StreamState) -> EncodedState:
         data, dtype_name = _tensor_bytes(tensor, where)
         bid = block_id(data)
         blocks[bid] = data
-        entries.append(
-            {
-                "name": name,
-                "dtype": dtype_name,
-                "shape": list(tensor.shape),
-                "block": bid,
-                "nbytes": len(data),
-            }
-        )
+        entries.append(_entry(name, BlockRef(dtype_name, tuple(tensor.shape), bid, len(data))))
+    for name, ref in state.stored.items():
+        if name not in state.tensors:
+            _check_ref(ref, f"stored tensor {name!r} of stream {state.stream_id!r}")
+            entries.append(_entry(name, ref))
     body = {
         "stream_id": state.stream_id,
         "fingerprint": state.fingerprint,
@@ -136,7 +161,8 @@ def encode_state(state: StreamState) -> EncodedState:
         "meta": meta,
         "tensors": entries,
     }
-    return EncodedState(_pack_envelope(body, state.stream_id), blocks)
+    named = frozenset(entry["block"] for entry in entries)
+    return EncodedState(_pack_envelope(body, state.stream_id), blocks, named)
 
 
 def read_manifest(manifest: bytes, stream_id: str | None = None) -> Manifest:
@@ -155,7 +181,7 @@ def read_manifest(manifest: bytes, stream_id: str | None = None) -> Manifest:
     if version < 1:
         raise _corrupt(label, f"the manifest has impossible format version {version}")
     body = _field(envelope, "body", bytes, label)
-    if _field(envelope, "checksum", str, label) != block_id(body):
+    if _field(envelope, "checksum", str, label) != block_id(body, version):
         raise _corrupt(label, "the manifest fails its checksum")
     parsed = _parse_body(_unpack(body, label, "manifest body"), version, label)
     if stream_id is not None and parsed.stream_id != stream_id:
@@ -190,10 +216,15 @@ def check_fingerprint(state: Manifest | StreamState, expected: str | Expected | 
 
 def decode_state(
     manifest: Manifest,
-    blocks: Mapping[str, bytes],
+    blocks: Mapping[str, Buffer],
     expected_fingerprint: str | Expected | None = None,
+    borrow: bool = False,
 ) -> StreamState:
-    """Rebuild the state, verifying every block; tensors are fresh, writable and unshared."""
+    """Rebuild the state, verifying every block; its `stored` names each tensor's block.
+
+    Tensors are fresh, writable and unshared; with `borrow`, they are read-only views of
+    `blocks` instead (no copy), for a caller that copies them at once, as a restore does.
+    """
     check_fingerprint(manifest, expected_fingerprint)
     label = f"state of stream {manifest.stream_id!r}"
     verified: set[str] = set()
@@ -206,10 +237,10 @@ def decode_state(
         if len(data) != entry.nbytes:
             raise _corrupt(label, f"{what} has {len(data)} bytes, expected {entry.nbytes}")
         if entry.block not in verified:
-            if block_id(data) != entry.block:
+            if block_id(data, manifest.version) != entry.block:
                 raise _corrupt(label, f"{what} fails its checksum")
             verified.add(entry.block)
-        tensor = _tensor_from(data, entry)
+        tensor = _tensor_from(data, entry, borrow)
         if tensor.dtype == torch.bool and tensor.numel() and tensor.view(torch.uint8).max() > 1:
             raise _corrupt(label, f"{what} holds bool values other than 0 and 1")
         tensors[entry.name] = tensor
@@ -219,11 +250,15 @@ def decode_state(
         tensors,
         copy.deepcopy(manifest.meta),
         copy.deepcopy(manifest.written_with),
+        stored={entry.name: entry.ref() for entry in manifest.tensors},
     )
 
 
-def _tensor_bytes(tensor: Any, where: str) -> tuple[bytes, str]:
-    """Raw element bytes; going through a uint8 view keeps bfloat16 and NaN payloads exact."""
+def _tensor_bytes(tensor: Any, where: str) -> tuple[Buffer, str]:
+    """Raw element bytes; going through a uint8 view keeps bfloat16 and NaN payloads exact.
+
+    A contiguous CPU tensor is not copied: its bytes are a view, valid while it is unchanged.
+    """
     if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided:
         raise TypeError(f"{where} must be a dense torch.Tensor, got {type(tensor).__name__}")
     dtype_name = str(tensor.dtype).removeprefix("torch.")
@@ -233,16 +268,41 @@ def _tensor_bytes(tensor: Any, where: str) -> tuple[bytes, str]:
             f"convert it to one of {', '.join(DTYPES)}"
         )
     flat = tensor.detach().cpu().contiguous().reshape(-1)
-    return flat.view(torch.uint8).numpy().tobytes(), dtype_name
+    if flat.numel() == 0:
+        return b"", dtype_name
+    return memoryview(flat.view(torch.uint8).numpy()), dtype_name
 
 
-def _tensor_from(data: bytes, entry: TensorEntry) -> torch.Tensor:
-    """A tensor owning a private copy of `data` (never a read-only view of the caller's bytes)."""
+def _tensor_from(data: Buffer, entry: TensorEntry, borrow: bool) -> torch.Tensor:
+    """A tensor owning a private copy of `data`, or with `borrow` a read-only view of it."""
     dtype = DTYPES[entry.dtype]
     if not data:  # torch.frombuffer refuses empty buffers
         return torch.empty(entry.shape, dtype=dtype)
-    flat = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    if borrow:
+        with warnings.catch_warnings():  # torch warns that the view is read-only: it is meant to
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.frombuffer(data, dtype=torch.uint8)
+    else:
+        flat = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     return flat.view(dtype).reshape(entry.shape)
+
+
+def _entry(name: str, ref: BlockRef) -> dict[str, Any]:
+    return {
+        "name": name,
+        "dtype": ref.dtype,
+        "shape": list(ref.shape),
+        "block": ref.block,
+        "nbytes": ref.nbytes,
+    }
+
+
+def _check_ref(ref: Any, where: str) -> None:
+    """A stored tensor must name a block as a manifest would, or the state could not load."""
+    if not isinstance(ref, BlockRef) or ref.dtype not in DTYPES or not _BLOCK_ID.match(ref.block):
+        raise ValueError(f"{where} does not name a block of a supported dtype: {ref!r}")
+    if ref.nbytes != math.prod(ref.shape) * DTYPES[ref.dtype].itemsize:
+        raise ValueError(f"{where} claims {ref.nbytes} bytes for shape {list(ref.shape)}")
 
 
 def _pack_envelope(body: dict[str, Any], stream_id: str) -> bytes:

@@ -15,3 +15,8 @@ class StateVersionError(StateError):
 
 class StateForeignError(StateError):
     """The state was written by another model; resuming from it would be silently wrong."""
+
+
+class MissingBlocksError(StateError):
+    """A save named blocks the store no longer holds (the stream's state expired or was
+    deleted meanwhile); nothing was written: save the streams whole (`stored` empty)."""

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from urllib.parse import quote, unquote
 
-from cache_store.codec import read_manifest
+from cache_store.codec import Buffer, read_manifest
 from cache_store.exceptions import StateError
 from cache_store.store import BlockStore
 
@@ -48,7 +48,7 @@ class LocalDirStore(BlockStore):
             return None
 
     def _commit(
-        self, stream_id: str, manifest: bytes, new_blocks: dict[str, bytes], names: frozenset[str]
+        self, stream_id: str, manifest: bytes, new_blocks: dict[str, Buffer], names: frozenset[str]
     ) -> None:
         self._write_blocks(new_blocks)
         _write_durably(self._manifest_path(stream_id), manifest)
@@ -98,7 +98,7 @@ class LocalDirStore(BlockStore):
         except StateError as error:
             log.warning("state garbage collection skipped: %s", error)
 
-    def _write_blocks(self, blocks: Mapping[str, bytes]) -> None:
+    def _write_blocks(self, blocks: Mapping[str, Buffer]) -> None:
         """Write new blocks and make them durable before any manifest can name them."""
         dirs: set[Path] = set()
         for bid, data in blocks.items():
@@ -141,7 +141,7 @@ def _files(directories: Iterable[Path]) -> list[Path]:
     return [path for directory in directories if directory.is_dir() for path in directory.iterdir()]
 
 
-def _write_durably(path: Path, data: bytes) -> None:
+def _write_durably(path: Path, data: Buffer) -> None:
     """Write under a temporary name, fsync, then rename: readers see all of `data` or none."""
     fd, temporary = tempfile.mkstemp(prefix=".", suffix=TEMP_SUFFIX, dir=path.parent)
     try:

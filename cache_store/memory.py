@@ -6,6 +6,7 @@ of store semantics run against it too; it also serves runs that need no persiste
 
 from __future__ import annotations
 
+from cache_store.codec import Buffer
 from cache_store.store import BlockStore
 
 
@@ -37,9 +38,9 @@ class MemoryStore(BlockStore):
         return block_id in self.blocks
 
     def _commit(
-        self, stream_id: str, manifest: bytes, new_blocks: dict[str, bytes], names: frozenset[str]
+        self, stream_id: str, manifest: bytes, new_blocks: dict[str, Buffer], names: frozenset[str]
     ) -> None:
-        self.blocks.update(new_blocks)
+        self.blocks.update((bid, bytes(data)) for bid, data in new_blocks.items())
         self.manifests[stream_id] = manifest
         self._refs[stream_id] = names
         self._drop_unreferenced()

@@ -77,6 +77,8 @@ class MemoryLease:
     ) -> SaveReport:
         started = time.perf_counter()
         partition = self._owned()
+        for state in states:  # all or nothing: refuse before anything is saved
+            partition.states.check_stored(state)
         reports = [partition.states.save(state) for state in states]
         if next_offset is not None:
             partition.next_offset = next_offset

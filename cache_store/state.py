@@ -9,10 +9,29 @@ from typing import Any
 import torch
 
 
+@dataclass(frozen=True)
+class BlockRef:
+    """A tensor by the content-addressed block that holds its bytes in a store.
+
+    A checkpoint names the tensors that did not change since the stream's last committed state
+    this way, so they are neither copied nor hashed again.
+    """
+
+    dtype: str  # a name of codec.DTYPES
+    shape: tuple[int, ...]
+    block: str
+    nbytes: int
+
+
 # eq=False: field-wise == would compare tensors element-wise and fail; compare what you need.
 @dataclass(frozen=True, eq=False)
 class StreamState:
-    """Everything needed to resume one stream exactly."""
+    """Everything needed to resume one stream exactly.
+
+    `stored` names tensors by the blocks that hold them: to save, the tensors not carried in
+    `tensors`, whose blocks the store already holds for this stream; read back, the block of
+    every tensor, so that the next save of the stream can name the unchanged ones.
+    """
 
     stream_id: str
     fingerprint: str  # model fingerprint (opaque hex string)
@@ -22,6 +41,7 @@ class StreamState:
     # size, layer types); compared one by one on load, see Expected. States saved before it
     # existed have none.
     written_with: Mapping[str, Any] = field(default_factory=dict)
+    stored: Mapping[str, BlockRef] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

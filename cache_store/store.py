@@ -6,7 +6,8 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
-from cache_store.codec import check_fingerprint, decode_state, encode_state, read_manifest
+from cache_store.codec import Buffer, check_fingerprint, decode_state, encode_state, read_manifest
+from cache_store.exceptions import MissingBlocksError
 from cache_store.state import Expected, StreamState
 
 
@@ -27,11 +28,18 @@ class StateStore(ABC):
     def load(
         self, stream_id: str, expected_fingerprint: str | Expected | None = None
     ) -> StreamState | None:
-        """The stream's saved state, or None if it has none; raises StateError on a bad state."""
+        """The stream's saved state, or None if it has none; raises StateError on a bad state.
+
+        Its tensors are read-only views of what was read: copy them before writing.
+        """
 
     @abstractmethod
     def save(self, state: StreamState) -> SaveReport:
-        """Replace the stream's state; a crash leaves the old state or the new one, whole."""
+        """Replace the stream's state; a crash leaves the old state or the new one, whole.
+
+        Raises MissingBlocksError, having written nothing, if a block `state.stored` names is
+        gone.
+        """
 
     @abstractmethod
     def delete(self, stream_id: str) -> bool:
@@ -63,19 +71,34 @@ class BlockStore(StateStore):
         blocks = {
             bid: data for bid in manifest.block_ids if (data := self._read_block(bid)) is not None
         }
-        return decode_state(manifest, blocks, expected_fingerprint)
+        return decode_state(manifest, blocks, expected_fingerprint, borrow=True)
 
     def save(self, state: StreamState) -> SaveReport:
         started = time.perf_counter()
+        self.check_stored(state)
         encoded = encode_state(state)
         new = {bid: data for bid, data in encoded.blocks.items() if not self._has_block(bid)}
-        self._commit(state.stream_id, encoded.manifest, new, frozenset(encoded.blocks))
+        self._commit(state.stream_id, encoded.manifest, new, encoded.block_ids)
         return SaveReport(
-            bytes_written=sum(map(len, new.values())) + len(encoded.manifest),
+            bytes_written=sum(len(data) for data in new.values()) + len(encoded.manifest),
             blocks_written=len(new),
-            blocks_reused=len(encoded.blocks) - len(new),
+            blocks_reused=len(encoded.block_ids) - len(new),
             seconds=time.perf_counter() - started,
         )
+
+    def check_stored(self, state: StreamState) -> None:
+        """MissingBlocksError if a block that `state` names without carrying it is gone."""
+        carried = state.tensors.keys()
+        gone = sorted(
+            ref.block
+            for name, ref in state.stored.items()
+            if name not in carried and not self._has_block(ref.block)
+        )
+        if gone:
+            raise MissingBlocksError(
+                f"the state of stream {state.stream_id!r} names blocks this store no longer "
+                f"holds ({', '.join(gone[:3])}); save the stream whole"
+            )
 
     @abstractmethod
     def _read_manifest(self, stream_id: str) -> bytes | None: ...
@@ -88,6 +111,6 @@ class BlockStore(StateStore):
 
     @abstractmethod
     def _commit(
-        self, stream_id: str, manifest: bytes, new_blocks: dict[str, bytes], names: frozenset[str]
+        self, stream_id: str, manifest: bytes, new_blocks: dict[str, Buffer], names: frozenset[str]
     ) -> None:
         """Store `new_blocks`, then make `manifest` (naming the blocks `names`) current."""

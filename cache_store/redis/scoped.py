@@ -3,7 +3,10 @@
 Blocks are written before the commit with a short TTL, so the blocks of a commit that never
 happens (a crash, a fenced zombie) expire by themselves; the commit makes the blocks it names
 permanent (or gives them the stream's idle TTL) and deletes the ones the new manifest dropped,
-which the client names (scripts.py says why).
+which the client names (scripts.py says why). A state that names blocks without carrying them
+(`StreamState.stored`) has them checked by the commit like the others; as no retry can bring
+such a block back, its absence is a MissingBlocksError at once. A load fetches the blocks in
+pipelined MGETs of about MGET_BYTES.
 """
 
 from __future__ import annotations
@@ -13,12 +16,13 @@ from collections.abc import Sequence
 
 from cache_store.codec import (
     EncodedState,
+    Manifest,
     check_fingerprint,
     decode_state,
     encode_state,
     read_manifest,
 )
-from cache_store.exceptions import StateCorruptError
+from cache_store.exceptions import MissingBlocksError, StateCorruptError
 from cache_store.partition import FencedError, OutboxEntry
 from cache_store.redis import scripts
 from cache_store.redis.client import Client, redis_errors
@@ -28,6 +32,7 @@ from cache_store.store import SaveReport
 
 ORPHAN_BLOCK_SECONDS = 3600  # life of a block no commit has named yet
 COMMIT_ATTEMPTS = 3  # a block may expire, or a block set change, between the reads and a commit
+MGET_BYTES = 8 * 2**20  # block bytes asked for in one MGET of a load
 
 
 class ScopedStates:
@@ -53,10 +58,24 @@ class ScopedStates:
             manifest = read_manifest(raw, stream_id)
             check_fingerprint(manifest, expected_fingerprint)
             ids = sorted(manifest.block_ids)
-            prefix = keys.block_prefix(stream_id)
-            data = self.client.mget([prefix + bid for bid in ids]) if ids else []
+            data = self._fetch(keys.block_prefix(stream_id), ids, _sizes(manifest))
         blocks = {bid: raw for bid, raw in zip(ids, data, strict=True) if raw is not None}
-        return decode_state(manifest, blocks, expected_fingerprint)
+        return decode_state(manifest, blocks, expected_fingerprint, borrow=True)
+
+    def _fetch(self, prefix: str, ids: list[str], sizes: dict[str, int]) -> list[bytes | None]:
+        """The blocks' bytes (None where missing), in MGETs of about MGET_BYTES, pipelined."""
+        pipe = self.client.pipeline(transaction=False)
+        batch: list[str] = []
+        batch_bytes = 0
+        for bid in ids:
+            batch.append(prefix + bid)
+            batch_bytes += sizes[bid]
+            if batch_bytes >= MGET_BYTES:
+                pipe.mget(batch)
+                batch, batch_bytes = [], 0
+        if batch:
+            pipe.mget(batch)
+        return [raw for reply in pipe.execute() for raw in reply]
 
     def commit(
         self,
@@ -81,6 +100,8 @@ class ScopedStates:
                 written_bytes += more_bytes
                 written_blocks += more_blocks
                 reply = self._run_commit(epoch, keys, states, encoded, held, next_offset, outbox)
+                if reply[0] == b"missing":
+                    _check_carried(reply[1:], keys, states, encoded, scope)
                 if reply[0] not in (b"missing", b"stale"):
                     break
             _check_reply(reply, scope, epoch)
@@ -89,7 +110,7 @@ class ScopedStates:
                     index_key(self.prefix), mapping={s.stream_id: scope for s in states}
                 )
         manifest_bytes = sum(len(e.manifest) for e in encoded)
-        total_blocks = sum(len(e.blocks) for e in encoded)
+        total_blocks = sum(len(e.block_ids) for e in encoded)
         return SaveReport(
             bytes_written=written_bytes + manifest_bytes,
             blocks_written=written_blocks,
@@ -148,14 +169,40 @@ class ScopedStates:
             len(states),
         ]
         for state, enc, old in zip(states, encoded, held, strict=True):
-            ids = sorted(enc.blocks)
-            dropped = sorted(old - enc.blocks.keys())
+            ids = sorted(enc.block_ids)
+            dropped = sorted(old - enc.block_ids)
             prefix = keys.block_prefix(state.stream_id)
             script_keys += [keys.manifest(state.stream_id), keys.block_set(state.stream_id)]
             script_keys += [prefix + bid for bid in ids + dropped]
             args += [state.stream_id, enc.manifest, len(ids), len(dropped), *ids, *dropped]
         args += [entry.pack() for entry in outbox]
         return self._commit_script(keys=script_keys, args=args)
+
+
+def _check_carried(
+    missing: Sequence[bytes],
+    keys: ScopeKeys,
+    states: Sequence[StreamState],
+    encoded: Sequence[EncodedState],
+    scope: str,
+) -> None:
+    """MissingBlocksError if a missing block is one a state names without carrying it: the
+    next attempt writes again only the blocks the states carry."""
+    carried = {
+        keys.block_prefix(state.stream_id) + bid
+        for state, enc in zip(states, encoded, strict=True)
+        for bid in enc.blocks
+    }
+    gone = [key.decode() for key in missing if key.decode() not in carried]
+    if gone:
+        raise MissingBlocksError(
+            f"a commit to {scope!r} names blocks Redis no longer holds "
+            f"({', '.join(gone[:3])}); save the streams whole"
+        )
+
+
+def _sizes(manifest: Manifest) -> dict[str, int]:
+    return {entry.block: entry.nbytes for entry in manifest.tensors}
 
 
 def _check_reply(reply: list, scope: str, epoch: int | None) -> None:

@@ -8,6 +8,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import blake3
 import msgpack
 import pytest
 import torch
@@ -21,6 +22,7 @@ from cache_store.codec import (
     decode_state,
     encode_state,
     read_manifest,
+    tensor_ref,
 )
 from cache_store.exceptions import (
     StateCorruptError,
@@ -29,7 +31,7 @@ from cache_store.exceptions import (
     StateVersionError,
 )
 from cache_store.export import export_state, import_state
-from cache_store.state import Expected, StreamState
+from cache_store.state import BlockRef, Expected, StreamState
 
 FINGERPRINT = "ab12" * 8
 
@@ -70,8 +72,15 @@ def _rewrite(manifest: bytes, edit: Callable[[dict[str, Any], dict[str, Any]], N
     body = msgpack.unpackb(envelope["body"])
     edit(envelope, body)
     envelope["body"] = msgpack.packb(body)
-    envelope["checksum"] = hashlib.blake2b(envelope["body"], digest_size=16).hexdigest()
+    envelope["checksum"] = _hash(envelope["body"], envelope["version"])
     return msgpack.packb(envelope)
+
+
+def _hash(data: bytes, version: int = FORMAT_VERSION) -> str:
+    """Block ids and manifest checksums: blake2b-128 in format version 1, BLAKE3-128 since."""
+    if version == 1:
+        return hashlib.blake2b(data, digest_size=16).hexdigest()
+    return blake3.blake3(data).hexdigest(length=16)
 
 
 @pytest.fixture
@@ -153,7 +162,7 @@ def test_identical_tensors_share_one_block_named_by_content_hash() -> None:
     encoded = encode_state(_state({"a": tensor, "b": tensor.clone(), "c": tensor + 1}))
     assert len(encoded.blocks) == 2
     data = _bits(tensor)
-    block = hashlib.blake2b(data, digest_size=16).hexdigest()
+    block = _hash(data)
     assert encoded.blocks[block] == data
     entries = {entry.name: entry for entry in read_manifest(encoded.manifest).tensors}
     assert entries["a"].block == entries["b"].block == block != entries["c"].block
@@ -416,3 +425,47 @@ def test_written_with_that_is_not_a_map_is_corrupt(written: EncodedState) -> Non
 def test_all_state_errors_share_one_base() -> None:
     for error in (StateCorruptError, StateVersionError, StateForeignError):
         assert issubclass(error, StateError)
+
+
+def test_a_state_of_format_version_1_still_loads() -> None:
+    """Version 1 named blocks by blake2b; a worker upgraded mid-stream restores such states."""
+    tensor = torch.arange(6, dtype=torch.float32)
+    data = _bits(tensor)
+    block = _hash(data, version=1)
+    entry = {"name": "t", "dtype": "float32", "shape": [6], "block": block, "nbytes": 24}
+    body = {"stream_id": "stream-1", "fingerprint": FINGERPRINT, "meta": {}, "tensors": [entry]}
+    packed = msgpack.packb(body)
+    envelope = {"magic": "streamsink-state", "version": 1, "checksum": _hash(packed, 1)}
+    manifest = read_manifest(msgpack.packb({**envelope, "body": packed}))
+    assert torch.equal(decode_state(manifest, {block: data}).tensors["t"], tensor)
+    with pytest.raises(StateCorruptError, match="fails its checksum"):
+        decode_state(manifest, {block: data[:-4] + b"\0\0\0\0"})
+
+
+def test_a_stored_tensor_is_named_by_its_block_without_its_bytes() -> None:
+    kept, changed = torch.arange(8, dtype=torch.float32), torch.ones(4, dtype=torch.bfloat16)
+    ref = tensor_ref(kept)
+    encoded = encode_state(
+        StreamState("stream-1", FINGERPRINT, {"changed": changed}, {}, stored={"kept": ref})
+    )
+    assert ref.block not in encoded.blocks and ref.block in encoded.block_ids
+    assert encoded.block_ids == frozenset(encoded.blocks) | {ref.block}
+    manifest = read_manifest(encoded.manifest)
+    blocks = {**encoded.blocks, ref.block: _bits(kept)}
+    decoded = decode_state(manifest, blocks, borrow=True)
+    assert torch.equal(decoded.tensors["kept"], kept)
+    assert torch.equal(decoded.tensors["changed"], changed)
+    assert decoded.stored == {"kept": ref, "changed": tensor_ref(changed)}
+
+
+@pytest.mark.parametrize(
+    "ref",
+    [
+        BlockRef("complex32", (2,), "0" * 32, 8),
+        BlockRef("float32", (2,), "../etc", 8),
+        BlockRef("float32", (2,), "0" * 32, 7),
+    ],
+)
+def test_a_stored_tensor_that_names_no_valid_block_is_refused(ref: BlockRef) -> None:
+    with pytest.raises(ValueError, match="stored tensor 'kept'"):
+        encode_state(StreamState("stream-1", FINGERPRINT, {}, {}, stored={"kept": ref}))

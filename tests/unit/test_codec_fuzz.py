@@ -16,7 +16,6 @@ or one case with `STREAMSINK_FUZZ_FIRST=<index> STREAMSINK_FUZZ_CASES=1`.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import random
 import tracemalloc
@@ -27,7 +26,7 @@ from typing import Any
 import msgpack
 import torch
 
-from cache_store.codec import DTYPES, decode_state, encode_state, read_manifest
+from cache_store.codec import DTYPES, block_id, decode_state, encode_state, read_manifest
 from cache_store.exceptions import StateError
 from cache_store.export import export_state, import_state
 from cache_store.state import Expected, StreamState
@@ -101,7 +100,7 @@ def _bases() -> list[Base]:
                 encoded.manifest,
                 envelope,
                 envelope["body"],
-                encoded.blocks,
+                {bid: bytes(data) for bid, data in encoded.blocks.items()},
                 export_state(state, "scope-1"),
             )
         )
@@ -111,12 +110,10 @@ def _bases() -> list[Base]:
 BASES = _bases()
 
 
-def _block_id(data: bytes) -> str:
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
-
-
 def _seal(body: bytes, envelope: dict[str, Any]) -> bytes:
-    return msgpack.packb({**envelope, "body": body, "checksum": _block_id(body)})
+    """The manifest resealed with the checksum its format version computes."""
+    checksum = block_id(body, envelope["version"])
+    return msgpack.packb({**envelope, "body": body, "checksum": checksum})
 
 
 def _forge_entry(rng: random.Random, base: Base) -> tuple[bytes, dict[str, bytes]]:
@@ -137,7 +134,7 @@ def _forge_entry(rng: random.Random, base: Base) -> tuple[bytes, dict[str, bytes
         count *= size
     data = rng.randbytes(count * itemsize) if count * itemsize < 4096 else rng.randbytes(16)
     nbytes = count * itemsize if rng.random() < 0.8 else rng.choice([len(data), *NUMBERS])
-    block = _block_id(data)
+    block = block_id(data)
     blocks[block] = data
     entry.update(dtype=dtype, shape=shape, nbytes=nbytes, block=block)
     return _seal(msgpack.packb(body), base.envelope), blocks

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -11,7 +13,7 @@ import typer
 from cache_store.redis.settings import RedisSettings
 from worker.cli.console import exit_on_known_errors
 from worker.cli.option_groups import uses_groups
-from worker.cli.options import ModelChoice, connect
+from worker.cli.options import JsonOption, ModelChoice, connect
 from worker.model.loading import load_random
 
 app = typer.Typer(no_args_is_help=True, help="Side-by-side speed figures in one run.")
@@ -76,8 +78,10 @@ def restore(
     redis: RedisSettings,
     sizes: SizesOption = "256,1024,4096",
     repeats: Annotated[int, typer.Option(help="timed runs per figure (median)")] = 3,
+    json_output: JsonOption = False,
 ) -> None:
-    """Restore from Redis against prefilling the window, with checkpoint bytes and time.
+    """Restore from Redis against prefilling the window, with the bytes and time of a full
+    checkpoint and of the next one, 16 tokens later (the table goes to stderr with --json).
 
     Its states go under the key prefix plus '-bench', apart from any worker's."""
     from worker.tools.restore_bench import run_restore_benchmark
@@ -85,5 +89,8 @@ def restore(
     with exit_on_known_errors():
         store = connect(dataclasses.replace(redis, prefix=f"{redis.prefix}-bench"))
         loaded = model.load()
-        run_restore_benchmark(loaded, store, _sizes(sizes), repeats, out=typer.echo)
+        out = functools.partial(typer.echo, err=json_output)
+        figures = run_restore_benchmark(loaded, store, _sizes(sizes), repeats, out=out)
         store.close()
+    if json_output:
+        typer.echo(json.dumps([row.to_json_dict() for row in figures]))

@@ -6,9 +6,9 @@ order for a single decoded token once the ring has turned. A forward must be wra
 `step()`, which makes room before the new tokens go in and records the new layout only once
 the forward has succeeded.
 
-A cache exports its tensors and loads them back itself: each layer cuts its keys and values
-into blocks of `BLOCK_SLOTS` slots. Between two snapshots only the slots that new tokens went
-into change, so a content-addressed store writes only a few blocks per snapshot.
+A cache snapshots its tensors and loads them back itself (cache_snapshot.py): it tracks which
+slots each forward wrote (snapshot_pieces.py), so a snapshot copies only the slots written
+since the last saved one and names the others by the blocks the store already holds.
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from worker.exceptions import CacheDamagedError
+from worker.model import cache_snapshot
+from worker.model.cache_snapshot import CacheSnapshot
 from worker.model.compat import LayerAcrossReleases
 from worker.model.layer_kinds import LayerKind, layer_kinds
 from worker.model.slot_layout import SlotLayout, StepPlan
-
-BLOCK_SLOTS = 64
+from worker.model.snapshot_pieces import PieceTracker
 
 
 class SinkCacheLayer(LayerAcrossReleases, CacheLayerMixin):
@@ -85,27 +86,6 @@ class SinkCacheLayer(LayerAcrossReleases, CacheLayerMixin):
         order = plan.order[first:]
         return self.keys.index_select(2, order), self.values.index_select(2, order)
 
-    def export_blocks(self) -> dict[str, torch.Tensor]:
-        """Keys and values as blocks of BLOCK_SLOTS slots on the CPU: 'keys.0', 'values.0', ..."""
-        blocks = {}
-        for kind, buffer in (("keys", self.keys), ("values", self.values)):
-            for block, start in enumerate(range(0, buffer.shape[2], BLOCK_SLOTS)):
-                piece = buffer[:, :, start : start + BLOCK_SLOTS].detach()
-                # One contiguous copy, even on the CPU: a block must not change when the cache
-                # goes on.
-                blocks[f"{kind}.{block}"] = piece.to(
-                    "cpu", copy=True, memory_format=torch.contiguous_format
-                )
-        return blocks
-
-    def load_blocks(self, blocks: Mapping[str, torch.Tensor]) -> None:
-        """Initialize this layer from what `export_blocks` gave, on the cache's device."""
-        device = self._owner.device
-        self.keys, self.values = (_join(blocks, kind).to(device) for kind in ("keys", "values"))
-        self.dtype, self.device = self.keys.dtype, self.keys.device
-        self.is_initialized = True
-        self.length = self._owner.layout.length
-
     def mask_sizes(self, query_length: int) -> tuple[int, int]:
         """(keys given to attention, position of the first): what `update` returns."""
         first = self.kind.first_visible(self.length)
@@ -135,6 +115,7 @@ class SinkCache(Cache):
         self.plan: StepPlan | None = None
         self._rotations: dict[LayerKind, object] = {}  # this step's, one per layer kind
         self.token_ids = torch.zeros(capacity, dtype=torch.long, device=self.device)
+        self.pieces = PieceTracker(capacity)  # slots written since the last saved snapshot
         self.damaged = False
         super().__init__(layers=[SinkCacheLayer(self, kind) for kind in self.kinds])
 
@@ -171,6 +152,7 @@ class SinkCache(Cache):
         finally:
             self.plan = None
         self.layout.commit(plan)
+        self.pieces.wrote(self.layout.slot_runs(plan.length_before, len(plan.new_slots)))
         # Kept on the cache's device: no host round trip on every decoded token.
         self.token_ids[plan.new_slots] = input_ids.to(self.device)
 
@@ -191,42 +173,16 @@ class SinkCache(Cache):
     def pin(self, prefix_tokens: int) -> None:
         self.layout.pin(prefix_tokens)
 
-    def export(self) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
-        """(tensors, meta): token ids and each layer's blocks as 'layer{i}.keys.{block}', and
-        the layout with the number of initialized layers."""
-        tensors: dict[str, torch.Tensor] = {"token_ids": self.token_ids.cpu().clone()}
-        for index, layer in enumerate(self.layers):
-            if layer.is_initialized:
-                blocks = layer.export_blocks()
-                tensors.update((f"layer{index}.{name}", block) for name, block in blocks.items())
-        layers = sum(layer.is_initialized for layer in self.layers)
-        return tensors, {"layout": self.layout.to_meta(), "layers": layers}
+    def snapshot(self) -> CacheSnapshot:
+        """Token ids, the slots written since the last saved snapshot (copied) and the names of
+        the saved pieces of the others; `saved` once it is committed."""
+        return cache_snapshot.take(self)
+
+    def saved(self, snapshot: CacheSnapshot) -> None:
+        """`snapshot` was committed: the next one carries only what was written after it."""
+        if snapshot.plan is not None:
+            self.pieces.saved(snapshot.plan)
 
     def load(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, object]) -> None:
-        """Take back what `export` gave (meta may hold more keys) into this empty cache."""
-        layout = SlotLayout.from_meta(meta["layout"])
-        if (layout.capacity, layout.sinks) != (self.layout.capacity, self.layout.sinks):
-            raise ValueError(
-                f"a saved cache of {layout.capacity} tokens with {layout.sinks} sinks does not "
-                f"fit one of {self.layout.capacity} with {self.layout.sinks}; use the same sizes"
-            )
-        self.layout = layout
-        self.token_ids = tensors["token_ids"].to(self.device, copy=True)
-        by_layer: dict[str, dict[str, torch.Tensor]] = {}
-        for name, tensor in tensors.items():
-            owner, _, rest = name.partition(".")
-            by_layer.setdefault(owner, {})[rest] = tensor
-        for index, layer in enumerate(self.layers[: meta["layers"]]):
-            layer.load_blocks(by_layer.get(f"layer{index}", {}))
-
-
-def _join(blocks: Mapping[str, torch.Tensor], kind: str) -> torch.Tensor:
-    """The blocks of `kind` ('keys' or 'values') put back together in slot order."""
-    pieces = sorted(
-        (int(name.rsplit(".", 1)[1]), tensor)
-        for name, tensor in blocks.items()
-        if name.rsplit(".", 1)[0] == kind
-    )
-    if not pieces:
-        raise ValueError(f"a saved cache layer has no {kind}; the state is incomplete")
-    return torch.cat([tensor for _, tensor in pieces], dim=2)
+        """Take back what snapshots gave (meta may hold more keys) into this empty cache."""
+        cache_snapshot.load(self, tensors, meta)

@@ -101,6 +101,20 @@ class SlotLayout:
         self.length = plan.length_after
         self.tokens_seen += len(plan.new_slots)
 
+    def slot_runs(self, first_position: int, count: int) -> list[tuple[int, int]]:
+        """Slots of positions first_position.. (count of them) in the current layout, as
+        (start, stop) runs: host arithmetic, no device sync."""
+        stop = first_position + count
+        runs = [(first_position, min(stop, self.head))] if first_position < self.head else []
+        first_ring = max(first_position, self.head)
+        if first_ring < stop:
+            start = self.head + (self.ring_start + first_ring - self.head) % self.ring_size
+            end = start + stop - first_ring
+            runs.append((start, min(end, self.capacity)))
+            if end > self.capacity:
+                runs.append((self.head, self.head + end - self.capacity))
+        return runs
+
     def _slots_of(self, positions: torch.Tensor, ring_start: int) -> torch.Tensor:
         in_ring = self.head + (ring_start + positions - self.head) % self.ring_size
         return torch.where(positions < self.head, positions, in_ring)

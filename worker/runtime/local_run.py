@@ -82,12 +82,13 @@ class Runner:
     def checkpoint(self) -> None:
         """Flush outputs, then save every changed stream's state."""
         self.output.flush()
-        states = self.processor.changed_states()
         started = time.perf_counter()
-        for state in states:
-            self.metrics.checkpoint_bytes.inc(self.store.save(state).bytes_written)
-        if states:
+        reports = self.processor.commit_changed(
+            lambda states: [self.store.save(state) for state in states]
+        )
+        for report in reports:
+            self.metrics.checkpoint_bytes.inc(report.bytes_written)
+        if reports:
             self.metrics.checkpoints.inc()
             self.metrics.checkpoint_seconds.observe(time.perf_counter() - started)
-        self.processor.mark_saved()
         self._clock.reset()

@@ -183,8 +183,8 @@ class PartitionCheckpointer:
 
     def _commit(self) -> bool:
         try:
-            report = self.lease.commit(
-                self.processor.changed_states(), self.next_offset, self._pending
+            report = self.processor.commit_changed(
+                lambda states: self.lease.commit(states, self.next_offset, self._pending)
             )
         except FencedError as error:
             self._fence(error)
@@ -196,7 +196,6 @@ class PartitionCheckpointer:
         self.metrics.checkpoints.inc()
         self.metrics.checkpoint_bytes.inc(report.bytes_written)
         self.metrics.checkpoint_seconds.observe(report.seconds)
-        self.processor.mark_saved()
         self._undelivered += self._pending
         self._pending = []
         self.committed_offset = self.next_offset

@@ -16,10 +16,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TypeVar
 
 import structlog
 
-from cache_store.exceptions import StateCorruptError, StateError, StateForeignError
+from cache_store.exceptions import (
+    MissingBlocksError,
+    StateCorruptError,
+    StateError,
+    StateForeignError,
+)
 from cache_store.partition import StoreUnavailableError
 from cache_store.state import StreamState
 from worker.exceptions import BadRecordError, StreamsinkError
@@ -28,13 +34,14 @@ from worker.stream.commentator import Commentator, StreamInput
 from worker.stream.live_budget import LiveBudget
 from worker.stream.records import DEFAULT_MAX_RECORD_BYTES, Commentary, Record, decode_record
 from worker.stream.session import StreamSession
-from worker.stream.session_state import restore, snapshot
+from worker.stream.session_state import forget_stored, mark_saved, restore, snapshot
 
 log = structlog.get_logger("streamsink.processor")
 
 StateLoader = Callable[[str], StreamState | None]
 SetAside = tuple[Record, BadRecordError]  # a record the run could not apply, and why
 LiveKey = tuple["StreamProcessor", str]  # a live cache in a budget the processors share
+Committed = TypeVar("Committed")
 
 
 class BadStatePolicy(StrEnum):
@@ -111,13 +118,35 @@ class StreamProcessor:
                 self.live.used((self, stream_id))
         return produced
 
+    def commit_changed(self, commit: Callable[[list[StreamState]], Committed]) -> Committed:
+        """Snapshot the changed streams and `commit` them; once it returns, they are saved.
+
+        A commit refused because the store lost blocks a snapshot named (an expired or
+        deleted state) is made once more with whole states. Anything else `commit` raises
+        leaves the streams changed, and their next snapshots carry what this one did.
+        """
+        try:
+            committed = commit(self.changed_states())
+        except MissingBlocksError as error:
+            log.warning("saved blocks gone: saving the streams whole", error=str(error))
+            for session in self.sessions.values():
+                forget_stored(session)
+            committed = commit(self.changed_states())
+        self.mark_saved()
+        return committed
+
     def changed_states(self) -> list[StreamState]:
-        """Snapshots of the streams changed since `mark_saved`, in stream id order."""
+        """Snapshots of the streams changed since `mark_saved`, in stream id order: each
+        carries what changed since its last committed snapshot."""
         return [
             snapshot(self.sessions[stream_id], self.commentator) for stream_id in sorted(self.dirty)
         ]
 
     def mark_saved(self) -> None:
+        """The snapshots `changed_states` gave last were committed."""
+        for stream_id in self.dirty:
+            if stream_id in self.sessions:
+                mark_saved(self.sessions[stream_id])
         self.dirty.clear()
 
     def admit(self, batch: list[Record]) -> int:

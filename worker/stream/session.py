@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 
+from cache_store.state import BlockRef
+from worker.model.cache_snapshot import CacheSnapshot
 from worker.model.sink_cache import SinkCache
 
 
@@ -33,13 +35,19 @@ class SessionCounters:
 
 @dataclass
 class StreamSession:
-    """A stream's sink cache plus counters; `prefilled_tokens` counts model work since load."""
+    """A stream's sink cache plus counters; `prefilled_tokens` counts model work since load.
+
+    `stored` names the blocks of the cache pieces in the last committed state, which the next
+    snapshot names instead of carrying; `unsaved` is the snapshot taken but not yet committed.
+    """
 
     stream_id: str
     cache: SinkCache
     counters: SessionCounters = field(default_factory=SessionCounters)
     prefilled_tokens: int = 0
     turn_started_at: float = field(default_factory=time.monotonic)
+    stored: dict[str, BlockRef] = field(default_factory=dict)
+    unsaved: CacheSnapshot | None = None
 
     @property
     def tokens_seen(self) -> int:

@@ -1,7 +1,10 @@
 """A session to and from its saved state, exactly.
 
-The cache exports and loads its own tensors (see SinkCache.export); a state adds the session's
-counters, its kind, and the prompt the stream was started with, which a restore must match.
+The cache snapshots and loads its own tensors (see SinkCache.snapshot); a state adds the
+session's counters, its kind, and the prompt the stream was started with, which a restore must
+match. A snapshot carries only the cache pieces changed since the last committed one and names
+the others by their blocks; `mark_saved` once its commit succeeded, `forget_stored` if the
+store lost those blocks.
 
 A state also records what it was written with (dtype, rope, layer types, cache size: see
 worker/model/cache_identity.py), and a restore refuses on any difference, naming the field.
@@ -17,7 +20,7 @@ from typing import get_args, get_origin, get_type_hints
 
 import torch
 
-from cache_store.codec import check_fingerprint
+from cache_store.codec import check_fingerprint, tensor_ref
 from cache_store.exceptions import StateCorruptError, StateForeignError
 from cache_store.state import Expected, StreamState
 from worker.model.cache_identity import cache_identity
@@ -28,7 +31,8 @@ STATE_KIND = "streamsink.session/1"
 
 
 def snapshot(session: StreamSession, commentator: Commentator) -> StreamState:
-    tensors, cache_meta = session.cache.export()
+    cache = session.unsaved = session.cache.snapshot()
+    tensors, cache_meta = cache.tensors, cache.meta
     meta = {
         "kind": STATE_KIND,
         "layout": cache_meta["layout"],
@@ -38,7 +42,10 @@ def snapshot(session: StreamSession, commentator: Commentator) -> StreamState:
         "layers": cache_meta["layers"],
     }
     writer = expected_writer(commentator)
-    return StreamState(session.stream_id, writer.fingerprint, tensors, meta, writer.written_with)
+    stored = {name: session.stored[name] for name in cache.kept}
+    return StreamState(
+        session.stream_id, writer.fingerprint, tensors, meta, writer.written_with, stored
+    )
 
 
 def expected_writer(commentator: Commentator) -> Expected:
@@ -49,6 +56,23 @@ def expected_writer(commentator: Commentator) -> Expected:
         cache_identity(commentator.loaded.model, commentator.settings),
         fix="run with the --model, --device, --sinks and --window that wrote it",
     )
+
+
+def mark_saved(session: StreamSession) -> None:
+    """The last snapshot was committed: the next one names its pieces by their blocks."""
+    cache, session.unsaved = session.unsaved, None
+    if cache is None:
+        return
+    session.cache.saved(cache)
+    kept = {name: session.stored[name] for name in cache.kept}
+    new = cache.plan.new if cache.plan is not None else ()
+    session.stored = kept | {piece.name: tensor_ref(cache.tensors[piece.name]) for piece in new}
+
+
+def forget_stored(session: StreamSession) -> None:
+    """The store may have lost the saved pieces: the next snapshot carries every slot."""
+    session.cache.pieces.forget()
+    session.stored, session.unsaved = {}, None
 
 
 def restore(state: StreamState, commentator: Commentator) -> StreamSession:
@@ -62,6 +86,7 @@ def restore(state: StreamState, commentator: Commentator) -> StreamSession:
         _check_compatible(state, commentator)
         session = commentator.new_empty_session(state.stream_id)
         session.cache.load(state.tensors, state.meta)
+        session.stored = dict(state.stored)
         session.counters = _counters(state.meta["counters"], commentator)
         _check_loaded(session, commentator)
     except (LookupError, TypeError, ValueError, RuntimeError) as error:

@@ -88,7 +88,8 @@ def _plain(loaded: LoadedModel, dense: DynamicCache, count: int) -> Step:
 def _copy(loaded: LoadedModel, cache: SinkCache) -> SinkCache:
     """Another stream in the same state, through the cache's own export."""
     twin = SinkCache.for_model(loaded.model, cache.layout.capacity, SINKS)
-    twin.load(*cache.export())
+    snapshot = cache.snapshot()  # nothing saved yet: it carries every slot
+    twin.load(snapshot.tensors, snapshot.meta)
     return twin
 
 

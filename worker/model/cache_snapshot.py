@@ -1,0 +1,178 @@
+"""A sink cache's tensors to and from a saved state, in the pieces snapshot_pieces.py plans.
+
+A piece is one tensor [layers, 2 (keys, values), batch, heads, slots, head_dim] of the slots
+it holds, copied once from every layer into host memory (pinned on a GPU, one wait for all the
+copies). A load allocates one buffer of that shape for the whole cache (each layer's keys and
+values are views of it) and copies each piece into its slots in one copy, in lay-down order:
+no concatenation, and the saved tensors may be read-only views of the bytes a store read.
+States of the format before pieces (64-slot blocks per layer and kind, 'layer{i}.keys.{block}')
+load too; the next snapshot of such a cache carries every slot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from worker.model.slot_layout import SlotLayout
+from worker.model.snapshot_pieces import Piece, SnapshotPlan
+
+if TYPE_CHECKING:
+    from worker.model.sink_cache import SinkCache, SinkCacheLayer
+
+LEGACY_BLOCK_SLOTS = 64  # slots per block of the states saved before pieces
+
+
+@dataclass(frozen=True)
+class CacheSnapshot:
+    """What a snapshot carries (token ids, new pieces: host tensors no one else holds), the
+    names of the saved pieces it names by their blocks instead, and the cache's meta."""
+
+    tensors: dict[str, torch.Tensor]
+    kept: tuple[str, ...]
+    meta: dict[str, object]
+    plan: SnapshotPlan | None  # None: no layer holds anything yet
+
+
+def take(cache: SinkCache) -> CacheSnapshot:
+    """Copy what changed since the last saved snapshot; the cache may go on at once after."""
+    layers = [layer for layer in cache.layers if layer.is_initialized]
+    tensors: dict[str, torch.Tensor] = {"token_ids": cache.token_ids.cpu().clone()}
+    meta: dict[str, object] = {"layout": cache.layout.to_meta(), "layers": len(layers)}
+    if not layers:
+        return CacheSnapshot(tensors, (), meta, None)
+    plan = cache.pieces.plan()
+    pinned = cache.device.type == "cuda"
+    for piece in plan.new:
+        tensors[piece.name] = _copy_out(layers, piece, pinned)
+    if pinned:
+        torch.cuda.current_stream(cache.device).synchronize()
+    return CacheSnapshot(tensors, tuple(piece.name for piece in plan.kept), meta, plan)
+
+
+def load(cache: SinkCache, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, object]) -> None:
+    """Take back what snapshots gave (meta may hold more keys) into this empty cache."""
+    layout = SlotLayout.from_meta(meta["layout"])
+    if (layout.capacity, layout.sinks) != (cache.layout.capacity, cache.layout.sinks):
+        raise ValueError(
+            f"a saved cache of {layout.capacity} tokens with {layout.sinks} sinks does not "
+            f"fit one of {cache.layout.capacity} with {cache.layout.sinks}; use the same sizes"
+        )
+    cache.layout = layout
+    cache.token_ids = tensors["token_ids"].to(cache.device, copy=True)
+    layers = cache.layers[: meta["layers"]]
+    pieces = sorted((piece, name) for name in tensors if (piece := Piece.parse(name)) is not None)
+    if layers and pieces:
+        _lay_down(cache, layers, [(piece, tensors[name]) for piece, name in pieces])
+        cache.pieces.restored(piece for piece, _ in pieces)
+    else:
+        _load_legacy(cache, layers, tensors)
+        cache.pieces.forget()
+    for layer in layers:
+        layer.dtype, layer.device = layer.keys.dtype, layer.keys.device
+        layer.is_initialized = True
+        layer.length = layout.length
+
+
+def _copy_out(layers: Sequence[SinkCacheLayer], piece: Piece, pinned: bool) -> torch.Tensor:
+    first = layers[0].keys
+    batch, heads, _, dim = first.shape
+    shapes = {shape for layer in layers for shape in (layer.keys.shape, layer.values.shape)}
+    if len(shapes) > 1:
+        raise ValueError("a cache whose layers differ in shape cannot be saved in pieces")
+    size = (len(layers), 2, batch, heads, piece.stop - piece.start, dim)
+    out = torch.empty(size, dtype=first.dtype, pin_memory=pinned)
+    for index, layer in enumerate(layers):
+        out[index, 0].copy_(layer.keys[:, :, piece.start : piece.stop], non_blocking=pinned)
+        out[index, 1].copy_(layer.values[:, :, piece.start : piece.stop], non_blocking=pinned)
+    return out
+
+
+def _lay_down(
+    cache: SinkCache,
+    layers: Sequence[SinkCacheLayer],
+    pieces: list[tuple[Piece, torch.Tensor]],
+) -> None:
+    """Every layer's keys and values as views of one buffer allocated once, [layers, 2, ...]
+    like a piece, so that each piece goes into its slots of every layer in one copy.
+
+    The pieces are checked before the buffer is allocated: whatever a damaged state holds,
+    the buffer is no larger than the pieces that cover it."""
+    capacity = cache.layout.capacity
+    first = pieces[0][1]
+    if first.dim() != 6:
+        raise ValueError(f"saved piece {pieces[0][0].name} has shape {list(first.shape)}")
+    batch, heads, dim = first.shape[2], first.shape[3], first.shape[5]
+    size = (len(layers), 2, batch, heads, capacity, dim)
+    covered = 0
+    for piece, tensor in pieces:
+        span = piece.stop - piece.start
+        if not 0 < span <= capacity - piece.start or tensor.shape != (*size[:4], span, dim):
+            raise ValueError(
+                f"saved piece {piece.name} of shape {list(tensor.shape)} does not fit a cache "
+                f"of {len(layers)} layers and {capacity} slots; the state is damaged"
+            )
+        if tensor.dtype != first.dtype:
+            raise ValueError(f"saved piece {piece.name} is {tensor.dtype}, not {first.dtype}")
+        covered = _cover(covered, piece)
+    if covered != (1 << capacity) - 1:
+        raise ValueError("the saved pieces leave slots of the cache empty; the state is incomplete")
+    buffer = torch.empty(size, dtype=first.dtype, device=cache.device)
+    for index, layer in enumerate(layers):
+        layer.keys, layer.values = buffer[index, 0], buffer[index, 1]
+    for piece, tensor in pieces:
+        _copy_into(buffer[:, :, :, :, piece.start : piece.stop], tensor)
+
+
+def _copy_into(target: torch.Tensor, source: torch.Tensor) -> None:
+    """On the CPU, a memcpy of each run on this thread (numpy): torch splits a copy this big
+    over its threads, which was 3-4x slower on a busy 2-core host. Bytes, any dtype."""
+    if target.device.type != "cpu":
+        target.copy_(source)
+        return
+    np.copyto(target.view(torch.uint8).numpy(), source.view(torch.uint8).numpy())
+
+
+def _cover(covered: int, piece: Piece) -> int:
+    """`covered`, a bit per slot, with the piece's slots set."""
+    return covered | ((1 << (piece.stop - piece.start)) - 1) << piece.start
+
+
+def _load_legacy(
+    cache: SinkCache, layers: Sequence[SinkCacheLayer], tensors: Mapping[str, torch.Tensor]
+) -> None:
+    """Blocks of LEGACY_BLOCK_SLOTS slots per layer and kind, each copied into its slots."""
+    by_layer: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        owner, _, rest = name.partition(".")
+        by_layer.setdefault(owner, {})[rest] = tensor
+    for index, layer in enumerate(layers):
+        blocks = by_layer.get(f"layer{index}", {})
+        layer.keys = _join(cache, blocks, "keys")
+        layer.values = _join(cache, blocks, "values")
+
+
+def _join(cache: SinkCache, blocks: Mapping[str, torch.Tensor], kind: str) -> torch.Tensor:
+    """The blocks of `kind` ('keys' or 'values') copied into one buffer, in slot order."""
+    pieces = sorted(
+        (int(name.rsplit(".", 1)[1]), tensor)
+        for name, tensor in blocks.items()
+        if name.rsplit(".", 1)[0] == kind
+    )
+    if not pieces:
+        raise ValueError(f"a saved cache layer has no {kind}; the state is incomplete")
+    first = pieces[0][1]
+    buffer = first.new_empty((*first.shape[:2], cache.layout.capacity, first.shape[3]))
+    buffer = buffer.to(cache.device)
+    filled = 0
+    for block, tensor in pieces:
+        start = block * LEGACY_BLOCK_SLOTS
+        buffer[:, :, start : start + tensor.shape[2]].copy_(tensor)
+        filled += tensor.shape[2]
+    if filled != cache.layout.capacity:
+        raise ValueError(f"a saved cache layer's {kind} miss slots; the state is incomplete")
+    return buffer
