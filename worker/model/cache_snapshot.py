@@ -104,20 +104,19 @@ def _lay_down(
     the buffer is no larger than the pieces that cover it."""
     capacity = cache.layout.capacity
     first = pieces[0][1]
-    if first.dim() != 6:
-        raise ValueError(f"saved piece {pieces[0][0].name} has shape {list(first.shape)}")
-    batch, heads, dim = first.shape[2], first.shape[3], first.shape[5]
+    batch, heads, dim = (
+        (first.shape[2], first.shape[3], first.shape[5]) if first.dim() == 6 else (0, 0, 0)
+    )
     size = (len(layers), 2, batch, heads, capacity, dim)
     covered = 0
     for piece, tensor in pieces:
         span = piece.stop - piece.start
-        if not 0 < span <= capacity - piece.start or tensor.shape != (*size[:4], span, dim):
+        fits = 0 < span <= capacity - piece.start and tensor.shape == (*size[:4], span, dim)
+        if not fits or tensor.dtype != first.dtype or first.dim() != 6:
             raise ValueError(
-                f"saved piece {piece.name} of shape {list(tensor.shape)} does not fit a cache "
-                f"of {len(layers)} layers and {capacity} slots; the state is damaged"
+                f"saved piece {piece.name} ({tensor.dtype} {list(tensor.shape)}) does not fit "
+                f"a cache of {len(layers)} layers and {capacity} slots; the state is damaged"
             )
-        if tensor.dtype != first.dtype:
-            raise ValueError(f"saved piece {piece.name} is {tensor.dtype}, not {first.dtype}")
         covered = _cover(covered, piece)
     if covered != (1 << capacity) - 1:
         raise ValueError("the saved pieces leave slots of the cache empty; the state is incomplete")
