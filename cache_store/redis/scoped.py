@@ -6,7 +6,7 @@ permanent (or gives them the stream's idle TTL) and deletes the ones the new man
 which the client names (scripts.py says why). A state that names blocks without carrying them
 (`StreamState.stored`) has them checked by the commit like the others; as no retry can bring
 such a block back, its absence is a MissingBlocksError at once. A load fetches the blocks in
-pipelined MGETs of about MGET_BYTES.
+MGETs of about MGET_BYTES, pipelined where Redis is one server.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from cache_store.codec import (
 from cache_store.exceptions import MissingBlocksError, StateCorruptError
 from cache_store.partition import FencedError, OutboxEntry
 from cache_store.redis import scripts
-from cache_store.redis.client import Client, redis_errors
+from cache_store.redis.client import Client, LazyCluster, redis_errors
 from cache_store.redis.keys import ScopeKeys, index_key
 from cache_store.state import Expected, StreamState
 from cache_store.store import SaveReport
@@ -63,19 +63,26 @@ class ScopedStates:
         return decode_state(manifest, blocks, expected_fingerprint, borrow=True)
 
     def _fetch(self, prefix: str, ids: list[str], sizes: dict[str, int]) -> list[bytes | None]:
-        """The blocks' bytes (None where missing), in MGETs of about MGET_BYTES, pipelined."""
-        pipe = self.client.pipeline(transaction=False)
-        batch: list[str] = []
+        """The blocks' bytes (None where missing), in MGETs of about MGET_BYTES: pipelined on
+        one server; one after another on a cluster, whose pipelines refuse MGET (the keys
+        share one slot, so each MGET still goes to one node)."""
+        batches: list[list[str]] = [[]]
         batch_bytes = 0
         for bid in ids:
-            batch.append(prefix + bid)
+            batches[-1].append(prefix + bid)
             batch_bytes += sizes[bid]
             if batch_bytes >= MGET_BYTES:
+                batches.append([])
+                batch_bytes = 0
+        batches = [batch for batch in batches if batch]
+        if isinstance(self.client, LazyCluster):
+            replies = [self.client.mget(batch) for batch in batches]
+        else:
+            pipe = self.client.pipeline(transaction=False)
+            for batch in batches:
                 pipe.mget(batch)
-                batch, batch_bytes = [], 0
-        if batch:
-            pipe.mget(batch)
-        return [raw for reply in pipe.execute() for raw in reply]
+            replies = pipe.execute()
+        return [raw for reply in replies for raw in reply]
 
     def commit(
         self,

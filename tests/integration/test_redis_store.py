@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cache_store.codec import encode_state
-from cache_store.exceptions import StateCorruptError, StateForeignError
+from cache_store.exceptions import MissingBlocksError, StateCorruptError, StateForeignError
 from cache_store.partition import (
     FencedError,
     OutboxEntry,
@@ -70,6 +70,25 @@ def test_commit_then_load_is_exact_and_unchanged_blocks_are_reused(store) -> Non
     # The block of fill 1.0 is gone: only the blocks the manifest names remain.
     assert len(_keys(store, "{input/3}:b:s:*")) == 3
     assert store.load("s", "model-a") is not None and store.list_streams() == ["s"]
+
+
+def test_a_commit_carries_what_changed_and_names_the_rest_until_a_named_block_is_gone(
+    store,
+) -> None:
+    lease = store.claim(SCOPE)
+    lease.commit([_state("s", 1.0)], next_offset=1)
+    stored = lease.load("s").stored
+    changed = {"layer0.keys.0": _state("s", 2.0).tensors["layer0.keys.0"]}
+    report = lease.commit([StreamState("s", "model-a", changed, {}, stored=stored)], 2)
+    assert report.blocks_written == 1 and report.blocks_reused == 2
+    loaded = lease.load("s")
+    for name, tensor in _state("s", 2.0).tensors.items():
+        assert torch.equal(loaded.tensors[name], tensor)
+    assert len(_keys(store, "{input/3}:b:s:*")) == 3  # the block of fill 1.0 was dropped
+    store.client.delete(f"{store.prefix}:{{input/3}}:b:s:{stored['token_ids'].block}")
+    with pytest.raises(MissingBlocksError, match="save the streams whole"):
+        lease.commit([StreamState("s", "model-a", changed, {"x": 1}, stored=stored)], 3)
+    assert store.claim(SCOPE).next_offset == 2
 
 
 def test_a_stale_epoch_is_fenced_off_and_changes_nothing(store) -> None:
