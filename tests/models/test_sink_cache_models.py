@@ -111,3 +111,22 @@ def test_a_cache_past_where_longrope_tables_switch_is_refused() -> None:
     assert len(layer_kinds(model, 32)) == 1
     with pytest.raises(CacheCapacityError, match="longrope"):
         layer_kinds(model, 33)
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_a_cache_restored_from_incremental_snapshots_goes_on_exactly(name: str) -> None:
+    """Every architecture's layers (Gemma 3's full and sliding ones too) share one slot
+    layout and shape, so the pieces of every layer are saved and laid down together."""
+    model = tiny_model(name)
+    ids = torch.randint(0, VOCAB, (90,), generator=torch.Generator().manual_seed(4))
+    cache = _sink_cache(model, 24)
+    saved: dict[str, torch.Tensor] = {}
+    for start in range(0, 60, 15):  # the ring turns between snapshots
+        _run(model, cache, ids[start : start + 15], 5)
+        snapshot = cache.snapshot()
+        saved = {piece: saved[piece] for piece in snapshot.kept} | snapshot.tensors
+        cache.saved(snapshot)
+    assert snapshot.kept  # the last snapshot named saved pieces instead of carrying them
+    restored = _sink_cache(model, 24)
+    restored.load(saved, snapshot.meta)
+    assert torch.equal(_run(model, restored, ids[60:], 1), _run(model, cache, ids[60:], 1))
