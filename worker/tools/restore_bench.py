@@ -19,7 +19,7 @@ from worker.model.cache_settings import CacheSettings
 from worker.model.loading import LoadedModel
 from worker.stream.commentator import Commentator
 from worker.stream.session import StreamSession
-from worker.stream.session_state import mark_saved, restore, snapshot
+from worker.stream.session_state import expected_writer, mark_saved, restore, snapshot
 from worker.tools.measure import random_ids, timed_ms
 
 SCOPE = "bench/0"
@@ -95,7 +95,7 @@ def _measure(
     slot_bytes = 2 * len(session.cache.layers) * layer.keys[:, :, 0].numel() * layer.keys.itemsize
 
     def restore_once() -> None:
-        restore(lease.load(stream_id, loaded.fingerprint), commentator)
+        restore(lease.load(stream_id, expected_writer(commentator)), commentator)
 
     def prefill_once() -> None:
         commentator.feed(commentator.new_empty_session(stream_id), ids[NEXT_TOKENS:])
