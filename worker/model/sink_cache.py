@@ -167,6 +167,11 @@ class SinkCache(Cache):
             self._rotation = self.scheme.rotation(positions, self.device, dtype)
         return self._rotation
 
+    def tokens_of_span(self, start: int, end: int) -> list[int]:
+        """The ids of the stream's tokens start..end-1 still in this cache, oldest first."""
+        slots = self.layout.slots_of_span(start, end).to(self.device)
+        return self.token_ids[slots].tolist()
+
     def pin(self, prefix_tokens: int) -> None:
         self.layout.pin(prefix_tokens)
 
