@@ -20,7 +20,7 @@ class CommentaryPolicy:
     # Repetition control over the stream's earlier commentary still in the cache and the
     # turn being written (see sampling.repetition_controls).
     repetition_penalty: float = 1.0
-    no_repeat_ngram: int = 0
+    no_repeat_ngram: int = 4
 
     def __post_init__(self) -> None:
         if not (self.every_records or self.every_tokens or self.every_seconds):
