@@ -168,3 +168,25 @@ def test_bench_batch_prints_sequential_batched_and_plain_side_by_side(model_dir:
     rows = [line.split() for line in lines[2:]]
     assert [row[0] for row in rows] == ["1", "3"] and all(row[3].endswith("x") for row in rows)
     assert all(float(figure) > 0 for row in rows for figure in (row[1], row[2], row[4]))
+
+
+def test_eval_commentary_scores_what_run_writes_and_its_dump_alike(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    log = tmp_path / "app.log"
+    log.write_text("".join(f"12:00:{i:02d} ERROR request {i} failed: 503\n" for i in range(12)))
+    run = CliRunner().invoke(app, run_arguments(log, tmp_path / "state", model_dir, 4))
+    assert run.exit_code == 0, run.output
+    dump = tmp_path / "commentary.jsonl"
+    dump.write_text(run.stdout)
+    same = run_arguments(log, tmp_path / "state", model_dir, 4)[5:]  # the model and policy
+    scores = []
+    for extra in ([], ["--commentary", str(dump)]):
+        result = CliRunner().invoke(app, ["eval", "commentary", str(log), *same, *extra])
+        assert result.exit_code == 0, result.output
+        scores.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    written, dumped = scores
+    assert written.pop("seconds_per_commentary") > 0
+    assert dumped.pop("seconds_per_commentary") is None
+    assert written == dumped and written["commentaries"] == 3
+    assert 0 <= written["grounding"] <= 1 and 0 <= written["invention"] <= 1

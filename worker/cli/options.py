@@ -233,9 +233,31 @@ def policy_options(
         float, typer.Option(envvar="STREAMSINK_TEMPERATURE", help="0 = greedy")
     ] = 0.0,
     seed: Annotated[int, typer.Option(envvar="STREAMSINK_SEED", help="sampling seed")] = 0,
+    repetition_penalty: Annotated[
+        float,
+        typer.Option(
+            envvar="STREAMSINK_REPETITION_PENALTY",
+            help="penalty on tokens of the earlier commentary still in the cache (1 = none)",
+        ),
+    ] = CommentaryPolicy.repetition_penalty,
+    no_repeat_ngram: Annotated[
+        int,
+        typer.Option(
+            envvar="STREAMSINK_NO_REPEAT_NGRAM",
+            min=0,
+            help="never repeat an n-gram of that commentary or of the turn (0 = off)",
+        ),
+    ] = CommentaryPolicy.no_repeat_ngram,
 ) -> CommentaryPolicy:
     return CommentaryPolicy(
-        every_records, every_tokens, every_seconds, max_new_tokens, temperature, seed=seed
+        every_records,
+        every_tokens,
+        every_seconds,
+        max_new_tokens,
+        temperature,
+        seed=seed,
+        repetition_penalty=repetition_penalty,
+        no_repeat_ngram=no_repeat_ngram,
     )
 
 

@@ -188,6 +188,11 @@ class SinkCache(Cache):
             self._rotations[kind] = kind.scheme.rotation(positions, self.device, dtype)
         return self._rotations[kind]
 
+    def tokens_of_span(self, start: int, end: int) -> list[int]:
+        """The ids of the stream's tokens start..end-1 still in this cache, oldest first."""
+        slots = self.layout.slots_of_span(start, end).to(self.device)
+        return self.token_ids[slots].tolist()
+
     def pin(self, prefix_tokens: int) -> None:
         self.layout.pin(prefix_tokens)
 
