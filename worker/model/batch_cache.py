@@ -6,8 +6,10 @@ slot's position, and the values as they lie, gathered into one batch [rows, head
 dims]. The BatchPlan's mask hides the slots a row has not filled. Each cache plans, commits and
 is marked damaged on a failed forward through its own `step()`, exactly as when it runs alone.
 
-The rows are gathered (copied) into the batch on every step; caches that share one buffer
-per layer, a row each, would let attention read them in place.
+Each row's keys are rotated straight from its own cache into the batch, and its values copied
+there, into buffers that every layer and step reuses (scratch.py): nothing is allocated per
+layer. Caches that shared one buffer per layer, a row each, would let attention read the
+values in place, without that copy.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from worker.model.batch_step import BatchPlan, plan_batch
 from worker.model.compat import cache_argument
+from worker.model.scratch import scratch
 from worker.model.sink_cache import SinkCache
 
 
@@ -45,9 +48,14 @@ class BatchCacheLayer(CacheLayerMixin):
         stored = owner.scheme.to_stored(key_states, owner.plan.first_positions)
         for row, layer in enumerate(rows):
             layer.write(stored[row : row + 1], value_states[row : row + 1])
-        keys = torch.cat([layer.keys for layer in rows])
-        values = torch.cat([layer.values for layer in rows])
-        return owner.scheme.to_attention(keys, owner.rotation(keys.dtype)), values
+        values = _batch_of(rows[0].values, len(rows), "values")
+        torch.cat([layer.values for layer in rows], out=values)
+        keys = _batch_of(rows[0].keys, len(rows), "attention keys")
+        # Each row's keys rotated straight from its own cache into the batch: no gathered copy.
+        rotations = owner.rotations(keys.dtype)
+        for row, (layer, rotation) in enumerate(zip(rows, rotations, strict=True)):
+            owner.scheme.to_attention(layer.keys, rotation, keys[row : row + 1])
+        return keys, values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self._owner.capacity, 0
@@ -69,14 +77,23 @@ class BatchCache(Cache):
         self.plan = plan
         self.scheme = caches[0].scheme
         self.capacity = caches[0].layout.capacity
-        self._rotation: object = None  # every row's key rotation, shared by every layer
+        self._rotations: list[object] | None = None
         super().__init__(layers=[BatchCacheLayer(self, i) for i in range(len(caches[0].layers))])
 
-    def rotation(self, dtype: torch.dtype) -> object:
-        if self._rotation is None:
+    def rotations(self, dtype: torch.dtype) -> list[object]:
+        """Each row's key rotation, made once per step and shared by every layer."""
+        if self._rotations is None:
             positions = self.plan.slot_positions
-            self._rotation = self.scheme.rotation(positions, positions.device, dtype)
-        return self._rotation
+            self._rotations = [
+                self.scheme.rotation(positions[row : row + 1], positions.device, dtype)
+                for row in range(len(positions))
+            ]
+        return self._rotations
+
+
+def _batch_of(like: torch.Tensor, rows: int, purpose: str) -> torch.Tensor:
+    """A reused buffer for `rows` tensors shaped like one row's `like`."""
+    return scratch(purpose, (rows, *like.shape[1:]), like.dtype, like.device)
 
 
 def can_batch(cache: SinkCache, tokens: torch.Tensor) -> bool:

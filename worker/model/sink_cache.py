@@ -22,6 +22,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from worker.exceptions import CacheDamagedError
 from worker.model.positions import PositionScheme, scheme_for
+from worker.model.scratch import scratch
 from worker.model.slot_layout import SlotLayout, StepPlan
 
 BLOCK_SLOTS = 64
@@ -57,7 +58,9 @@ class SinkCacheLayer(CacheLayerMixin):
         else:
             keys, values = self._in_position_order(plan)
             positions = plan.length_after
-        return scheme.to_attention(keys, self._owner.rotation(positions, keys.dtype)), values
+        rotation = self._owner.rotation(positions, keys.dtype)
+        out = scratch("attention keys", keys.shape, keys.dtype, keys.device)
+        return scheme.to_attention(keys, rotation, out), values
 
     def write(self, stored_keys: torch.Tensor, values: torch.Tensor) -> None:
         """Put this step's new keys (already position-free) and values in their slots."""
