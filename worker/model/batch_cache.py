@@ -6,10 +6,12 @@ slot's position, and the values as they lie, gathered into one batch [rows, head
 dims]. The BatchPlan's mask hides the slots a row has not filled. Each cache plans, commits and
 is marked damaged on a failed forward through its own `step()`, exactly as when it runs alone.
 
-Each row's keys are rotated straight from its own cache into the batch, and its values copied
-there, into buffers that every layer and step reuses (scratch.py): nothing is allocated per
-layer. Caches that shared one buffer per layer, a row each, would let attention read the
-values in place, without that copy.
+The rows' keys and values are gathered (copied) into buffers that every layer and step reuses
+(scratch.py), and the keys rotated from there into a third: nothing is allocated per layer.
+The gather stays batched on purpose: rotating each row straight from its own cache saves that
+copy but makes as many small elementwise ops as rows, slower on a busy CPU (each op is a
+parallel region that waits for its threads). Caches that shared one buffer per layer, a row
+each, would let attention read them in place, without the copy.
 """
 
 from __future__ import annotations
@@ -48,14 +50,10 @@ class BatchCacheLayer(CacheLayerMixin):
         stored = owner.scheme.to_stored(key_states, owner.plan.first_positions)
         for row, layer in enumerate(rows):
             layer.write(stored[row : row + 1], value_states[row : row + 1])
-        values = _batch_of(rows[0].values, len(rows), "values")
-        torch.cat([layer.values for layer in rows], out=values)
-        keys = _batch_of(rows[0].keys, len(rows), "attention keys")
-        # Each row's keys rotated straight from its own cache into the batch: no gathered copy.
-        rotations = owner.rotations(keys.dtype)
-        for row, (layer, rotation) in enumerate(zip(rows, rotations, strict=True)):
-            owner.scheme.to_attention(layer.keys, rotation, keys[row : row + 1])
-        return keys, values
+        keys = _gathered([layer.keys for layer in rows], "batch stored keys")
+        values = _gathered([layer.values for layer in rows], "batch values")
+        out = scratch("attention keys", keys.shape, keys.dtype, keys.device)
+        return owner.scheme.to_attention(keys, owner.rotation(keys.dtype), out), values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self._owner.capacity, 0
@@ -77,23 +75,22 @@ class BatchCache(Cache):
         self.plan = plan
         self.scheme = caches[0].scheme
         self.capacity = caches[0].layout.capacity
-        self._rotations: list[object] | None = None
+        self._rotation: object = None
         super().__init__(layers=[BatchCacheLayer(self, i) for i in range(len(caches[0].layers))])
 
-    def rotations(self, dtype: torch.dtype) -> list[object]:
-        """Each row's key rotation, made once per step and shared by every layer."""
-        if self._rotations is None:
+    def rotation(self, dtype: torch.dtype) -> object:
+        """Every row's key rotation, made once per step and shared by every layer."""
+        if self._rotation is None:
             positions = self.plan.slot_positions
-            self._rotations = [
-                self.scheme.rotation(positions[row : row + 1], positions.device, dtype)
-                for row in range(len(positions))
-            ]
-        return self._rotations
+            self._rotation = self.scheme.rotation(positions, positions.device, dtype)
+        return self._rotation
 
 
-def _batch_of(like: torch.Tensor, rows: int, purpose: str) -> torch.Tensor:
-    """A reused buffer for `rows` tensors shaped like one row's `like`."""
-    return scratch(purpose, (rows, *like.shape[1:]), like.dtype, like.device)
+def _gathered(tensors: list[torch.Tensor], purpose: str) -> torch.Tensor:
+    """The rows' tensors as one batch, in a buffer that every layer and step reuses."""
+    first = tensors[0]
+    out = scratch(purpose, (len(tensors), *first.shape[1:]), first.dtype, first.device)
+    return torch.cat(tensors, out=out)
 
 
 def can_batch(cache: SinkCache, tokens: torch.Tensor) -> bool:
