@@ -23,6 +23,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from worker.exceptions import CacheDamagedError
 from worker.model.compat import LayerAcrossReleases
 from worker.model.layer_kinds import LayerKind, layer_kinds
+from worker.model.scratch import scratch
 from worker.model.slot_layout import SlotLayout, StepPlan
 
 BLOCK_SLOTS = 64
@@ -66,7 +67,8 @@ class SinkCacheLayer(LayerAcrossReleases, CacheLayerMixin):
             keys, values = self._in_position_order(plan, first)
             positions = slice(first, plan.length_after)
         rotation = self._owner.rotation(kind, positions, keys.dtype)
-        return kind.scheme.to_attention(keys, rotation), values
+        out = scratch("attention keys", keys.shape, keys.dtype, keys.device)
+        return kind.scheme.to_attention(keys, rotation, out), values
 
     def write(self, stored_keys: torch.Tensor, values: torch.Tensor) -> None:
         """Put this step's new keys (already position-free) and values in their slots."""
