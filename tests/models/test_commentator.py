@@ -111,6 +111,21 @@ def test_no_repeat_ngram_bans_what_the_earlier_commentary_in_the_cache_wrote() -
     assert len({token for turn in free for token in turn}) < sum(map(len, free))
 
 
+def test_openings_of_commentary_gone_from_the_cache_are_still_banned(tmp_path: Path) -> None:
+    """The cache's window holds a few turns only; the openings kept with the counters keep
+    later commentary from opening like the evicted ones, and replay exactly."""
+    policy = CommentaryPolicy(every_records=2, max_new_tokens=6, no_repeat_ngram=1)
+    commentator = _commentator(policy=policy)
+    session = commentator.new_session("s")
+    written = _feed(commentator, session, LINES)
+    openings = session.counters.commentary_openings
+    assert len(written) == len(openings) == 20
+    assert len(session.counters.commentary_spans) < len(openings)  # most turns were evicted
+    tokens = [token for opening in openings for token in opening]
+    assert tokens and len(set(tokens)) == len(tokens)
+    _assert_restores_exactly(commentator, tmp_path)
+
+
 def test_state_of_another_model_is_refused() -> None:
     commentator, other = _commentator(seed=0), _commentator(seed=1)
     session = commentator.new_session("s")

@@ -24,6 +24,11 @@ from worker.stream.policy import CommentaryPolicy
 from worker.stream.records import Commentary
 from worker.stream.session import StreamSession
 
+# How much of each earlier commentary repetition control remembers once its turn has left the
+# cache: an opening longer than the n-gram it bans, for the last commentaries of the stream.
+OPENING_TOKENS = 12
+OPENINGS_KEPT = 32
+
 
 @dataclass(frozen=True)
 class StreamInput:
@@ -129,6 +134,8 @@ class Commentator:
         [written] = self.decoder.generate([turn])
         counters.pending = []
         counters.commentary_spans.append([start, start + len(written)])
+        openings = [*counters.commentary_openings, list(written[:OPENING_TOKENS])]
+        counters.commentary_openings = openings[-OPENINGS_KEPT:]
         session.prefilled_tokens += len(prompt) + len(written)
         commentary = Commentary(
             stream_id=session.stream_id,
@@ -146,12 +153,13 @@ class Commentator:
         return commentary
 
     def _earlier_commentary(self, session: StreamSession) -> list[int]:
-        """The stream's earlier commentary turns that the cache still holds, oldest first, read
-        off the cache's own token ids: a restored stream looks back on exactly the same.
+        """The openings of the stream's last commentaries (saved with its counters), then its
+        earlier commentary turns that the cache still holds, oldest first, read off the cache's
+        own token ids: a restored stream looks back on exactly the same.
 
         Turns evicted whole are forgotten here too, so the saved spans stay few.
         """
-        history: list[int] = []
+        history = [token for opening in session.counters.commentary_openings for token in opening]
         kept = []
         for start, end in session.counters.commentary_spans:
             tokens = session.cache.tokens_of_span(start, end)
