@@ -255,7 +255,10 @@ def policy_options(
         typer.Option(
             envvar="STREAMSINK_NO_REPEAT_NGRAM",
             min=0,
-            help="never repeat an n-gram of that commentary or of the turn (0 = off)",
+            help=(
+                "never repeat an n-gram of that commentary, of the last ones' openings or of"
+                " the turn (0 = off)"
+            ),
         ),
     ] = CommentaryPolicy.no_repeat_ngram,
 ) -> CommentaryPolicy:
