@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import LogitsProcessorList
 
 from tests.models.reference import ReferenceCache
 from tests.models.tiny_models import VOCAB, tiny_configs, tiny_loaded, tiny_model
@@ -12,7 +13,7 @@ from worker.model.batch_cache import batch_forward, can_batch
 from worker.model.cache_settings import CacheSettings
 from worker.model.compat import cache_argument
 from worker.model.decoder import Decoder, GenerationRequest, forward_step
-from worker.model.sampling import Sampler
+from worker.model.sampling import Sampler, repetition_controls
 from worker.model.sink_cache import SinkCache
 
 ARCHITECTURES = sorted(tiny_configs())
@@ -75,17 +76,30 @@ def _each_alone(step, caches: list, tokens: torch.Tensor) -> torch.Tensor:
     )
 
 
+@pytest.mark.parametrize("controlled", [False, True])
 @pytest.mark.parametrize("name", ["llama", "gpt_neox-partial", "falcon-alibi", "bloom", "mpt"])
-def test_a_stream_writes_the_same_tokens_whatever_batch_it_is_in(name: str) -> None:
-    """Rows leave the batch at their own lengths; ALiBi models run one forward per item."""
+def test_a_stream_writes_the_same_tokens_whatever_batch_it_is_in(
+    name: str, controlled: bool
+) -> None:
+    """Rows leave the batch at their own lengths; ALiBi models run one forward per item.
+    Repetition control runs per row, over each row's own history."""
     decoder = Decoder(tiny_loaded(name), CacheSettings(sinks=SINKS, window=20, max_chunk=CHUNK))
     prompts = [_ids(length, seed) for seed, length in enumerate(PROMPTS)]
     caps = [9, 14, 4, 11]
+    controls = repetition_controls(1.5, 2) if controlled else []
+    histories = [_ids(6, 50 + seed).tolist() if controlled else [] for seed in range(len(caps))]
 
     def generate(rows: range) -> list[list[int]]:
         return decoder.generate(
             [
-                GenerationRequest(decoder.new_cache(), prompts[i], Sampler(), caps[i], frozenset())
+                GenerationRequest(
+                    decoder.new_cache(),
+                    prompts[i],
+                    Sampler(LogitsProcessorList(controls)),
+                    caps[i],
+                    frozenset(),
+                    histories[i],
+                )
                 for i in rows
             ]
         )
@@ -93,6 +107,11 @@ def test_a_stream_writes_the_same_tokens_whatever_batch_it_is_in(name: str) -> N
     alone = [generate(range(i, i + 1))[0] for i in range(len(prompts))]
     assert generate(range(2)) == alone[:2]
     assert generate(range(len(prompts))) == alone
+    if controlled:  # no row repeats a pair of tokens of its history or of what it wrote
+        for history, tokens in zip(histories, alone, strict=True):
+            seen = history + tokens
+            pairs = list(zip(seen, seen[1:], strict=False))
+            assert len(set(pairs)) == len(pairs)
     assert can_batch(decoder.new_cache(), torch.tensor([1])) == (name in _batchable())
 
 

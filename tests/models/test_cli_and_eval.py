@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import Result
 from transformers import GPT2Config, GPT2LMHeadModel
 from typer.testing import CliRunner
 
@@ -154,17 +155,62 @@ def test_bench_prints_sink_against_recompute_for_a_random_model(tmp_path: Path) 
     assert float(memory["300"][1]) > float(memory["100"][1])  # a dense one would
 
 
-def test_bench_batch_prints_sequential_batched_and_plain_side_by_side(model_dir: Path) -> None:
+def _bench_throughput(model_dir: Path, *options: str) -> Result:
     threads = torch.get_num_threads()
     try:
-        result = CliRunner().invoke(app, ["bench", "batch", "--model", str(model_dir),
-                                          "--device", "cpu", "--threads", "1", "--streams", "1,3",
-                                          "--size", "40", "--steps", "2"])  # fmt: skip
+        return CliRunner().invoke(app, ["bench", "throughput", "--model", str(model_dir),
+                                        "--device", "cpu", "--threads", "1", "--size", "40",
+                                        "--steps", "2", *options])  # fmt: skip
     finally:
         torch.set_num_threads(threads)
+
+
+def test_bench_throughput_prints_batched_sequential_and_plain_side_by_side(
+    model_dir: Path,
+) -> None:
+    result = _bench_throughput(model_dir, "--streams", "1,3")
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert "1 CPU threads" in lines[0] and "full cache of 40" in lines[0]
-    rows = [line.split() for line in lines[2:]]
-    assert [row[0] for row in rows] == ["1", "3"] and all(row[3].endswith("x") for row in rows)
-    assert all(float(figure) > 0 for row in rows for figure in (row[1], row[2], row[4]))
+    assert lines[1].startswith("prefill float32") and "tokens/s" in lines[1]
+    rows = [line.split() for line in lines[3:]]
+    assert [row[:2] for row in rows] == [["float32", "1"], ["float32", "3"]]
+    assert all(float(figure) > 0 for row in rows for figure in row[2:5])
+
+
+
+def test_eval_commentary_scores_what_run_writes_and_its_dump_alike(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    log = tmp_path / "app.log"
+    log.write_text("".join(f"12:00:{i:02d} ERROR request {i} failed: 503\n" for i in range(12)))
+    run = CliRunner().invoke(app, run_arguments(log, tmp_path / "state", model_dir, 4))
+    assert run.exit_code == 0, run.output
+    dump = tmp_path / "commentary.jsonl"
+    dump.write_text(run.stdout)
+    same = run_arguments(log, tmp_path / "state", model_dir, 4)[5:]  # the model and policy
+    scores = []
+    for extra in ([], ["--commentary", str(dump)]):
+        result = CliRunner().invoke(app, ["eval", "commentary", str(log), *same, *extra])
+        assert result.exit_code == 0, result.output
+        scores.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    written, dumped = scores
+    assert written.pop("seconds_per_commentary") > 0
+    assert dumped.pop("seconds_per_commentary") is None
+    assert written == dumped and written["commentaries"] == 3
+    assert 0 <= written["grounding"] <= 1 and 0 <= written["invention"] <= 1
+
+
+def test_bench_throughput_json_splits_batches_and_compares_dtypes(model_dir: Path) -> None:
+    result = _bench_throughput(
+        model_dir, "--streams", "3", "--max-batch", "2", "--dtypes", "float32,bfloat16", "--json"
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["max_batch"] == 2 and report["size"] == 40
+    assert [row["dtype"] for row in report["prefill"]] == ["float32", "bfloat16"]
+    decode = {row["dtype"]: row for row in report["decode"]}
+    fp32, bf16 = decode["float32"], decode["bfloat16"]
+    assert bf16["sink_cache_mb"] == pytest.approx(fp32["sink_cache_mb"] / 2)
+    assert fp32["dense_cache_mb"] == pytest.approx(fp32["sink_cache_mb"] * 39 / 40)
+    assert all(decode["float32"][path] > 0 for path in ("batched", "sequential", "transformers"))

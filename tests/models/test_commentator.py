@@ -27,6 +27,11 @@ LINES = [
 ]
 SETTINGS = CacheSettings(sinks=4, window=124, max_chunk=32)
 POLICY = CommentaryPolicy(every_records=5, max_new_tokens=6)
+# A window that holds a few turns, so the earlier commentary is still there to look back on.
+WIDE = CacheSettings(sinks=4, window=400, max_chunk=32)
+CONTROLLED = CommentaryPolicy(
+    every_records=2, max_new_tokens=6, repetition_penalty=1.5, no_repeat_ngram=2
+)
 
 
 def _commentator(name: str = "llama", seed: int = 0, **overrides) -> Commentator:
@@ -63,7 +68,15 @@ def test_instruction_is_pinned_and_never_evicted() -> None:
 
 @pytest.mark.parametrize("name", ["llama", "gpt_neox-partial", "bloom"])
 def test_restored_session_continues_exactly_with_zero_prefill(name: str, tmp_path: Path) -> None:
-    commentator = _commentator(name)
+    _assert_restores_exactly(_commentator(name), tmp_path)
+
+
+def test_repetition_control_replays_exactly_from_the_saved_state(tmp_path: Path) -> None:
+    """What the processors look back on is read off the saved cache, not kept beside it."""
+    _assert_restores_exactly(_commentator(settings=WIDE, policy=CONTROLLED), tmp_path)
+
+
+def _assert_restores_exactly(commentator: Commentator, tmp_path: Path) -> None:
     uninterrupted = commentator.new_session("s")
     expected = _feed(commentator, uninterrupted, LINES)
 
@@ -80,6 +93,37 @@ def test_restored_session_continues_exactly_with_zero_prefill(name: str, tmp_pat
     assert [c.text for c in before + after] == [c.text for c in expected]
     assert [c.seq for c in before + after] == [c.seq for c in expected]
     assert torch.equal(kept_token_ids(resumed.cache), kept_token_ids(uninterrupted.cache))
+
+
+def test_no_repeat_ngram_bans_what_the_earlier_commentary_in_the_cache_wrote() -> None:
+    def turns(policy: CommentaryPolicy) -> list[list[int]]:
+        commentator = _commentator(settings=WIDE, policy=policy)
+        session = commentator.new_session("s")
+        _feed(commentator, session, LINES[:8])
+        return [session.cache.tokens_of_span(*span) for span in session.counters.commentary_spans]
+
+    banned = turns(CommentaryPolicy(every_records=2, max_new_tokens=6, no_repeat_ngram=1))
+    assert len(banned) == 4 and all(banned[1:])  # the first turn has nothing to look back on
+    for index, turn in enumerate(banned):
+        earlier = {token for other in banned[:index] for token in other}
+        assert len(set(turn)) == len(turn) and not earlier & set(turn)
+    free = turns(CommentaryPolicy(every_records=2, max_new_tokens=6))
+    assert len({token for turn in free for token in turn}) < sum(map(len, free))
+
+
+def test_openings_of_commentary_gone_from_the_cache_are_still_banned(tmp_path: Path) -> None:
+    """The cache's window holds a few turns only; the openings kept with the counters keep
+    later commentary from opening like the evicted ones, and replay exactly."""
+    policy = CommentaryPolicy(every_records=2, max_new_tokens=6, no_repeat_ngram=1)
+    commentator = _commentator(policy=policy)
+    session = commentator.new_session("s")
+    written = _feed(commentator, session, LINES)
+    openings = session.counters.commentary_openings
+    assert len(written) == len(openings) == 20
+    assert len(session.counters.commentary_spans) < len(openings)  # most turns were evicted
+    tokens = [token for opening in openings for token in opening]
+    assert tokens and len(set(tokens)) == len(tokens)
+    _assert_restores_exactly(commentator, tmp_path)
 
 
 def test_state_of_another_model_is_refused() -> None:

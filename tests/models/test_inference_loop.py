@@ -25,7 +25,7 @@ from worker.io.topics import TopicNames
 from worker.ops.metrics import WorkerMetrics
 from worker.runtime.checkpoint_schedule import CheckpointSchedule
 from worker.runtime.inbox import Batch, Claim, Inbox, Lost, Revoke, Stop
-from worker.runtime.inference_loop import CommitOffset, InferenceLoop, Progress, Ready
+from worker.runtime.inference_loop import CommitOffset, Fenced, InferenceLoop, Progress, Ready
 from worker.runtime.kafka_settings import GroupSettings, WorkerSettings
 
 PARTITION = TopicPartition("in", 0)  # claimed as SCOPE
@@ -93,6 +93,24 @@ def test_a_fenced_partition_is_dropped_with_nothing_delivered(commentator) -> No
     assert delivery.delivered == [] and store.partitions[SCOPE].next_offset is None
     assert not any(isinstance(r, CommitOffset) for r in replies)
     assert Progress(PARTITION, 6) not in replies  # the batch after the drop went nowhere
+
+
+def test_a_fenced_partition_claimed_again_resumes_from_its_committed_state(commentator) -> None:
+    """The polling thread is told, and claims it again if the group left it here."""
+    store = MemoryPartitionStore()
+    replies, delivery, metrics = _run(
+        commentator, store, Claim(PARTITION), Batch(PARTITION, records(0, 4)),
+        lambda: store.claim(SCOPE), Batch(PARTITION, records(4, 4)),
+        Claim(PARTITION), Batch(PARTITION, records(4, 4)), Stop(),
+    )  # fmt: skip
+    fenced_at = replies.index(Fenced(PARTITION))
+    assert Ready(PARTITION, 4) in replies[fenced_at:]  # resumes where the commit stopped
+    assert metrics.value("streamsink_fenced_writes") == 1
+    assert store.partitions[SCOPE].next_offset == 8
+    seqs: dict[str, list[int]] = {}
+    for stream, seq, _ in delivery.delivered:
+        seqs.setdefault(stream, []).append(seq)
+    assert seqs and all(got == list(range(len(got))) for got in seqs.values())
 
 
 def test_a_revoke_checkpoints_and_says_so(commentator) -> None:

@@ -107,3 +107,17 @@ def test_pin_too_long_or_too_late_is_refused() -> None:
     _feed(layout, [1] * 20)
     with pytest.raises(CacheCapacityError, match="before the first eviction"):
         layout.pin(6)
+
+
+@pytest.mark.parametrize("pin", [4, 7])
+def test_a_span_of_the_stream_maps_to_the_slots_still_holding_it(pin: int) -> None:
+    layout = SlotLayout(capacity=16, sinks=4)
+    layout.pin(pin)
+    sizes = [pin, 3, 5, 1, 1, 6, 2, 7, 1, 4]
+    owner = _feed(layout, sizes)
+    total = sum(sizes)
+    held = set(owner)
+    for start, end in [(0, 3), (pin, pin + 4), (total - 9, total - 2), (total - 3, total + 5)]:
+        slots = layout.slots_of_span(start, end).tolist()
+        assert [owner[slot] for slot in slots] == [t for t in range(start, end) if t in held]
+    assert layout.slots_of_span(pin, pin + 3).tolist() == []  # evicted long ago

@@ -50,25 +50,39 @@ def decode(
             loaded = model.load()
         else:
             model.use_threads()
-            loaded = load_random(random_config, model.device)
+            loaded = load_random(random_config, model.device, model.dtype)
         run_benchmark(loaded, _sizes(sizes), tokens, _sizes(stream_lengths), out=typer.echo)
 
 
-@app.command("batch")
+@app.command("throughput")
 @uses_groups
-def batch(
+def throughput(
     model: ModelChoice,
-    streams: Annotated[str, typer.Option(help="numbers of streams to compare")] = "1,4,8,16",
+    streams: Annotated[str, typer.Option(help="numbers of streams to compare")] = "1,4,8,16,32",
     size: Annotated[int, typer.Option(help="cache size, full (every step evicts)")] = 1024,
     steps: Annotated[int, typer.Option(help="decode steps timed per figure (median)")] = 8,
+    max_batch: Annotated[
+        int | None, typer.Option(min=1, help="at most N rows a batched forward (larger split)")
+    ] = None,
+    dtypes: Annotated[
+        str | None,
+        typer.Option(help="dtypes side by side, e.g. float32,bfloat16 (default: --dtype)"),
+    ] = None,
+    as_json: JsonOption = False,
 ) -> None:
-    """Decode tokens/s across streams: one forward per stream, one batched forward, and plain
-    transformers batched with a DynamicCache."""
-    from worker.tools.batch_bench import run_batch_benchmark
+    """Decode and prefill tokens/s and memory across streams: the batched sink path, one
+    forward per stream, and plain transformers batched with a DynamicCache (no sinks)."""
+    from worker.tools.throughput_bench import run_throughput_benchmark
 
     with exit_on_known_errors():
-        loaded = model.load()
-        run_batch_benchmark(loaded, _sizes(streams), size, steps, out=typer.echo)
+        chosen = dtypes.split(",") if dtypes else [model.dtype]
+        models = [dataclasses.replace(model, dtype=dtype).load() for dtype in chosen]
+        report = run_throughput_benchmark(models, _sizes(streams), size, steps, max_batch)
+        if as_json:
+            typer.echo(json.dumps(report.to_dict()))
+        else:
+            for line in report.lines():
+                typer.echo(line)
 
 
 @app.command("restore")

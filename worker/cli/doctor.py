@@ -69,7 +69,7 @@ def check_redis(redis: RedisSettings) -> Check:
 def check_model(model: ModelChoice, cache_tokens: int) -> Check:
     threads = model.use_threads()
     try:
-        loaded = load_model(model.spec, model.device)
+        loaded = load_model(model.spec, model.device, dtype=model.dtype)
     except (StreamsinkError, OSError, ValueError) as error:
         return Check("model", False, str(error))
     if cache_tokens > loaded.max_cache:

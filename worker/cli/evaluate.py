@@ -11,7 +11,10 @@ import typer
 from worker.cli.console import err, exit_on_known_errors
 from worker.cli.option_groups import uses_groups
 from worker.cli.options import JsonOption, ModelChoice
+from worker.io.file_source import FileSource, LineKeys
 from worker.model.cache_settings import CacheSettings
+from worker.stream.chat_format import Prompt
+from worker.stream.policy import CommentaryPolicy
 
 app = typer.Typer(no_args_is_help=True, help="Score texts the way the paper does.")
 
@@ -39,3 +42,53 @@ def perplexity(
         typer.echo(json.dumps(result.to_json_dict()))
     else:
         typer.echo(result.describe())
+
+
+@app.command("commentary")
+@uses_groups
+def commentary(
+    model: ModelChoice,
+    cache: CacheSettings,
+    policy: CommentaryPolicy,
+    prompt: Prompt,
+    keys: LineKeys,
+    file: Annotated[
+        Path, typer.Argument(exists=True, dir_okay=False, help="text or log to comment on")
+    ],
+    dump: Annotated[
+        Path | None,
+        typer.Option(
+            "--commentary",
+            exists=True,
+            dir_okay=False,
+            help="score this `run --json` / `consume --json` dump of FILE instead of writing",
+        ),
+    ] = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Repeats, loops, grounding, invention and time of the commentary on FILE.
+
+    Writes it the way `streamsink run` does on a file (no saved state), or scores a dump.
+    """
+    from worker.stream.commentator import Commentator
+    from worker.tools.commentary_eval import (
+        read_dump,
+        score_commentary,
+        stream_lines,
+        write_commentary,
+    )
+
+    source = FileSource(str(file), keys)
+    with exit_on_known_errors():
+        if dump is None:
+            commentator = Commentator(model.load(), cache, policy, prompt)
+            with err.status("writing commentary"):
+                written, records, seconds = write_commentary(commentator, source.batches())
+            report = score_commentary(written, stream_lines(records), seconds)
+        else:
+            records = [record for batch in source.batches() for record in batch]
+            report = score_commentary(read_dump(dump), stream_lines(records))
+    if json_output:
+        typer.echo(json.dumps(report.to_json_dict()))
+    else:
+        typer.echo(report.describe())

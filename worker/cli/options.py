@@ -169,6 +169,7 @@ class ModelChoice:
     spec: str = DEFAULT_MODEL
     device: str = "auto"
     threads: int | None = None  # None: the CPUs this process is given
+    dtype: str = "auto"  # auto: fp32 on the CPU, bf16 (or fp16) on CUDA
 
     def use_threads(self) -> int:
         """Size torch's thread pools; before the model loads, so every forward runs on them."""
@@ -178,7 +179,9 @@ class ModelChoice:
         """Load it with a spinner on stderr that says what is going on (fetch, convert, load)."""
         self.use_threads()
         with err.status("loading model") as status:
-            return load_model(self.spec, self.device, progress=lambda stage: status.update(stage))
+            return load_model(
+                self.spec, self.device, lambda stage: status.update(stage), self.dtype
+            )
 
 
 @option_group("Model")
@@ -199,8 +202,15 @@ def model_options(
             envvar="STREAMSINK_THREADS", min=1, help="torch threads (default: the CPU quota)"
         ),
     ] = None,
+    dtype: Annotated[
+        str,
+        typer.Option(
+            envvar="STREAMSINK_DTYPE",
+            help="auto (float32 on the CPU, bfloat16 on CUDA), float32, bfloat16 or float16",
+        ),
+    ] = "auto",
 ) -> ModelChoice:
-    return ModelChoice(model, device, threads)
+    return ModelChoice(model, device, threads, dtype)
 
 
 @option_group("Cache")
@@ -233,9 +243,34 @@ def policy_options(
         float, typer.Option(envvar="STREAMSINK_TEMPERATURE", help="0 = greedy")
     ] = 0.0,
     seed: Annotated[int, typer.Option(envvar="STREAMSINK_SEED", help="sampling seed")] = 0,
+    repetition_penalty: Annotated[
+        float,
+        typer.Option(
+            envvar="STREAMSINK_REPETITION_PENALTY",
+            help="penalty on tokens of the earlier commentary still in the cache (1 = none)",
+        ),
+    ] = CommentaryPolicy.repetition_penalty,
+    no_repeat_ngram: Annotated[
+        int,
+        typer.Option(
+            envvar="STREAMSINK_NO_REPEAT_NGRAM",
+            min=0,
+            help=(
+                "never repeat an n-gram of that commentary, of the last ones' openings or of"
+                " the turn (0 = off)"
+            ),
+        ),
+    ] = CommentaryPolicy.no_repeat_ngram,
 ) -> CommentaryPolicy:
     return CommentaryPolicy(
-        every_records, every_tokens, every_seconds, max_new_tokens, temperature, seed=seed
+        every_records,
+        every_tokens,
+        every_seconds,
+        max_new_tokens,
+        temperature,
+        seed=seed,
+        repetition_penalty=repetition_penalty,
+        no_repeat_ngram=no_repeat_ngram,
     )
 
 

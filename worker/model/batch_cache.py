@@ -8,8 +8,12 @@ model gets one mask per layer type, and its sliding layers' also hides what they
 Each cache plans, commits and is marked damaged on a failed forward through its own `step()`,
 exactly as when it runs alone.
 
-The rows are gathered (copied) into the batch on every step; caches that share one buffer
-per layer, a row each, would let attention read them in place.
+The rows' keys and values are gathered (copied) into buffers that every layer and step reuses
+(scratch.py), and the keys rotated from there into a third: nothing is allocated per layer.
+The gather stays batched on purpose: rotating each row straight from its own cache saves that
+copy but makes as many small elementwise ops as rows, slower on a busy CPU (each op is a
+parallel region that waits for its threads). Caches that shared one buffer per layer, a row
+each, would let attention read them in place, without the copy.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from worker.model.batch_step import BatchPlan, plan_batch
 from worker.model.compat import LayerAcrossReleases, cache_argument
 from worker.model.layer_kinds import LayerKind, is_hybrid
+from worker.model.scratch import scratch
 from worker.model.sink_cache import SinkCache
 
 
@@ -48,9 +53,10 @@ class BatchCacheLayer(LayerAcrossReleases, CacheLayerMixin):
         stored = kind.scheme.to_stored(key_states, owner.plan.first_positions)
         for row, layer in enumerate(rows):
             layer.write(stored[row : row + 1], value_states[row : row + 1])
-        keys = torch.cat([layer.keys for layer in rows])
-        values = torch.cat([layer.values for layer in rows])
-        return kind.scheme.to_attention(keys, owner.rotation(kind, keys.dtype)), values
+        keys = _gathered([layer.keys for layer in rows], "batch stored keys")
+        values = _gathered([layer.values for layer in rows], "batch values")
+        out = scratch("attention keys", keys.shape, keys.dtype, keys.device)
+        return kind.scheme.to_attention(keys, owner.rotation(kind, keys.dtype), out), values
 
     def mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self._owner.capacity, 0
@@ -76,6 +82,7 @@ class BatchCache(Cache):
         super().__init__(layers=[BatchCacheLayer(self, i) for i in range(len(self.kinds))])
 
     def rotation(self, kind: LayerKind, dtype: torch.dtype) -> object:
+        """Every row's key rotation for `kind`, made once per step and shared by its layers."""
         if kind not in self._rotations:
             positions = self.plan.slot_positions
             self._rotations[kind] = kind.scheme.rotation(positions, positions.device, dtype)
@@ -90,6 +97,13 @@ class BatchCache(Cache):
             kind.name: plan.window_masks[kind.window] if kind.window else plan.attention_mask
             for kind in self.kinds
         }
+
+
+def _gathered(tensors: list[torch.Tensor], purpose: str) -> torch.Tensor:
+    """The rows' tensors as one batch, in a buffer that every layer and step reuses."""
+    first = tensors[0]
+    out = scratch(purpose, (len(tensors), *first.shape[1:]), first.dtype, first.device)
+    return torch.cat(tensors, out=out)
 
 
 def can_batch(cache: SinkCache, tokens: torch.Tensor) -> bool:

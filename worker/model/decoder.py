@@ -24,13 +24,17 @@ from worker.model.sink_cache import SinkCache
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """Feed `prompt` into `cache`, then write up to `max_new_tokens` tokens, each kept there."""
+    """Feed `prompt` into `cache`, then write up to `max_new_tokens` tokens, each kept there.
+
+    The sampler's processors see `history` and then the tokens written so far.
+    """
 
     cache: SinkCache
     prompt: torch.Tensor  # 1-D: the tokens that close the turn
     sampler: Sampler
     max_new_tokens: int
     stop_ids: frozenset[int]
+    history: Sequence[int] = ()
 
 
 class Decoder:
@@ -79,7 +83,7 @@ class Decoder:
         holding the whole turn.
         """
         written: list[list[int]] = [[] for _ in requests]
-        seen = [request.prompt.tolist() for request in requests]  # what the processors see
+        seen = [list(request.history) for request in requests]  # what the processors see
         logits = self.feed([(request.cache, request.prompt) for request in requests])
         live = {i: last for i, last in enumerate(logits) if requests[i].max_new_tokens > 0}
         while live:

@@ -38,8 +38,11 @@ class PositionScheme(ABC):
         return None
 
     @abstractmethod
-    def to_attention(self, stored: torch.Tensor, rotation: object) -> torch.Tensor:
-        """Stored keys -> the keys this model's attention expects, at the rotation's positions."""
+    def to_attention(
+        self, stored: torch.Tensor, rotation: object, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Stored keys -> the keys this model's attention expects, at the rotation's positions;
+        written into `out` (shaped like `stored`) where the scheme has to make new keys."""
 
 
 class AlibiScheme(PositionScheme):
@@ -48,7 +51,9 @@ class AlibiScheme(PositionScheme):
     def to_stored(self, keys: torch.Tensor, first_position: int) -> torch.Tensor:
         return keys
 
-    def to_attention(self, stored: torch.Tensor, rotation: object) -> torch.Tensor:
+    def to_attention(
+        self, stored: torch.Tensor, rotation: object, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return stored
 
 
@@ -94,7 +99,8 @@ class RotaryScheme(PositionScheme):
             span: slice | torch.Tensor = slice(first_position, first_position + count)
         else:
             span = first_position[:, None] + torch.arange(count, device=keys.device)
-        stored = _rotate(keys.float(), _rows(inv_cos, span), -_rows(inv_sin, span))
+        wide = keys.float()
+        stored = _rotate(wide, _rows(inv_cos, span), -_rows(inv_sin, span), torch.empty_like(wide))
         return stored.to(keys.dtype)
 
     def rotation(
@@ -107,9 +113,12 @@ class RotaryScheme(PositionScheme):
         return _rows(cos, index), _rows(sin, index)
 
     def to_attention(
-        self, stored: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor]
+        self,
+        stored: torch.Tensor,
+        rotation: tuple[torch.Tensor, torch.Tensor],
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return _rotate(stored, *rotation)
+        return _rotate(stored, *rotation, torch.empty_like(stored) if out is None else out)
 
 
 def _duplicated(table: torch.Tensor) -> torch.Tensor:
@@ -128,14 +137,18 @@ def _rows(table: torch.Tensor, index: slice | torch.Tensor) -> torch.Tensor:
     return table[index].unsqueeze(-3)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x * cos + rotate_half(x) * sin on the first cos.shape[-1] dims, with one allocation.
+def _rotate(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor
+) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin on the first cos.shape[-1] dims, written into `out`.
 
-    This runs over the whole cache on every step, so it avoids rotate_half's temporaries.
+    This runs over the whole cache on every step, so it makes no temporaries (rotate_half's),
+    and the caller says where the result goes (a reused buffer, see scratch.py).
     """
     dim, half = cos.shape[-1], cos.shape[-1] // 2
-    rotated = x[..., :dim] * cos
-    out = rotated if dim == x.shape[-1] else torch.cat((rotated, x[..., dim:]), dim=-1)
+    torch.mul(x[..., :dim], cos, out=out[..., :dim])
+    if dim != x.shape[-1]:
+        out[..., dim:].copy_(x[..., dim:])
     out[..., :half].addcmul_(x[..., half:dim], sin[..., :half], value=-1)
     out[..., half:dim].addcmul_(x[..., :half], sin[..., half:])
     return out

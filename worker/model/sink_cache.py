@@ -25,6 +25,7 @@ from worker.model import cache_snapshot
 from worker.model.cache_snapshot import CacheSnapshot
 from worker.model.compat import LayerAcrossReleases
 from worker.model.layer_kinds import LayerKind, layer_kinds
+from worker.model.scratch import scratch
 from worker.model.slot_layout import SlotLayout, StepPlan
 from worker.model.snapshot_pieces import PieceTracker
 
@@ -67,7 +68,8 @@ class SinkCacheLayer(LayerAcrossReleases, CacheLayerMixin):
             keys, values = self._in_position_order(plan, first)
             positions = slice(first, plan.length_after)
         rotation = self._owner.rotation(kind, positions, keys.dtype)
-        return kind.scheme.to_attention(keys, rotation), values
+        out = scratch("attention keys", keys.shape, keys.dtype, keys.device)
+        return kind.scheme.to_attention(keys, rotation, out), values
 
     def write(self, stored_keys: torch.Tensor, values: torch.Tensor) -> None:
         """Put this step's new keys (already position-free) and values in their slots."""
@@ -169,6 +171,11 @@ class SinkCache(Cache):
         if kind not in self._rotations:
             self._rotations[kind] = kind.scheme.rotation(positions, self.device, dtype)
         return self._rotations[kind]
+
+    def tokens_of_span(self, start: int, end: int) -> list[int]:
+        """The ids of the stream's tokens start..end-1 still in this cache, oldest first."""
+        slots = self.layout.slots_of_span(start, end).to(self.device)
+        return self.token_ids[slots].tolist()
 
     def pin(self, prefix_tokens: int) -> None:
         self.layout.pin(prefix_tokens)

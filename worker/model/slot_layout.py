@@ -119,6 +119,17 @@ class SlotLayout:
         in_ring = self.head + (ring_start + positions - self.head) % self.ring_size
         return torch.where(positions < self.head, positions, in_ring)
 
+    def slots_of_span(self, start: int, end: int) -> torch.Tensor:
+        """Slots of the stream's tokens start..end-1 (counted from its first token) that are
+        still in the cache, oldest first; the evicted ones are left out."""
+        oldest = self.head + self.evicted_total  # the oldest window token still held
+        slots = [
+            t if t < self.head else self.head + (t - self.head) % self.ring_size
+            for t in range(max(start, 0), min(end, self.tokens_seen))
+            if t < self.head or t >= oldest
+        ]
+        return torch.tensor(slots, dtype=torch.long)
+
     def to_meta(self) -> dict[str, int]:
         return {
             "capacity": self.capacity,

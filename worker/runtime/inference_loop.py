@@ -2,7 +2,8 @@
 
 Messages come through the Inbox (inbox.py: in order, but revokes and losses first); replies
 tell the polling thread where a claimed partition's state stops (Ready), how far each
-partition is applied (Progress, for lag) and which offsets it may commit (CommitOffset).
+partition is applied (Progress, for lag), which offsets it may commit (CommitOffset) and
+which partitions it dropped because another worker's claim fenced them off (Fenced).
 The checkpointers are this thread's alone, and so is the budget of live streams their
 processors share: a batch that needs the room of unsaved streams is cut there, every
 partition holding unsaved streams is checkpointed (its fenced commit), and then they may go.
@@ -49,6 +50,14 @@ class Progress:
 class CommitOffset:
     partition: TopicPartition
     offset: int
+
+
+@dataclass(frozen=True)
+class Fenced:
+    """A write was fenced off and the partition dropped: another worker claimed it. If the
+    group leaves it here all the same, the polling thread claims it again (reclaim.py)."""
+
+    partition: TopicPartition
 
 
 class InferenceLoop:
@@ -107,6 +116,7 @@ class InferenceLoop:
                 self._release(partition, checkpoint=False)
 
     def _claim(self, partition: TopicPartition) -> None:
+        self._drop(partition)  # a claim again: what is not committed is read again anyway
         scope = f"{partition.topic}/{partition.partition}"
         lease = self._claim_lease(scope)
         if lease is None:
@@ -212,6 +222,7 @@ class InferenceLoop:
             self.replies.put(CommitOffset(partition, offset))
         if checkpointer.fenced:
             self._drop(partition)
+            self.replies.put(Fenced(partition))
 
     def _drop(self, partition: TopicPartition) -> None:
         """Forget a partition and its streams' caches."""

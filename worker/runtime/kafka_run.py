@@ -43,11 +43,12 @@ from worker.ops.health import Health
 from worker.ops.metrics import WorkerMetrics
 from worker.runtime.backpressure import PartitionGate
 from worker.runtime.inbox import Batch, Claim, Inbox, Lost, Revoke, Stop
-from worker.runtime.inference_loop import InferenceLoop, Progress, Ready
+from worker.runtime.inference_loop import Fenced, InferenceLoop, Progress, Ready
 from worker.runtime.kafka_settings import WorkerSettings
 from worker.runtime.outages import KAFKA, REDIS, Outages, Unreachable
 from worker.runtime.ownership import OwnershipWatch
 from worker.runtime.rebalance import Handoff, RebalanceListener
+from worker.runtime.reclaim import FencedPartitions
 from worker.runtime.state_loss import decide_seek
 from worker.stream.commentator import Commentator
 
@@ -91,6 +92,7 @@ class KafkaWorker:
         self._partitions: list[TopicPartition] = []  # of the input topic
         self._unstarted: dict[TopicPartition, Ready] = {}  # claimed, not yet sought
         self._applied: dict[TopicPartition, int] = {}  # next offsets the inference side reported
+        self._fenced = FencedPartitions(settings.group.session_timeout_ms / 1000)
         self._next_probe = 0.0
         self._closing = False
 
@@ -154,6 +156,7 @@ class KafkaWorker:
 
     def _poll_once(self, consumer: KafkaConsumer) -> None:
         self._handle_replies(consumer)
+        self._reclaim_fenced(consumer)
         self._start_claimed(consumer)
         poll = partial(consumer.poll, timeout_ms=200)
         with suppress(Unreachable):  # it returns nothing while the broker is down: no proof
@@ -225,12 +228,26 @@ class KafkaWorker:
                 break
             if isinstance(reply, Ready):
                 self._unstarted[reply.partition] = reply
+                self._fenced.claimed(reply.partition)
+            elif isinstance(reply, Fenced):
+                self._gate.close({reply.partition})
+                self._fenced.fenced(reply.partition, time.monotonic())
             elif isinstance(reply, Progress):
                 self._applied[reply.partition] = reply.next_offset
             elif reply.partition in consumer.assignment():
                 offsets[reply.partition] = OffsetAndMetadata(reply.offset, "", -1)
         if offsets:
             consumer.commit_async(offsets)  # for lag and autoscaling; Redis is the truth
+
+    def _reclaim_fenced(self, consumer: KafkaConsumer) -> None:
+        """Claim again a fenced partition the group has left here a session long (reclaim.py)."""
+        for partition in self._fenced.due(consumer.assignment(), time.monotonic()):
+            self.metrics.errors.labels(kind="partition_reclaimed").inc()
+            log.warning(
+                "claiming again a fenced partition still assigned here",
+                partition=partition.partition,
+            )
+            self._to_inference.put(Claim(partition))
 
     def _start_claimed(self, consumer: KafkaConsumer) -> None:
         """Seek each claimed partition to where its committed state stops, then let it flow;

@@ -13,15 +13,21 @@ import time
 from dataclasses import dataclass
 
 import torch
+from transformers import LogitsProcessorList
 
 from worker.model.cache_settings import CacheSettings
 from worker.model.decoder import Decoder, GenerationRequest
 from worker.model.loading import LoadedModel
-from worker.model.sampling import Sampler
+from worker.model.sampling import Sampler, repetition_controls
 from worker.stream.chat_format import ChatFormat, Prompt
 from worker.stream.policy import CommentaryPolicy
 from worker.stream.records import Commentary
 from worker.stream.session import StreamSession
+
+# How much of each earlier commentary repetition control remembers once its turn has left the
+# cache: an opening longer than the n-gram it bans, for the last commentaries of the stream.
+OPENING_TOKENS = 12
+OPENINGS_KEPT = 32
 
 
 @dataclass(frozen=True)
@@ -116,11 +122,20 @@ class Commentator:
         closing = self._tokens(request + self.format.commentary_open).tolist()
         prompt = torch.tensor(counters.pending + closing)
         sampler = self._sampler(session.stream_id, counters.next_seq)
+        start = session.cache.layout.tokens_seen + len(prompt)
         turn = GenerationRequest(
-            session.cache, prompt, sampler, self.policy.max_new_tokens, self.decoder.stop_ids
+            session.cache,
+            prompt,
+            sampler,
+            self.policy.max_new_tokens,
+            self.decoder.stop_ids,
+            history=self._earlier_commentary(session),
         )
         [written] = self.decoder.generate([turn])
         counters.pending = []
+        counters.commentary_spans.append([start, start + len(written)])
+        openings = [*counters.commentary_openings, list(written[:OPENING_TOKENS])]
+        counters.commentary_openings = openings[-OPENINGS_KEPT:]
         session.prefilled_tokens += len(prompt) + len(written)
         commentary = Commentary(
             stream_id=session.stream_id,
@@ -137,6 +152,23 @@ class Commentator:
         counters.records_in_turn = counters.tokens_in_turn = 0
         return commentary
 
+    def _earlier_commentary(self, session: StreamSession) -> list[int]:
+        """The openings of the stream's last commentaries (saved with its counters), then its
+        earlier commentary turns that the cache still holds, oldest first, read off the cache's
+        own token ids: a restored stream looks back on exactly the same.
+
+        Turns evicted whole are forgotten here too, so the saved spans stay few.
+        """
+        history = [token for opening in session.counters.commentary_openings for token in opening]
+        kept = []
+        for start, end in session.counters.commentary_spans:
+            tokens = session.cache.tokens_of_span(start, end)
+            if tokens:
+                history += tokens
+                kept.append([start, end])
+        session.counters.commentary_spans = kept
+        return history
+
     def feed(self, session: StreamSession, tokens: torch.Tensor) -> torch.Tensor:
         """Run `tokens` into the session's cache; the last token's logits."""
         [logits] = self.decoder.feed([(session.cache, tokens)])
@@ -149,10 +181,12 @@ class Commentator:
 
     def _sampler(self, stream_id: str, seq: int) -> Sampler:
         """Greedy, or drawing with a generator seeded by (seed, stream, seq): sampling replays
-        exactly after a move."""
-        if self.policy.greedy:
-            return Sampler()
-        material = f"{self.policy.seed}:{stream_id}:{seq}".encode()
+        exactly after a move. Either way after the policy's repetition control."""
+        policy = self.policy
+        controls = repetition_controls(policy.repetition_penalty, policy.no_repeat_ngram)
+        if policy.greedy:
+            return Sampler(LogitsProcessorList(controls))
+        material = f"{policy.seed}:{stream_id}:{seq}".encode()
         seed = int.from_bytes(hashlib.sha256(material).digest()[:8], "little")
         generator = torch.Generator().manual_seed(seed)
-        return Sampler.drawing(self.policy.temperature, self.policy.top_p, generator)
+        return Sampler.drawing(policy.temperature, policy.top_p, generator, controls)

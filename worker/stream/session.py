@@ -23,6 +23,12 @@ class SessionCounters:
     turn_open: bool = False
     started_dialogue: bool = False
     pending: list[int] = field(default_factory=list)  # record tokens not yet fed to the model
+    # [start, end) of each earlier commentary turn, counted in the stream's tokens, while some
+    # of it is still in the cache: what repetition control looks back on.
+    commentary_spans: list[list[int]] = field(default_factory=list)
+    # The first tokens of the last few commentaries, kept after their turns leave the cache,
+    # so that repetition control still keeps a new commentary from opening like an old one.
+    commentary_openings: list[list[int]] = field(default_factory=list)
     last_commentary_time: float | None = None  # wall clock, for operators (streams show)
 
     def to_meta(self) -> dict[str, object]:

@@ -98,22 +98,25 @@ def restore(state: StreamState, commentator: Commentator) -> StreamSession:
 
 
 def _counters(saved: object, commentator: Commentator) -> SessionCounters:
-    """The saved counters, each of its own type; pending tokens inside the vocabulary."""
+    """The saved counters, each of its own type; their tokens inside the vocabulary."""
     counters = SessionCounters.from_meta(dict(saved))  # TypeError on a missing or extra field
     for name, kind in get_type_hints(SessionCounters).items():
         value = getattr(counters, name)
         if not _is_of(value, kind):
             raise TypeError(f"counter {name!r} is {value!r}")
     vocabulary = commentator.loaded.model.get_input_embeddings().num_embeddings
-    if not all(0 <= token < vocabulary for token in counters.pending):
-        raise ValueError("a pending token is outside the vocabulary")
+    tokens = [*counters.pending, *(t for opening in counters.commentary_openings for t in opening)]
+    if not all(0 <= token < vocabulary for token in tokens):
+        raise ValueError("a pending or remembered token is outside the vocabulary")
     return counters
 
 
 def _is_of(value: object, kind: object) -> bool:
-    """Whether a plain value is of an annotation: int (not bool), bool, float | None, list[int]."""
+    """Whether a plain value is of an annotation: int (not bool), bool, float | None, and lists
+    of those (list[int], list[list[int]])."""
     if get_origin(kind) is list:
-        return type(value) is list and all(type(item) is int for item in value)
+        [item_kind] = get_args(kind)
+        return type(value) is list and all(_is_of(item, item_kind) for item in value)
     return type(value) in (get_args(kind) or (kind,)) or (kind is float and type(value) is int)
 
 
