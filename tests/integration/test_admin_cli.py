@@ -10,11 +10,10 @@ import pytest
 from typer.testing import CliRunner
 
 from cache_store.redis.store import RedisStore
-from tests.models.tiny_models import tiny_loaded
+from tests.models.checkpoint_harness import tiny_commentator
 from worker.cli.app import app
 from worker.model.cache_settings import CacheSettings
-from worker.stream.chat_format import Prompt
-from worker.stream.commentator import Commentator, StreamInput
+from worker.stream.commentator import StreamInput
 from worker.stream.policy import CommentaryPolicy
 from worker.stream.session_state import snapshot
 
@@ -29,11 +28,9 @@ def _invoke(*args: str):
 def stored(redis_service):
     """A real session's state committed to partition 2, as a worker would leave it."""
     prefix = f"cli{uuid.uuid4().hex[:8]}"
-    commentator = Commentator(
-        tiny_loaded("llama"),
+    commentator = tiny_commentator(
         CacheSettings(sinks=4, window=60, max_chunk=16),
         CommentaryPolicy(every_records=2, max_new_tokens=3),
-        Prompt(instruction="Watch."),
     )
     session = commentator.new_session("orders")
     commentator.step([StreamInput(session, [(0, "order 1 paid"), (1, "order 2 refunded")])])

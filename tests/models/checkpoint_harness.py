@@ -24,13 +24,12 @@ SCOPE = "in/0"
 EVERY_RECORDS = 2  # commentary after two records of a stream
 
 
-def tiny_commentator() -> Commentator:
-    return Commentator(
-        tiny_loaded("llama"),
-        CacheSettings(sinks=4, window=92, max_chunk=32),
-        CommentaryPolicy(every_records=EVERY_RECORDS, max_new_tokens=3),
-        Prompt(instruction="Watch."),
-    )
+def tiny_commentator(
+    settings: CacheSettings = CacheSettings(sinks=4, window=92, max_chunk=32),
+    policy: CommentaryPolicy = CommentaryPolicy(every_records=EVERY_RECORDS, max_new_tokens=3),
+) -> Commentator:
+    """A commentator on the tiny llama, with short turns: what the protocol tests stream."""
+    return Commentator(tiny_loaded("llama"), settings, policy, Prompt(instruction="Watch."))
 
 
 def records(first: int, count: int) -> list[Record]:

@@ -19,11 +19,10 @@ import torch
 
 from cache_store.exceptions import StateError
 from cache_store.state import StreamState
-from tests.models.tiny_models import tiny_loaded
+from tests.models.checkpoint_harness import tiny_commentator
 from tests.state_mutations import edit_tree
 from worker.exceptions import StreamsinkError
 from worker.model.cache_settings import CacheSettings
-from worker.stream.chat_format import Prompt
 from worker.stream.commentator import Commentator, StreamInput
 from worker.stream.policy import CommentaryPolicy
 from worker.stream.session_state import restore, snapshot
@@ -33,11 +32,9 @@ CASES = int(os.environ.get("STREAMSINK_RESTORE_FUZZ_CASES", 200))
 
 @pytest.fixture(scope="module")
 def saved() -> tuple[Commentator, StreamState]:
-    commentator = Commentator(
-        tiny_loaded("llama"),
+    commentator = tiny_commentator(
         CacheSettings(sinks=4, window=60, max_chunk=32),
         CommentaryPolicy(every_records=3, max_new_tokens=4),
-        Prompt(instruction="Watch."),
     )
     session = commentator.new_session("s")
     commentator.step([StreamInput(session, [(i, f"line {i} ERROR x") for i in range(8)])])
