@@ -13,28 +13,26 @@ from tests.integration.services import KafkaService, RedisClusterService, RedisS
 from tests.integration.worker_harness import EXPECTED
 
 
-@pytest.fixture(scope="session")
-def kafka_service(tmp_path_factory) -> Iterator[KafkaService]:
-    service = KafkaService(tmp_path_factory.mktemp("kafka"))
+def _running(service):
+    """The service started for the session, and stopped after it."""
     service.start()
     yield service
     service.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_service(tmp_path_factory) -> Iterator[KafkaService]:
+    yield from _running(KafkaService(tmp_path_factory.mktemp("kafka")))
 
 
 @pytest.fixture(scope="session")
 def redis_service(tmp_path_factory) -> Iterator[RedisService]:
-    service = RedisService(tmp_path_factory.mktemp("redis"))
-    service.start()
-    yield service
-    service.stop()
+    yield from _running(RedisService(tmp_path_factory.mktemp("redis")))
 
 
 @pytest.fixture(scope="session")
 def redis_cluster_service(tmp_path_factory) -> Iterator[RedisClusterService]:
-    service = RedisClusterService(tmp_path_factory.mktemp("redis-cluster"))
-    service.start()
-    yield service
-    service.stop()
+    yield from _running(RedisClusterService(tmp_path_factory.mktemp("redis-cluster")))
 
 
 @pytest.fixture
