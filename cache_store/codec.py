@@ -34,7 +34,10 @@ import torch
 from cache_store.exceptions import StateCorruptError, StateForeignError, StateVersionError
 from cache_store.state import BlockRef, Expected, StreamState
 
-FORMAT_VERSION = 2  # 1: blocks and manifest body named by blake2b-128; 2: by BLAKE3-128
+# 1: blocks and manifest body named by blake2b-128; 2: by BLAKE3-128; 3: as 2, written by a
+# streamsink whose tensors an older reader would misread (a cache's keys at their stream
+# positions), so that an older reader refuses it instead.
+FORMAT_VERSION = 3
 MAGIC = "streamsink-state"
 
 # The dtypes the format stores, by the name a manifest gives them.
@@ -124,7 +127,7 @@ def _blake3(data: Buffer) -> str:
     return blake3.blake3(data).hexdigest(length=16)
 
 
-_HASHES: dict[int, Callable[[Buffer], str]] = {1: _blake2b, 2: _blake3}
+_HASHES: dict[int, Callable[[Buffer], str]] = {1: _blake2b, 2: _blake3, 3: _blake3}
 
 
 def tensor_ref(tensor: torch.Tensor) -> BlockRef:

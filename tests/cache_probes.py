@@ -23,6 +23,7 @@ def kept_token_ids(cache: SinkCache) -> torch.Tensor:
 
 
 def kept_stored_keys(cache: SinkCache, layer_idx: int) -> torch.Tensor:
-    """Position-free keys of one layer, in position order (what a drift check compares)."""
+    """Stored keys of one layer (at their stream positions), in position order (what a drift
+    check compares)."""
     layer = cache.layers[layer_idx]
     return layer.keys.index_select(2, slot_order(cache.layout).to(layer.keys.device))

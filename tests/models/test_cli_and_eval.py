@@ -178,7 +178,6 @@ def test_bench_throughput_prints_batched_sequential_and_plain_side_by_side(
     assert all(float(figure) > 0 for row in rows for figure in row[2:5])
 
 
-
 def test_eval_commentary_scores_what_run_writes_and_its_dump_alike(
     model_dir: Path, tmp_path: Path
 ) -> None:

@@ -8,8 +8,9 @@ import torch
 
 from tests.models.tiny_models import VOCAB, tiny_loaded
 from worker.model.cache_settings import CacheSettings
-from worker.model.decoder import Decoder, GenerationRequest, forward_step
+from worker.model.decoder import Decoder, forward_step
 from worker.model.sampling import Sampler
+from worker.model.scheduler import GenerationRequest, Scheduler
 
 SETTINGS = CacheSettings(sinks=4, window=60, max_chunk=16)
 
@@ -18,12 +19,12 @@ def _ids(count: int, seed: int) -> torch.Tensor:
     return torch.randint(0, VOCAB, (count,), generator=torch.Generator().manual_seed(seed))
 
 
-def test_feed_in_chunks_gives_the_logits_of_one_forward() -> None:
+def test_prefill_in_chunks_gives_the_logits_of_one_forward() -> None:
     decoder = Decoder(tiny_loaded("llama"), SETTINGS)
     assert decoder.chunk == 16
     ids = _ids(40, 1)
     chunked, other = decoder.new_cache(), decoder.new_cache()
-    [last, last_other] = decoder.feed([(chunked, ids), (other, ids[:20])])
+    last, last_other = decoder.prefill(chunked, ids), decoder.prefill(other, ids[:20])
     with torch.inference_mode():
         whole = forward_step(decoder.model, decoder.new_cache(), ids)
     torch.testing.assert_close(last, whole[-1], rtol=1e-4, atol=1e-5)
@@ -33,23 +34,24 @@ def test_feed_in_chunks_gives_the_logits_of_one_forward() -> None:
 
 def test_generate_in_lock_step_writes_what_each_request_writes_alone() -> None:
     decoder = Decoder(tiny_loaded("llama"), SETTINGS)
+    scheduler = Scheduler(decoder)
 
     def request(prompt: torch.Tensor, cache, tokens: int, stops=frozenset()):
         return GenerationRequest(cache, prompt, Sampler(), tokens, stops)
 
     prompts = [_ids(12, 2), _ids(30, 3)]
     alone = [
-        decoder.generate([request(p, decoder.new_cache(), n)])[0]
+        scheduler.generate([request(p, decoder.new_cache(), n)])[0]
         for p, n in ((prompts[0], 5), (prompts[1], 9))
     ]
     caches = [decoder.new_cache(), decoder.new_cache()]
-    together = decoder.generate(
+    together = scheduler.generate(
         [request(prompts[0], caches[0], 5), request(prompts[1], caches[1], 9)]
     )
     assert together == alone and [len(w) for w in together] == [5, 9]
     assert [c.layout.tokens_seen for c in caches] == [12 + 5, 30 + 9]  # every token kept
     stop = alone[1][2]
-    stopped = decoder.generate([request(prompts[1], decoder.new_cache(), 9, frozenset([stop]))])
+    stopped = scheduler.generate([request(prompts[1], decoder.new_cache(), 9, frozenset([stop]))])
     assert stopped == [alone[1][: alone[1].index(stop)]]
 
 
@@ -71,7 +73,8 @@ def test_feeding_and_decoding_pass_the_cache_without_a_deprecation_warning() -> 
     caches = [decoder.new_cache(), decoder.new_cache()]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        decoder.feed([(caches[0], _ids(8, 3)), (caches[1], _ids(5, 4))])
-        decoder.feed([(cache, _ids(1, 5)) for cache in caches])  # one batched decode step
+        decoder.prefill(caches[0], _ids(8, 3))
+        decoder.prefill(caches[1], _ids(5, 4))
+        decoder.decode(caches, _ids(2, 5))  # one batched decode step
     assert [str(w.message) for w in caught if "deprecated" in str(w.message)] == []
     assert [cache.layout.tokens_seen for cache in caches] == [9, 6]

@@ -25,6 +25,7 @@ from transformers import (
     Qwen3Config,
 )
 
+from worker.model.batch_invariance import make_batch_invariant
 from worker.model.loading import LoadedModel, model_fingerprint
 
 VOCAB = 260  # the byte tokenizer's 257 tokens fit
@@ -149,7 +150,9 @@ def tiny_model(name: str, seed: int = 0, **changes: object) -> torch.nn.Module:
     # Gemma 2 caps its attention logits and gpt-oss adds its sink logits, in eager attention.
     eager_only = name.startswith(("mpt", "falcon-alibi", "bloom", "gemma2", "gpt_oss"))
     config._attn_implementation = "eager" if eager_only else "sdpa"
-    return AutoModelForCausalLM.from_config(config).eval()
+    model = AutoModelForCausalLM.from_config(config).eval()
+    make_batch_invariant(model)  # as every loaded model runs
+    return model
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:

@@ -50,8 +50,8 @@ def test_it_loads_by_name_as_hybrid_gemma3_text_with_the_plain_dialogue(
     full = next(kind for kind in kinds if kind.name == FULL)
     assert (sliding.window, full.window) == (512, None)
     # Their own rotary bases: the same position turns the keys differently.
-    cos_sliding, _ = sliding.scheme.rotation(slice(0, 600), loaded.device, torch.float32)
-    cos_full, _ = full.scheme.rotation(slice(0, 600), loaded.device, torch.float32)
+    cos_sliding, _ = sliding.scheme.turning(600, loaded.device, torch.float32)
+    cos_full, _ = full.scheme.turning(600, loaded.device, torch.float32)
     assert not torch.allclose(cos_sliding, cos_full)
     assert ChatFormat.from_tokenizer(loaded.tokenizer) == ChatFormat.plain()
 

@@ -12,6 +12,7 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+from tests.models.reference import _unrotate
 from worker.model.cache_snapshot import CacheSnapshot
 from worker.model.layer_kinds import uniform
 from worker.model.positions import RotaryScheme
@@ -22,10 +23,19 @@ HEADS, DIM, LAYERS, SINKS = 2, 8, 2, 4
 CAPACITY = 2 * CELL_SLOTS + 12  # a last cell shorter than the others
 
 
+ROTARY = LlamaRotaryEmbedding(LlamaConfig(hidden_size=HEADS * DIM, num_attention_heads=HEADS))
+
+
 def _cache(capacity: int = CAPACITY) -> SinkCache:
-    config = LlamaConfig(hidden_size=HEADS * DIM, num_attention_heads=HEADS)
-    scheme = RotaryScheme(LlamaRotaryEmbedding(config), capacity)
-    return SinkCache(uniform(scheme, LAYERS), capacity=capacity, sinks=SINKS)
+    return SinkCache(uniform(RotaryScheme(ROTARY), LAYERS), capacity=capacity, sinks=SINKS)
+
+
+def _position_free(cache: SinkCache, keys: torch.Tensor) -> torch.Tensor:
+    """A layer's stored keys as states saved them before keys were kept at stream positions:
+    un-rotated with the model's own cos and sin at each slot's stream position."""
+    positions = cache.layout.stream_positions()
+    cos, sin = ROTARY(keys, positions[None])
+    return _unrotate(keys, cos[0][None, None], sin[0][None, None])
 
 
 def _run(cache: SinkCache, first: int, count: int, chunk: int = 7) -> list[torch.Tensor]:
@@ -78,7 +88,7 @@ def test_a_first_snapshot_carries_every_cell_and_the_meta() -> None:
     assert list(snapshot.tensors) == ["token_ids"] + [piece.name for piece in cells]
     assert snapshot.kept == ()
     assert snapshot.tensors[cells[2].name].shape == (LAYERS, 2, 1, HEADS, 12, DIM)
-    assert snapshot.meta == {"layout": cache.layout.to_meta(), "layers": LAYERS}
+    assert snapshot.meta == {"layout": cache.layout.to_meta(), "layers": LAYERS, "keys": "stream"}
 
 
 def test_the_next_snapshot_carries_only_the_slots_written_since() -> None:
@@ -123,19 +133,48 @@ def test_a_snapshot_right_after_a_load_carries_only_what_changed() -> None:
     _assert_same(cache, _restored(snapshot, store))
 
 
+def _assert_turned_alike(a: SinkCache, b: SinkCache) -> None:
+    """`b` loaded from `a`'s keys saved position-free: the same but for the turns' rounding."""
+    assert a.layout.to_meta() == b.layout.to_meta() and torch.equal(a.token_ids, b.token_ids)
+    for x, y in zip(a.layers, b.layers, strict=True):
+        torch.testing.assert_close(y.keys, x.keys, rtol=0, atol=1e-5)
+        assert torch.equal(x.values, y.values)
+
+
 def test_a_state_saved_in_64_slot_blocks_per_layer_still_loads() -> None:
-    """The format before pieces: 'layer{i}.keys.{block}'; the next snapshot carries it all."""
+    """The format before pieces: 'layer{i}.keys.{block}', keys position-free; the next
+    snapshot carries it all."""
     cache = _cache()
     _run(cache, 0, 200)
     tensors = {"token_ids": cache.token_ids.clone()}
     for index, layer in enumerate(cache.layers):
-        for kind, buffer in (("keys", layer.keys), ("values", layer.values)):
+        free = _position_free(cache, layer.keys)
+        for kind, buffer in (("keys", free), ("values", layer.values)):
             for block, start in enumerate(range(0, CAPACITY, 64)):
                 tensors[f"layer{index}.{kind}.{block}"] = buffer[:, :, start : start + 64].clone()
     loaded = _cache()
     loaded.load(tensors, {"layout": cache.layout.to_meta(), "layers": LAYERS})
-    _assert_same(cache, loaded)
+    _assert_turned_alike(cache, loaded)
     assert len(loaded.snapshot().tensors) == 1 + 3
+
+
+def test_a_state_whose_keys_were_saved_position_free_loads_turned_and_is_saved_anew() -> None:
+    cache, store = _cache(), {}
+    _run(cache, 0, 500)  # the ring turned: stream positions run far past the cache's
+    snapshot = _saved(cache, store)
+    older = {name: tensor.clone() for name, tensor in snapshot.tensors.items()}
+    for name, piece in older.items():
+        if name != "token_ids":
+            start, stop = Piece.parse(name).start, Piece.parse(name).stop
+            for layer in piece:
+                every_slot = torch.zeros(1, HEADS, CAPACITY, DIM)
+                every_slot[:, :, start:stop] = layer[0]
+                layer[0].copy_(_position_free(cache, every_slot)[:, :, start:stop])
+    meta = {key: value for key, value in snapshot.meta.items() if key != "keys"}
+    loaded = _cache()
+    loaded.load(older, meta)
+    _assert_turned_alike(cache, loaded)
+    assert _carried_slots(loaded.snapshot()) == CAPACITY  # its blocks hold the old keys
 
 
 def test_loaded_cache_continues_alike() -> None:

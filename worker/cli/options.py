@@ -26,6 +26,7 @@ from worker.io.topics import (
 from worker.model.cache_settings import CacheSettings
 from worker.model.loading import LoadedModel, load_model
 from worker.model.packaged_models import DEFAULT_MODEL
+from worker.model.scheduler import BatchSettings
 from worker.ops.cpu_threads import apply_threads, available_cpus
 from worker.runtime.checkpoint_schedule import CheckpointSchedule
 from worker.runtime.kafka_settings import GroupSettings
@@ -221,6 +222,21 @@ def cache_options(
     ] = 1020,
 ) -> CacheSettings:
     return CacheSettings(sinks, window)
+
+
+@option_group("Cache")
+def batch_options(
+    max_batch: Annotated[
+        int | None,
+        typer.Option(
+            envvar="STREAMSINK_MAX_BATCH",
+            min=1,
+            help="streams decoded in one forward at most (default: every stream due; 1: one "
+            "at a time)",
+        ),
+    ] = None,
+) -> BatchSettings:
+    return BatchSettings(max_batch)
 
 
 @option_group("Commentary")

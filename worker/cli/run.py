@@ -22,6 +22,7 @@ from worker.io.kafka_connection import KafkaConnection
 from worker.io.outputs import JsonLinesOutput, TextOutput
 from worker.io.topics import TopicNames
 from worker.model.cache_settings import CacheSettings
+from worker.model.scheduler import BatchSettings
 from worker.ops.health import Health, serve
 from worker.ops.logs import configure_logging
 from worker.ops.metrics import WorkerMetrics
@@ -93,6 +94,7 @@ def operations_options(
 def run(
     model: ModelChoice,
     cache: CacheSettings,
+    batching: BatchSettings,
     policy: CommentaryPolicy,
     prompt: Prompt,
     local: LocalInput,
@@ -123,7 +125,7 @@ def run(
         server = None if metrics_port is None else serve(metrics, health, port=metrics_port)
         if server is not None:
             log.info("serving metrics", port=server.port)
-        commentator = Commentator(model.load(), cache, policy, prompt)
+        commentator = Commentator(model.load(), cache, policy, prompt, batching)
         health.model_loaded = True
         start(commentator, metrics, health)
         if server is not None:

@@ -1,18 +1,16 @@
 """One forward of one token for each of many sink caches: a transformers Cache over their rows.
 
-Each layer writes every row's new key (stored position-free, see positions.py) and value into
-that row's own SinkCache, then gives attention every row's keys in slot order, rotated to each
-slot's position, and the values as they lie, gathered into one batch [rows, heads, capacity,
-dims]. The BatchPlan's mask hides the slots a row has not filled; where layers slide, the
-model gets one mask per layer type, and its sliding layers' also hides what they cannot see.
-Each cache plans, commits and is marked damaged on a failed forward through its own `step()`,
-exactly as when it runs alone.
+Each layer writes every row's new key (turned to its stream position, see positions.py) and
+value into that row's own SinkCache, then gives attention every row's keys and values as
+stored, in slot order, gathered into one batch [rows, heads, capacity, dims]: nothing is
+rotated but the new keys, and each row's query is turned instead (attention.py, told by
+`decoding`). The BatchPlan's mask hides the slots a row has not filled; where layers slide,
+the model gets one mask per layer type, and its sliding layers' also hides what they cannot
+see. Each cache plans, commits and is marked damaged on a failed forward through its own
+`step()`, exactly as when it runs alone.
 
 The rows' keys and values are gathered (copied) into buffers that every layer and step reuses
-(scratch.py), and the keys rotated from there into a third: nothing is allocated per layer.
-The gather stays batched on purpose: rotating each row straight from its own cache saves that
-copy but makes as many small elementwise ops as rows, slower on a busy CPU (each op is a
-parallel region that waits for its threads). Caches that shared one buffer per layer, a row
+(scratch.py): nothing is allocated per layer. Caches that shared one buffer per layer, a row
 each, would let attention read them in place, without the copy.
 """
 
@@ -24,9 +22,10 @@ from contextlib import ExitStack
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from worker.model.attention import ATTENTION, DecodeFrames, decoding
 from worker.model.batch_step import BatchPlan, plan_batch
 from worker.model.compat import LayerAcrossReleases, cache_argument
-from worker.model.layer_kinds import LayerKind, is_hybrid
+from worker.model.layer_kinds import is_hybrid
 from worker.model.scratch import scratch
 from worker.model.sink_cache import SinkCache
 
@@ -48,15 +47,13 @@ class BatchCacheLayer(LayerAcrossReleases, CacheLayerMixin):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        owner, kind = self._owner, self.kind
+        owner = self._owner
         rows = [cache.layers[self._index] for cache in owner.caches]
-        stored = kind.scheme.to_stored(key_states, owner.plan.first_positions)
+        stored = self.kind.scheme.to_stored(key_states, owner.plan.shifts)
         for row, layer in enumerate(rows):
             layer.write(stored[row : row + 1], value_states[row : row + 1])
         keys = _gathered([layer.keys for layer in rows], "batch stored keys")
-        values = _gathered([layer.values for layer in rows], "batch values")
-        out = scratch("attention keys", keys.shape, keys.dtype, keys.device)
-        return kind.scheme.to_attention(keys, owner.rotation(kind, keys.dtype), out), values
+        return keys, _gathered([layer.values for layer in rows], "batch values")
 
     def mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self._owner.capacity, 0
@@ -78,15 +75,17 @@ class BatchCache(Cache):
         self.plan = plan
         self.kinds = caches[0].kinds
         self.capacity = caches[0].layout.capacity
-        self._rotations: dict[LayerKind, object] = {}  # every row's, one per layer kind
         super().__init__(layers=[BatchCacheLayer(self, i) for i in range(len(self.kinds))])
 
-    def rotation(self, kind: LayerKind, dtype: torch.dtype) -> object:
-        """Every row's key rotation for `kind`, made once per step and shared by its layers."""
-        if kind not in self._rotations:
-            positions = self.plan.slot_positions
-            self._rotations[kind] = kind.scheme.rotation(positions, positions.device, dtype)
-        return self._rotations[kind]
+    def frames(self, dtype: torch.dtype) -> DecodeFrames:
+        """What attention needs to turn each row's query (one turning per layer kind)."""
+        device, shifts = self.caches[0].device, self.plan.shifts
+        turnings = {kind: kind.scheme.turning(shifts, device, dtype) for kind in set(self.kinds)}
+        return DecodeFrames(
+            [kind.scheme for kind in self.kinds],
+            [turnings[kind] for kind in self.kinds],
+            self.plan.head_slots,
+        )
 
     def attention_mask(self) -> torch.Tensor | dict[str, torch.Tensor]:
         """The mask the model takes: one tensor, or one per layer type where layers slide."""
@@ -106,11 +105,6 @@ def _gathered(tensors: list[torch.Tensor], purpose: str) -> torch.Tensor:
     return torch.cat(tensors, out=out)
 
 
-def can_batch(cache: SinkCache, tokens: torch.Tensor) -> bool:
-    """Whether this item may be a row of a batched decode step: one token, rotary keys."""
-    return len(tokens) == 1 and cache.order_free
-
-
 def batch_forward(
     model: torch.nn.Module, caches: Sequence[SinkCache], tokens: torch.Tensor
 ) -> torch.Tensor:
@@ -118,6 +112,8 @@ def batch_forward(
     vocab]. Each cache commits its step only once the forward has succeeded."""
     if len({id(cache) for cache in caches}) != len(caches):
         raise ValueError("a cache can be only one row of a batched step")
+    if model.config._attn_implementation != ATTENTION:
+        raise ValueError("a batched step needs streamsink's attention (see batch_invariance.py)")
     for cache in caches:
         cache.require_intact()  # before any cache plans: a refusal must damage none
     with ExitStack() as steps:
@@ -126,11 +122,12 @@ def batch_forward(
         capacity = caches[0].layout.capacity
         plan = plan_batch(plans, capacity, model.dtype, model.device, windows)
         batch = BatchCache(caches, plan)
-        out = model(
-            input_ids=tokens[:, None].to(model.device),
-            position_ids=plan.query_positions,
-            attention_mask=batch.attention_mask(),
-            **cache_argument(model, batch),
-            use_cache=True,
-        )
+        with decoding(batch.frames(model.dtype)):
+            out = model(
+                input_ids=tokens[:, None].to(model.device),
+                position_ids=plan.query_positions,
+                attention_mask=batch.attention_mask(),
+                **cache_argument(model, batch),
+                use_cache=True,
+            )
     return out.logits[:, -1]

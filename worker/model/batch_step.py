@@ -5,9 +5,9 @@ Each row is one stream's cache taking one token, with its own layout, positions 
 row whose ring has turned holds a position in every slot (its plan's `slot_positions`); a row
 whose ring has not turned holds position i in slot i, and the mask hides its slots beyond its
 length. Rotary keys carry their positions, so for one query the order of the slots changes
-nothing. ALiBi's bias follows a key's index instead, so ALiBi caches are never batched. Sliding
-layers get a mask of their own per window, which also hides every slot too far behind the
-row's query.
+nothing (each row's shift and head say which frame a slot's key is in: attention.py). ALiBi's
+bias follows a key's index instead, so ALiBi caches are never batched. Sliding layers get a
+mask of their own per window, which also hides every slot too far behind the row's query.
 
 This module is pure bookkeeping (no model), so it is tested on its own.
 """
@@ -28,16 +28,13 @@ class BatchPlan:
 
     plans: tuple[StepPlan, ...]  # each row's own step, committed by its own cache
     query_positions: torch.Tensor  # [rows, 1]: each new token's in-cache position
-    slot_positions: torch.Tensor  # [rows, capacity]: the position each key is rotated to
+    slot_positions: torch.Tensor  # [rows, capacity]: each slot's in-cache position
     attention_mask: torch.Tensor  # [rows, 1, 1, capacity]: 0 where a slot is live, else -inf-ish
+    shifts: torch.Tensor  # [rows], on the CPU: each row's shift (see StepPlan.shift)
+    head_slots: torch.Tensor  # [rows, 1, 1, capacity], bool: the slots of each row's head
     # window -> the mask of sliding layers with that window: also hides every slot whose
     # position is window or more behind the row's query
     window_masks: Mapping[int, torch.Tensor] = field(default_factory=dict)
-
-    @property
-    def first_positions(self) -> torch.Tensor:
-        """[rows]: where each row's new key was computed, to store it position-free."""
-        return self.query_positions[:, 0]
 
 
 def plan_batch(
@@ -62,7 +59,16 @@ def plan_batch(
         window: _mask(hidden | (positions - slot_positions >= window), dtype)
         for window in sorted(set(windows))
     }
-    return BatchPlan(tuple(plans), positions, slot_positions, _mask(hidden, dtype), window_masks)
+    heads = torch.tensor([plan.head for plan in plans], device=device)
+    return BatchPlan(
+        tuple(plans),
+        positions,
+        slot_positions,
+        _mask(hidden, dtype),
+        torch.tensor([plan.shift for plan in plans]),
+        (every_slot[None] < heads[:, None])[:, None, None],
+        window_masks,
+    )
 
 
 def _mask(hidden: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -6,7 +6,9 @@ copies). A load allocates one buffer of that shape for the whole cache (each lay
 values are views of it) and copies each piece into its slots in one copy, in lay-down order:
 no concatenation, and the saved tensors may be read-only views of the bytes a store read.
 States of the format before pieces (64-slot blocks per layer and kind, 'layer{i}.keys.{block}')
-load too; the next snapshot of such a cache carries every slot.
+load too; the next snapshot of such a cache carries every slot. So do states whose keys were
+saved position-free (before they were saved at their stream positions): they are turned as they
+load, and their next snapshot carries every slot too.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ if TYPE_CHECKING:
     from worker.model.sink_cache import SinkCache, SinkCacheLayer
 
 LEGACY_BLOCK_SLOTS = 64  # slots per block of the states saved before pieces
+# How the saved keys are turned (meta "keys"): to their stream positions. States without it
+# were saved position-free, and are turned as they load.
+KEYS_AT_STREAM_POSITIONS = "stream"
 
 
 @dataclass(frozen=True)
@@ -42,7 +47,11 @@ def take(cache: SinkCache) -> CacheSnapshot:
     """Copy what changed since the last saved snapshot; the cache may go on at once after."""
     layers = [layer for layer in cache.layers if layer.is_initialized]
     tensors: dict[str, torch.Tensor] = {"token_ids": cache.token_ids.cpu().clone()}
-    meta: dict[str, object] = {"layout": cache.layout.to_meta(), "layers": len(layers)}
+    meta: dict[str, object] = {
+        "layout": cache.layout.to_meta(),
+        "layers": len(layers),
+        "keys": KEYS_AT_STREAM_POSITIONS,
+    }
     if not layers:
         return CacheSnapshot(tensors, (), meta, None)
     plan = cache.pieces.plan()
@@ -72,6 +81,11 @@ def load(cache: SinkCache, tensors: Mapping[str, torch.Tensor], meta: Mapping[st
     else:
         _load_legacy(cache, layers, tensors)
         cache.pieces.forget()
+    if layers and meta.get("keys") != KEYS_AT_STREAM_POSITIONS:
+        positions = layout.stream_positions().to(cache.device)
+        for layer in layers:
+            layer.keys.copy_(layer.kind.scheme.from_position_free(layer.keys, positions))
+        cache.pieces.forget()  # the saved blocks hold them position-free: save every slot anew
     for layer in layers:
         layer.dtype, layer.device = layer.keys.dtype, layer.keys.device
         layer.is_initialized = True

@@ -60,7 +60,7 @@ def layer_kinds(model: nn.Module, capacity: int) -> tuple[LayerKind, ...]:
         )
     types = layer_types(config)
     kinds = {
-        name: LayerKind(name, factory(model, capacity, name), _window(config, name))
+        name: LayerKind(name, factory(model, name), _window(config, name))
         for name in sorted(set(types))
     }
     return tuple(kinds[name] for name in types)

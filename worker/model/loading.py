@@ -17,6 +17,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from worker.exceptions import ModelLoadError
+from worker.model.batch_invariance import make_batch_invariant
 from worker.model.gguf_conversion import convert_gguf, converted_dir_for
 from worker.model.layer_kinds import position_limit, require_placeable
 from worker.model.packaged_models import (
@@ -33,12 +34,19 @@ _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "dtype", "torc
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A model ready to stream, and the fingerprint that a saved state must match."""
+    """A model ready to stream, and the fingerprint that a saved state must match.
+
+    It decodes with row-independent kernels (batch_invariance.py): a stream's tokens do not
+    depend on which streams share its forwards.
+    """
 
     model: PreTrainedModel
     tokenizer: object
     name: str
     fingerprint: str
+
+    def __post_init__(self) -> None:
+        make_batch_invariant(self.model)
 
     @property
     def device(self) -> torch.device:

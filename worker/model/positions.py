@@ -1,9 +1,15 @@
 """How each architecture encodes positions, behind one small registry.
 
-The sink cache stores keys position-free and gives them their in-cache positions on use, so no
-key is ever rotated twice and nothing drifts however many times the window shifts. A scheme
-turns the keys a model produced at known positions into stored keys, and stored keys (in
-position order) back into what the model's attention expects.
+The model computes its keys at positions inside the cache (0..C-1). The cache stores each key
+turned to the token's position in the stream instead, which never changes: a token evicted
+from the window moves every later token's in-cache position down by one, but no stream
+position. So nothing is rotated again as the window shifts (a decode step touches only its
+new key), and nothing drifts however long a stream runs. Between the two frames lies one
+shift per forward, the tokens evicted so far: a window token's stream position minus its
+in-cache position (the head, never evicted, is in both frames at once).
+
+A scheme turns the keys a model produced into stored keys, stored keys back into the model's
+in-cache frame, and queries into the stream's frame (see attention.py), by a shift.
 """
 
 from __future__ import annotations
@@ -17,124 +23,119 @@ from torch import nn
 
 from worker.exceptions import UnsupportedModelError
 
+Shift = int | torch.Tensor  # one for all keys, or [rows]: each row of a batch its own
+
 
 class PositionScheme(ABC):
-    """Moves keys between 'as the model computed them' and 'as the cache stores them'."""
+    """Moves keys and queries between the model's in-cache frame and the stream's."""
 
     # Whether keys carry their positions themselves, so that one query's attention does not
     # depend on the order the keys come in (true for RoPE, false for ALiBi's index bias).
     order_free: bool = False
 
-    @abstractmethod
-    def to_stored(self, keys: torch.Tensor, first_position: int) -> torch.Tensor:
-        """Keys a model produced at positions first_position.. -> keys to store."""
-
-    def rotation(
-        self, positions: torch.Tensor | int | slice, device: torch.device, dtype: torch.dtype
-    ) -> object:
-        """What `to_attention` needs to place keys at `positions` (one per key, n for 0..n-1,
-        or a slice of consecutive positions); made once per step and shared by the layers of
-        one kind."""
+    def turning(self, shift: Shift, device: torch.device, dtype: torch.dtype) -> object:
+        """What `turn` needs to move by `shift` positions (None: nothing moves)."""
         return None
 
-    @abstractmethod
-    def to_attention(
-        self, stored: torch.Tensor, rotation: object, out: torch.Tensor | None = None
+    def turn(
+        self, x: torch.Tensor, turning: object, out: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Stored keys -> the keys this model's attention expects, at the rotation's positions;
-        written into `out` (shaped like `stored`) where the scheme has to make new keys."""
+        """`x` [rows, heads, tokens, dims] moved by `turning`, into `out` if given (shaped
+        like `x`); `x` itself if nothing moves."""
+        return x
+
+    @abstractmethod
+    def to_stored(self, keys: torch.Tensor, shift: Shift) -> torch.Tensor:
+        """Keys a model computed at in-cache positions -> keys to store, `shift` positions on."""
+
+    def from_position_free(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Keys saved position-free (states before keys were saved at stream positions) ->
+        stored keys, at `positions` [keys] in the stream."""
+        return keys
 
 
 class AlibiScheme(PositionScheme):
     """ALiBi adds a bias from the key's index at attention time: keys carry no position."""
 
-    def to_stored(self, keys: torch.Tensor, first_position: int) -> torch.Tensor:
+    def to_stored(self, keys: torch.Tensor, shift: Shift) -> torch.Tensor:
         return keys
-
-    def to_attention(
-        self, stored: torch.Tensor, rotation: object, out: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        return stored
 
 
 class RotaryScheme(PositionScheme):
     """RoPE in the rotate-half layout that transformers uses, full or partial (the first dims).
 
-    The cos/sin tables come from the model's own rotary module, so scaled variants (linear,
-    llama3, yarn with its attention factor) are covered without knowing their formulas: the
-    inverse divides by cos^2 + sin^2, which is the squared scale.
+    A turn by a shift is a rotation by shift times the model's own frequencies, its angles
+    worked out in float64, so it is exact whatever the stream position. Scaled variants
+    (linear, llama3, yarn) keep their factors in those frequencies and their attention factor
+    in the keys and queries the model made, which a rotation leaves alone.
     """
 
     order_free = True
 
-    def __init__(self, rotary: nn.Module, capacity: int, layer_type: str | None = None) -> None:
+    def __init__(self, rotary: nn.Module, layer_type: str | None = None) -> None:
+        frequencies = getattr(rotary, f"{layer_type}_inv_freq", None) if layer_type else None
+        frequencies = getattr(rotary, "inv_freq", None) if frequencies is None else frequencies
+        if not isinstance(frequencies, torch.Tensor):
+            raise UnsupportedModelError(
+                f"{type(rotary).__name__} keeps no rotary frequencies (inv_freq) the cache can use"
+            )
+        self._frequencies = frequencies.detach().double().cpu()
         self._rotary = rotary
-        self._capacity = capacity
-        # A model whose layer types rotate with their own bases (Gemma 3) has one rotary module
-        # that takes the layer type; others take none.
         self._layer_type = {"layer_type": layer_type} if layer_type else {}
-        self._tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, ...]] = {}
+        self._scale: float | None = None
 
-    def _table(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        """(cos, sin, inverse cos, inverse sin) [capacity, dims] for positions 0..capacity-1,
-        made once per dtype."""
-        key = (device, dtype)
-        if key not in self._tables:
-            probe = torch.zeros(1, dtype=torch.float32, device=device)
-            positions = torch.arange(self._capacity, device=device)[None]
-            cos, sin = self._rotary(probe, position_ids=positions, **self._layer_type)
-            cos, sin = _duplicated(cos[0].float()), _duplicated(sin[0].float())
-            scale = cos.square() + sin.square()
-            self._tables[key] = tuple(t.to(dtype) for t in (cos, sin, cos / scale, sin / scale))
-        return self._tables[key]
+    @property
+    def dims(self) -> int:
+        """How many leading dims of a head rotate."""
+        return 2 * len(self._frequencies)
 
-    def to_stored(self, keys: torch.Tensor, first_position: int | torch.Tensor) -> torch.Tensor:
-        """Undone in float32 (only the new keys), so a bf16 key is rounded once, when stored.
+    def turning(
+        self, shift: Shift, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """cos and sin [dims], or [rows, 1, 1, dims] for a shift per row; None for shift 0."""
+        if isinstance(shift, int) and shift == 0:
+            return None
+        angles = torch.as_tensor(shift, dtype=torch.float64).reshape(-1, 1) * self._frequencies
+        angles = torch.cat((angles, angles), dim=-1)
+        shape = (-1, 1, 1, self.dims) if isinstance(shift, torch.Tensor) else (self.dims,)
+        return tuple(
+            t.reshape(shape).to(device=device, dtype=dtype) for t in (angles.cos(), angles.sin())
+        )
 
-        `first_position` is one per row ([rows]) when the rows of a batch sit at their own
-        positions."""
-        _, _, inv_cos, inv_sin = self._table(keys.device, torch.float32)
-        count = keys.shape[-2]
-        if isinstance(first_position, int):
-            span: slice | torch.Tensor = slice(first_position, first_position + count)
-        else:
-            span = first_position[:, None] + torch.arange(count, device=keys.device)
-        wide = keys.float()
-        stored = _rotate(wide, _rows(inv_cos, span), -_rows(inv_sin, span), torch.empty_like(wide))
-        return stored.to(keys.dtype)
-
-    def rotation(
-        self, positions: torch.Tensor | int | slice, device: torch.device, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """In the model's own dtype, as its attention rotates the queries. `positions` may be
-        [rows, keys]: each row of a batch rotated to its own positions."""
-        cos, sin, _, _ = self._table(device, dtype)
-        index = slice(0, positions) if isinstance(positions, int) else positions
-        return _rows(cos, index), _rows(sin, index)
-
-    def to_attention(
+    def turn(
         self,
-        stored: torch.Tensor,
-        rotation: tuple[torch.Tensor, torch.Tensor],
+        x: torch.Tensor,
+        turning: tuple[torch.Tensor, torch.Tensor] | None,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return _rotate(stored, *rotation, torch.empty_like(stored) if out is None else out)
+        if turning is None:
+            return x
+        return _rotate(x, *turning, torch.empty_like(x) if out is None else out)
 
+    def to_stored(self, keys: torch.Tensor, shift: Shift) -> torch.Tensor:
+        """Turned in float32 (only the new keys), so a bf16 key is rounded once, when stored."""
+        turning = self.turning(shift, keys.device, torch.float32)
+        if turning is None:
+            return keys
+        return self.turn(keys.float(), turning).to(keys.dtype)
 
-def _duplicated(table: torch.Tensor) -> torch.Tensor:
-    """The rotate-half layout's table, whose two halves repeat one angle per pair of dims.
+    def from_position_free(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotated to `positions` and scaled by the model's attention factor, as the model
+        makes its keys."""
+        cos, sin = self.turning(positions, keys.device, torch.float32)
+        cos, sin = (t[:, 0, 0][None, None] * self._attention_scale() for t in (cos, sin))
+        wide = keys.float()
+        return _rotate(wide, cos, sin, torch.empty_like(wide)).to(keys.dtype)
 
-    Most rotary modules return it so; gpt-oss returns one column per pair (its halves
-    differ), which is widened here, so a partial rotation is never mistaken for it."""
-    half = table.shape[-1] // 2
-    if torch.equal(table[..., :half], table[..., half:]):
-        return table
-    return torch.cat((table, table), dim=-1)
-
-
-def _rows(table: torch.Tensor, index: slice | torch.Tensor) -> torch.Tensor:
-    """The table's rows at `index` ([keys], or [rows, keys]), shaped to broadcast over heads."""
-    return table[index].unsqueeze(-3)
+    def _attention_scale(self) -> float:
+        """The factor the model's cos and sin carry (yarn's attention factor): its cos at 0."""
+        if self._scale is None:
+            probe = torch.zeros(1, dtype=torch.float32, device=self._frequencies.device)
+            cos, _ = self._rotary(
+                probe, position_ids=torch.zeros(1, 1, dtype=torch.long), **self._layer_type
+            )
+            self._scale = float(cos.reshape(-1)[0])
+        return self._scale
 
 
 def _rotate(
@@ -142,8 +143,8 @@ def _rotate(
 ) -> torch.Tensor:
     """x * cos + rotate_half(x) * sin on the first cos.shape[-1] dims, written into `out`.
 
-    This runs over the whole cache on every step, so it makes no temporaries (rotate_half's),
-    and the caller says where the result goes (a reused buffer, see scratch.py).
+    This may run over a whole cache, so it makes no temporaries (rotate_half's), and the
+    caller says where the result goes (a reused buffer, see scratch.py).
     """
     dim, half = cos.shape[-1], cos.shape[-1] // 2
     torch.mul(x[..., :dim], cos, out=out[..., :dim])
@@ -164,24 +165,24 @@ def _rotary_module(model: nn.Module) -> nn.Module:
     return found[0]
 
 
-def _rotary(model: nn.Module, capacity: int, layer_type: str) -> PositionScheme:
+def _rotary(model: nn.Module, layer_type: str) -> PositionScheme:
     rotary = _rotary_module(model)
     takes_type = "layer_type" in inspect.signature(rotary.forward).parameters
-    return RotaryScheme(rotary, capacity, layer_type if takes_type else None)
+    return RotaryScheme(rotary, layer_type if takes_type else None)
 
 
-def _alibi(model: nn.Module, capacity: int, layer_type: str) -> PositionScheme:
+def _alibi(model: nn.Module, layer_type: str) -> PositionScheme:
     return AlibiScheme()
 
 
-def _falcon(model: nn.Module, capacity: int, layer_type: str) -> PositionScheme:
+def _falcon(model: nn.Module, layer_type: str) -> PositionScheme:
     """Falcon is ALiBi or RoPE depending on its config."""
     rotary = not model.config.alibi
-    return (_rotary if rotary else _alibi)(model, capacity, layer_type)
+    return (_rotary if rotary else _alibi)(model, layer_type)
 
 
-# (model, capacity, layer type) -> the scheme of that model's layers of that type
-SchemeFactory = Callable[[nn.Module, int, str], PositionScheme]
+# (model, layer type) -> the scheme of that model's layers of that type
+SchemeFactory = Callable[[nn.Module, str], PositionScheme]
 
 SCHEMES: dict[str, SchemeFactory] = {
     "llama": _rotary,

@@ -1,10 +1,11 @@
 """The StreamingLLM cache in the shape transformers uses: one layer object per model layer.
 
-Keys are stored position-free (see positions.py) in ring-buffered slots (see slot_layout.py)
-and given their in-cache positions on use: gathered in position order for a chunk, read in slot
-order for a single decoded token once the ring has turned. A forward must be wrapped in
-`step()`, which makes room before the new tokens go in and records the new layout only once
-the forward has succeeded.
+Keys are stored at their stream positions (see positions.py) in ring-buffered slots (see
+slot_layout.py) and turned back to their in-cache positions on use by one shift: gathered in
+position order for a chunk, read in slot order for a single decoded token once the ring has
+turned. A batched decode step reads them as stored (batch_cache.py, attention.py). A forward
+must be wrapped in `step()`, which makes room before the new tokens go in and records the new
+layout only once the forward has succeeded.
 
 A cache snapshots its tensors and loads them back itself (cache_snapshot.py): it tracks which
 slots each forward wrote (snapshot_pieces.py), so a snapshot copies only the slots written
@@ -58,18 +59,15 @@ class SinkCacheLayer(LayerAcrossReleases, CacheLayerMixin):
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
     ) -> tuple[torch.Tensor, torch.Tensor]:
         plan, kind = self._owner.plan, self.kind
-        self.write(kind.scheme.to_stored(key_states, plan.length_before), value_states)
+        self.write(kind.scheme.to_stored(key_states, plan.shift), value_states)
         first = kind.first_visible(plan.length_before)
         if first == 0 and plan.full_ring and kind.scheme.order_free and len(plan.new_slots) == 1:
-            # One query attends to every slot alike: keys in slot order, rotated to each
-            # slot's position, and the values as they lie. No gather, no copy of the values.
-            keys, values, positions = self.keys, self.values, plan.slot_positions
+            # One query attends to every slot alike: keys in slot order (the head's slots are
+            # its positions), and the values as they lie. No gather, no copy of the values.
+            keys, values = self.keys, self.values
         else:
             keys, values = self._in_position_order(plan, first)
-            positions = slice(first, plan.length_after)
-        rotation = self._owner.rotation(kind, positions, keys.dtype)
-        out = scratch("attention keys", keys.shape, keys.dtype, keys.device)
-        return kind.scheme.to_attention(keys, rotation, out), values
+        return self._in_cache_frame(keys, max(plan.head - first, 0)), values
 
     def write(self, stored_keys: torch.Tensor, values: torch.Tensor) -> None:
         """Put this step's new keys (already position-free) and values in their slots."""
@@ -79,6 +77,17 @@ class SinkCacheLayer(LayerAcrossReleases, CacheLayerMixin):
         self.keys.index_copy_(2, plan.new_slots, stored_keys)
         self.values.index_copy_(2, plan.new_slots, values)
         self.length = plan.length_after
+
+    def _in_cache_frame(self, keys: torch.Tensor, head: int) -> torch.Tensor:
+        """Stored keys, the first `head` of them the head's, turned back to the model's
+        in-cache frame (the window's by the step's shift), in a reused buffer."""
+        turning = self._owner.turning_back(self.kind, keys.dtype)
+        if turning is None:
+            return keys
+        out = scratch("attention keys", keys.shape, keys.dtype, keys.device)
+        out[:, :, :head].copy_(keys[:, :, :head])
+        self.kind.scheme.turn(keys[:, :, head:], turning, out[:, :, head:])
+        return out
 
     def _in_position_order(self, plan: StepPlan, first: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of positions first..length_after-1, in position order."""
@@ -115,7 +124,7 @@ class SinkCache(Cache):
         self.kinds = tuple(kinds)
         self.device = torch.device(device)  # where each step's slot indices are made
         self.plan: StepPlan | None = None
-        self._rotations: dict[LayerKind, object] = {}  # this step's, one per layer kind
+        self._turnings: dict[LayerKind, object] = {}  # this step's, one per layer kind
         self.token_ids = torch.zeros(capacity, dtype=torch.long, device=self.device)
         self.pieces = PieceTracker(capacity)  # slots written since the last saved snapshot
         self.damaged = False
@@ -141,7 +150,7 @@ class SinkCache(Cache):
         self.require_intact()
         plan = self.layout.plan(len(input_ids), self.device)
         self.plan = plan
-        self._rotations = {}
+        self._turnings = {}
         for layer in self.layers:
             layer.length = plan.length_before
         try:
@@ -163,14 +172,12 @@ class SinkCache(Cache):
         if self.damaged:
             raise CacheDamagedError("this cache was damaged by a failed forward; restore its state")
 
-    def rotation(
-        self, kind: LayerKind, positions: torch.Tensor | slice, dtype: torch.dtype
-    ) -> object:
-        """The rotation of `kind`'s keys for this step, made by the first layer of that kind
-        that needs it (each kind's layers see the same positions within a step)."""
-        if kind not in self._rotations:
-            self._rotations[kind] = kind.scheme.rotation(positions, self.device, dtype)
-        return self._rotations[kind]
+    def turning_back(self, kind: LayerKind, dtype: torch.dtype) -> object:
+        """The turn of `kind`'s window keys from the stream's frame to this step's in-cache
+        frame, made by the first layer of that kind that needs it."""
+        if kind not in self._turnings:
+            self._turnings[kind] = kind.scheme.turning(-self.plan.shift, self.device, dtype)
+        return self._turnings[kind]
 
     def tokens_of_span(self, start: int, end: int) -> list[int]:
         """The ids of the stream's tokens start..end-1 still in this cache, oldest first."""

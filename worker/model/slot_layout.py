@@ -26,6 +26,8 @@ class StepPlan:
     length_before: int  # tokens in the cache the new ones attend to (after eviction)
     new_slots: torch.Tensor  # slot of each new token, in order
     order: torch.Tensor | slice  # slots of positions 0..length_before+new-1 (a slice if contiguous)
+    head: int  # positions (and slots) 0..head-1 hold the head, never evicted
+    shift: int  # tokens evicted once room is made: a window token's stream minus cache position
     slot_positions: torch.Tensor | None = None  # position of every slot, when all are live
 
     @property
@@ -86,12 +88,17 @@ class SlotLayout:
         length_before = self.length - evicted
         positions = torch.arange(length_before + new_tokens, device=device)
         slots = self._slots_of(positions, ring_start)
+        frame = {"head": self.head, "shift": self.evicted_total + evicted}
         if ring_start == 0 or len(positions) <= self.head:  # every position in its own slot
-            return StepPlan(evicted, length_before, slots[length_before:], slice(0, len(slots)))
+            order = slice(0, len(slots))
+            return StepPlan(evicted, length_before, slots[length_before:], order, **frame)
         # Out of order only once the ring has turned, and the cache is then full: each slot
         # holds exactly one position.
         slot_positions = torch.empty_like(slots).index_copy_(0, slots, positions)
-        return StepPlan(evicted, length_before, slots[length_before:], slots, slot_positions)
+        return StepPlan(
+            evicted, length_before, slots[length_before:], slots, **frame,
+            slot_positions=slot_positions,
+        )  # fmt: skip
 
     def commit(self, plan: StepPlan) -> None:
         """Record a plan once its forward has succeeded."""
@@ -129,6 +136,12 @@ class SlotLayout:
             if t < self.head or t >= oldest
         ]
         return torch.tensor(slots, dtype=torch.long)
+
+    def stream_positions(self) -> torch.Tensor:
+        """[capacity]: the stream position of the token in each slot (of the live ones)."""
+        slots = torch.arange(self.capacity)
+        in_ring = (slots - self.head - self.ring_start) % self.ring_size + self.head
+        return torch.where(slots < self.head, slots, in_ring + self.evicted_total)
 
     def to_meta(self) -> dict[str, int]:
         return {

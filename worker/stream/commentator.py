@@ -1,9 +1,10 @@
 """The commentator: a stream as a dialogue, records in, commentary out, over the decoder.
 
 It owns the dialogue (turns, triggers, seq and offsets) and leaves every forward to the
-decoder, so the cost per token stays constant however long a stream runs. `step` takes a list
-of sessions with their records; they run one after the other today, and the list is where
-batching them into one forward will go.
+decoder, so the cost per token stays constant however long a stream runs. A stream's work is a
+job (see scheduler.py): it yields the prefills and the turns it needs and returns the
+commentary that came due. `run` hands the jobs of many streams to the scheduler together, so
+their turns are written in shared forwards; what each stream writes is the same as alone.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessorList
 
+from worker.exceptions import StreamsinkError
 from worker.model.cache_settings import CacheSettings
-from worker.model.decoder import Decoder, GenerationRequest
+from worker.model.decoder import Decoder
 from worker.model.loading import LoadedModel
 from worker.model.sampling import Sampler, repetition_controls
+from worker.model.scheduler import BatchSettings, GenerationRequest, Job, Prefill, Scheduler
 from worker.stream.chat_format import ChatFormat, Prompt
 from worker.stream.policy import CommentaryPolicy
 from worker.stream.records import Commentary
@@ -45,8 +48,10 @@ class Commentator:
         cache: CacheSettings = CacheSettings(),
         policy: CommentaryPolicy = CommentaryPolicy(),
         prompt: Prompt = Prompt(),
+        batching: BatchSettings = BatchSettings(),
     ) -> None:
         self.decoder = Decoder(loaded, cache)
+        self.scheduler = Scheduler(self.decoder, batching)
         self.loaded = loaded
         self.settings = cache
         self.policy = policy
@@ -65,17 +70,30 @@ class Commentator:
         self.feed(session, instruction)
         return session
 
+    def run(self, inputs: list[StreamInput]) -> list[list[Commentary] | StreamsinkError]:
+        """Feed each stream's records, the streams together; per input, the commentary that
+        came due in order, or the error that stopped that stream (the others go on)."""
+        return self.scheduler.run([self.records_job(i.session, i.records) for i in inputs])
+
     def step(self, inputs: list[StreamInput]) -> list[Commentary]:
-        """Feed each stream's records; return the commentary that came due, in order."""
+        """`run`, the commentary of every input in input order; the first error raised."""
         produced: list[Commentary] = []
-        for item in inputs:
-            for offset, text in item.records:
-                commentary = self.apply_record(item.session, offset, text)
-                if commentary is not None:
-                    produced.append(commentary)
+        for outcome in self.run(inputs):
+            if isinstance(outcome, StreamsinkError):
+                raise outcome
+            produced += outcome
         return produced
 
-    def apply_record(self, session: StreamSession, offset: int, text: str) -> Commentary | None:
+    def records_job(self, session: StreamSession, records: list[tuple[int, str]]) -> Job:
+        """The job of one stream's records: the commentary that came due, in order."""
+        produced: list[Commentary] = []
+        for offset, text in records:
+            commentary = yield from self._apply_record(session, offset, text)
+            if commentary is not None:
+                produced.append(commentary)
+        return produced
+
+    def _apply_record(self, session: StreamSession, offset: int, text: str) -> Job:
         counters = session.counters
         opening = ""
         if not counters.turn_open:
@@ -88,14 +106,14 @@ class Commentator:
             counters.first_offset_in_turn = offset
             session.turn_started_at = time.monotonic()
         tokens = self._tokens(opening + text.rstrip("\n") + "\n")
-        self._queue(session, tokens.tolist())
+        yield from self._queue(session, tokens.tolist())
         counters.records_seen += 1
         counters.records_in_turn += 1
         counters.tokens_in_turn += len(tokens)
         counters.next_offset = offset + 1
-        return self.comment_if_due(session)
+        return (yield from self.due_job(session))
 
-    def _queue(self, session: StreamSession, tokens: list[int]) -> None:
+    def _queue(self, session: StreamSession, tokens: list[int]) -> Job:
         """Hold record tokens until a full chunk (or a commentary) is due, then feed them.
 
         Feeding whole chunks reads the weights once per chunk instead of once per record.
@@ -106,16 +124,18 @@ class Commentator:
         pending.extend(tokens)
         full = len(pending) - len(pending) % self.decoder.chunk
         if full:
-            self.feed(session, torch.tensor(pending[:full]))
+            yield from self._feed(session, torch.tensor(pending[:full]))
             del pending[:full]
 
-    def comment_if_due(self, session: StreamSession) -> Commentary | None:
+    def due_job(self, session: StreamSession) -> Job:
+        """The job of a stream's commentary if a trigger (the clock's too) says it is due;
+        None if not."""
         c = session.counters
         if not self.policy.due(c.records_in_turn, c.tokens_in_turn, session.seconds_in_turn()):
             return None
-        return self.comment(session)
+        return (yield from self._comment(session))
 
-    def comment(self, session: StreamSession) -> Commentary:
+    def _comment(self, session: StreamSession) -> Job:
         """Close the user turn, let the model write its turn, and keep both in the cache."""
         counters = session.counters
         request = f"\n{self.prompt.request}" if self.prompt.request else ""
@@ -123,7 +143,7 @@ class Commentator:
         prompt = torch.tensor(counters.pending + closing)
         sampler = self._sampler(session.stream_id, counters.next_seq)
         start = session.cache.layout.tokens_seen + len(prompt)
-        turn = GenerationRequest(
+        written = yield GenerationRequest(
             session.cache,
             prompt,
             sampler,
@@ -131,7 +151,6 @@ class Commentator:
             self.decoder.stop_ids,
             history=self._earlier_commentary(session),
         )
-        [written] = self.decoder.generate([turn])
         counters.pending = []
         counters.commentary_spans.append([start, start + len(written)])
         openings = [*counters.commentary_openings, list(written[:OPENING_TOKENS])]
@@ -171,7 +190,10 @@ class Commentator:
 
     def feed(self, session: StreamSession, tokens: torch.Tensor) -> torch.Tensor:
         """Run `tokens` into the session's cache; the last token's logits."""
-        [logits] = self.decoder.feed([(session.cache, tokens)])
+        return self.scheduler.run_alone(self._feed(session, tokens))
+
+    def _feed(self, session: StreamSession, tokens: torch.Tensor) -> Job:
+        logits = yield Prefill(session.cache, tokens)
         session.prefilled_tokens += len(tokens)
         return logits
 

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 import structlog
 
@@ -29,8 +29,9 @@ from cache_store.exceptions import (
 from cache_store.partition import StoreUnavailableError
 from cache_store.state import StreamState
 from worker.exceptions import BadRecordError, StreamsinkError
+from worker.model.scheduler import Job
 from worker.ops.metrics import WorkerMetrics
-from worker.stream.commentator import Commentator, StreamInput
+from worker.stream.commentator import Commentator
 from worker.stream.live_budget import LiveBudget
 from worker.stream.records import DEFAULT_MAX_RECORD_BYTES, Commentary, Record, decode_record
 from worker.stream.session import StreamSession
@@ -42,6 +43,7 @@ StateLoader = Callable[[str], StreamState | None]
 SetAside = tuple[Record, BadRecordError]  # a record the run could not apply, and why
 LiveKey = tuple["StreamProcessor", str]  # a live cache in a budget the processors share
 Committed = TypeVar("Committed")
+T = TypeVar("T")
 
 
 class BadStatePolicy(StrEnum):
@@ -98,21 +100,33 @@ class StreamProcessor:
             text = self._accept(record, set_aside)
             if text is not None:
                 grouped.setdefault(record.stream_id, []).append((record.offset, text))
+        jobs = [
+            _measured(self.sessions[stream_id], self.commentator.records_job)(records)
+            for stream_id, records in grouped.items()
+        ]
         produced: list[Commentary] = []
-        for stream_id, records in grouped.items():
-            produced += self._step(stream_id, records, batch, set_aside)
+        for (stream_id, records), outcome in zip(
+            grouped.items(), self.commentator.scheduler.run(jobs), strict=True
+        ):
+            produced += self._finish(stream_id, records, outcome, batch, set_aside)
         return Applied(produced, set_aside)
 
     def comment_on_timers(self) -> list[Commentary]:
         """Commentary of streams whose time trigger fired, for runs with --every-seconds."""
         if self.commentator.policy.every_seconds is None:
             return []
+        stream_ids = list(self.sessions)
+        jobs = [_measured(self.sessions[s], self.commentator.due_job)() for s in stream_ids]
         produced = []
-        for stream_id, session in self.sessions.items():
-            started = time.perf_counter()
-            commentary = self.commentator.comment_if_due(session)
-            if commentary is not None:
-                self._count_commentary([commentary], started)
+        for stream_id, outcome in zip(
+            stream_ids, self.commentator.scheduler.run(jobs), strict=True
+        ):
+            if isinstance(outcome, StreamsinkError):
+                self._drop_failed(stream_id, outcome)
+                continue
+            if outcome.result is not None:
+                commentary = outcome.result
+                self._count_commentary([commentary], outcome.seconds)
                 produced.append(commentary)
                 self.dirty.add(stream_id)
                 self.live.used((self, stream_id))
@@ -184,45 +198,42 @@ class StreamProcessor:
         self.live.dropped((self, stream_id))
         self.metrics.live_streams.set(len(self.live))
 
-    def _step(
+    def _finish(
         self,
         stream_id: str,
         records: list[tuple[int, str]],
+        outcome: Measured[list[Commentary]] | StreamsinkError,
         batch: list[Record],
         set_aside: list[SetAside],
     ) -> list[Commentary]:
-        session = self.sessions[stream_id]
-        fed_before = session.prefilled_tokens
-        started = time.perf_counter()
-        try:
-            with structlog.contextvars.bound_contextvars(
-                stream_id=stream_id, offset=records[-1][0]
-            ):
-                produced = self.commentator.step([StreamInput(session, records)])
-        except StreamsinkError as error:
-            # Dropped unsaved: reloaded from its last saved state when it is next seen.
-            self._forget(stream_id)
-            self.dirty.discard(stream_id)
+        """Count a stream's step, or set its records aside if its engine work failed."""
+        if isinstance(outcome, StreamsinkError):
+            self._drop_failed(stream_id, outcome)
             failed = {offset for offset, _ in records}
             for record in batch:
                 if record.stream_id == stream_id and record.offset in failed:
                     set_aside.append(
-                        self._reject(record, BadRecordError("engine_error", str(error)))
+                        self._reject(record, BadRecordError("engine_error", str(outcome)))
                     )
             return []
-        self._count_commentary(produced, started)
+        self._count_commentary(outcome.result, outcome.seconds)
         self.metrics.records.inc(len(records))
-        self.metrics.tokens.inc(session.prefilled_tokens - fed_before)
+        self.metrics.tokens.inc(outcome.tokens)
         self.dirty.add(stream_id)
-        return produced
+        return outcome.result
 
-    def _count_commentary(self, produced: list[Commentary], started: float) -> None:
+    def _drop_failed(self, stream_id: str, error: StreamsinkError) -> None:
+        """Dropped unsaved: reloaded from its last saved state when it is next seen."""
+        log.error("stream step failed", stream_id=stream_id, error=str(error))
+        self._forget(stream_id)
+        self.dirty.discard(stream_id)
+
+    def _count_commentary(self, produced: list[Commentary], seconds: float) -> None:
         if not produced:
             return
         self.metrics.commentaries.inc(len(produced))
-        seconds = (time.perf_counter() - started) / len(produced)
         for _ in produced:
-            self.metrics.commentary_seconds.observe(seconds)
+            self.metrics.commentary_seconds.observe(seconds / len(produced))
 
     def _accept(self, record: Record, set_aside: list[SetAside]) -> str | None:
         """The record's text if it is to be applied now, else None (set aside or a repeat)."""
@@ -297,6 +308,29 @@ class StreamProcessor:
             offset=record.offset,
         )
         return record, error
+
+
+@dataclass(frozen=True)
+class Measured(Generic[T]):
+    """A stream's job's result, the seconds from its start to its end (other streams' work
+    shares them) and the tokens it fed the model."""
+
+    result: T
+    seconds: float
+    tokens: int
+
+
+def _measured(
+    session: StreamSession, make: Callable[..., Job[T]]
+) -> Callable[..., Job[Measured[T]]]:
+    """`make`, for `session`, as a job that measures itself."""
+
+    def job(*args: object) -> Job[Measured[T]]:
+        started, fed = time.perf_counter(), session.prefilled_tokens
+        result = yield from make(session, *args)
+        return Measured(result, time.perf_counter() - started, session.prefilled_tokens - fed)
+
+    return job
 
 
 def _bad_state_kind(error: Exception) -> str:

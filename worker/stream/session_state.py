@@ -35,11 +35,10 @@ def snapshot(session: StreamSession, commentator: Commentator) -> StreamState:
     tensors, cache_meta = cache.tensors, cache.meta
     meta = {
         "kind": STATE_KIND,
-        "layout": cache_meta["layout"],
+        **cache_meta,  # layout, layers, how the keys are turned
         "counters": session.counters.to_meta(),
         "instruction": commentator.prompt.instruction,
         "request": commentator.prompt.request,
-        "layers": cache_meta["layers"],
     }
     writer = expected_writer(commentator)
     stored = {name: session.stored[name] for name in cache.kept}

@@ -1,7 +1,7 @@
 """Decode and prefill across many streams, side by side in one run: the batched sink path (one
 forward across streams), the sequential sink path (one forward per stream), and plain
-transformers batched with a DynamicCache of the same length and no sinks (the reference a
-sink cache is measured against), for each dtype asked for.
+transformers batched with a DynamicCache of the same length and no sinks, on its own kernels
+(the reference a sink cache is measured against), for each dtype asked for.
 
 Every stream starts from the same full cache (its ring turned, so each step evicts a token):
 one filled cache is copied through its own export, so the figures need one prefill, not one
@@ -25,6 +25,7 @@ from transformers.cache_utils import Cache
 
 from worker.exceptions import CacheCapacityError
 from worker.model.batch_cache import batch_forward
+from worker.model.batch_invariance import stock_kernels
 from worker.model.compat import cache_argument
 from worker.model.decoder import forward_step
 from worker.model.loading import LoadedModel
@@ -219,7 +220,10 @@ class _Plain:
 
     def __call__(self, ids: torch.Tensor) -> None:
         model = self.loaded.model
-        model(input_ids=ids[:, None].to(self.loaded.device), **cache_argument(model, self.cache))
+        with stock_kernels(model):
+            model(
+                input_ids=ids[:, None].to(self.loaded.device), **cache_argument(model, self.cache)
+            )
 
 
 def _copy(loaded: LoadedModel, cache: SinkCache) -> SinkCache:
@@ -234,13 +238,14 @@ def _copy(loaded: LoadedModel, cache: SinkCache) -> SinkCache:
 def _dense_cache(loaded: LoadedModel, length: int) -> DynamicCache:
     """A DynamicCache prefilled with `length` tokens in chunks, as the sink cache is."""
     cache = DynamicCache(config=loaded.model.config)
-    for piece in random_ids(loaded, length).split(PREFILL_CHUNK):
-        loaded.model(
-            input_ids=piece[None].to(loaded.device),
-            use_cache=True,
-            logits_to_keep=1,
-            **cache_argument(loaded.model, cache),
-        )
+    with stock_kernels(loaded.model):
+        for piece in random_ids(loaded, length).split(PREFILL_CHUNK):
+            loaded.model(
+                input_ids=piece[None].to(loaded.device),
+                use_cache=True,
+                logits_to_keep=1,
+                **cache_argument(loaded.model, cache),
+            )
     return cache
 
 

@@ -1,0 +1,119 @@
+"""A stream's forwards do not depend on the streams that share them, nor on the thread count:
+bit for bit.
+
+Each stream decodes alone, then in batches of other sizes beside other streams of other
+lengths (before and after their rings turn); its logits must be equal, not just close.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.models.tiny_models import VOCAB, tiny_configs, tiny_model
+from worker.model.batch_cache import batch_forward
+from worker.model.batch_invariance import is_batch_invariant, stock_kernels
+from worker.model.decoder import forward_step
+from worker.model.sink_cache import SinkCache
+
+CAPACITY, SINKS, CHUNK, STEPS = 24, 4, 8, 10
+LENGTHS = (5, 19, 23, 41, 11, 30)  # short, about to evict, full, long turned, ...
+
+
+def _ids(count: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (count,), generator=torch.Generator().manual_seed(seed))
+
+
+def _prefilled(model: torch.nn.Module, length: int, seed: int) -> SinkCache:
+    cache = SinkCache.for_model(model, CAPACITY, SINKS)
+    for piece in _ids(length, seed).split(CHUNK):
+        forward_step(model, cache, piece)
+    return cache
+
+
+def _batch(model: torch.nn.Module, caches: list[SinkCache], tokens: list[torch.Tensor]):
+    return batch_forward(model, caches, torch.cat(tokens))
+
+
+def _decode(model: torch.nn.Module, groups: list[list[int]]) -> dict[int, list[torch.Tensor]]:
+    """Every stream's logits over STEPS greedy steps, the streams batched in `groups`."""
+    caches = {i: _prefilled(model, length, i) for i, length in enumerate(LENGTHS)}
+    logits: dict[int, list[torch.Tensor]] = {i: [] for i in caches}
+    tokens = {i: torch.tensor([i + 1]) for i in caches}
+    for _ in range(STEPS):
+        for group in groups:
+            rows = _batch(model, [caches[i] for i in group], [tokens[i] for i in group])
+            for i, row in zip(group, rows, strict=True):
+                logits[i].append(row)
+                tokens[i] = row.argmax()[None]
+    return logits
+
+
+def _batchable() -> list[str]:
+    return [
+        name
+        for name in sorted(tiny_configs())
+        if SinkCache.for_model(tiny_model(name), CAPACITY, SINKS).order_free
+        and is_batch_invariant(tiny_model(name))
+    ]
+
+
+def test_models_whose_kernels_cannot_be_made_row_independent_say_so() -> None:
+    """Falcon calls SDPA itself and gpt-oss has expert blocks: their rows are not batched."""
+    assert not is_batch_invariant(tiny_model("falcon-rotary"))
+    assert not is_batch_invariant(tiny_model("gpt_oss-sinks"))
+    assert is_batch_invariant(tiny_model("llama"))
+
+
+@pytest.mark.parametrize("name", _batchable())
+@torch.inference_mode()
+def test_a_streams_logits_are_the_same_bits_in_any_batch(name: str) -> None:
+    model = tiny_model(name)
+    streams = list(range(len(LENGTHS)))
+    alone = _decode(model, [[i] for i in streams])
+    for groups in ([streams], [[0, 1], [2, 3, 4, 5]], [[5, 3, 1], [0], [4, 2]]):
+        together = _decode(model, groups)
+        for i in streams:
+            for step, (a, b) in enumerate(zip(alone[i], together[i], strict=True)):
+                assert torch.equal(a, b), f"stream {i} step {step} in {groups}"
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3-hybrid"])
+@torch.inference_mode()
+def test_a_streams_prefill_and_decode_are_the_same_bits_on_any_thread_count(name: str) -> None:
+    """So a stream that moves to a worker given more CPUs goes on exactly."""
+    model = tiny_model(name)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _decode(model, [list(range(len(LENGTHS)))])
+        torch.set_num_threads(3)
+        three = _decode(model, [list(range(len(LENGTHS)))])
+    finally:
+        torch.set_num_threads(threads)
+    for i in range(len(LENGTHS)):
+        assert all(torch.equal(a, b) for a, b in zip(one[i], three[i], strict=True)), i
+
+
+@torch.inference_mode()
+def test_the_stock_kernels_are_what_makes_the_difference() -> None:
+    """With transformers' own kernels a row's bits follow its batch and the thread count (else
+    the tests above are moot); ours stay close to them. Plain forwards of a token, no cache."""
+    model = tiny_model("llama")
+    rows = torch.stack([_ids(1, seed) for seed in range(len(LENGTHS))])
+
+    def last_logits(threads: int, group: list[int]) -> torch.Tensor:
+        torch.set_num_threads(threads)
+        return model(input_ids=rows[group]).logits[:, -1]
+
+    threads = torch.get_num_threads()
+    try:
+        ours = last_logits(2, list(range(len(LENGTHS))))
+        with stock_kernels(model):
+            alone = torch.cat([last_logits(2, [i]) for i in range(len(LENGTHS))])
+            together = last_logits(2, list(range(len(LENGTHS))))
+            on_one_thread = last_logits(1, list(range(len(LENGTHS))))
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(ours, alone, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(alone, together) or not torch.equal(together, on_one_thread)

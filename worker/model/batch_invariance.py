@@ -1,0 +1,121 @@
+"""Kernels whose result for one stream does not depend on the others in its forward.
+
+A decode step over many streams is one forward of one token per stream. With the stock CPU
+kernels, what a stream gets depends on how many rows that forward has: MKL's fp32 GEMM takes
+another path (and sums in another order) for 1 row, for 2-3 and for 4 or more, and the CPU
+flash attention splits its work otherwise for one row than for several. The logits agree to
+1e-5, but a greedy token at a near tie would flip, and a stream's commentary would then depend
+on which streams happened to share its forwards.
+
+So every forward runs kernels that compute each row on its own:
+- each linear layer is oneDNN's matmul over its weight packed once, in one blocked layout.
+  Its result for a row depends on that layout alone, not on the row count, the other rows or
+  the thread count, measured for every row count from 2 to 1024 (a lone row takes a
+  matrix-vector path of its own, so it is given a second row). It is also 2-4x faster than
+  MKL's on a CPU MKL does not tune for (AMD).
+- attention is ours (attention.py): two matmuls and a softmax per row and kv head, whose
+  result for a row does not depend on the batch or the thread count either (SDPA's CPU kernel
+  splits its work by the thread count, and a prefill's bits would follow the worker's CPUs).
+
+The kernels are installed on the model itself (see `LoadedModel`), so the sequential path, the
+batched path and `--max-batch 1` give every stream the same bits. Where they cannot be (no
+oneDNN, another device, a dtype it does not take, layers of other weights such as mixture of
+experts, attention that is not SDPA: eager softcapping, an attention call of the model's own),
+`is_batch_invariant` says so and each stream runs its forwards alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+
+from worker.model.attention import ATTENTION
+
+PACKED_DTYPES = (torch.float32, torch.bfloat16)
+_PACKING_ROWS = 16  # oneDNN's layout hint; the bits do not depend on it, the speed barely
+
+
+class PackedLinear(nn.Linear):
+    """A linear layer through oneDNN with its weight packed once (`pack`); see the module
+    docstring. The packed copy is no parameter: state dicts and fingerprints do not see it."""
+
+    packed: torch.Tensor | None = None
+
+    @property
+    def is_packed(self) -> bool:
+        """Whether the packed copy is of the weight as it is (a model moved to another dtype
+        since is not)."""
+        return self.packed is not None and self.packed.dtype == self.weight.dtype
+
+    def pack(self) -> None:
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), _PACKING_ROWS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.is_packed or x.dtype != self.weight.dtype:
+            return F.linear(x, self.weight, self.bias)
+        rows = x.reshape(-1, x.shape[-1])
+        lone = rows.shape[0] == 1
+        if lone:  # one row takes a path of its own: make it one of two
+            rows = rows.expand(2, -1)
+        out = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
+        return (out[:1] if lone else out).view(*x.shape[:-1], out.shape[-1])
+
+
+def make_batch_invariant(model: PreTrainedModel) -> None:
+    """Give `model` the row-independent kernels where it can take them (idempotent).
+
+    Attention is replaced only where the model runs SDPA through transformers' attention
+    interface: eager attention (Gemma 2's softcapping, gpt-oss's sink logits) stays.
+    """
+    if not _can_pack(model):
+        return
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = PackedLinear
+        if isinstance(module, PackedLinear) and not module.is_packed:
+            module.pack()
+    if model.config._attn_implementation == "sdpa" and model._can_set_attn_implementation():
+        model.set_attn_implementation(ATTENTION)
+
+
+def is_batch_invariant(model: PreTrainedModel) -> bool:
+    """Whether a row's forward through `model` is the same whatever rows share it."""
+    return model.config._attn_implementation == ATTENTION and all(
+        parameter.dim() < 2
+        or isinstance(module, nn.Embedding)
+        or (isinstance(module, PackedLinear) and module.is_packed)
+        for module in model.modules()
+        for parameter in module.parameters(recurse=False)
+    )
+
+
+@contextmanager
+def stock_kernels(model: PreTrainedModel) -> Iterator[None]:
+    """Within: `model` runs transformers' own kernels (a reference to measure against)."""
+    packed = [m for m in model.modules() if type(m) is PackedLinear]
+    attention = model.config._attn_implementation
+    for module in packed:
+        module.__class__ = nn.Linear
+    if attention == ATTENTION:
+        model.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        for module in packed:
+            module.__class__ = PackedLinear
+        if attention == ATTENTION:
+            model.set_attn_implementation(ATTENTION)
+
+
+def _can_pack(model: PreTrainedModel) -> bool:
+    """oneDNN's matmul on this model's device and dtype."""
+    return (
+        model.device.type == "cpu"
+        and model.dtype in PACKED_DTYPES
+        and torch.backends.mkldnn.is_available()
+    )
