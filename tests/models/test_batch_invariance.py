@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from tests.models.tiny_models import VOCAB, tiny_configs, tiny_model
+from worker.model.attention import FLASH_QUERIES
 from worker.model.batch_cache import batch_forward
 from worker.model.batch_invariance import is_batch_invariant, stock_kernels
 from worker.model.decoder import forward_step
+from worker.model.kv_pool import KVPool
 from worker.model.sink_cache import SinkCache
 
 CAPACITY, SINKS, CHUNK, STEPS = 24, 4, 8, 10
@@ -24,8 +26,10 @@ def _ids(count: int, seed: int) -> torch.Tensor:
     return torch.randint(0, VOCAB, (count,), generator=torch.Generator().manual_seed(seed))
 
 
-def _prefilled(model: torch.nn.Module, length: int, seed: int) -> SinkCache:
-    cache = SinkCache.for_model(model, CAPACITY, SINKS)
+def _prefilled(
+    model: torch.nn.Module, length: int, seed: int, pool: KVPool | None = None
+) -> SinkCache:
+    cache = SinkCache.for_model(model, CAPACITY, SINKS, pool)
     for piece in _ids(length, seed).split(CHUNK):
         forward_step(model, cache, piece)
     return cache
@@ -35,9 +39,13 @@ def _batch(model: torch.nn.Module, caches: list[SinkCache], tokens: list[torch.T
     return batch_forward(model, caches, torch.cat(tokens))
 
 
-def _decode(model: torch.nn.Module, groups: list[list[int]]) -> dict[int, list[torch.Tensor]]:
-    """Every stream's logits over STEPS greedy steps, the streams batched in `groups`."""
-    caches = {i: _prefilled(model, length, i) for i, length in enumerate(LENGTHS)}
+def _decode(
+    model: torch.nn.Module, groups: list[list[int]], shared: bool = True
+) -> dict[int, list[torch.Tensor]]:
+    """Every stream's logits over STEPS greedy steps, the streams batched in `groups`; their
+    caches in one pool (adjacent slots read as one run), or each in its own."""
+    pool = KVPool(model.config.num_hidden_layers) if shared else None
+    caches = {i: _prefilled(model, length, i, pool) for i, length in enumerate(LENGTHS)}
     logits: dict[int, list[torch.Tensor]] = {i: [] for i in caches}
     tokens = {i: torch.tensor([i + 1]) for i in caches}
     for _ in range(STEPS):
@@ -70,7 +78,7 @@ def test_models_whose_kernels_cannot_be_made_row_independent_say_so() -> None:
 def test_a_streams_logits_are_the_same_bits_in_any_batch(name: str) -> None:
     model = tiny_model(name)
     streams = list(range(len(LENGTHS)))
-    alone = _decode(model, [[i] for i in streams])
+    alone = _decode(model, [[i] for i in streams], shared=False)
     for groups in ([streams], [[0, 1], [2, 3, 4, 5]], [[5, 3, 1], [0], [4, 2]]):
         together = _decode(model, groups)
         for i in streams:
@@ -93,6 +101,26 @@ def test_a_streams_prefill_and_decode_are_the_same_bits_on_any_thread_count(name
         torch.set_num_threads(threads)
     for i in range(len(LENGTHS)):
         assert all(torch.equal(a, b) for a, b in zip(one[i], three[i], strict=True)), i
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3-hybrid"])
+@torch.inference_mode()
+def test_long_prefill_chunks_are_the_same_bits_on_any_thread_count(name: str) -> None:
+    """Chunks long enough to go through SDPA (attention.FLASH_QUERIES), the ring turned."""
+    model = tiny_model(name)
+    ids = _ids(3 * FLASH_QUERIES + 9, 7)
+
+    def prefill(threads: int) -> torch.Tensor:
+        torch.set_num_threads(threads)
+        cache = SinkCache.for_model(model, 2 * FLASH_QUERIES + 8, SINKS)
+        return torch.cat([forward_step(model, cache, p) for p in ids.split(FLASH_QUERIES + 1)])
+
+    threads = torch.get_num_threads()
+    try:
+        one, three = prefill(1), prefill(3)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, three)
 
 
 @torch.inference_mode()

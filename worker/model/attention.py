@@ -2,8 +2,9 @@
 
 It is two matmuls and a softmax per row and kv head: a kv head's query heads go through its
 keys together, without copying the keys per head, and a row's result depends neither on the
-other rows nor on the thread count (see batch_invariance.py; SDPA's CPU kernel splits its work
-by the thread count).
+other rows nor on the thread count (see batch_invariance.py; SDPA's CPU kernel splits the work
+of a few queries by the thread count). Long prefill chunks go through SDPA, whose result for
+them does not depend on the thread count, and which is faster there.
 
 In a batched decode step over sink caches (batch_cache.py) the keys come as stored, each at
 its position in the stream (see positions.py), so that no step turns a whole cache. Each row's
@@ -21,13 +22,29 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
+from worker.model.kv_pool import KVPool
 from worker.model.positions import PositionScheme
 
 ATTENTION = "streamsink"  # the name it is registered under in transformers
+# A prefill of at least this many queries goes through SDPA: its CPU kernel splits such work
+# by blocks of queries, the same on any thread count (measured down to 4 queries, float32 and
+# bfloat16; it splits fewer otherwise, so shorter ones are ours).
+FLASH_QUERIES = 32
+
+
+@dataclass(frozen=True)
+class Run:
+    """Rows first_row.. of a batch whose caches hold adjacent slots first_slot.. of `pool`."""
+
+    pool: KVPool
+    first_row: int
+    first_slot: int
+    count: int
 
 
 @dataclass(frozen=True)
@@ -37,6 +54,7 @@ class DecodeFrames:
     schemes: Sequence[PositionScheme]  # per layer
     turnings: Sequence[object]  # per layer: its scheme's turning of each row's shift
     head_slots: torch.Tensor  # [rows, 1, 1, slots], bool: the slots of each row's head
+    runs: Sequence[Run]  # every row once, in row order: where its keys and values lie
 
 
 _frames: ContextVar[DecodeFrames | None] = ContextVar("streamsink_decode_frames", default=None)
@@ -68,31 +86,77 @@ def attention(
     (eager_mask's: it adds to the scores) [rows or 1, 1, queries, keys or more]. Returns
     [rows, queries, heads, dims], as every attention function does.
     """
+    query = query * (query.shape[-1] ** -0.5 if scaling is None else scaling)  # the small side
+    frames = _frames.get()
+    if frames is not None and query.shape[2] == 1:
+        return _decode_step(module.layer_idx, frames, query, attention_mask), None
+    if query.shape[2] >= FLASH_QUERIES:
+        return _flash(query, key, value, attention_mask), None
+    return _attend(query, key, value, attention_mask), None
+
+
+def _flash(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """SDPA (its CPU flash kernel keeps the scores of a block of queries in the CPU's cache)."""
+    mask = None if mask is None else mask[..., : key.shape[2]]
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, scale=1.0, enable_gqa=query.shape[1] != key.shape[1]
+    )
+    return out.transpose(1, 2)
+
+
+def _attend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    frames: tuple[DecodeFrames, int, slice] | None = None,
+) -> torch.Tensor:
+    """Softmax(query · keys + mask) · values, per row and kv head: [rows, queries, heads,
+    dims]. With `frames` (a decode step's, its layer and the rows of one run), each query also
+    goes in turned into the stream's frame, and each slot takes the score of its frame."""
     rows, heads, length, dims = query.shape
     kv_heads, keys = key.shape[1], key.shape[2]
     groups = heads // kv_heads
-    scale = dims**-0.5 if scaling is None else scaling
-    frames = _frames.get()
-    if frames is not None and length == 1:
-        layer = module.layer_idx
-        turned = frames.schemes[layer].turn(query, frames.turnings[layer])
-        both = torch.cat((query, turned), dim=2)  # [rows, heads, 2 frames, dims]
-        scores = torch.matmul(both.reshape(rows, kv_heads, groups * 2, dims), key.mT) * scale
-        scores = scores.view(rows, kv_heads, groups, 2, keys)
-        scores = torch.where(
-            frames.head_slots[:, :, :, :keys], scores[:, :, :, 0], scores[:, :, :, 1]
-        )
-    else:
+    if frames is None:
         grouped = query.reshape(rows, kv_heads, groups * length, dims)
-        scores = (torch.matmul(grouped, key.mT) * scale).view(rows, kv_heads, groups, length, keys)
-        if length == 1:
-            scores = scores[:, :, :, 0]
-    if attention_mask is not None:
-        mask = attention_mask[..., :keys]
-        scores = scores + (mask if length == 1 else mask[:, :, None])
+        scores = torch.matmul(grouped, key.mT).view(rows, kv_heads, groups, length, keys)
+        scores = scores[:, :, :, 0] if length == 1 else scores
+    else:
+        decode, layer, run_rows = frames
+        turned = decode.schemes[layer].turn(query, _rows(decode.turnings[layer], run_rows))
+        both = torch.cat((query, turned), dim=2)  # [rows, heads, 2 frames, dims]
+        scores = torch.matmul(both.reshape(rows, kv_heads, groups * 2, dims), key.mT)
+        scores = scores.view(rows, kv_heads, groups, 2, keys)
+        in_head = decode.head_slots[run_rows, ..., :keys]
+        scores = torch.where(in_head, scores[:, :, :, 0], scores[:, :, :, 1])
+    if mask is not None:
+        mask = mask[..., :keys]
+        scores.add_(mask if length == 1 else mask[:, :, None])
     probabilities = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
     out = torch.matmul(probabilities.reshape(rows, kv_heads, groups * length, keys), value)
-    return out.view(rows, heads, length, dims).transpose(1, 2), None
+    return out.view(rows, heads, length, dims).transpose(1, 2)
+
+
+def _decode_step(
+    layer: int, frames: DecodeFrames, query: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """A batched decode step's attention, run by run, each run's keys and values read in
+    place from its pool."""
+    outs = []
+    for run in frames.runs:
+        rows = slice(run.first_row, run.first_row + run.count)
+        slots = slice(run.first_slot, run.first_slot + run.count)
+        keys, values = run.pool.keys(layer)[slots], run.pool.values(layer)[slots]
+        run_mask = None if mask is None else mask[rows]
+        outs.append(_attend(query[rows], keys, values, run_mask, (frames, layer, rows)))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def _rows(turning: object, rows: slice) -> object:
+    """The rows' part of a per-row turning (cos and sin [rows, 1, 1, dims]), or None."""
+    return None if turning is None else tuple(table[rows] for table in turning)
 
 
 AttentionInterface.register(ATTENTION, attention)

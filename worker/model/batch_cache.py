@@ -1,17 +1,16 @@
 """One forward of one token for each of many sink caches: a transformers Cache over their rows.
 
-Each layer writes every row's new key (turned to its stream position, see positions.py) and
-value into that row's own SinkCache, then gives attention every row's keys and values as
-stored, in slot order, gathered into one batch [rows, heads, capacity, dims]: nothing is
-rotated but the new keys, and each row's query is turned instead (attention.py, told by
-`decoding`). The BatchPlan's mask hides the slots a row has not filled; where layers slide,
-the model gets one mask per layer type, and its sliding layers' also hides what they cannot
-see. Each cache plans, commits and is marked damaged on a failed forward through its own
-`step()`, exactly as when it runs alone.
+The rows go through the forward in the order of their slots (kv_pool.py), so that the rows of
+adjacent slots of one pool form runs: each run's keys and values are one view of the pool's
+buffers, read in place by attention (attention.py), with no copy; caches of other pools are
+runs of their own. The logits come back in the order the caches were given.
 
-The rows' keys and values are gathered (copied) into buffers that every layer and step reuses
-(scratch.py): nothing is allocated per layer. Caches that shared one buffer per layer, a row
-each, would let attention read them in place, without the copy.
+Each layer writes every row's new key (turned to its stream position, see positions.py) and
+value into its slot; nothing else is turned, since each row's query is turned instead. The
+BatchPlan's mask hides the slots a row has not filled; where layers slide, the model gets one
+mask per layer type, and its sliding layers' also hides what they cannot see. Each cache
+plans, commits and is marked damaged on a failed forward through its own `step()`, exactly as
+when it runs alone.
 """
 
 from __future__ import annotations
@@ -22,11 +21,10 @@ from contextlib import ExitStack
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from worker.model.attention import ATTENTION, DecodeFrames, decoding
+from worker.model.attention import ATTENTION, DecodeFrames, Run, decoding
 from worker.model.batch_step import BatchPlan, plan_batch
 from worker.model.compat import LayerAcrossReleases, cache_argument
 from worker.model.layer_kinds import is_hybrid
-from worker.model.scratch import scratch
 from worker.model.sink_cache import SinkCache
 
 
@@ -47,13 +45,24 @@ class BatchCacheLayer(LayerAcrossReleases, CacheLayerMixin):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        owner = self._owner
-        rows = [cache.layers[self._index] for cache in owner.caches]
+        """Write every row's new key and value; attention reads the runs (see DecodeFrames),
+        so what this returns is the first run's pool buffers, for the shapes' sake."""
+        owner, index = self._owner, self._index
         stored = self.kind.scheme.to_stored(key_states, owner.plan.shifts)
-        for row, layer in enumerate(rows):
-            layer.write(stored[row : row + 1], value_states[row : row + 1])
-        keys = _gathered([layer.keys for layer in rows], "batch stored keys")
-        return keys, _gathered([layer.values for layer in rows], "batch values")
+        for run in owner.runs:
+            rows = slice(run.first_row, run.first_row + run.count)
+            layers = [cache.layers[index] for cache in owner.caches[rows]]
+            for layer in layers:
+                if not layer.is_initialized:
+                    layer.lazy_initialization(key_states, value_states)
+            slots = torch.arange(run.first_slot, run.first_slot + run.count, device=stored.device)
+            at = owner.new_slots[rows]  # each row's slot of its cache's capacity
+            run.pool.keys(index)[slots, :, at] = stored[rows, :, 0]
+            run.pool.values(index)[slots, :, at] = value_states[rows, :, 0]
+            for layer, plan in zip(layers, owner.plan.plans[rows], strict=True):
+                layer.length = plan.length_after
+        first = owner.runs[0].pool
+        return first.keys(index), first.values(index)
 
     def mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self._owner.capacity, 0
@@ -68,23 +77,26 @@ class BatchCacheLayer(LayerAcrossReleases, CacheLayerMixin):
 
 
 class BatchCache(Cache):
-    """The caches of one batched forward, row by row, and the plan that forward follows."""
+    """The caches of one batched forward, in slot order, and the plan that forward follows."""
 
     def __init__(self, caches: Sequence[SinkCache], plan: BatchPlan) -> None:
         self.caches = list(caches)
         self.plan = plan
         self.kinds = caches[0].kinds
         self.capacity = caches[0].layout.capacity
+        self.runs = _runs(self.caches)
+        self.new_slots = torch.cat([p.new_slots for p in plan.plans])
         super().__init__(layers=[BatchCacheLayer(self, i) for i in range(len(self.kinds))])
 
     def frames(self, dtype: torch.dtype) -> DecodeFrames:
-        """What attention needs to turn each row's query (one turning per layer kind)."""
+        """What attention needs: the runs, and each row's query turn (one per layer kind)."""
         device, shifts = self.caches[0].device, self.plan.shifts
         turnings = {kind: kind.scheme.turning(shifts, device, dtype) for kind in set(self.kinds)}
         return DecodeFrames(
             [kind.scheme for kind in self.kinds],
             [turnings[kind] for kind in self.kinds],
             self.plan.head_slots,
+            self.runs,
         )
 
     def attention_mask(self) -> torch.Tensor | dict[str, torch.Tensor]:
@@ -98,11 +110,16 @@ class BatchCache(Cache):
         }
 
 
-def _gathered(tensors: list[torch.Tensor], purpose: str) -> torch.Tensor:
-    """The rows' tensors as one batch, in a buffer that every layer and step reuses."""
-    first = tensors[0]
-    out = scratch(purpose, (len(tensors), *first.shape[1:]), first.dtype, first.device)
-    return torch.cat(tensors, out=out)
+def _runs(caches: Sequence[SinkCache]) -> tuple[Run, ...]:
+    """Rows (already in slot order) of adjacent slots of one pool, as runs."""
+    runs: list[Run] = []
+    for row, cache in enumerate(caches):
+        last = runs[-1] if runs else None
+        if last and last.pool is cache.pool and last.first_slot + last.count == cache.slot:
+            runs[-1] = Run(last.pool, last.first_row, last.first_slot, last.count + 1)
+        else:
+            runs.append(Run(cache.pool, row, cache.slot, 1))
+    return tuple(runs)
 
 
 def batch_forward(
@@ -116,12 +133,14 @@ def batch_forward(
         raise ValueError("a batched step needs streamsink's attention (see batch_invariance.py)")
     for cache in caches:
         cache.require_intact()  # before any cache plans: a refusal must damage none
+    order = sorted(range(len(caches)), key=lambda i: (id(caches[i].pool), caches[i].slot))
+    rows, tokens = [caches[i] for i in order], tokens[order]
     with ExitStack() as steps:
-        plans = [steps.enter_context(c.step(t[None])) for c, t in zip(caches, tokens, strict=True)]
-        windows = {kind.window for kind in caches[0].kinds if kind.window}
-        capacity = caches[0].layout.capacity
+        plans = [steps.enter_context(c.step(t[None])) for c, t in zip(rows, tokens, strict=True)]
+        windows = {kind.window for kind in rows[0].kinds if kind.window}
+        capacity = rows[0].layout.capacity
         plan = plan_batch(plans, capacity, model.dtype, model.device, windows)
-        batch = BatchCache(caches, plan)
+        batch = BatchCache(rows, plan)
         with decoding(batch.frames(model.dtype)):
             out = model(
                 input_ids=tokens[:, None].to(model.device),
@@ -130,4 +149,5 @@ def batch_forward(
                 **cache_argument(model, batch),
                 use_cache=True,
             )
-    return out.logits[:, -1]
+    logits = out.logits[:, -1]
+    return logits[torch.tensor(order).argsort()]

@@ -2,9 +2,9 @@
 
 A piece is one tensor [layers, 2 (keys, values), batch, heads, slots, head_dim] of the slots
 it holds, copied once from every layer into host memory (pinned on a GPU, one wait for all the
-copies). A load allocates one buffer of that shape for the whole cache (each layer's keys and
-values are views of it) and copies each piece into its slots in one copy, in lay-down order:
-no concatenation, and the saved tensors may be read-only views of the bytes a store read.
+copies). A load copies each piece into its slots of every layer, in the cache's slot of its
+pool (kv_pool.py): no concatenation, and the saved tensors may be read-only views of the bytes
+a store read.
 States of the format before pieces (64-slot blocks per layer and kind, 'layer{i}.keys.{block}')
 load too; the next snapshot of such a cache carries every slot. So do states whose keys were
 saved position-free (before they were saved at their stream positions): they are turned as they
@@ -111,11 +111,10 @@ def _lay_down(
     layers: Sequence[SinkCacheLayer],
     pieces: list[tuple[Piece, torch.Tensor]],
 ) -> None:
-    """Every layer's keys and values as views of one buffer allocated once, [layers, 2, ...]
-    like a piece, so that each piece goes into its slots of every layer in one copy.
+    """Each piece into its slots of every layer's buffers (in the cache's pool).
 
-    The pieces are checked before the buffer is allocated: whatever a damaged state holds,
-    the buffer is no larger than the pieces that cover it."""
+    The pieces are checked before anything is allocated or written: whatever a damaged state
+    holds, the buffers are no larger than the pieces that cover them."""
     capacity = cache.layout.capacity
     first = pieces[0][1]
     batch, heads, dim = (
@@ -126,7 +125,7 @@ def _lay_down(
     for piece, tensor in pieces:
         span = piece.stop - piece.start
         fits = 0 < span <= capacity - piece.start and tensor.shape == (*size[:4], span, dim)
-        if not fits or tensor.dtype != first.dtype or first.dim() != 6:
+        if not fits or tensor.dtype != first.dtype or first.dim() != 6 or batch != 1:
             raise ValueError(
                 f"saved piece {piece.name} ({tensor.dtype} {list(tensor.shape)}) does not fit "
                 f"a cache of {len(layers)} layers and {capacity} slots; the state is damaged"
@@ -134,11 +133,29 @@ def _lay_down(
         covered = _cover(covered, piece)
     if covered != (1 << capacity) - 1:
         raise ValueError("the saved pieces leave slots of the cache empty; the state is incomplete")
-    buffer = torch.empty(size, dtype=first.dtype, device=cache.device)
-    for index, layer in enumerate(layers):
-        layer.keys, layer.values = buffer[index, 0], buffer[index, 1]
+    like = torch.empty(0, dtype=first.dtype, device=cache.device)
+    for layer in layers:
+        _make_buffers(cache, layer, (heads, capacity, dim), like)
     for piece, tensor in pieces:
-        _copy_into(buffer[:, :, :, :, piece.start : piece.stop], tensor)
+        for index, layer in enumerate(layers):
+            for kind, buffer in enumerate((layer.keys, layer.values)):
+                _copy_into(buffer[:, :, piece.start : piece.stop], tensor[index, kind])
+
+
+def _make_buffers(
+    cache: SinkCache, layer: SinkCacheLayer, slot: tuple[int, ...], like: torch.Tensor
+) -> None:
+    """The layer's buffers in the cache's pool, for slots of this shape; a pool made for
+    another shape (a state of another model) refuses."""
+    pool = cache.pool
+    if not pool.made(layer.index):
+        pool.make(layer.index, slot, slot, like)
+    made = pool.keys(layer.index)
+    if made.shape[1:] != slot or made.dtype != like.dtype:
+        raise ValueError(
+            f"a saved layer of {like.dtype} {list(slot)} does not fit this cache's "
+            f"{made.dtype} {list(made.shape[1:])}; the state is of another model"
+        )
 
 
 def _copy_into(target: torch.Tensor, source: torch.Tensor) -> None:
@@ -165,12 +182,16 @@ def _load_legacy(
         by_layer.setdefault(owner, {})[rest] = tensor
     for index, layer in enumerate(layers):
         blocks = by_layer.get(f"layer{index}", {})
-        layer.keys = _join(cache, blocks, "keys")
-        layer.values = _join(cache, blocks, "values")
+        keys, values = _blocks(blocks, "keys"), _blocks(blocks, "values")
+        first = keys[0][1]
+        slot = (first.shape[1], cache.layout.capacity, first.shape[3])
+        _make_buffers(cache, layer, slot, first.new_empty(0).to(cache.device))
+        _join(cache, keys, layer.keys)
+        _join(cache, values, layer.values)
 
 
-def _join(cache: SinkCache, blocks: Mapping[str, torch.Tensor], kind: str) -> torch.Tensor:
-    """The blocks of `kind` ('keys' or 'values') copied into one buffer, in slot order."""
+def _blocks(blocks: Mapping[str, torch.Tensor], kind: str) -> list[tuple[int, torch.Tensor]]:
+    """The blocks of `kind` ('keys' or 'values'), in slot order."""
     pieces = sorted(
         (int(name.rsplit(".", 1)[1]), tensor)
         for name, tensor in blocks.items()
@@ -178,14 +199,15 @@ def _join(cache: SinkCache, blocks: Mapping[str, torch.Tensor], kind: str) -> to
     )
     if not pieces:
         raise ValueError(f"a saved cache layer has no {kind}; the state is incomplete")
-    first = pieces[0][1]
-    buffer = first.new_empty((*first.shape[:2], cache.layout.capacity, first.shape[3]))
-    buffer = buffer.to(cache.device)
+    return pieces
+
+
+def _join(cache: SinkCache, pieces: list[tuple[int, torch.Tensor]], buffer: torch.Tensor) -> None:
+    """The blocks copied into `buffer`, each into its slots."""
     filled = 0
     for block, tensor in pieces:
         start = block * LEGACY_BLOCK_SLOTS
         buffer[:, :, start : start + tensor.shape[2]].copy_(tensor)
         filled += tensor.shape[2]
     if filled != cache.layout.capacity:
-        raise ValueError(f"a saved cache layer's {kind} miss slots; the state is incomplete")
-    return buffer
+        raise ValueError("a saved cache layer misses slots; the state is incomplete")

@@ -20,6 +20,8 @@ from worker.model.batch_cache import batch_forward
 from worker.model.batch_invariance import is_batch_invariant
 from worker.model.cache_settings import CacheSettings
 from worker.model.compat import cache_argument
+from worker.model.kv_pool import KVPool
+from worker.model.layer_kinds import layer_types
 from worker.model.loading import LoadedModel
 from worker.model.sink_cache import SinkCache
 
@@ -37,11 +39,13 @@ class Decoder:
         self.chunk = min(settings.max_chunk, settings.window // 2)
         self.stop_ids = stop_token_ids(loaded)
         self.batch_invariant = is_batch_invariant(self.model)  # else each row runs alone
+        self.pool = KVPool(len(layer_types(self.model.config)))  # every cache of this decoder
         self._logits_to_keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
 
     def new_cache(self) -> SinkCache:
-        """An empty cache of these settings, on the model's device."""
-        return SinkCache.for_model(self.model, self.settings.capacity, self.settings.sinks)
+        """An empty cache of these settings, on the model's device, a slot of the pool."""
+        settings = self.settings
+        return SinkCache.for_model(self.model, settings.capacity, settings.sinks, self.pool)
 
     @torch.inference_mode()
     def prefill(self, cache: SinkCache, tokens: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ from worker.exceptions import CacheDamagedError
 from worker.model import cache_snapshot
 from worker.model.cache_snapshot import CacheSnapshot
 from worker.model.compat import LayerAcrossReleases
+from worker.model.kv_pool import KVPool
 from worker.model.layer_kinds import LayerKind, layer_kinds
 from worker.model.scratch import scratch
 from worker.model.slot_layout import SlotLayout, StepPlan
@@ -32,7 +33,8 @@ from worker.model.snapshot_pieces import PieceTracker
 
 
 class SinkCacheLayer(LayerAcrossReleases, CacheLayerMixin):
-    """One layer's keys (position-free) and values, in slots shared with every other layer.
+    """One layer's keys (at stream positions) and values [1, heads, capacity, dims], in slots
+    shared with every other layer: views of the cache's slot in its pool (kv_pool.py).
 
     A sliding layer (see layer_kinds.py) gives attention only the keys its queries can see,
     in position order from its first visible position, and says so in `get_mask_sizes`, so
@@ -40,19 +42,45 @@ class SinkCacheLayer(LayerAcrossReleases, CacheLayerMixin):
     like a full layer.
     """
 
-    def __init__(self, owner: SinkCache, kind: LayerKind) -> None:
+    def __init__(self, owner: SinkCache, index: int, kind: LayerKind) -> None:
         super().__init__()
         self._owner = owner
+        self.index = index
         self.kind = kind
         self.is_sliding = kind.window is not None  # which mask transformers makes for it
         self.length = 0
 
+    @property
+    def keys(self) -> torch.Tensor:
+        owner = self._owner
+        return owner.pool.keys(self.index)[owner.slot : owner.slot + 1]
+
+    @keys.setter
+    def keys(self, unset: None) -> None:
+        """transformers' layer sets it None at first; the pool holds it."""
+
+    @property
+    def values(self) -> torch.Tensor:
+        owner = self._owner
+        return owner.pool.values(self.index)[owner.slot : owner.slot + 1]
+
+    @values.setter
+    def values(self, unset: None) -> None:
+        """transformers' layer sets it None at first; the pool holds it."""
+
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        capacity = self._owner.layout.capacity
-        batch, heads = key_states.shape[:2]
+        """The pool's buffers of this layer, made for slots shaped like one row of these."""
+        pool, capacity = self._owner.pool, self._owner.layout.capacity
+        if not pool.made(self.index):
+            heads, key_dims, value_dims = (
+                key_states.shape[1],
+                key_states.shape[-1],
+                value_states.shape[-1],
+            )
+            pool.make(
+                self.index, (heads, capacity, key_dims), (heads, capacity, value_dims), key_states
+            )
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.keys = key_states.new_zeros(batch, heads, capacity, key_states.shape[-1])
-        self.values = value_states.new_zeros(batch, heads, capacity, value_states.shape[-1])
         self.is_initialized = True
 
     def update(
@@ -70,7 +98,8 @@ class SinkCacheLayer(LayerAcrossReleases, CacheLayerMixin):
         return self._in_cache_frame(keys, max(plan.head - first, 0)), values
 
     def write(self, stored_keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Put this step's new keys (already position-free) and values in their slots."""
+        """Put this step's new keys (already at their stream positions) and values in their
+        slots."""
         plan = self._owner.plan
         if not self.is_initialized:
             self.lazy_initialization(stored_keys, values)
@@ -118,9 +147,14 @@ class SinkCache(Cache):
         capacity: int,
         sinks: int = 4,
         device: torch.device | str = "cpu",
+        pool: KVPool | None = None,
     ) -> None:
-        """`kinds`: one per model layer (see layer_kinds.py; `uniform` for a single scheme)."""
+        """`kinds`: one per model layer (see layer_kinds.py; `uniform` for a single scheme);
+        `pool`: the buffers it shares with other caches of these kinds and capacity (its own
+        if None)."""
         self.layout = SlotLayout(capacity, sinks)
+        self.pool = KVPool(len(kinds)) if pool is None else pool
+        self.slot = self.pool.take(self)
         self.kinds = tuple(kinds)
         self.device = torch.device(device)  # where each step's slot indices are made
         self.plan: StepPlan | None = None
@@ -128,12 +162,15 @@ class SinkCache(Cache):
         self.token_ids = torch.zeros(capacity, dtype=torch.long, device=self.device)
         self.pieces = PieceTracker(capacity)  # slots written since the last saved snapshot
         self.damaged = False
-        super().__init__(layers=[SinkCacheLayer(self, kind) for kind in self.kinds])
+        layers = [SinkCacheLayer(self, index, kind) for index, kind in enumerate(self.kinds)]
+        super().__init__(layers=layers)
 
     @classmethod
-    def for_model(cls, model: PreTrainedModel, capacity: int, sinks: int = 4) -> SinkCache:
+    def for_model(
+        cls, model: PreTrainedModel, capacity: int, sinks: int = 4, pool: KVPool | None = None
+    ) -> SinkCache:
         """A cache for `model`, on its device, with its layers' kinds."""
-        return cls(layer_kinds(model, capacity), capacity, sinks, model.device)
+        return cls(layer_kinds(model, capacity), capacity, sinks, model.device, pool)
 
     @property
     def order_free(self) -> bool:

@@ -28,6 +28,7 @@ from worker.model.batch_cache import batch_forward
 from worker.model.batch_invariance import stock_kernels
 from worker.model.compat import cache_argument
 from worker.model.decoder import forward_step
+from worker.model.kv_pool import KVPool
 from worker.model.loading import LoadedModel
 from worker.model.sink_cache import SinkCache
 from worker.tools.measure import (
@@ -148,7 +149,8 @@ def _bench_model(
     report.prefill.append(Prefill(dtype, 1000 * size / sink_ms, 1000 * (size - 1) / dense_ms))
     bar.update()
     for count in streams:
-        caches = [_copy(loaded, full) for _ in range(count)]
+        pool = KVPool(len(full.kinds))  # as a worker's decoder keeps its streams
+        caches = [_copy(loaded, full, pool) for _ in range(count)]
         plain = _Plain(loaded, dense, count)
         dense_mb = _cache_mb(plain.cache)  # at the length the sink caches hold, before decode
         rates = {}
@@ -226,9 +228,10 @@ class _Plain:
             )
 
 
-def _copy(loaded: LoadedModel, cache: SinkCache) -> SinkCache:
-    """Another stream in the same state, through the cache's own snapshot."""
-    twin = SinkCache.for_model(loaded.model, cache.layout.capacity, SINKS)
+def _copy(loaded: LoadedModel, cache: SinkCache, pool: KVPool) -> SinkCache:
+    """Another stream in the same state, in a slot of `pool`, through the cache's own
+    snapshot."""
+    twin = SinkCache.for_model(loaded.model, cache.layout.capacity, SINKS, pool)
     snapshot = cache.snapshot()  # nothing saved yet: it carries every slot
     twin.load(snapshot.tensors, snapshot.meta)
     return twin

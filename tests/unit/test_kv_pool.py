@@ -1,0 +1,37 @@
+"""The pool of key and value buffers that sink caches share, a slot each, with no model."""
+
+from __future__ import annotations
+
+import gc
+
+import torch
+
+from worker.model.kv_pool import KVPool
+
+
+class Owner:
+    """Stands for a cache: its slot is given back once it is collected."""
+
+
+def test_slots_are_the_lowest_free_and_come_back_when_their_owner_goes() -> None:
+    pool = KVPool(layers=2)
+    owners = [Owner() for _ in range(3)]
+    assert [pool.take(owner) for owner in owners] == [0, 1, 2]
+    del owners[1]
+    gc.collect()
+    keep = Owner()
+    assert pool.take(keep) == 1
+    assert pool.take(keep) == 3  # none free below
+
+
+def test_buffers_grow_by_doubling_and_keep_what_they_hold() -> None:
+    pool = KVPool(layers=1)
+    owners = [Owner()]
+    pool.take(owners[0])
+    pool.make(0, (2, 8, 4), (2, 8, 4), torch.empty(0))
+    pool.keys(0)[0].fill_(7.0)
+    owners += [Owner() for _ in range(4)]
+    slots = [pool.take(owner) for owner in owners[1:]]
+    assert slots == [1, 2, 3, 4] and len(pool.keys(0)) == 8
+    assert torch.equal(pool.keys(0)[0], torch.full((2, 8, 4), 7.0))
+    assert pool.values(0)[1:].abs().sum() == 0
