@@ -12,6 +12,7 @@ from tests.models.tiny_models import tiny_loaded
 from worker.model.cache_settings import CacheSettings
 from worker.ops.metrics import WorkerMetrics
 from worker.runtime.checkpoint_schedule import CheckpointSchedule
+from worker.runtime.inbox import Batch
 from worker.runtime.partition_checkpointer import PartitionCheckpointer
 from worker.stream.chat_format import Prompt
 from worker.stream.commentator import Commentator
@@ -114,3 +115,13 @@ class ScriptedInbox:
             step()
             return self.get(timeout)
         return step
+
+    def batches_next(self, first: Batch) -> list[Batch]:
+        """`first` and the batches scripted next, each of another partition, as the real
+        inbox takes them."""
+        taken = [first]
+        while self.steps and isinstance(self.steps[0], Batch):
+            if any(batch.partition == self.steps[0].partition for batch in taken):
+                break
+            taken.append(self.steps.pop(0))
+        return taken

@@ -178,3 +178,31 @@ def test_a_partition_that_is_gone_is_not_applied_any_further(commentator, gone: 
     assert list(replies.queue) == [Ready(PARTITION, None)]  # no batch was applied
     assert loop.metrics.value("streamsink_records") == 0
     assert done.is_set() == (gone == "revoked")
+
+
+def test_batches_of_several_partitions_queued_together_share_decode_steps(commentator) -> None:
+    """Each partition's output is what it is applied alone; their turns ran in one step."""
+    other = TopicPartition("in", 1)
+    widths: list[int] = []
+    decode = commentator.decoder.decode
+
+    def recording(caches, tokens):
+        widths.append(len(caches))
+        return decode(caches, tokens)
+
+    def run(*steps: object) -> list:
+        _, delivery, _ = _run(commentator, MemoryPartitionStore(), *steps)
+        return sorted(delivery.delivered)
+
+    alone = run(Claim(PARTITION), Batch(PARTITION, records(0, 4)), Stop())
+    alone += run(Claim(other), Batch(other, records(0, 4)), Stop())
+    commentator.decoder.decode = recording
+    try:
+        together = run(
+            Claim(PARTITION), Claim(other), Batch(PARTITION, records(0, 4)),
+            Batch(other, records(0, 4)), Stop(),
+        )  # fmt: skip
+    finally:
+        del commentator.decoder.decode
+    assert together == sorted(alone) and len(together) == 4
+    assert max(widths) == 4  # two streams of each partition in one forward

@@ -45,3 +45,19 @@ def test_get_waits_for_a_message_then_gives_up() -> None:
         inbox.get(timeout=0.01)
     threading.Timer(0.05, inbox.put, args=(Claim(P0),)).start()
     assert inbox.get(timeout=5) == Claim(P0)
+
+
+def test_the_batches_queued_next_of_distinct_partitions_are_taken_together() -> None:
+    inbox = Inbox()
+    messages = [Batch(P0, []), Batch(P1, []), Batch(P0, []), Claim(P1), Batch(P1, [])]
+    for message in messages:
+        inbox.put(message)
+    first = inbox.get(timeout=0)
+    assert inbox.batches_next(first) == messages[:2]  # a second batch of P0 waits its turn
+    first = inbox.get(timeout=0)
+    assert inbox.batches_next(first) == [messages[2]]  # a claim is next after it
+    assert inbox.get(timeout=0) == Claim(P1)
+    inbox.put(Batch(P0, []))
+    first = inbox.get(timeout=0)
+    inbox.put(Lost(frozenset({TopicPartition("in", 2)})))
+    assert inbox.batches_next(first) == [first]  # nothing is taken while a loss waits

@@ -59,6 +59,11 @@ class Stop:
 Message = Claim | Batch | Revoke | Lost | Stop
 
 
+def _another_partition(message: Message, batches: list[Batch]) -> bool:
+    """Whether `message` is a batch of a partition none of `batches` is of."""
+    return isinstance(message, Batch) and all(b.partition != message.partition for b in batches)
+
+
 class Inbox:
     """A queue of messages in which revokes and losses overtake; see the module docstring."""
 
@@ -82,6 +87,15 @@ class Inbox:
             if not self._changed.wait_for(self.qsize, timeout):
                 raise queue.Empty
             return (self._urgent or self._queued).popleft()
+
+    def batches_next(self, first: Batch) -> list[Batch]:
+        """`first` and the batches queued next, each of another partition, taken at once
+        (none while a revoke or a loss waits): the inference thread applies them together."""
+        taken = [first]
+        with self._changed:
+            while not self._urgent and self._queued and _another_partition(self._queued[0], taken):
+                taken.append(self._queued.popleft())
+        return taken
 
     def qsize(self) -> int:
         return len(self._urgent) + len(self._queued)

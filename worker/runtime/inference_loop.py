@@ -11,6 +11,7 @@ partition holding unsaved streams is checkpointed (its fenced commit), and then 
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from worker.runtime.kafka_settings import WorkerSettings
 from worker.runtime.partition_checkpointer import RETRY_SECONDS, PartitionCheckpointer
 from worker.stream.commentator import Commentator
 from worker.stream.live_budget import LiveBudget
-from worker.stream.processor import LiveKey, StreamProcessor
+from worker.stream.processor import LiveKey, StreamProcessor, admit_together, apply_together
 from worker.stream.records import Record
 from worker.stream.session_state import expected_writer
 
@@ -58,6 +59,17 @@ class Fenced:
     group leaves it here all the same, the polling thread claims it again (reclaim.py)."""
 
     partition: TopicPartition
+
+
+def _whole_batches(admitted: int, sizes: list[int]) -> int:
+    """How many leading batches of these sizes `admitted` records cover whole."""
+    whole = 0
+    for size in sizes:
+        if admitted < size:
+            break
+        admitted -= size
+        whole += 1
+    return whole
 
 
 class InferenceLoop:
@@ -104,7 +116,7 @@ class InferenceLoop:
 
     def _handle(self, message: Claim | Batch | Revoke | Lost) -> None:
         if isinstance(message, Batch):
-            self._apply(message)
+            self._apply_together(self.inbox.batches_next(message))
         elif isinstance(message, Claim):
             self._claim(message.partition)
         elif isinstance(message, Revoke):
@@ -152,10 +164,29 @@ class InferenceLoop:
             self.live,
         )
 
+    def _apply_together(self, batches: list[Batch]) -> None:
+        """Batches of several partitions: those that fit the live budget together, from the
+        first on, in one scheduler run (their streams share forwards); the others one by one,
+        making room as they need."""
+        owned = [(b, self._owned[b.partition]) for b in batches if b.partition in self._owned]
+        if not owned:
+            return  # fetched before a revoke, or fenced off meanwhile: the next owner reads it
+        work = [(checkpointer.processor, batch.records) for batch, checkpointer in owned]
+        fitting = _whole_batches(admit_together(work), [len(b.records) for b, _ in owned])
+        applied = []
+        # If a state cannot be read, none is applied: each waits for the store on its own.
+        with contextlib.suppress(StoreUnavailableError):
+            applied = apply_together(work[:fitting]) if fitting > 1 else []
+        for (batch, checkpointer), result in zip(owned, applied, strict=False):
+            checkpointer.took(batch.records, result)
+            self._applied(batch.partition, checkpointer)
+        for batch, _ in owned[len(applied) :]:
+            self._apply(batch)
+
     def _apply(self, batch: Batch) -> None:
         checkpointer = self._owned.get(batch.partition)
         if checkpointer is None:
-            return  # fetched before a revoke: the next owner reads it again
+            return  # fetched before a revoke, or a partition fenced off meanwhile
         records = batch.records
         while records:
             try:
@@ -170,9 +201,12 @@ class InferenceLoop:
                     return  # stopping: what is applied is released, the rest is read again
                 continue
             records = records[admitted:]
-        self.replies.put(Progress(batch.partition, checkpointer.next_offset))
+        self._applied(batch.partition, checkpointer)
+
+    def _applied(self, partition: TopicPartition, checkpointer: PartitionCheckpointer) -> None:
+        self.replies.put(Progress(partition, checkpointer.next_offset))
         if checkpointer.due():
-            self._checkpoint(batch.partition, checkpointer)
+            self._checkpoint(partition, checkpointer)
 
     def _make_room(self, checkpointer: PartitionCheckpointer, records: list[Record]) -> int:
         """Checkpoint every partition with unsaved streams, so their caches may go; how many

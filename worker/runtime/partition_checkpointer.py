@@ -37,7 +37,7 @@ from worker.exceptions import BadRecordError
 from worker.io.kafka_output import commentary_payload, dead_letter_headers
 from worker.ops.metrics import WorkerMetrics
 from worker.runtime.checkpoint_schedule import CheckpointClock, CheckpointSchedule
-from worker.stream.processor import StreamProcessor
+from worker.stream.processor import Applied, StreamProcessor
 from worker.stream.records import Commentary, Record
 
 log = structlog.get_logger("streamsink.worker")
@@ -102,7 +102,12 @@ class PartitionCheckpointer:
     def apply(self, records: list[Record]) -> None:
         """Apply a batch (and any time trigger); its commentary waits for the next commit."""
         with structlog.contextvars.bound_contextvars(partition=self.partition):
-            applied = self.processor.apply(records)
+            self.took(records, self.processor.apply(records))
+
+    def took(self, records: list[Record], applied: Applied) -> None:
+        """What the processor made of a batch (applied here or beside other partitions'), and
+        any time trigger; its commentary waits for the next commit."""
+        with structlog.contextvars.bound_contextvars(partition=self.partition):
             produced = applied.commentary + self.processor.comment_on_timers()
         for record, error in applied.set_aside:
             self._set_aside(record, error)

@@ -13,7 +13,7 @@ a dropped stream is restored from its saved state when its next record comes.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Generic, TypeVar
@@ -94,6 +94,11 @@ class StreamProcessor:
         StoreUnavailableError if a stream's state could not be read (the store is out): no
         record of the batch is applied then (its set-aside ones are counted again on a retry).
         """
+        [applied] = apply_together([(self, batch)])
+        return applied
+
+    def _prepare(self, batch: list[Record]) -> _Prepared:
+        """Validate the batch's records and open their streams; each stream's job, not run."""
         grouped: dict[str, list[tuple[int, str]]] = {}
         set_aside: list[SetAside] = []
         for record in batch:
@@ -104,12 +109,7 @@ class StreamProcessor:
             _measured(self.sessions[stream_id], self.commentator.records_job)(records)
             for stream_id, records in grouped.items()
         ]
-        produced: list[Commentary] = []
-        for (stream_id, records), outcome in zip(
-            grouped.items(), self.commentator.scheduler.run(jobs), strict=True
-        ):
-            produced += self._finish(stream_id, records, outcome, batch, set_aside)
-        return Applied(produced, set_aside)
+        return _Prepared(self, batch, grouped, set_aside, jobs)
 
     def comment_on_timers(self) -> list[Commentary]:
         """Commentary of streams whose time trigger fired, for runs with --every-seconds."""
@@ -170,14 +170,13 @@ class StreamProcessor:
         or another's of the same budget. 0: the caches that would have to go are not saved;
         save them (a checkpoint) and ask again.
         """
-        keys = [
+        return admit_together([(self, batch)])
+
+    def _live_keys(self, batch: list[Record]) -> list[LiveKey | None]:
+        return [
             (self, r.stream_id) if r.stream_id and r.stream_id not in self.skipped_streams else None
             for r in batch
         ]
-        admission = self.live.admit(keys, lambda key: key[1] not in key[0].dirty)
-        for owner, stream_id in admission.drop:
-            owner.evict(stream_id)
-        return admission.count
 
     def evict(self, stream_id: str) -> None:
         """Drop a saved stream's cache; its next record restores it from the saved state."""
@@ -331,6 +330,54 @@ def _measured(
         return Measured(result, time.perf_counter() - started, session.prefilled_tokens - fed)
 
     return job
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A processor's batch, validated, its streams open, their jobs not run yet."""
+
+    processor: StreamProcessor
+    batch: list[Record]
+    grouped: dict[str, list[tuple[int, str]]]
+    set_aside: list[SetAside]
+    jobs: list[Job]
+
+    def finish(self, outcomes: Sequence[Measured[list[Commentary]] | StreamsinkError]) -> Applied:
+        produced: list[Commentary] = []
+        for (stream_id, records), outcome in zip(self.grouped.items(), outcomes, strict=True):
+            produced += self.processor._finish(
+                stream_id, records, outcome, self.batch, self.set_aside
+            )
+        return Applied(produced, self.set_aside)
+
+
+Work = Sequence[tuple[StreamProcessor, list[Record]]]  # batches of processors of one worker
+
+
+def apply_together(work: Work) -> list[Applied]:
+    """Apply each processor's batch, every stream of them in one scheduler run, so that the
+    streams of several partitions share forwards; what each returns, as `apply` says.
+
+    The processors share one commentator. StoreUnavailableError if a stream's state could not
+    be read: no record of any batch is applied then.
+    """
+    prepared = [processor._prepare(batch) for processor, batch in work]
+    outcomes = work[0][0].commentator.scheduler.run([job for p in prepared for job in p.jobs])
+    applied, start = [], 0
+    for part in prepared:
+        applied.append(part.finish(outcomes[start : start + len(part.jobs)]))
+        start += len(part.jobs)
+    return applied
+
+
+def admit_together(work: Work) -> int:
+    """How many leading records of the batches, one after another, fit in the live budget the
+    processors share now: `StreamProcessor.admit` over all of them."""
+    keys = [key for processor, batch in work for key in processor._live_keys(batch)]
+    admission = work[0][0].live.admit(keys, lambda key: key[1] not in key[0].dirty)
+    for owner, stream_id in admission.drop:
+        owner.evict(stream_id)
+    return admission.count
 
 
 def _bad_state_kind(error: Exception) -> str:

@@ -27,7 +27,6 @@ from worker.exceptions import CacheCapacityError
 from worker.model.batch_cache import batch_forward
 from worker.model.batch_invariance import stock_kernels
 from worker.model.compat import cache_argument
-from worker.model.decoder import forward_step
 from worker.model.kv_pool import KVPool
 from worker.model.loading import LoadedModel
 from worker.model.sink_cache import SinkCache
@@ -203,11 +202,11 @@ def _batched(loaded: LoadedModel, caches: list[SinkCache], max_batch: int | None
 
 
 def _sequential(loaded: LoadedModel, caches: list[SinkCache]) -> Step:
-    """The sequential path: one forward per stream."""
+    """The sequential path (`--max-batch 1`): one forward per stream, as a lone row."""
 
     def step(ids: torch.Tensor) -> None:
         for cache, token in zip(caches, ids, strict=True):
-            forward_step(loaded.model, cache, token[None], last_only=True)
+            batch_forward(loaded.model, [cache], token[None])
 
     return step
 
