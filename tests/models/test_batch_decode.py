@@ -76,6 +76,26 @@ def test_batched_step_logits_equal_each_stream_alone_and_the_reference(name: str
     assert evicted[0] == 0 and all(evicted[1:])
 
 
+@pytest.mark.parametrize("name", ["llama", "gemma3-hybrid", "qwen3"])
+@torch.inference_mode()
+def test_young_rows_that_attend_over_fewer_slots_equal_each_stream_alone(name: str) -> None:
+    """In a cache of 300 the rows attend over 128, 256 and 300 slots (batch_cache.attended)."""
+    model = tiny_model(name)
+    lengths, capacity = (20, 140, 290), 300
+    batched = [SinkCache.for_model(model, capacity, SINKS) for _ in lengths]
+    alone = [SinkCache.for_model(model, capacity, SINKS) for _ in lengths]
+    for seed, (length, *caches) in enumerate(zip(lengths, batched, alone, strict=True)):
+        for cache in caches:
+            for piece in _ids(length, seed).split(4 * CHUNK):
+                forward_step(model, cache, piece)
+    tokens = _ids(len(lengths), 98)
+    for _ in range(3):
+        together = batch_forward(model, batched, tokens)
+        each = _each_alone(lambda c, t: forward_step(model, c, t)[-1], alone, tokens)
+        torch.testing.assert_close(together, each, rtol=1e-4, atol=1e-5)
+        tokens = each.argmax(-1)
+
+
 def _each_alone(step, caches: list, tokens: torch.Tensor) -> torch.Tensor:
     """Each cache's own forward of its token: the logits as rows."""
     return torch.stack(

@@ -20,6 +20,8 @@ from worker.model.sink_cache import SinkCache
 
 CAPACITY, SINKS, CHUNK, STEPS = 24, 4, 8, 10
 LENGTHS = (5, 19, 23, 41, 11, 30)  # short, about to evict, full, long turned, ...
+# A cache long enough that young rows attend over fewer slots than others (batch_cache.attended)
+WIDE, WIDE_LENGTHS = 300, (20, 140, 290, 400, 60, 260)
 
 
 def _ids(count: int, seed: int) -> torch.Tensor:
@@ -27,10 +29,10 @@ def _ids(count: int, seed: int) -> torch.Tensor:
 
 
 def _prefilled(
-    model: torch.nn.Module, length: int, seed: int, pool: KVPool | None = None
+    model: torch.nn.Module, length: int, seed: int, pool: KVPool | None, capacity: int
 ) -> SinkCache:
-    cache = SinkCache.for_model(model, CAPACITY, SINKS, pool)
-    for piece in _ids(length, seed).split(CHUNK):
+    cache = SinkCache.for_model(model, capacity, SINKS, pool)
+    for piece in _ids(length, seed).split(CHUNK if capacity == CAPACITY else 4 * CHUNK):
         forward_step(model, cache, piece)
     return cache
 
@@ -40,12 +42,16 @@ def _batch(model: torch.nn.Module, caches: list[SinkCache], tokens: list[torch.T
 
 
 def _decode(
-    model: torch.nn.Module, groups: list[list[int]], shared: bool = True
+    model: torch.nn.Module,
+    groups: list[list[int]],
+    shared: bool = True,
+    capacity: int = CAPACITY,
+    lengths: tuple[int, ...] = LENGTHS,
 ) -> dict[int, list[torch.Tensor]]:
     """Every stream's logits over STEPS greedy steps, the streams batched in `groups`; their
     caches in one pool (adjacent slots read as one run), or each in its own."""
     pool = KVPool(model.config.num_hidden_layers) if shared else None
-    caches = {i: _prefilled(model, length, i, pool) for i, length in enumerate(LENGTHS)}
+    caches = {i: _prefilled(model, n, i, pool, capacity) for i, n in enumerate(lengths)}
     logits: dict[int, list[torch.Tensor]] = {i: [] for i in caches}
     tokens = {i: torch.tensor([i + 1]) for i in caches}
     for _ in range(STEPS):
@@ -84,6 +90,19 @@ def test_a_streams_logits_are_the_same_bits_in_any_batch(name: str) -> None:
         for i in streams:
             for step, (a, b) in enumerate(zip(alone[i], together[i], strict=True)):
                 assert torch.equal(a, b), f"stream {i} step {step} in {groups}"
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3-hybrid"])
+@torch.inference_mode()
+def test_rows_attending_over_fewer_slots_are_the_same_bits_in_any_batch(name: str) -> None:
+    model = tiny_model(name)
+    streams = list(range(len(WIDE_LENGTHS)))
+    wide = {"capacity": WIDE, "lengths": WIDE_LENGTHS}
+    alone = _decode(model, [[i] for i in streams], shared=False, **wide)
+    for groups in ([streams], [[5, 0, 2], [1, 3, 4]]):
+        together = _decode(model, groups, **wide)
+        for i in streams:
+            assert all(torch.equal(a, b) for a, b in zip(alone[i], together[i], strict=True))
 
 
 @pytest.mark.parametrize("name", ["llama", "gemma3-hybrid"])

@@ -39,12 +39,14 @@ FLASH_QUERIES = 32
 
 @dataclass(frozen=True)
 class Run:
-    """Rows first_row.. of a batch whose caches hold adjacent slots first_slot.. of `pool`."""
+    """Rows first_row.. of a batch whose caches hold adjacent slots first_slot.. of `pool`,
+    and attend over the first `span` slots of their capacity (see batch_cache.attended)."""
 
     pool: KVPool
     first_row: int
     first_slot: int
     count: int
+    span: int
 
 
 @dataclass(frozen=True)
@@ -148,7 +150,8 @@ def _decode_step(
     for run in frames.runs:
         rows = slice(run.first_row, run.first_row + run.count)
         slots = slice(run.first_slot, run.first_slot + run.count)
-        keys, values = run.pool.keys(layer)[slots], run.pool.values(layer)[slots]
+        keys = run.pool.keys(layer)[slots, :, : run.span]
+        values = run.pool.values(layer)[slots, :, : run.span]
         run_mask = None if mask is None else mask[rows]
         outs.append(_attend(query[rows], keys, values, run_mask, (frames, layer, rows)))
     return outs[0] if len(outs) == 1 else torch.cat(outs)

@@ -84,7 +84,7 @@ class BatchCache(Cache):
         self.plan = plan
         self.kinds = caches[0].kinds
         self.capacity = caches[0].layout.capacity
-        self.runs = _runs(self.caches)
+        self.runs = _runs(self.caches, plan)
         self.new_slots = torch.cat([p.new_slots for p in plan.plans])
         super().__init__(layers=[BatchCacheLayer(self, i) for i in range(len(self.kinds))])
 
@@ -110,15 +110,31 @@ class BatchCache(Cache):
         }
 
 
-def _runs(caches: Sequence[SinkCache]) -> tuple[Run, ...]:
-    """Rows (already in slot order) of adjacent slots of one pool, as runs."""
+ATTENDED_BLOCK = 128  # a row attends over its filled slots rounded up to this many
+
+
+def attended(length: int, capacity: int) -> int:
+    """How many leading slots a row holding `length` tokens attends over: its own length
+    rounded up, so a young stream reads less, and what its scores add up over is a function of
+    the row alone (never of its batch). Once the ring turns, every slot is filled."""
+    return min(-(-length // ATTENDED_BLOCK) * ATTENDED_BLOCK, capacity)
+
+
+def _runs(caches: Sequence[SinkCache], plan: BatchPlan) -> tuple[Run, ...]:
+    """Rows (already in slot order) of adjacent slots of one pool that attend over as many
+    slots, as runs."""
     runs: list[Run] = []
-    for row, cache in enumerate(caches):
+    for row, (cache, step) in enumerate(zip(caches, plan.plans, strict=True)):
+        span = attended(step.length_after, cache.layout.capacity)
         last = runs[-1] if runs else None
-        if last and last.pool is cache.pool and last.first_slot + last.count == cache.slot:
-            runs[-1] = Run(last.pool, last.first_row, last.first_slot, last.count + 1)
+        if (
+            last
+            and (last.pool, last.span) == (cache.pool, span)
+            and last.first_slot + last.count == cache.slot
+        ):
+            runs[-1] = Run(last.pool, last.first_row, last.first_slot, last.count + 1, span)
         else:
-            runs.append(Run(cache.pool, row, cache.slot, 1))
+            runs.append(Run(cache.pool, row, cache.slot, 1, span))
     return tuple(runs)
 
 
@@ -133,7 +149,15 @@ def batch_forward(
         raise ValueError("a batched step needs streamsink's attention (see batch_invariance.py)")
     for cache in caches:
         cache.require_intact()  # before any cache plans: a refusal must damage none
-    order = sorted(range(len(caches)), key=lambda i: (id(caches[i].pool), caches[i].slot))
+    # In slot order, those of one span together: their rows make as few runs as they can.
+    order = sorted(
+        range(len(caches)),
+        key=lambda i: (
+            id(caches[i].pool),
+            attended(caches[i].layout.length + 1, caches[i].layout.capacity),
+            caches[i].slot,
+        ),
+    )
     rows, tokens = [caches[i] for i in order], tokens[order]
     with ExitStack() as steps:
         plans = [steps.enter_context(c.step(t[None])) for c, t in zip(rows, tokens, strict=True)]
