@@ -291,3 +291,24 @@ def test_sampling_is_reproducible_per_seed() -> None:
 def test_cache_larger_than_the_model_attends_is_refused() -> None:
     with pytest.raises(CacheCapacityError, match="lower --window"):
         _commentator(settings=CacheSettings(sinks=4, window=4096))
+
+
+def test_new_streams_open_as_copies_of_one_prefill_of_the_instruction() -> None:
+    commentator = _commentator()
+    first, second = commentator.new_session("a"), commentator.new_session("b")
+    fresh = commentator.new_empty_session("c")
+    instruction = commentator._tokens(
+        commentator.format.instruction_text(commentator.prompt.instruction)
+    )
+    fresh.cache.pin(len(instruction))
+    commentator.feed(fresh, instruction)
+    assert first.prefilled_tokens == len(instruction) and second.prefilled_tokens == 0
+    assert first.cache.slot != second.cache.slot
+    for session in (first, second):
+        assert session.cache.layout.to_meta() == fresh.cache.layout.to_meta()
+        assert torch.equal(session.cache.token_ids, fresh.cache.token_ids)
+        for a, b in zip(session.cache.layers, fresh.cache.layers, strict=True):
+            assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    _feed(commentator, first, LINES[:7])  # one stream going on leaves the next one's opening
+    third = commentator.new_session("d")
+    assert torch.equal(third.cache.layers[0].keys, fresh.cache.layers[0].keys)

@@ -172,6 +172,24 @@ class SinkCache(Cache):
         """A cache for `model`, on its device, with its layers' kinds."""
         return cls(layer_kinds(model, capacity), capacity, sinks, model.device, pool)
 
+    def clone(self) -> SinkCache:
+        """A cache in this one's state, in another slot of its pool, none of it saved: a new
+        stream that opens as this one did (the same instruction) without computing it again."""
+        twin = SinkCache(
+            self.kinds, self.layout.capacity, self.layout.sinks, self.device, self.pool
+        )
+        twin.layout = SlotLayout.from_meta(self.layout.to_meta())
+        twin.token_ids.copy_(self.token_ids)
+        filled = self.layout.length  # slots 0..length-1 until the ring turns, then all
+        for mine, theirs in zip(self.layers, twin.layers, strict=True):
+            if mine.is_initialized:
+                theirs.dtype, theirs.device = mine.dtype, mine.device
+                theirs.is_initialized, theirs.length = True, mine.length
+                theirs.keys[:, :, :filled] = mine.keys[:, :, :filled]
+                theirs.values[:, :, :filled] = mine.values[:, :, :filled]
+        twin.pieces.wrote([(0, filled)])
+        return twin
+
     @property
     def order_free(self) -> bool:
         """Whether every layer's keys carry their positions (see PositionScheme.order_free)."""

@@ -22,6 +22,7 @@ from worker.model.decoder import Decoder
 from worker.model.loading import LoadedModel
 from worker.model.sampling import Sampler, repetition_controls
 from worker.model.scheduler import BatchSettings, GenerationRequest, Job, Prefill, Scheduler
+from worker.model.sink_cache import SinkCache
 from worker.stream.chat_format import ChatFormat, Prompt
 from worker.stream.policy import CommentaryPolicy
 from worker.stream.records import Commentary
@@ -57,18 +58,26 @@ class Commentator:
         self.policy = policy
         self.prompt = prompt
         self.format = ChatFormat.from_tokenizer(loaded.tokenizer)
+        self._opening: SinkCache | None = None  # the instruction's cache, copied by new streams
 
     def new_empty_session(self, stream_id: str) -> StreamSession:
         """A session with an empty cache (to restore a saved state into)."""
         return StreamSession(stream_id, self.decoder.new_cache())
 
     def new_session(self, stream_id: str) -> StreamSession:
-        """A session whose cache holds the instruction, pinned so it is never evicted."""
-        session = self.new_empty_session(stream_id)
-        instruction = self._tokens(self.format.instruction_text(self.prompt.instruction))
-        session.cache.pin(len(instruction))
-        self.feed(session, instruction)
-        return session
+        """A session whose cache holds the instruction, pinned so it is never evicted.
+
+        The instruction is computed once: every stream opens as a copy of the first cache that
+        took it, the same bits (the forward is a function of its tokens alone), in its own slot.
+        """
+        prefilled = 0
+        if self._opening is None:
+            opening = self.new_empty_session(stream_id)
+            instruction = self._tokens(self.format.instruction_text(self.prompt.instruction))
+            opening.cache.pin(len(instruction))
+            self.feed(opening, instruction)
+            self._opening, prefilled = opening.cache, opening.prefilled_tokens
+        return StreamSession(stream_id, self._opening.clone(), prefilled_tokens=prefilled)
 
     def run(self, inputs: list[StreamInput]) -> list[list[Commentary] | StreamsinkError]:
         """Feed each stream's records, the streams together; per input, the commentary that
