@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import gc
 
+import pytest
 import torch
 
-from worker.model.kv_pool import KVPool
+from worker.model.kv_pool import CHUNK_SLOTS, KVPool
 
 
 class Owner:
@@ -24,14 +25,17 @@ def test_slots_are_the_lowest_free_and_come_back_when_their_owner_goes() -> None
     assert pool.take(keep) == 3  # none free below
 
 
-def test_buffers_grow_by_doubling_and_keep_what_they_hold() -> None:
+def test_the_pool_grows_a_chunk_at_a_time_and_keeps_what_it_holds() -> None:
     pool = KVPool(layers=1)
     owners = [Owner()]
     pool.take(owners[0])
     pool.make(0, (2, 8, 4), (2, 8, 4), torch.empty(0))
-    pool.keys(0)[0].fill_(7.0)
-    owners += [Owner() for _ in range(4)]
+    pool.keys(0, 0).fill_(7.0)
+    owners += [Owner() for _ in range(CHUNK_SLOTS)]
     slots = [pool.take(owner) for owner in owners[1:]]
-    assert slots == [1, 2, 3, 4] and len(pool.keys(0)) == 8
-    assert torch.equal(pool.keys(0)[0], torch.full((2, 8, 4), 7.0))
-    assert pool.values(0)[1:].abs().sum() == 0
+    assert slots == list(range(1, CHUNK_SLOTS + 1))  # the last one opened a second chunk
+    assert torch.equal(pool.keys(0, 0), torch.full((1, 2, 8, 4), 7.0))
+    assert pool.values(0, 1, CHUNK_SLOTS - 1).abs().sum() == 0
+    assert pool.keys(0, CHUNK_SLOTS).shape == (1, 2, 8, 4)
+    with pytest.raises(ValueError, match="more than one chunk"):
+        pool.keys(0, CHUNK_SLOTS - 1, 2)

@@ -39,8 +39,9 @@ FLASH_QUERIES = 32
 
 @dataclass(frozen=True)
 class Run:
-    """Rows first_row.. of a batch whose caches hold adjacent slots first_slot.. of `pool`,
-    and attend over the first `span` slots of their capacity (see batch_cache.attended)."""
+    """Rows first_row.. of a batch whose caches hold adjacent slots first_slot.. of one chunk
+    of `pool`, and attend over the first `span` slots of their capacity (see
+    batch_cache.attended)."""
 
     pool: KVPool
     first_row: int
@@ -149,9 +150,8 @@ def _decode_step(
     outs = []
     for run in frames.runs:
         rows = slice(run.first_row, run.first_row + run.count)
-        slots = slice(run.first_slot, run.first_slot + run.count)
-        keys = run.pool.keys(layer)[slots, :, : run.span]
-        values = run.pool.values(layer)[slots, :, : run.span]
+        keys = run.pool.keys(layer, run.first_slot, run.count)[:, :, : run.span]
+        values = run.pool.values(layer, run.first_slot, run.count)[:, :, : run.span]
         run_mask = None if mask is None else mask[rows]
         outs.append(_attend(query[rows], keys, values, run_mask, (frames, layer, rows)))
     return outs[0] if len(outs) == 1 else torch.cat(outs)

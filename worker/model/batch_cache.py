@@ -24,6 +24,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from worker.model.attention import ATTENTION, DecodeFrames, Run, decoding
 from worker.model.batch_step import BatchPlan, plan_batch
 from worker.model.compat import LayerAcrossReleases, cache_argument
+from worker.model.kv_pool import same_chunk
 from worker.model.layer_kinds import is_hybrid
 from worker.model.sink_cache import SinkCache
 
@@ -46,7 +47,7 @@ class BatchCacheLayer(LayerAcrossReleases, CacheLayerMixin):
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write every row's new key and value; attention reads the runs (see DecodeFrames),
-        so what this returns is the first run's pool buffers, for the shapes' sake."""
+        so what this returns is the first row's, for the shapes' sake."""
         owner, index = self._owner, self._index
         stored = self.kind.scheme.to_stored(key_states, owner.plan.shifts)
         for run in owner.runs:
@@ -55,14 +56,15 @@ class BatchCacheLayer(LayerAcrossReleases, CacheLayerMixin):
             for layer in layers:
                 if not layer.is_initialized:
                     layer.lazy_initialization(key_states, value_states)
-            slots = torch.arange(run.first_slot, run.first_slot + run.count, device=stored.device)
+            each = torch.arange(run.count, device=stored.device)
             at = owner.new_slots[rows]  # each row's slot of its cache's capacity
-            run.pool.keys(index)[slots, :, at] = stored[rows, :, 0]
-            run.pool.values(index)[slots, :, at] = value_states[rows, :, 0]
+            run.pool.keys(index, run.first_slot, run.count)[each, :, at] = stored[rows, :, 0]
+            values = run.pool.values(index, run.first_slot, run.count)
+            values[each, :, at] = value_states[rows, :, 0]
             for layer, plan in zip(layers, owner.plan.plans[rows], strict=True):
                 layer.length = plan.length_after
-        first = owner.runs[0].pool
-        return first.keys(index), first.values(index)
+        first = owner.runs[0]
+        return first.pool.keys(index, first.first_slot), first.pool.values(index, first.first_slot)
 
     def mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self._owner.capacity, 0
@@ -131,6 +133,7 @@ def _runs(caches: Sequence[SinkCache], plan: BatchPlan) -> tuple[Run, ...]:
             last
             and (last.pool, last.span) == (cache.pool, span)
             and last.first_slot + last.count == cache.slot
+            and same_chunk(last.first_slot, cache.slot)
         ):
             runs[-1] = Run(last.pool, last.first_row, last.first_slot, last.count + 1, span)
         else:

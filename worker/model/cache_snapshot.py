@@ -150,7 +150,7 @@ def _make_buffers(
     pool = cache.pool
     if not pool.made(layer.index):
         pool.make(layer.index, slot, slot, like)
-    made = pool.keys(layer.index)
+    made = pool.keys(layer.index, cache.slot)
     if made.shape[1:] != slot or made.dtype != like.dtype:
         raise ValueError(
             f"a saved layer of {like.dtype} {list(slot)} does not fit this cache's "

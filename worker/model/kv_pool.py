@@ -1,12 +1,13 @@
-"""Buffers many sink caches share: per layer, one for keys and one for values, [slots, heads,
+"""Buffers many sink caches share: per layer, keys and values in chunks of [CHUNK_SLOTS, heads,
 capacity, dims], a slot per cache.
 
-A batched decode step's attention reads the rows of adjacent slots in place, as one view,
-instead of copying every row's cache into a batch (batch_cache.py), and a cache takes its slot
-and gives it back without moving any other. A slot is given back when its cache is collected,
-so the pool never holds on to a dropped stream. The buffers are made at a layer's first write,
-when its shape is known, and grow by doubling (a copy of what they hold: rare, and never
-during a forward's read of them).
+A batched decode step's attention reads the rows of adjacent slots of one chunk in place, as
+one view, instead of copying every row's cache into a batch (batch_cache.py), and a cache
+takes its slot and gives it back without moving any other. A slot is given back when its
+cache is collected, so the pool never holds on to a dropped stream. The buffers are made at a
+layer's first write, when its shape is known; the pool grows a chunk at a time, with no copy,
+so it holds at most CHUNK_SLOTS - 1 slots more than it ever had caches (growing by doubling
+would hold twice as many, and copy them all while the old buffers still stood).
 
 A freed slot keeps what its last cache wrote; a new cache's unfilled slots are masked, so
 their contents (finite values, or zeros) never reach a score.
@@ -19,50 +20,78 @@ import weakref
 
 import torch
 
+CHUNK_SLOTS = 8
+
 
 class KVPool:
     """The key and value buffers of every layer, shared by the caches that take a slot."""
 
     def __init__(self, layers: int) -> None:
-        self._keys: list[torch.Tensor | None] = [None] * layers
-        self._values: list[torch.Tensor | None] = [None] * layers
-        self._slots = 1  # rows each buffer has room for
+        self._keys: list[list[torch.Tensor]] = [[] for _ in range(layers)]
+        self._values: list[list[torch.Tensor]] = [[] for _ in range(layers)]
+        self._shapes: list[tuple[torch.Size, torch.Size, torch.dtype, torch.device] | None] = [
+            None
+        ] * layers
+        self._chunks = 0
         self._free: list[int] = []  # given back, lowest first
         self._taken = 0  # slots ever handed out (the next new one)
 
     def take(self, owner: object) -> int:
         """A slot for `owner`, given back once `owner` is collected."""
-        slot = heapq.heappop(self._free) if self._free else self._next_slot()
+        if self._free:
+            slot = heapq.heappop(self._free)
+        else:
+            slot, self._taken = self._taken, self._taken + 1
+            if slot == self._chunks * CHUNK_SLOTS:
+                self._add_chunk()
         weakref.finalize(owner, heapq.heappush, self._free, slot)
         return slot
 
-    def _next_slot(self) -> int:
-        slot, self._taken = self._taken, self._taken + 1
-        if slot >= self._slots:
-            self._grow(2 * self._slots)
-        return slot
+    def _add_chunk(self) -> None:
+        self._chunks += 1
+        for layer, shapes in enumerate(self._shapes):
+            if shapes is not None:
+                self._allocate(layer, *shapes)
 
-    def _grow(self, slots: int) -> None:
-        for buffers in (self._keys, self._values):
-            for index, old in enumerate(buffers):
-                if old is not None:
-                    buffers[index] = torch.cat(
-                        (old, old.new_zeros(slots - len(old), *old.shape[1:]))
-                    )
-        self._slots = slots
+    def _allocate(
+        self,
+        layer: int,
+        keys: torch.Size,
+        values: torch.Size,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        # Ordinary tensors even when a forward (in inference mode) makes them: a restore or a
+        # new stream's copy writes into them outside one.
+        with torch.inference_mode(False):
+            for buffers, shape in ((self._keys, keys), (self._values, values)):
+                buffers[layer].append(torch.zeros(CHUNK_SLOTS, *shape, dtype=dtype, device=device))
 
     def made(self, layer: int) -> bool:
-        return self._keys[layer] is not None
+        return self._shapes[layer] is not None
 
     def make(self, layer: int, keys: torch.Size, values: torch.Size, like: torch.Tensor) -> None:
         """Buffers for `layer`, whose one slot of keys and of values is shaped [heads,
         capacity, dims], in `like`'s dtype and device."""
-        self._keys[layer] = like.new_zeros(self._slots, *keys)
-        self._values[layer] = like.new_zeros(self._slots, *values)
+        self._shapes[layer] = (torch.Size(keys), torch.Size(values), like.dtype, like.device)
+        for _ in range(self._chunks):
+            self._allocate(layer, keys, values, like.dtype, like.device)
 
-    def keys(self, layer: int) -> torch.Tensor:
-        """[slots, heads, capacity, dims] (a view of it is valid until the pool grows)."""
-        return self._keys[layer]
+    def keys(self, layer: int, slot: int, count: int = 1) -> torch.Tensor:
+        """[count, heads, capacity, dims]: slots slot.. of one chunk, as a view."""
+        return _view(self._keys[layer], slot, count)
 
-    def values(self, layer: int) -> torch.Tensor:
-        return self._values[layer]
+    def values(self, layer: int, slot: int, count: int = 1) -> torch.Tensor:
+        return _view(self._values[layer], slot, count)
+
+
+def same_chunk(slot: int, other: int) -> bool:
+    """Whether two slots lie in one chunk (a run of rows is read as one view of it)."""
+    return slot // CHUNK_SLOTS == other // CHUNK_SLOTS
+
+
+def _view(chunks: list[torch.Tensor], slot: int, count: int) -> torch.Tensor:
+    chunk, first = divmod(slot, CHUNK_SLOTS)
+    if first + count > CHUNK_SLOTS:
+        raise ValueError(f"slots {slot}..{slot + count - 1} lie in more than one chunk")
+    return chunks[chunk][first : first + count]

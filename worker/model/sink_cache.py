@@ -52,8 +52,7 @@ class SinkCacheLayer(LayerAcrossReleases, CacheLayerMixin):
 
     @property
     def keys(self) -> torch.Tensor:
-        owner = self._owner
-        return owner.pool.keys(self.index)[owner.slot : owner.slot + 1]
+        return self._owner.pool.keys(self.index, self._owner.slot)
 
     @keys.setter
     def keys(self, unset: None) -> None:
@@ -61,8 +60,7 @@ class SinkCacheLayer(LayerAcrossReleases, CacheLayerMixin):
 
     @property
     def values(self) -> torch.Tensor:
-        owner = self._owner
-        return owner.pool.values(self.index)[owner.slot : owner.slot + 1]
+        return self._owner.pool.values(self.index, self._owner.slot)
 
     @values.setter
     def values(self, unset: None) -> None:
