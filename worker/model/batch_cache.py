@@ -50,13 +50,12 @@ class BatchCacheLayer(LayerAcrossReleases, CacheLayerMixin):
         so what this returns is the first row's, for the shapes' sake."""
         owner, index = self._owner, self._index
         stored = self.kind.scheme.to_stored(key_states, owner.plan.shifts)
-        for run in owner.runs:
+        for run, each in zip(owner.runs, owner.each_row, strict=True):
             rows = slice(run.first_row, run.first_row + run.count)
             layers = [cache.layers[index] for cache in owner.caches[rows]]
             for layer in layers:
                 if not layer.is_initialized:
                     layer.lazy_initialization(key_states, value_states)
-            each = torch.arange(run.count, device=stored.device)
             at = owner.new_slots[rows]  # each row's slot of its cache's capacity
             run.pool.keys(index, run.first_slot, run.count)[each, :, at] = stored[rows, :, 0]
             values = run.pool.values(index, run.first_slot, run.count)
@@ -88,6 +87,8 @@ class BatchCache(Cache):
         self.capacity = caches[0].layout.capacity
         self.runs = _runs(self.caches, plan)
         self.new_slots = torch.cat([p.new_slots for p in plan.plans])
+        # Each run's rows 0..count-1, made once a step for every layer's write.
+        self.each_row = [torch.arange(run.count, device=self.new_slots.device) for run in self.runs]
         super().__init__(layers=[BatchCacheLayer(self, i) for i in range(len(self.kinds))])
 
     def frames(self, dtype: torch.dtype) -> DecodeFrames:

@@ -95,20 +95,22 @@ class Scheduler:
         """Every job's result, or the StreamsinkError it ended with, in the order given."""
         return _Run(self.decoder, self.settings.max_batch, jobs).outcomes()
 
-    def run_alone(self, job: Job[T]) -> T:
-        """One job's result; its error raised."""
-        [outcome] = self.run([job])
-        if isinstance(outcome, StreamsinkError):
-            raise outcome
-        return outcome
-
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[list[int]]:
-        """Each request's written tokens, decoded together."""
-        outcomes = self.run([_generation(request) for request in requests])
+    def run_raising(self, jobs: Sequence[Job[T]]) -> list[T]:
+        """Every job's result, in the order given; the first error raised."""
+        outcomes = self.run(jobs)
         for outcome in outcomes:
             if isinstance(outcome, StreamsinkError):
                 raise outcome
         return outcomes
+
+    def run_alone(self, job: Job[T]) -> T:
+        """One job's result; its error raised."""
+        [result] = self.run_raising([job])
+        return result
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[list[int]]:
+        """Each request's written tokens, decoded together."""
+        return self.run_raising([_generation(request) for request in requests])
 
 
 def _generation(request: GenerationRequest) -> Job[list[int]]:

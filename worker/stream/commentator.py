@@ -86,12 +86,8 @@ class Commentator:
 
     def step(self, inputs: list[StreamInput]) -> list[Commentary]:
         """`run`, the commentary of every input in input order; the first error raised."""
-        produced: list[Commentary] = []
-        for outcome in self.run(inputs):
-            if isinstance(outcome, StreamsinkError):
-                raise outcome
-            produced += outcome
-        return produced
+        jobs = [self.records_job(i.session, i.records) for i in inputs]
+        return [c for produced in self.scheduler.run_raising(jobs) for c in produced]
 
     def records_job(self, session: StreamSession, records: list[tuple[int, str]]) -> Job:
         """The job of one stream's records: the commentary that came due, in order."""

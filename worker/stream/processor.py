@@ -106,7 +106,10 @@ class StreamProcessor:
             if text is not None:
                 grouped.setdefault(record.stream_id, []).append((record.offset, text))
         jobs = [
-            _measured(self.sessions[stream_id], self.commentator.records_job)(records)
+            _measured(
+                self.sessions[stream_id],
+                self.commentator.records_job(self.sessions[stream_id], records),
+            )
             for stream_id, records in grouped.items()
         ]
         return _Prepared(self, batch, grouped, set_aside, jobs)
@@ -116,7 +119,10 @@ class StreamProcessor:
         if self.commentator.policy.every_seconds is None:
             return []
         stream_ids = list(self.sessions)
-        jobs = [_measured(self.sessions[s], self.commentator.due_job)() for s in stream_ids]
+        jobs = [
+            _measured(self.sessions[s], self.commentator.due_job(self.sessions[s]))
+            for s in stream_ids
+        ]
         produced = []
         for stream_id, outcome in zip(
             stream_ids, self.commentator.scheduler.run(jobs), strict=True
@@ -319,17 +325,11 @@ class Measured(Generic[T]):
     tokens: int
 
 
-def _measured(
-    session: StreamSession, make: Callable[..., Job[T]]
-) -> Callable[..., Job[Measured[T]]]:
-    """`make`, for `session`, as a job that measures itself."""
-
-    def job(*args: object) -> Job[Measured[T]]:
-        started, fed = time.perf_counter(), session.prefilled_tokens
-        result = yield from make(session, *args)
-        return Measured(result, time.perf_counter() - started, session.prefilled_tokens - fed)
-
-    return job
+def _measured(session: StreamSession, job: Job[T]) -> Job[Measured[T]]:
+    """`job`, of `session`'s stream, measuring itself from its start to its end."""
+    started, fed = time.perf_counter(), session.prefilled_tokens
+    result = yield from job
+    return Measured(result, time.perf_counter() - started, session.prefilled_tokens - fed)
 
 
 @dataclass(frozen=True)
