@@ -1,7 +1,7 @@
-"""Buffers a forward reuses for its per-layer intermediates, so a decode step allocates nothing.
+"""Buffers a forward reuses for its per-layer intermediates, so they are not allocated anew.
 
-Every layer of a decode step makes a tensor as large as the cache: the keys rotated to their
-positions, and in a batch every row's keys and values gathered. Made anew each layer, such a
+Every layer of a single cache's forward makes a tensor as large as the cache: its window's keys
+turned back to their in-cache positions (sink_cache.py). Made anew each layer, such a
 tensor costs more than the work that fills it on the CPU (fresh pages are faulted in, and
 zeroed, on every call). So each thread keeps one buffer per purpose, grown when a larger one is
 asked for, and hands out views of it. A view is valid until its purpose is asked for again, in
