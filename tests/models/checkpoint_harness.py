@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import Executor
 
 from kafka import TopicPartition
 from kafka.errors import KafkaTimeoutError
@@ -91,8 +92,10 @@ def checkpointer(
     delivery: RecordingDelivery,
     metrics: WorkerMetrics,
     schedule: CheckpointSchedule = CheckpointSchedule(every_records=4, every_seconds=3600),
+    writer: Executor | None = None,
 ) -> PartitionCheckpointer:
-    """A new owner of SCOPE: it claims the partition and restores from the lease."""
+    """A new owner of SCOPE: it claims the partition and restores from the lease; with a
+    writer, its checkpoints write there."""
     lease = store.claim(SCOPE)
     processor = StreamProcessor(
         commentator,
@@ -100,7 +103,9 @@ def checkpointer(
         metrics,
     )
     source = TopicPartition("in", 0)
-    return PartitionCheckpointer(source, lease, processor, delivery, schedule, metrics, 1.0)
+    return PartitionCheckpointer(
+        source, lease, processor, delivery, schedule, metrics, 1.0, writer=writer
+    )
 
 
 class ScriptedInbox:

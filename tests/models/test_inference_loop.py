@@ -58,9 +58,15 @@ def _loop(commentator, store, inbox) -> tuple[InferenceLoop, RecordingDelivery, 
     return loop, delivery, replies
 
 
+WRITTEN = "the checkpoint writes started so far have ended"  # a step of a script
+
+
 def _run(commentator, store, *steps: object | Callable[[], object]) -> tuple:
     """Run the loop over the script; returns its replies, delivery and metrics."""
-    loop, delivery, replies = _loop(commentator, store, ScriptedInbox(*steps))
+    inbox = ScriptedInbox()
+    loop, delivery, replies = _loop(commentator, store, inbox)
+    ended = lambda: loop.writer.submit(int).result()  # noqa: E731 - the writer runs in order
+    inbox.steps = [ended if step is WRITTEN else step for step in steps]
     loop.run()
     assert loop.failure is None
     return list(replies.queue), delivery, loop.metrics
@@ -85,7 +91,7 @@ def test_a_fenced_partition_is_dropped_with_nothing_delivered(commentator) -> No
     store = MemoryPartitionStore()
     replies, delivery, metrics = _run(
         commentator, store, Claim(PARTITION), Batch(PARTITION, records(0, 2)),
-        lambda: store.claim(SCOPE), Batch(PARTITION, records(2, 2)),
+        lambda: store.claim(SCOPE), Batch(PARTITION, records(2, 2)), WRITTEN,
         Batch(PARTITION, records(4, 2)), Stop(),
     )  # fmt: skip
     assert metrics.value("streamsink_fenced_writes") == 1
@@ -99,7 +105,7 @@ def test_a_fenced_partition_claimed_again_resumes_from_its_committed_state(comme
     """The polling thread is told, and claims it again if the group left it here."""
     store = MemoryPartitionStore()
     replies, delivery, metrics = _run(
-        commentator, store, Claim(PARTITION), Batch(PARTITION, records(0, 4)),
+        commentator, store, Claim(PARTITION), Batch(PARTITION, records(0, 4)), WRITTEN,
         lambda: store.claim(SCOPE), Batch(PARTITION, records(4, 4)),
         Claim(PARTITION), Batch(PARTITION, records(4, 4)), Stop(),
     )  # fmt: skip

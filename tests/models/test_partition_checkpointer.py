@@ -7,12 +7,14 @@ fencing, outbox replay, a takeover in the middle of a checkpoint, and a store ou
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import pytest
 from structlog.testing import capture_logs
 
-from cache_store.memory_partition import MemoryPartitionStore
-from cache_store.partition import OutboxKind
+from cache_store.memory_partition import MemoryLease, MemoryPartitionStore
+from cache_store.partition import OutboxKind, SaveReport
 from tests.models.checkpoint_harness import (
     SCOPE,
     RecordingDelivery,
@@ -234,3 +236,77 @@ def test_what_a_failed_flush_may_have_delivered_is_counted_when_sent_again(
     successor = checkpointer(commentator, store, RecordingDelivery(), metrics)
     assert successor.replay_outbox()  # nothing left to replay: the outbox was trimmed
     assert metrics.value("streamsink_redelivered_commentaries") == 2
+
+
+@dataclass(frozen=True)
+class GatedLease:
+    """A memory lease whose commits wait until `gate` is set, as a slow Redis would."""
+
+    lease: MemoryLease
+    gate: threading.Event
+
+    def commit(self, states, next_offset, outbox=()) -> SaveReport:
+        assert self.gate.wait(10)
+        return self.lease.commit(states, next_offset, outbox)
+
+    def trim_outbox(self, delivered: int) -> None:
+        self.lease.trim_outbox(delivered)
+
+
+def _delivered_keys(delivery: RecordingDelivery) -> list[tuple[str, int]]:
+    return sorted((stream, seq) for stream, seq, _ in delivery.delivered)
+
+
+def test_a_checkpoint_writes_while_the_next_batch_is_applied(commentator, store, metrics) -> None:
+    """The snapshot is taken when the checkpoint starts; the write lands later, and records
+    applied meanwhile wait for the next checkpoint. The output is the same as written in line."""
+    gate, delivery = threading.Event(), RecordingDelivery()
+    svc0_only = [r for r in records(4, 4) if r.stream_id == "svc0"]
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        owner = checkpointer(commentator, store, delivery, metrics, writer=writer)
+        owner.lease = GatedLease(owner.lease, gate)
+        owner.apply(records(0, 4))
+        owner.start_checkpoint()  # returns with the commit still waiting
+        owner.apply(svc0_only)
+        with pytest.raises(RuntimeError, match="changed since its state was saved"):
+            owner.processor.evict("svc1")  # unchanged since, but its snapshot is not saved yet
+        assert store.partitions[SCOPE].next_offset is None and delivery.delivered == []
+        gate.set()
+        assert owner.finish()
+        assert store.partitions[SCOPE].next_offset == 4 and owner.take_offset_to_commit() == 4
+        assert _delivered_keys(delivery) == [("svc0", 0), ("svc1", 0)]
+        owner.processor.evict("svc1")  # saved now
+        owner.apply([r for r in records(4, 4) if r.stream_id == "svc1"])
+        assert owner.checkpoint() and store.partitions[SCOPE].next_offset == 8
+    in_line_store, in_line = MemoryPartitionStore(), RecordingDelivery()
+    alone = checkpointer(commentator, in_line_store, in_line, WorkerMetrics())
+    for batch in (records(0, 4), svc0_only, [r for r in records(4, 4) if r.stream_id == "svc1"]):
+        alone.apply(batch)
+    assert alone.checkpoint()
+    assert sorted(delivery.delivered) == sorted(in_line.delivered)
+    assert len(delivery.delivered) == 4
+    after = [RecordingDelivery(), RecordingDelivery()]
+    for successor_store, successor_delivery in zip((store, in_line_store), after, strict=True):
+        successor = checkpointer(commentator, successor_store, successor_delivery, metrics)
+        successor.apply(records(8, 4))
+        assert successor.checkpoint()
+    assert after[0].delivered == after[1].delivered and len(after[0].delivered) == 2
+
+
+def test_a_write_refused_in_flight_leaves_its_output_to_the_next_checkpoint(
+    commentator, store, metrics
+) -> None:
+    delivery = RecordingDelivery()
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        owner = checkpointer(commentator, store, delivery, metrics, writer=writer)
+        owner.apply(records(0, 4))
+        store.available = False
+        owner.start_checkpoint()
+        owner.apply(records(4, 4))
+        assert not owner.finish() and not owner.fenced
+        assert owner.take_offset_to_commit() is None
+        store.available = True
+        assert owner.checkpoint()
+    assert _delivered_keys(delivery) == [("svc0", 0), ("svc0", 1), ("svc1", 0), ("svc1", 1)]
+    assert owner.take_offset_to_commit() == 8 and store.partitions[SCOPE].outbox == []
+    assert metrics.value("streamsink_checkpoints") == 1

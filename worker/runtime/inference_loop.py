@@ -7,6 +7,8 @@ which partitions it dropped because another worker's claim fenced them off (Fenc
 The checkpointers are this thread's alone, and so is the budget of live streams their
 processors share: a batch that needs the room of unsaved streams is cut there, every
 partition holding unsaved streams is checkpointed (its fenced commit), and then they may go.
+A due checkpoint's write runs on the writer thread, beside the next batches; its outcome is
+taken back here before each message.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import structlog
@@ -92,6 +95,8 @@ class InferenceLoop:
         self.failure: BaseException | None = None
         self._owned: dict[TopicPartition, PartitionCheckpointer] = {}
         self.live: LiveBudget[LiveKey] = LiveBudget(settings.process.max_live_streams)
+        # One thread writes the checkpoints (Redis commit, then output delivery), in order.
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
 
     def run(self) -> None:
         try:
@@ -99,14 +104,18 @@ class InferenceLoop:
         except BaseException as error:  # surfaced by the polling thread, which then stops
             log.exception("inference thread failed")
             self.failure = error
+        finally:
+            self.writer.shutdown(wait=True)
 
     def _loop(self) -> None:
         while True:
             try:
                 message = self.inbox.get(timeout=0.5)
             except queue.Empty:
+                self._take_written()
                 self._on_idle()
                 continue
+            self._take_written()
             if isinstance(message, Stop):
                 for partition in list(self._owned):
                     self._release(partition, checkpoint=True)
@@ -128,7 +137,11 @@ class InferenceLoop:
                 self._release(partition, checkpoint=False)
 
     def _claim(self, partition: TopicPartition) -> None:
-        self._drop(partition)  # a claim again: what is not committed is read again anyway
+        stale = self._owned.get(partition)
+        if stale is not None:  # a claim again: what is not committed is read again anyway
+            stale.finish()
+            self._settle(partition, stale)
+            self._drop(partition)
         scope = f"{partition.topic}/{partition.partition}"
         lease = self._claim_lease(scope)
         if lease is None:
@@ -141,6 +154,7 @@ class InferenceLoop:
             self.settings.schedule,
             self.metrics,
             flush_seconds=self.settings.group.shutdown_seconds / 2,
+            writer=self.writer,
         )
         self._owned[partition] = checkpointer
         log.info(
@@ -213,8 +227,9 @@ class InferenceLoop:
         of `records` fit then. Where a commit failed (the store is out) the rest of the batch
         runs over budget rather than wait: nothing is lost by it, the next batch tries again."""
         for partition, other in list(self._owned.items()):
-            if other.processor.dirty:
-                self._checkpoint(partition, other)
+            if other.processor.unsaved:
+                other.checkpoint()  # waited for: its streams may go only once committed
+                self._settle(partition, other)
         if checkpointer.fenced:
             return 0
         admitted = checkpointer.processor.admit(records)
@@ -237,8 +252,15 @@ class InferenceLoop:
                 self._checkpoint(partition, checkpointer)
 
     def _checkpoint(self, partition: TopicPartition, checkpointer: PartitionCheckpointer) -> None:
-        checkpointer.checkpoint()
+        """Start a checkpoint; its write overlaps what this thread does next."""
+        checkpointer.start_checkpoint()
         self._settle(partition, checkpointer)
+
+    def _take_written(self) -> None:
+        """The outcomes of the checkpoints whose writes have ended."""
+        for partition, checkpointer in list(self._owned.items()):
+            checkpointer.poll()
+            self._settle(partition, checkpointer)
 
     def _release(self, partition: TopicPartition, checkpoint: bool) -> None:
         checkpointer = self._owned.get(partition)
@@ -262,6 +284,7 @@ class InferenceLoop:
         """Forget a partition and its streams' caches."""
         checkpointer = self._owned.pop(partition, None)
         if checkpointer is not None:
+            checkpointer.finish()
             checkpointer.processor.close()
 
     def _claim_lease(self, scope: str) -> PartitionLease | None:

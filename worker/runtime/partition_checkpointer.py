@@ -13,19 +13,31 @@ Output is only delivered once committed, so what consumers see is always covered
 a successor restores, and a record processed again after a takeover is dead-lettered once.
 A fenced write means another worker owns the partition: the checkpointer sets `fenced` and
 does nothing more, and its owner drops it.
+
+Given a writer (one thread of the worker's), a checkpoint started with `start_checkpoint`
+overlaps the next batches: the snapshot is taken on the calling thread (the caches move on
+after it), the commit and the delivery run on the writer, and `poll` or `finish` take their
+outcome back on the calling thread. One checkpoint of a partition is in flight at a time; every
+other step that needs its outcome (the next checkpoint, a release, a stream restored while its
+snapshot is being saved) waits for it first. While one is in flight the writer alone touches
+what is committed and not yet delivered.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass
+from functools import partial
 from typing import Protocol
 
 import structlog
 from kafka import TopicPartition
 from kafka.errors import KafkaError
 
+from cache_store.exceptions import MissingBlocksError
 from cache_store.partition import (
     FencedError,
     OutboxEntry,
@@ -33,11 +45,12 @@ from cache_store.partition import (
     PartitionLease,
     StoreUnavailableError,
 )
+from cache_store.store import SaveReport
 from worker.exceptions import BadRecordError
 from worker.io.kafka_output import commentary_payload, dead_letter_headers
 from worker.ops.metrics import WorkerMetrics
 from worker.runtime.checkpoint_schedule import CheckpointClock, CheckpointSchedule
-from worker.stream.processor import Applied, StreamProcessor
+from worker.stream.processor import Applied, Saving, StreamProcessor
 from worker.stream.records import Commentary, Record
 
 log = structlog.get_logger("streamsink.worker")
@@ -58,6 +71,28 @@ class Delivery(Protocol):
         """Wait until everything sent is acknowledged; raises KafkaError if it is not."""
 
 
+WriteError = FencedError | StoreUnavailableError | MissingBlocksError | KafkaError
+
+
+@dataclass(frozen=True)
+class _Written:
+    """How a checkpoint's write ended: the commit (if it had one to make), then the delivery."""
+
+    saving: Saving | None
+    next_offset: int | None
+    entries: list[OutboxEntry]
+    report: SaveReport | None = None
+    commit_error: WriteError | None = None
+    delivery_error: WriteError | None = None
+
+
+def _run_now(job: Callable[[], _Written]) -> Future[_Written]:
+    """A checkpointer without a writer writes on the calling thread."""
+    done: Future[_Written] = Future()
+    done.set_result(job())
+    return done
+
+
 class PartitionCheckpointer:
     """One owned partition: its lease, its streams, and output not yet delivered.
 
@@ -73,6 +108,7 @@ class PartitionCheckpointer:
         schedule: CheckpointSchedule,
         metrics: WorkerMetrics,
         flush_seconds: float,
+        writer: Executor | None = None,
     ) -> None:
         self.topic, self.partition = source.topic, source.partition
         self.lease, self.processor = lease, processor
@@ -86,6 +122,9 @@ class PartitionCheckpointer:
         self._resend = False  # a flush of the unflushed ones failed: sending again may repeat
         self._pending: list[OutboxEntry] = []  # produced since the last commit
         self._offset_to_commit: int | None = None
+        self._submit = _run_now if writer is None else writer.submit
+        self._in_flight: Future[_Written] | None = None
+        processor.await_saving = self.finish
 
     def replay_outbox(self) -> bool:
         """Re-send what the last owner committed but did not trim; False if not delivered.
@@ -123,32 +162,46 @@ class PartitionCheckpointer:
         return not self.fenced and self._clock.due(self._uncommitted() or bool(self._undelivered))
 
     def checkpoint(self) -> bool:
-        """Commit, then deliver; False if either could not be done (see `fenced`)."""
+        """Commit, then deliver, and wait for both; False if either could not be done (see
+        `fenced`)."""
+        self.start_checkpoint()
+        return self.finish()
+
+    def start_checkpoint(self) -> None:
+        """Snapshot the changed streams here, then commit and deliver on the writer; the
+        checkpoint in flight, if any, is finished first."""
+        self.finish()
         if self.fenced:
-            return False
+            return
         self._clock.reset()
-        if self._uncommitted() and not self._commit():
+        if self._uncommitted():
+            saving, entries = self.processor.take_changed(), self._pending
+            self._pending = []
+            self._in_flight = self._submit(partial(self._write, saving, self.next_offset, entries))
+        elif self._undelivered:
+            self._in_flight = self._submit(self._write_delivery)
+
+    def poll(self) -> None:
+        """Take the outcome of the checkpoint in flight if it has ended; never waits."""
+        if self._in_flight is not None and self._in_flight.done():
+            self.finish()
+
+    def finish(self) -> bool:
+        """Wait for the checkpoint in flight and take its outcome; False if it failed."""
+        if self._in_flight is None:
+            return not self.fenced
+        written, self._in_flight = self._in_flight.result(), None
+        if written.commit_error is not None:
+            self._not_committed(written)
             return False
-        return self.deliver()
+        if written.saving is not None:
+            self._committed(written)
+        return self._delivered(written.delivery_error)
 
     def deliver(self) -> bool:
         """Produce the committed outbox, flush, then trim it; False if any of it failed."""
-        if self.fenced:
-            return False
-        if not self._undelivered:
-            return True
-        try:
-            self._send_unflushed()
-            self.lease.trim_outbox(len(self._undelivered))
-        except FencedError as error:
-            self._fence(error)
-            return False
-        except (KafkaError, StoreUnavailableError) as error:
-            self.metrics.errors.labels(kind="delivery").inc()
-            log.warning("delivery postponed", error=str(error), entries=len(self._undelivered))
-            return False
-        self._undelivered, self._flushed = [], 0
-        return True
+        self.finish()
+        return self._delivered(self._deliver())
 
     def release(
         self,
@@ -163,6 +216,7 @@ class PartitionCheckpointer:
         A lost partition is released without it: its epoch is stale, any write is refused.
         """
         if not checkpoint:
+            self.finish()  # a write in flight is refused or lands; either way, wait for it
             return False
         deadline = time.monotonic() + budget_seconds
         while not self.checkpoint():
@@ -186,27 +240,64 @@ class PartitionCheckpointer:
             self.next_offset != self.committed_offset
         )
 
-    def _commit(self) -> bool:
+    def _write(
+        self, saving: Saving, next_offset: int | None, entries: list[OutboxEntry]
+    ) -> _Written:
+        """On the writer: the commit, then, if it was made, the delivery."""
         try:
-            report = self.processor.commit_changed(
-                lambda states: self.lease.commit(states, self.next_offset, self._pending)
-            )
-        except FencedError as error:
+            report = self.lease.commit(saving.states, next_offset, entries)
+        except (FencedError, StoreUnavailableError, MissingBlocksError) as error:
+            return _Written(saving, next_offset, entries, commit_error=error)
+        self._undelivered += entries
+        return _Written(saving, next_offset, entries, report, delivery_error=self._deliver())
+
+    def _write_delivery(self) -> _Written:
+        """On the writer: the delivery of what earlier checkpoints committed."""
+        return _Written(None, None, [], delivery_error=self._deliver())
+
+    def _deliver(self) -> WriteError | None:
+        """Produce the committed outbox, flush, then trim it; what failed, if anything."""
+        if self.fenced or not self._undelivered:
+            return None
+        try:
+            self._send_unflushed()
+            self.lease.trim_outbox(len(self._undelivered))
+        except (FencedError, KafkaError, StoreUnavailableError) as error:
+            return error
+        self._undelivered, self._flushed = [], 0
+        return None
+
+    def _committed(self, written: _Written) -> None:
+        assert written.saving is not None and written.report is not None
+        self.processor.saved(written.saving)
+        self.metrics.checkpoints.inc()
+        self.metrics.checkpoint_bytes.inc(written.report.bytes_written)
+        self.metrics.checkpoint_seconds.observe(written.report.seconds)
+        self.committed_offset = written.next_offset
+        if written.next_offset is not None:
+            self._offset_to_commit = written.next_offset
+
+    def _not_committed(self, written: _Written) -> None:
+        """The commit was refused or not made: its streams and output wait for the next one."""
+        assert written.saving is not None
+        error = written.commit_error
+        self.processor.not_saved(written.saving, blocks_lost=isinstance(error, MissingBlocksError))
+        self._pending = written.entries + self._pending
+        if isinstance(error, FencedError):
             self._fence(error)
-            return False
-        except StoreUnavailableError as error:
+        elif isinstance(error, MissingBlocksError):
+            log.warning("saved blocks gone: the next checkpoint saves the streams whole")
+        else:
             self.metrics.errors.labels(kind="redis_unavailable").inc()
             log.warning("checkpoint postponed", error=str(error))
-            return False
-        self.metrics.checkpoints.inc()
-        self.metrics.checkpoint_bytes.inc(report.bytes_written)
-        self.metrics.checkpoint_seconds.observe(report.seconds)
-        self._undelivered += self._pending
-        self._pending = []
-        self.committed_offset = self.next_offset
-        if self.next_offset is not None:
-            self._offset_to_commit = self.next_offset
-        return True
+
+    def _delivered(self, error: WriteError | None) -> bool:
+        if isinstance(error, FencedError):
+            self._fence(error)
+        elif error is not None:
+            self.metrics.errors.labels(kind="delivery").inc()
+            log.warning("delivery postponed", error=str(error), entries=len(self._undelivered))
+        return error is None and not self.fenced
 
     def _queue(self, produced: list[Commentary]) -> None:
         self._pending += [OutboxEntry(c.stream_id, c.seq, commentary_payload(c)) for c in produced]

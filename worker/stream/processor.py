@@ -62,6 +62,14 @@ class ProcessSettings:
 
 
 @dataclass(frozen=True)
+class Saving:
+    """Snapshots handed to a commit that has not ended, and the sessions they were taken of."""
+
+    states: list[StreamState]
+    sessions: dict[str, StreamSession]
+
+
+@dataclass(frozen=True)
 class Applied:
     commentary: list[Commentary]
     set_aside: list[SetAside]
@@ -85,7 +93,11 @@ class StreamProcessor:
         self.live = LiveBudget(settings.max_live_streams) if live is None else live
         self.sessions: dict[str, StreamSession] = {}
         self.skipped_streams: set[str] = set()
-        self.dirty: set[str] = set()
+        self.dirty: set[str] = set()  # changed since their last snapshot
+        self.saving: dict[str, StreamSession] = {}  # snapshots taken, their commit not ended
+        # Waits until the commit of `saving` has ended (and says how): a stream dropped while
+        # its snapshot is being saved is restored only from what that commit left.
+        self.await_saving: Callable[[], object] = lambda: None
 
     def apply(self, batch: list[Record]) -> Applied:
         """Apply a batch in offset order: the commentary it produced, in order, and the records
@@ -146,28 +158,55 @@ class StreamProcessor:
         leaves the streams changed, and their next snapshots carry what this one did.
         """
         try:
-            committed = commit(self.changed_states())
+            return self._commit_taken(commit)
         except MissingBlocksError as error:
             log.warning("saved blocks gone: saving the streams whole", error=str(error))
-            for session in self.sessions.values():
-                forget_stored(session)
-            committed = commit(self.changed_states())
-        self.mark_saved()
+            return self._commit_taken(commit)
+
+    def _commit_taken(self, commit: Callable[[list[StreamState]], Committed]) -> Committed:
+        saving = self.take_changed()
+        try:
+            committed = commit(saving.states)
+        except BaseException as error:
+            self.not_saved(saving, blocks_lost=isinstance(error, MissingBlocksError))
+            raise
+        self.saved(saving)
         return committed
 
-    def changed_states(self) -> list[StreamState]:
-        """Snapshots of the streams changed since `mark_saved`, in stream id order: each
-        carries what changed since its last committed snapshot."""
-        return [
-            snapshot(self.sessions[stream_id], self.commentator) for stream_id in sorted(self.dirty)
-        ]
-
-    def mark_saved(self) -> None:
-        """The snapshots `changed_states` gave last were committed."""
-        for stream_id in self.dirty:
-            if stream_id in self.sessions:
-                mark_saved(self.sessions[stream_id])
+    def take_changed(self) -> Saving:
+        """Snapshots of the streams changed since the last ones taken, in stream id order, each
+        carrying what changed since its last committed snapshot. Until `saved` or `not_saved`
+        says how their commit ended, those streams count as unsaved (no cache of theirs may
+        go), and no other snapshot is taken."""
+        if self.saving:
+            raise RuntimeError("a commit of this processor's snapshots has not ended")
+        self.saving = {stream_id: self.sessions[stream_id] for stream_id in sorted(self.dirty)}
         self.dirty.clear()
+        states = [snapshot(session, self.commentator) for session in self.saving.values()]
+        return Saving(states, dict(self.saving))
+
+    def saved(self, saving: Saving) -> None:
+        """`saving`'s commit returned: its snapshots are the streams' saved states."""
+        for session in saving.sessions.values():
+            mark_saved(session)
+        self.saving = {}
+
+    def not_saved(self, saving: Saving, blocks_lost: bool = False) -> None:
+        """`saving`'s commit failed: its streams are changed again (those still open), so the
+        next snapshots carry what these did; with `blocks_lost` (the store lost blocks they
+        named), whole."""
+        for stream_id, session in saving.sessions.items():
+            if self.sessions.get(stream_id) is session:
+                self.dirty.add(stream_id)
+        if blocks_lost:
+            for session in self.sessions.values():
+                forget_stored(session)
+        self.saving = {}
+
+    @property
+    def unsaved(self) -> set[str]:
+        """Streams whose cache holds what no committed state has: changed, or being saved."""
+        return self.dirty | self.saving.keys()
 
     def admit(self, batch: list[Record]) -> int:
         """How many leading records of `batch` fit in the live budget now (all, without one).
@@ -186,7 +225,7 @@ class StreamProcessor:
 
     def evict(self, stream_id: str) -> None:
         """Drop a saved stream's cache; its next record restores it from the saved state."""
-        if stream_id in self.dirty:
+        if stream_id in self.unsaved:
             raise RuntimeError(f"stream {stream_id!r} has changed since its state was saved")
         self._forget(stream_id)
         self.metrics.evicted_streams.inc()
@@ -261,6 +300,8 @@ class StreamProcessor:
         if stream_id in self.skipped_streams:
             return None
         if stream_id not in self.sessions:
+            if stream_id in self.saving:
+                self.await_saving()
             session = self._open(stream_id)
             if session is None:
                 return None
@@ -374,7 +415,7 @@ def admit_together(work: Work) -> int:
     """How many leading records of the batches, one after another, fit in the live budget the
     processors share now: `StreamProcessor.admit` over all of them."""
     keys = [key for processor, batch in work for key in processor._live_keys(batch)]
-    admission = work[0][0].live.admit(keys, lambda key: key[1] not in key[0].dirty)
+    admission = work[0][0].live.admit(keys, lambda key: key[1] not in key[0].unsaved)
     for owner, stream_id in admission.drop:
         owner.evict(stream_id)
     return admission.count
