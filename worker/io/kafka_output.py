@@ -49,14 +49,24 @@ class OutputProducer:
 
     It reaches the brokers on `connect`, not when made: a worker that starts while they are
     down waits for them (worker/runtime/outages.py) instead of failing to start.
+
+    A record the brokers have not taken within `expiry_ms` (the group's session timeout) is
+    dropped, its flush failing, never sent later: a worker stopped that long (a SIGSTOP, a
+    stalled node) may have lost its partition meanwhile, and the new owner re-sends the
+    partition's outbox itself, so the late copy would be a second one.
     """
 
     def __init__(
-        self, connection: KafkaConnection, output_topic: str, dead_letter_topic: str | None
+        self,
+        connection: KafkaConnection,
+        output_topic: str,
+        dead_letter_topic: str | None,
+        expiry_ms: int = 120_000,
     ) -> None:
         self.connection = connection
         self.output_topic = output_topic
         self.dead_letter_topic = dead_letter_topic
+        self.expiry_ms = expiry_ms
         self._producer: KafkaProducer | None = None
 
     def connect(self, bootstrap_timeout_ms: int) -> None:
@@ -66,6 +76,7 @@ class OutputProducer:
             acks="all",
             enable_idempotence=True,
             linger_ms=5,
+            delivery_timeout_ms=self.expiry_ms,
             bootstrap_timeout_ms=bootstrap_timeout_ms,
         )
 

@@ -73,7 +73,10 @@ class KafkaWorker:
         self.connection, self.store = connection, store
         self.settings, self.metrics, self.health = settings, metrics, health
         self.producer = OutputProducer(
-            connection, settings.topics.output, settings.topics.dead_letter
+            connection,
+            settings.topics.output,
+            settings.topics.dead_letter,
+            expiry_ms=settings.group.session_timeout_ms,
         )
         self._to_inference = Inbox()
         self._to_polling: queue.Queue = queue.Queue()
