@@ -44,6 +44,10 @@ def commentary_payload(commentary: Commentary) -> bytes:
     return json.dumps(commentary.to_json_dict(), ensure_ascii=False).encode()
 
 
+LINGER_MS = 5
+REQUEST_TIMEOUT_MS = 30_000  # kafka-python's default
+
+
 class OutputProducer:
     """Commentary and dead letters out, idempotent and acknowledged by all in-sync replicas.
 
@@ -75,8 +79,10 @@ class OutputProducer:
             **self.connection.client_config(),
             acks="all",
             enable_idempotence=True,
-            linger_ms=5,
+            linger_ms=LINGER_MS,
             delivery_timeout_ms=self.expiry_ms,
+            # kafka-python wants a request to time out before the record expires
+            request_timeout_ms=min(REQUEST_TIMEOUT_MS, self.expiry_ms - LINGER_MS - 1),
             bootstrap_timeout_ms=bootstrap_timeout_ms,
         )
 
