@@ -178,6 +178,23 @@ def test_bench_throughput_prints_batched_sequential_and_plain_side_by_side(
     assert all(float(figure) > 0 for row in rows for figure in row[2:5])
 
 
+def test_the_throughput_table_puts_llama_cpp_beside_float32_where_it_ran() -> None:
+    from worker.tools.throughput_bench import Decode, Prefill, ThroughputReport
+
+    report = ThroughputReport("m", "cpu", 2, 1024, 8, None)
+    report.prefill = [Prefill("float32", 500.0, 450.0, 700.0), Prefill("bfloat16", 650.0, 600.0)]
+    report.decode = [
+        Decode("float32", 16, 120.0, 15.0, 40.0, 200.0, 720.0, 700.0, 2000.0),
+        Decode("bfloat16", 16, 180.0, 20.0, 45.0, None, 360.0, 350.0, 1500.0),
+    ]
+    lines = report.lines()
+    assert lines[1].endswith("llama.cpp 700 tokens/s") and "llama.cpp" not in lines[2]
+    fp32, bf16 = (line.split() for line in lines[-2:])
+    assert fp32[5] == "200.0" and fp32[8] == "0.60x"  # batched against llama.cpp
+    assert bf16[5] == "-" and bf16[8] == "-"
+    assert json.loads(json.dumps(report.to_dict()))["decode"][1]["llama_cpp"] is None
+
+
 def test_eval_commentary_scores_what_run_writes_and_its_dump_alike(
     model_dir: Path, tmp_path: Path
 ) -> None:

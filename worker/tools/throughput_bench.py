@@ -1,7 +1,8 @@
 """Decode and prefill across many streams, side by side in one run: the batched sink path (one
 forward across streams), the sequential sink path (one forward per stream), and plain
 transformers batched with a DynamicCache of the same length and no sinks, on its own kernels
-(the reference a sink cache is measured against), for each dtype asked for.
+(the reference a sink cache is measured against), for each dtype asked for; and llama.cpp on
+the same weights in F32 beside the float32 figures, where it is installed (llama_cpp_bench.py).
 
 Every stream starts from the same full cache (its ring turned, so each step evicts a token):
 one filled cache is copied through its own export, so the figures need one prefill, not one
@@ -16,7 +17,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from tqdm import tqdm
@@ -30,6 +31,7 @@ from worker.model.compat import cache_argument
 from worker.model.kv_pool import KVPool
 from worker.model.loading import LoadedModel
 from worker.model.sink_cache import SinkCache
+from worker.tools.llama_cpp_bench import LlamaCpp
 from worker.tools.measure import (
     PREFILL_CHUNK,
     SINKS,
@@ -51,6 +53,7 @@ class Prefill:
     dtype: str
     sink: float
     transformers: float
+    llama_cpp: float | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ class Decode:
     batched: float
     sequential: float
     transformers: float
+    llama_cpp: float | None  # F32 weights, beside float32 only, where it is installed
     sink_cache_mb: float  # every stream's sink cache
     dense_cache_mb: float  # the DynamicCache of as many rows
     peak_mb: float  # the process so far (resident set, or allocated on the GPU)
@@ -89,19 +93,24 @@ class ThroughputReport:
             f"{self.size}{cap}; median of {self.steps} steps"
         ]
         for row in self.prefill:
+            llama = "" if row.llama_cpp is None else f", llama.cpp {row.llama_cpp:.0f} tokens/s"
             out.append(
                 f"prefill {row.dtype}, chunks of {PREFILL_CHUNK}: sink {row.sink:.0f} tokens/s, "
-                f"transformers {row.transformers:.0f} tokens/s"
+                f"transformers {row.transformers:.0f} tokens/s{llama}"
             )
         out.append(
             f"{'dtype':>8} {'streams':>7} {'batched':>8} {'sequential':>10} {'transformers':>12} "
-            f"{'batched/seq':>11} {'batched/tf':>10} {'sink MB':>8} {'dense MB':>8} {'peak MB':>8}"
+            f"{'llama.cpp':>9} {'batched/seq':>11} {'batched/tf':>10} {'batched/llama':>13} "
+            f"{'sink MB':>8} {'dense MB':>8} {'peak MB':>8}"
         )
         for row in self.decode:
+            llama, versus = f"{'-':>9}", f"{'-':>13}"
+            if row.llama_cpp is not None:
+                llama, versus = f"{row.llama_cpp:>9.1f}", f"{row.batched / row.llama_cpp:>12.2f}x"
             out.append(
                 f"{row.dtype:>8} {row.streams:>7} {row.batched:>8.1f} {row.sequential:>10.1f} "
-                f"{row.transformers:>12.1f} {row.batched / row.sequential:>10.2f}x "
-                f"{row.batched / row.transformers:>9.2f}x {row.sink_cache_mb:>8.1f} "
+                f"{row.transformers:>12.1f} {llama} {row.batched / row.sequential:>10.2f}x "
+                f"{row.batched / row.transformers:>9.2f}x {versus} {row.sink_cache_mb:>8.1f} "
                 f"{row.dense_cache_mb:>8.1f} {row.peak_mb:>8.0f}"
             )
         return out
@@ -113,22 +122,48 @@ def run_throughput_benchmark(
     size: int,
     steps: int,
     max_batch: int | None = None,
+    llama: LlamaCpp | None = None,
 ) -> ThroughputReport:
-    """Every figure for each model (one per dtype), with a progress bar on stderr."""
+    """Every figure for each model (one per dtype), with a progress bar on stderr; llama.cpp's
+    beside the float32 ones, given `llama`."""
     first = models[0]
     if size > first.max_cache:
         raise CacheCapacityError(f"{first.name} attends to at most {first.max_cache} tokens")
     report = ThroughputReport(
         first.name, str(first.device), torch.get_num_threads(), size, steps, max_batch
     )
-    total = len(models) * (1 + len(PATHS) * len(streams))
+    llama_dtypes = sum(loaded.dtype == torch.float32 for loaded in models) if llama else 0
+    total = len(models) * (1 + len(PATHS) * len(streams)) + llama_dtypes * len(streams)
     # On stderr, and only on a terminal (disable=None): stdout keeps the table or the JSON.
     with tqdm(
         total=total, desc="bench throughput", unit="figure", leave=False, disable=None
     ) as bar:
         for loaded in models:
             _bench_model(loaded, streams, size, steps, max_batch, report, bar)
+            if llama is not None and loaded.dtype == torch.float32:
+                _bench_llama(llama, streams, size, steps, report, bar)
     return report
+
+
+def _bench_llama(
+    llama: LlamaCpp,
+    streams: Sequence[int],
+    size: int,
+    steps: int,
+    report: ThroughputReport,
+    bar: tqdm,
+) -> None:
+    """llama.cpp's figures into the float32 rows already measured."""
+    prefill = None
+    for count in streams:
+        bar.set_postfix_str(f"float32, {count} streams, llama.cpp")
+        first_prefill, rate = llama.rates(count, size, steps)
+        prefill = prefill or first_prefill
+        row = next(r for r in report.decode if r.dtype == "float32" and r.streams == count)
+        report.decode[report.decode.index(row)] = replace(row, llama_cpp=rate)
+        bar.update()
+    row = next(r for r in report.prefill if r.dtype == "float32")
+    report.prefill[report.prefill.index(row)] = replace(row, llama_cpp=prefill)
 
 
 def _bench_model(
@@ -166,6 +201,7 @@ def _bench_model(
                 dtype,
                 count,
                 **rates,
+                llama_cpp=None,
                 sink_cache_mb=count * _cache_mb(full),
                 dense_cache_mb=dense_mb,
                 peak_mb=peak_memory_mb(loaded),
