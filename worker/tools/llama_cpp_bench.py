@@ -14,6 +14,7 @@ sequences grow by a token a step, which at `steps` steps past `size` is the same
 from __future__ import annotations
 
 import ctypes
+import logging
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -26,6 +27,8 @@ from worker.exceptions import ModelLoadError
 from worker.model.loading import LoadedModel
 from worker.model.packaged_models import PACKAGED, model_cache_dir, packaged_gguf
 from worker.tools.measure import PREFILL_CHUNK, random_ids
+
+CELL_BLOCK = 256
 
 try:
     import llama_cpp
@@ -81,6 +84,7 @@ class LlamaCpp:
     """One loaded llama.cpp model; `decode_rate` and `prefill_rate` make a context each."""
 
     def __init__(self, gguf: Path, loaded: LoadedModel, threads: int) -> None:
+        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # its load and graph logs
         llama_cpp.llama_backend_init()
         params = llama_cpp.llama_model_default_params()
         self.model = llama_cpp.llama_model_load_from_file(str(gguf).encode(), params)
@@ -116,7 +120,8 @@ class LlamaCpp:
 
     def _context(self, streams: int, length: int) -> object:
         params = llama_cpp.llama_context_default_params()
-        params.n_ctx = streams * length
+        # A sequence's cells come in blocks of 256: ask for whole blocks, or llama.cpp warns.
+        params.n_ctx = streams * -(-length // CELL_BLOCK) * CELL_BLOCK
         params.n_batch = params.n_ubatch = max(PREFILL_CHUNK, streams)
         params.n_seq_max = streams
         params.n_threads = params.n_threads_batch = self.threads
