@@ -24,6 +24,7 @@ from tests.models.checkpoint_harness import (
     tiny_commentator,
     with_bad_record,
 )
+from worker.exceptions import CacheDamagedError
 from worker.ops.metrics import WorkerMetrics
 from worker.runtime.checkpoint_schedule import CheckpointSchedule
 
@@ -310,3 +311,35 @@ def test_a_write_refused_in_flight_leaves_its_output_to_the_next_checkpoint(
     assert _delivered_keys(delivery) == [("svc0", 0), ("svc0", 1), ("svc1", 0), ("svc1", 1)]
     assert owner.take_offset_to_commit() == 8 and store.partitions[SCOPE].outbox == []
     assert metrics.value("streamsink_checkpoints") == 1
+
+
+def test_a_stream_dropped_while_its_snapshot_is_written_resumes_from_that_snapshot(
+    commentator, store, metrics, monkeypatch
+) -> None:
+    """Its next record waits for the write in flight and restores what it committed, rather
+    than finding no state yet and starting the stream over (seq 0 again)."""
+    gate = threading.Event()
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        owner = checkpointer(commentator, store, RecordingDelivery(), metrics, writer=writer)
+        owner.lease = GatedLease(owner.lease, gate)
+        owner.apply(records(0, 4))  # svc1's offsets 1 and 3: its first commentary
+        owner.start_checkpoint()
+        damaged, prefill = owner.processor.sessions["svc1"].cache, commentator.decoder.prefill
+
+        def failing(cache, tokens):
+            if cache is damaged:
+                raise CacheDamagedError("a forward failed half-way")
+            return prefill(cache, tokens)
+
+        monkeypatch.setattr(commentator.decoder, "prefill", failing)
+        svc1 = [r for r in records(4, 6) if r.stream_id == "svc1"]  # offsets 5, 7 and 9
+        owner.apply(svc1[:2])  # the turn they close fails: the stream is dropped
+        monkeypatch.undo()
+        assert "svc1" not in owner.processor.sessions
+        threading.Timer(0.2, gate.set).start()  # the commit lands a moment later
+        owner.apply(svc1[2:])
+        assert owner.finish()
+    resumed = owner.processor.sessions["svc1"]
+    assert metrics.value("streamsink_restored_streams") == 1
+    assert metrics.value("streamsink_new_streams") == 2  # svc0 and svc1, once each
+    assert (resumed.counters.next_offset, resumed.counters.next_seq) == (10, 1)
