@@ -227,7 +227,7 @@ class InferenceLoop:
         of `records` fit then. Where a commit failed (the store is out) the rest of the batch
         runs over budget rather than wait: nothing is lost by it, the next batch tries again."""
         for partition, other in list(self._owned.items()):
-            if other.processor.unsaved:
+            if other.processor.has_unsaved:
                 other.checkpoint()  # waited for: its streams may go only once committed
                 self._settle(partition, other)
         if checkpointer.fenced:

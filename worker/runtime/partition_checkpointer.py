@@ -268,8 +268,8 @@ class PartitionCheckpointer:
         return None
 
     def _committed(self, written: _Written) -> None:
-        assert written.saving is not None and written.report is not None
-        self.processor.saved(written.saving)
+        assert written.report is not None
+        self.processor.saved()
         self.metrics.checkpoints.inc()
         self.metrics.checkpoint_bytes.inc(written.report.bytes_written)
         self.metrics.checkpoint_seconds.observe(written.report.seconds)
@@ -279,9 +279,8 @@ class PartitionCheckpointer:
 
     def _not_committed(self, written: _Written) -> None:
         """The commit was refused or not made: its streams and output wait for the next one."""
-        assert written.saving is not None
         error = written.commit_error
-        self.processor.not_saved(written.saving, blocks_lost=isinstance(error, MissingBlocksError))
+        self.processor.not_saved(blocks_lost=isinstance(error, MissingBlocksError))
         self._pending = written.entries + self._pending
         if isinstance(error, FencedError):
             self._fence(error)

@@ -94,7 +94,7 @@ class StreamProcessor:
         self.sessions: dict[str, StreamSession] = {}
         self.skipped_streams: set[str] = set()
         self.dirty: set[str] = set()  # changed since their last snapshot
-        self.saving: dict[str, StreamSession] = {}  # snapshots taken, their commit not ended
+        self.saving: Saving | None = None  # snapshots taken, their commit not ended
         # Waits until the commit of `saving` has ended (and says how): a stream dropped while
         # its snapshot is being saved is restored only from what that commit left.
         self.await_saving: Callable[[], object] = lambda: None
@@ -168,9 +168,9 @@ class StreamProcessor:
         try:
             committed = commit(saving.states)
         except BaseException as error:
-            self.not_saved(saving, blocks_lost=isinstance(error, MissingBlocksError))
+            self.not_saved(blocks_lost=isinstance(error, MissingBlocksError))
             raise
-        self.saved(saving)
+        self.saved()
         return committed
 
     def take_changed(self) -> Saving:
@@ -178,35 +178,46 @@ class StreamProcessor:
         carrying what changed since its last committed snapshot. Until `saved` or `not_saved`
         says how their commit ended, those streams count as unsaved (no cache of theirs may
         go), and no other snapshot is taken."""
-        if self.saving:
+        if self.saving is not None:
             raise RuntimeError("a commit of this processor's snapshots has not ended")
-        self.saving = {stream_id: self.sessions[stream_id] for stream_id in sorted(self.dirty)}
+        sessions = {stream_id: self.sessions[stream_id] for stream_id in sorted(self.dirty)}
         self.dirty.clear()
-        states = [snapshot(session, self.commentator) for session in self.saving.values()]
-        return Saving(states, dict(self.saving))
+        states = [snapshot(session, self.commentator) for session in sessions.values()]
+        self.saving = Saving(states, sessions)
+        return self.saving
 
-    def saved(self, saving: Saving) -> None:
-        """`saving`'s commit returned: its snapshots are the streams' saved states."""
-        for session in saving.sessions.values():
+    def saved(self) -> None:
+        """The commit of the last snapshots taken returned: they are the streams' saved
+        states."""
+        assert self.saving is not None
+        for session in self.saving.sessions.values():
             mark_saved(session)
-        self.saving = {}
+        self.saving = None
 
-    def not_saved(self, saving: Saving, blocks_lost: bool = False) -> None:
-        """`saving`'s commit failed: its streams are changed again (those still open), so the
-        next snapshots carry what these did; with `blocks_lost` (the store lost blocks they
-        named), whole."""
-        for stream_id, session in saving.sessions.items():
+    def not_saved(self, blocks_lost: bool = False) -> None:
+        """The commit of the last snapshots taken failed: their streams are changed again (those
+        still open), so the next snapshots carry what these did; with `blocks_lost` (the store
+        lost blocks they named), whole."""
+        assert self.saving is not None
+        for stream_id, session in self.saving.sessions.items():
             if self.sessions.get(stream_id) is session:
                 self.dirty.add(stream_id)
         if blocks_lost:
             for session in self.sessions.values():
                 forget_stored(session)
-        self.saving = {}
+        self.saving = None
+
+    def is_unsaved(self, stream_id: str) -> bool:
+        """Whether the stream's cache holds what no committed state has: changed, or being
+        saved."""
+        return stream_id in self.dirty or self._being_saved(stream_id)
 
     @property
-    def unsaved(self) -> set[str]:
-        """Streams whose cache holds what no committed state has: changed, or being saved."""
-        return self.dirty | self.saving.keys()
+    def has_unsaved(self) -> bool:
+        return bool(self.dirty) or self.saving is not None
+
+    def _being_saved(self, stream_id: str) -> bool:
+        return self.saving is not None and stream_id in self.saving.sessions
 
     def admit(self, batch: list[Record]) -> int:
         """How many leading records of `batch` fit in the live budget now (all, without one).
@@ -225,7 +236,7 @@ class StreamProcessor:
 
     def evict(self, stream_id: str) -> None:
         """Drop a saved stream's cache; its next record restores it from the saved state."""
-        if stream_id in self.unsaved:
+        if self.is_unsaved(stream_id):
             raise RuntimeError(f"stream {stream_id!r} has changed since its state was saved")
         self._forget(stream_id)
         self.metrics.evicted_streams.inc()
@@ -300,7 +311,7 @@ class StreamProcessor:
         if stream_id in self.skipped_streams:
             return None
         if stream_id not in self.sessions:
-            if stream_id in self.saving:
+            if self._being_saved(stream_id):
                 self.await_saving()
             session = self._open(stream_id)
             if session is None:
@@ -415,7 +426,7 @@ def admit_together(work: Work) -> int:
     """How many leading records of the batches, one after another, fit in the live budget the
     processors share now: `StreamProcessor.admit` over all of them."""
     keys = [key for processor, batch in work for key in processor._live_keys(batch)]
-    admission = work[0][0].live.admit(keys, lambda key: key[1] not in key[0].unsaved)
+    admission = work[0][0].live.admit(keys, lambda key: not key[0].is_unsaved(key[1]))
     for owner, stream_id in admission.drop:
         owner.evict(stream_id)
     return admission.count

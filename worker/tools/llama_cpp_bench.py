@@ -17,8 +17,8 @@ import ctypes
 import logging
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -34,6 +34,8 @@ try:
     import llama_cpp
 except ImportError:  # the optional extra is not installed: no llama.cpp column
     llama_cpp = None
+else:  # its quantize, load and graph logs stay off the bench's stderr
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
 
 
 def available() -> bool:
@@ -61,11 +63,13 @@ def f32_gguf(spec: str, progress: Callable[[str], None] = lambda stage: None) ->
     if target.exists():
         return target
     progress(f"writing {target.name} with llama.cpp's quantize (once)")
-    source = packaged_gguf(PACKAGED[spec], progress) if spec in PACKAGED else _as_is(Path(spec))
+    packaged = PACKAGED.get(spec)
+    source = packaged_gguf(packaged, progress) if packaged else nullcontext(Path(spec).expanduser())
     with source as gguf:
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = llama_cpp.LLAMA_FTYPE_ALL_F32
         params.allow_requantize = True
+        target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_suffix(".partial")
         if llama_cpp.llama_model_quantize(
             str(gguf).encode(), str(partial).encode(), ctypes.byref(params)
@@ -75,16 +79,10 @@ def f32_gguf(spec: str, progress: Callable[[str], None] = lambda stage: None) ->
     return target
 
 
-@contextmanager
-def _as_is(path: Path) -> Iterator[Path]:
-    yield path.expanduser()
-
-
 class LlamaCpp:
-    """One loaded llama.cpp model; `decode_rate` and `prefill_rate` make a context each."""
+    """One loaded llama.cpp model; each call of `rates` makes a context of its own."""
 
     def __init__(self, gguf: Path, loaded: LoadedModel, threads: int) -> None:
-        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # its load and graph logs
         llama_cpp.llama_backend_init()
         params = llama_cpp.llama_model_default_params()
         self.model = llama_cpp.llama_model_load_from_file(str(gguf).encode(), params)
@@ -136,8 +134,9 @@ class LlamaCpp:
         batch = llama_cpp.llama_batch_init(PREFILL_CHUNK, 0, 1)
         try:
             for start in range(0, size, PREFILL_CHUNK):
-                piece = ids[start : start + PREFILL_CHUNK]
-                _fill(batch, piece.tolist(), [sequence] * len(piece), start)
+                piece = ids[start : start + PREFILL_CHUNK].tolist()
+                last = [False] * (len(piece) - 1) + [True]  # logits of the last token only
+                _fill(batch, piece, [sequence] * len(piece), range(start, start + len(piece)), last)
                 _decode(context, batch)
         finally:
             llama_cpp.llama_batch_free(batch)
@@ -145,7 +144,8 @@ class LlamaCpp:
     def _timed_step(
         self, context: object, batch: object, ids: torch.Tensor, position: int
     ) -> float:
-        _fill(batch, ids.tolist(), list(range(len(ids))), position, same_position=True)
+        count = len(ids)  # token i of sequence i, every one at `position`, with its logits
+        _fill(batch, ids.tolist(), range(count), [position] * count, [True] * count)
         started = time.perf_counter()
         _decode(context, batch)
         return time.perf_counter() - started
@@ -155,18 +155,18 @@ def _fill(
     batch: object,
     tokens: Sequence[int],
     sequences: Sequence[int],
-    position: int,
-    same_position: bool = False,
+    positions: Sequence[int],
+    logits: Sequence[bool],
 ) -> None:
-    """Token i of sequence i at `position` (a decode step), or tokens of one sequence from
-    `position` on (a prefill chunk); logits for the last only, or for each in a step."""
+    """Token i of sequence i at position i of the batch, its logits kept where asked."""
     batch.n_tokens = len(tokens)
-    for i, (token, sequence) in enumerate(zip(tokens, sequences, strict=True)):
+    rows = zip(tokens, sequences, positions, logits, strict=True)
+    for i, (token, sequence, position, keep) in enumerate(rows):
         batch.token[i] = token
-        batch.pos[i] = position if same_position else position + i
+        batch.pos[i] = position
         batch.n_seq_id[i] = 1
         batch.seq_id[i][0] = sequence
-        batch.logits[i] = same_position or i == len(tokens) - 1
+        batch.logits[i] = keep
 
 
 def _decode(context: object, batch: object) -> None:
