@@ -11,12 +11,16 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
+import structlog
 from kafka import KafkaProducer
 from kafka.consumer.fetcher import ConsumerRecord
+from kafka.errors import KafkaTimeoutError
 
 from worker.exceptions import BadRecordError
 from worker.io.kafka_connection import KafkaConnection
 from worker.stream.records import Commentary, Record
+
+log = structlog.get_logger("streamsink.worker")
 
 
 def to_record(message: ConsumerRecord) -> Record:
@@ -57,7 +61,10 @@ class OutputProducer:
     A record the brokers have not taken within `expiry_ms` (the group's session timeout) is
     dropped, its flush failing, never sent later: a worker stopped that long (a SIGSTOP, a
     stalled node) may have lost its partition meanwhile, and the new owner re-sends the
-    partition's outbox itself, so the late copy would be a second one.
+    partition's outbox itself, so the late copy would be a second one. For the same reason a
+    send never waits on the brokers: the topics' metadata is fetched on `connect`, and a send
+    that must still wait for it gives up after `expiry_ms` (a record made only once the
+    brokers answer would be new, and no expiry would stop it).
     """
 
     def __init__(
@@ -84,7 +91,13 @@ class OutputProducer:
             # kafka-python wants a request to time out before the record expires
             request_timeout_ms=min(REQUEST_TIMEOUT_MS, self.expiry_ms - LINGER_MS - 1),
             bootstrap_timeout_ms=bootstrap_timeout_ms,
+            max_block_ms=self.expiry_ms,
         )
+        for topic in filter(None, (self.output_topic, self.dead_letter_topic)):
+            try:
+                self._producer.partitions_for(topic)
+            except KafkaTimeoutError:
+                log.warning("output topic not found yet", topic=topic)
 
     @property
     def producer(self) -> KafkaProducer:
