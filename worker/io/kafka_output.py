@@ -9,12 +9,14 @@ committed, from the partition's outbox (worker/runtime/partition_checkpointer.py
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Sequence
 
 import structlog
 from kafka import KafkaProducer
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaTimeoutError
+from kafka.producer.future import FutureRecordMetadata
 
 from worker.exceptions import BadRecordError
 from worker.io.kafka_connection import KafkaConnection
@@ -48,6 +50,13 @@ def commentary_payload(commentary: Commentary) -> bytes:
     return json.dumps(commentary.to_json_dict(), ensure_ascii=False).encode()
 
 
+class _Sends(threading.local):
+    """One thread's sends since its last flush (partitions deliver from more than one)."""
+
+    def __init__(self) -> None:
+        self.futures: list[FutureRecordMetadata] = []
+
+
 LINGER_MS = 5
 REQUEST_TIMEOUT_MS = 30_000  # kafka-python's default
 
@@ -79,6 +88,7 @@ class OutputProducer:
         self.dead_letter_topic = dead_letter_topic
         self.expiry_ms = expiry_ms
         self._producer: KafkaProducer | None = None
+        self._sent = _Sends()
 
     def connect(self, bootstrap_timeout_ms: int) -> None:
         """Reach the brokers; KafkaTimeoutError if none answers in `bootstrap_timeout_ms`."""
@@ -106,7 +116,7 @@ class OutputProducer:
         return self._producer
 
     def send_commentary(self, stream_id: str, payload: bytes) -> None:
-        self.producer.send(self.output_topic, key=stream_id.encode(), value=payload)
+        self._track(self.producer.send(self.output_topic, key=stream_id.encode(), value=payload))
 
     def send_dead_letter(
         self, key: str | None, value: bytes, headers: Sequence[tuple[str, bytes]]
@@ -114,16 +124,26 @@ class OutputProducer:
         """Forward a record set aside; without a dead-letter topic it is only logged."""
         if self.dead_letter_topic is None:
             return
-        self.producer.send(
+        sent = self.producer.send(
             self.dead_letter_topic,
             key=None if key is None else key.encode(),
             value=value,
             headers=list(headers),
         )
+        self._track(sent)
 
     def flush(self, timeout: float | None = None) -> None:
-        """Wait until everything sent is acknowledged; raises KafkaTimeoutError if not."""
+        """Wait until everything this thread sent is acknowledged; raises KafkaTimeoutError if
+        the wait runs out, or the error of a record the producer gave up on (expired, or out
+        of retries): kafka-python's flush returns once every record is done, taken or not."""
         self.producer.flush(timeout=timeout)
+        sent, self._sent.futures = self._sent.futures, []
+        for future in sent:
+            if future.failed():
+                raise future.exception
+
+    def _track(self, future: FutureRecordMetadata) -> None:
+        self._sent.futures.append(future)
 
     def close(self, timeout: float = 10.0) -> None:
         if self._producer is not None:
