@@ -37,4 +37,6 @@ if ! "$venv/bin/pip" install --quiet --disable-pip-version-check --no-deps --no-
   exit 1
 fi
 rm -f "$log"
+# The decode attention kernels, built once per machine (says so only when it builds, or cannot).
+"$venv/bin/python" -m worker.model.decode_kernel
 echo "$venv/bin"

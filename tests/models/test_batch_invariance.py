@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.models.tiny_models import VOCAB, tiny_configs, tiny_model
+from worker.model import decode_kernel
 from worker.model.attention import FLASH_QUERIES
 from worker.model.batch_cache import batch_forward
 from worker.model.batch_invariance import is_batch_invariant, stock_kernels
@@ -63,6 +64,16 @@ def _decode(
     return logits
 
 
+@pytest.fixture(params=["kernels", "matmuls"])
+def decode_attention(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test runs with decode_kernel.py's kernels where this CPU has them, and again with
+    torch's matmuls, the path of every other CPU."""
+    if request.param == "matmuls":
+        monkeypatch.setattr(decode_kernel, "takes", lambda keys, values: False)
+    elif not decode_kernel.status().ready:
+        pytest.skip(f"no decode kernels: {decode_kernel.status().detail}")
+
+
 def _batchable() -> list[str]:
     return [
         name
@@ -93,6 +104,7 @@ def test_a_streams_logits_are_the_same_bits_in_any_batch(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["llama", "gemma3-hybrid"])
+@pytest.mark.usefixtures("decode_attention")
 @torch.inference_mode()
 def test_rows_attending_over_fewer_slots_are_the_same_bits_in_any_batch(name: str) -> None:
     model = tiny_model(name)
@@ -106,6 +118,7 @@ def test_rows_attending_over_fewer_slots_are_the_same_bits_in_any_batch(name: st
 
 
 @pytest.mark.parametrize("name", ["llama", "gemma3-hybrid"])
+@pytest.mark.usefixtures("decode_attention")
 @torch.inference_mode()
 def test_a_streams_prefill_and_decode_are_the_same_bits_on_any_thread_count(name: str) -> None:
     """So a stream that moves to a worker given more CPUs goes on exactly."""

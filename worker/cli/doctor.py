@@ -18,8 +18,9 @@ from worker.cli.options import JsonOption, ModelChoice, connect
 from worker.exceptions import StreamsinkError
 from worker.io.kafka_connection import KafkaConnection
 from worker.io.topics import TopicNames
+from worker.model import decode_kernel
 from worker.model.cache_settings import CacheSettings
-from worker.model.loading import load_model
+from worker.model.loading import LoadedModel, load_model
 
 
 @dataclass(frozen=True)
@@ -85,8 +86,20 @@ def check_model(model: ModelChoice, cache_tokens: int) -> Check:
         True,
         f"{loaded.name} ({loaded.model.config.model_type}, {parameters:.0f}M parameters) loads "
         f"on {loaded.device} as {str(loaded.dtype).removeprefix('torch.')}, "
-        f"{threads} CPU threads",
+        f"{threads} CPU threads{_decode_attention(loaded)}",
     )
+
+
+def _decode_attention(loaded: LoadedModel) -> str:
+    """How a CPU worker's decode steps attend: through the kernels, or why not."""
+    if loaded.device.type != "cpu":
+        return ""
+    kernels = decode_kernel.status()
+    if not kernels.ready:
+        return f"; decode attention through torch's matmuls ({kernels.summary})"
+    if loaded.dtype != torch.float32:
+        return "; decode attention through torch's matmuls (the kernels are for float32)"
+    return "; decode attention through streamsink's AVX-512 kernels"
 
 
 def check_gpu(device: str) -> Check:

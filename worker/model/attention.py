@@ -27,6 +27,7 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
+from worker.model import decode_kernel
 from worker.model.kv_pool import KVPool
 from worker.model.positions import PositionScheme
 
@@ -118,28 +119,53 @@ def _attend(
 ) -> torch.Tensor:
     """Softmax(query · keys + mask) · values, per row and kv head: [rows, queries, heads,
     dims]. With `frames` (a decode step's, its layer and the rows of one run), each query also
-    goes in turned into the stream's frame, and each slot takes the score of its frame."""
+    goes in turned into the stream's frame, and each slot takes the score of its frame; the
+    two matmuls then go through decode_kernel.py where it takes these keys and values."""
     rows, heads, length, dims = query.shape
     kv_heads, keys = key.shape[1], key.shape[2]
     groups = heads // kv_heads
+    kernel = frames is not None and decode_kernel.takes(key, value)
     if frames is None:
         grouped = query.reshape(rows, kv_heads, groups * length, dims)
         scores = torch.matmul(grouped, key.mT).view(rows, kv_heads, groups, length, keys)
         scores = scores[:, :, :, 0] if length == 1 else scores
     else:
-        decode, layer, run_rows = frames
-        turned = decode.schemes[layer].turn(query, _rows(decode.turnings[layer], run_rows))
-        both = torch.cat((query, turned), dim=2)  # [rows, heads, 2 frames, dims]
-        scores = torch.matmul(both.reshape(rows, kv_heads, groups * 2, dims), key.mT)
-        scores = scores.view(rows, kv_heads, groups, 2, keys)
-        in_head = decode.head_slots[run_rows, ..., :keys]
-        scores = torch.where(in_head, scores[:, :, :, 0], scores[:, :, :, 1])
+        scores = _frame_scores(query, key, *frames, kernel)
     if mask is not None:
         mask = mask[..., :keys]
         scores.add_(mask if length == 1 else mask[:, :, None])
     probabilities = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
-    out = torch.matmul(probabilities.reshape(rows, kv_heads, groups * length, keys), value)
+    if kernel:
+        out = decode_kernel.mix(probabilities, value)
+    else:
+        out = torch.matmul(probabilities.reshape(rows, kv_heads, groups * length, keys), value)
     return out.view(rows, heads, length, dims).transpose(1, 2)
+
+
+def _frame_scores(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    decode: DecodeFrames,
+    layer: int,
+    run_rows: slice,
+    kernel: bool,
+) -> torch.Tensor:
+    """A decode step's scores [rows, kv heads, groups, keys]: each slot of a row's head against
+    its query as made, every other slot against it turned by the row's shift."""
+    rows, heads, _, dims = query.shape
+    kv_heads, keys = key.shape[1], key.shape[2]
+    turned = decode.schemes[layer].turn(query, _rows(decode.turnings[layer], run_rows))
+    if kernel:
+        both = torch.stack(
+            (query.reshape(rows, kv_heads, -1, dims), turned.reshape(rows, kv_heads, -1, dims)),
+            dim=2,
+        )  # [rows, kv heads, 2 frames, groups, dims]
+        return decode_kernel.scores(both, key, decode.head_slots[run_rows, 0, 0])
+    both = torch.cat((query, turned), dim=2)  # [rows, heads, 2 frames, dims]
+    scores = torch.matmul(both.reshape(rows, kv_heads, heads // kv_heads * 2, dims), key.mT)
+    scores = scores.view(rows, kv_heads, heads // kv_heads, 2, keys)
+    in_head = decode.head_slots[run_rows, ..., :keys]
+    return torch.where(in_head, scores[:, :, :, 0], scores[:, :, :, 1])
 
 
 def _decode_step(

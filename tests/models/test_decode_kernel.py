@@ -1,0 +1,115 @@
+"""The decode step's attention kernels (decode_kernel.py): torch's matmuls' results to fp32
+rounding, and a row's bits whatever rows and threads share the call."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.models.tiny_models import VOCAB, tiny_model
+from worker.model import decode_kernel
+from worker.model.batch_cache import batch_forward
+from worker.model.decoder import forward_step
+from worker.model.kv_pool import KVPool
+from worker.model.sink_cache import SinkCache
+
+HAS_AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+pytestmark = pytest.mark.skipif(not HAS_AVX512, reason="the kernels are for AVX-512 CPUs")
+ROWS, KV_HEADS, SLOTS = 3, 2, 150
+
+
+def test_the_kernels_are_built_where_the_cpu_takes_them() -> None:
+    """A failed build (no compiler, a source that does not compile) fails here, not quietly."""
+    assert decode_kernel.status().ready, decode_kernel.status().detail
+
+
+def _case(dims: int, groups: int, span: int, seed: int):
+    """Queries of both frames, keys and values read in place from a pool of more rows and
+    slots (as a run of a KVPool chunk), and a head of scattered slots."""
+    generator = torch.Generator().manual_seed(seed)
+    pool = torch.randn(2, ROWS + 1, KV_HEADS, SLOTS, dims, generator=generator)
+    keys, values = pool[0, 1:, :, :span], pool[1, 1:, :, :span]
+    queries = torch.randn(ROWS, KV_HEADS, 2, groups, dims, generator=generator)
+    head = torch.rand(ROWS, SLOTS, generator=generator) < 0.3
+    return queries, keys, values, head
+
+
+def _torch_scores(queries, keys, head):
+    rows, kv_heads, _, groups, dims = queries.shape
+    both = torch.matmul(queries.reshape(rows, kv_heads, 2 * groups, dims), keys.mT)
+    both = both.view(rows, kv_heads, 2, groups, keys.shape[2])
+    return torch.where(head[:, None, None, : keys.shape[2]], both[:, :, 0], both[:, :, 1])
+
+
+# Head dims from one partial chunk of 16 lanes to the most; groups around the blocks of 4 the
+# output kernel serves at once; spans around the 16 keys the score kernel sums at once.
+@pytest.mark.parametrize("dims", [8, 24, 64, 80, 256])
+@pytest.mark.parametrize("groups", [1, 3, 5, 9])
+@pytest.mark.parametrize("span", [5, 37, 128])
+def test_scores_and_outputs_match_torchs_matmuls(dims: int, groups: int, span: int) -> None:
+    queries, keys, values, head = _case(dims, groups, span, seed=dims * groups + span)
+    scores = decode_kernel.scores(queries, keys, head)
+    torch.testing.assert_close(scores, _torch_scores(queries, keys, head), rtol=1e-5, atol=1e-5)
+    probabilities = torch.softmax(scores, dim=-1)
+    outputs = decode_kernel.mix(probabilities, values)
+    torch.testing.assert_close(outputs, torch.matmul(probabilities, values), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dims", [8, 64])
+def test_a_rows_bits_do_not_depend_on_the_other_rows_or_the_thread_count(dims: int) -> None:
+    queries, keys, values, head = _case(dims, 3, 128, seed=dims)
+    probabilities = torch.softmax(torch.randn(ROWS, KV_HEADS, 3, 128), dim=-1)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        scores = decode_kernel.scores(queries, keys, head)
+        outputs = decode_kernel.mix(probabilities, values)
+        torch.set_num_threads(3)
+        for row in range(ROWS):
+            alone = slice(row, row + 1)
+            assert torch.equal(
+                decode_kernel.scores(queries[alone].contiguous(), keys[alone], head[alone]),
+                scores[alone],
+            )
+            assert torch.equal(
+                decode_kernel.mix(probabilities[alone].contiguous(), values[alone]),
+                outputs[alone],
+            )
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_tensors_the_kernels_cannot_read_are_refused_or_left_to_torch() -> None:
+    queries, keys, values, head = _case(64, 3, 37, seed=1)
+    assert decode_kernel.takes(keys, values)
+    assert not decode_kernel.takes(keys.double(), values.double())
+    assert not decode_kernel.takes(keys.transpose(2, 3), values)  # dims not one after another
+    with pytest.raises(RuntimeError, match="queries must be contiguous"):
+        decode_kernel.scores(queries.transpose(3, 4), keys, head)
+    with pytest.raises(RuntimeError, match="head must be bool"):
+        decode_kernel.scores(queries, keys, head.float())
+
+
+@torch.inference_mode()
+def test_a_batched_step_through_the_kernels_matches_torchs_matmuls(monkeypatch) -> None:
+    """Through a whole model: rows of different lengths, rings turned or not."""
+    model = tiny_model("llama")
+
+    def steps() -> list[torch.Tensor]:
+        pool = KVPool(model.config.num_hidden_layers)
+        caches = [SinkCache.for_model(model, 24, 4, pool) for _ in range(4)]
+        for seed, (cache, length) in enumerate(zip(caches, (5, 19, 23, 41), strict=True)):
+            ids = torch.randint(0, VOCAB, (length,), generator=torch.Generator().manual_seed(seed))
+            for piece in ids.split(8):
+                forward_step(model, cache, piece)
+        return [batch_forward(model, caches, torch.arange(4) + 4 * step) for step in range(6)]
+
+    calls = []
+    scores = decode_kernel.scores
+    monkeypatch.setattr(decode_kernel, "scores", lambda *args: calls.append(1) or scores(*args))
+    kernels = steps()
+    assert len(calls) == 6 * model.config.num_hidden_layers  # every layer of every step
+    monkeypatch.setattr(decode_kernel, "takes", lambda keys, values: False)
+    matmuls = steps()
+    for ours, theirs in zip(kernels, matmuls, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
