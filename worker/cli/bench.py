@@ -74,9 +74,9 @@ def throughput(
     ] = None,
     llama_cpp: Annotated[
         bool,
-        typer.Option(
+        typer.Option(  # rich would read [llama] as markup and drop it
             help="llama.cpp on the same weights beside float32, where llama-cpp-python is "
-            "installed (pip install 'streamsink[llama]')"
+            "installed (pip install 'streamsink\\[llama]')"
         ),
     ] = True,
     as_json: JsonOption = False,
