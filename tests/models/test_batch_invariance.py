@@ -14,7 +14,7 @@ from tests.models.tiny_models import VOCAB, tiny_configs, tiny_model
 from worker.model import decode_kernel
 from worker.model.attention import FLASH_QUERIES
 from worker.model.batch_cache import batch_forward
-from worker.model.batch_invariance import is_batch_invariant, stock_kernels
+from worker.model.batch_invariance import is_batch_invariant, make_batch_invariant, stock_kernels
 from worker.model.decoder import forward_step
 from worker.model.kv_pool import KVPool
 from worker.model.sink_cache import SinkCache
@@ -101,6 +101,18 @@ def test_a_streams_logits_are_the_same_bits_in_any_batch(name: str) -> None:
         for i in streams:
             for step, (a, b) in enumerate(zip(alone[i], together[i], strict=True)):
                 assert torch.equal(a, b), f"stream {i} step {step} in {groups}"
+
+
+@pytest.mark.usefixtures("decode_attention")
+@torch.inference_mode()
+def test_a_bfloat16_streams_logits_are_the_same_bits_in_any_batch() -> None:
+    model = tiny_model("llama").to(torch.bfloat16)
+    make_batch_invariant(model)  # packed anew for the dtype, as a loaded model is
+    streams = list(range(len(LENGTHS)))
+    alone = _decode(model, [[i] for i in streams], shared=False)
+    together = _decode(model, [[5, 3, 1], [0], [4, 2]])
+    for i in streams:
+        assert all(torch.equal(a, b) for a, b in zip(alone[i], together[i], strict=True)), i
 
 
 @pytest.mark.parametrize("name", ["llama", "gemma3-hybrid"])

@@ -97,8 +97,10 @@ def _decode_attention(loaded: LoadedModel) -> str:
     kernels = decode_kernel.status()
     if not kernels.ready:
         return f"; decode attention through torch's matmuls ({kernels.summary})"
-    if loaded.dtype != torch.float32:
-        return "; decode attention through torch's matmuls (the kernels are for float32)"
+    if loaded.dtype not in decode_kernel.DTYPES:
+        return (
+            f"; decode attention through torch's matmuls (the kernels are not for {loaded.dtype})"
+        )
     return "; decode attention through streamsink's AVX-512 kernels"
 
 

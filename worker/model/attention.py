@@ -134,10 +134,11 @@ def _attend(
     if mask is not None:
         mask = mask[..., :keys]
         scores.add_(mask if length == 1 else mask[:, :, None])
-    probabilities = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+    probabilities = torch.softmax(scores, dim=-1, dtype=torch.float32)
     if kernel:
-        out = decode_kernel.mix(probabilities, value)
+        out = decode_kernel.mix(probabilities, value).to(value.dtype)
     else:
+        probabilities = probabilities.to(value.dtype)
         out = torch.matmul(probabilities.reshape(rows, kv_heads, groups * length, keys), value)
     return out.view(rows, heads, length, dims).transpose(1, 2)
 

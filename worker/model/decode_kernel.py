@@ -33,6 +33,7 @@ import torch
 SOURCE = Path(__file__).with_name("kernels") / "decode_attention.cpp"
 LIBRARY = "streamsink_decode_attention"
 MAX_DIMS = 256  # the head dims the kernels take
+DTYPES = (torch.float32, torch.bfloat16)  # the caches they read; they sum in float32
 SWITCH = "STREAMSINK_DECODE_KERNEL"  # "0" turns them off
 _FLAGS = ("-O3", "-fopenmp")  # OpenMP: at::parallel_for runs on torch's threads
 
@@ -64,12 +65,13 @@ def status(progress: Callable[[str], None] = lambda stage: None) -> KernelStatus
 
 
 def takes(keys: torch.Tensor, values: torch.Tensor) -> bool:
-    """Whether the kernels can read these keys and values: float32 on the CPU, each head's
-    slots one after another, heads of at most MAX_DIMS."""
+    """Whether the kernels can read these keys and values: of one of DTYPES, on the CPU, each
+    head's slots one after another, heads of at most MAX_DIMS."""
     return (
-        all(
+        keys.dtype == values.dtype
+        and all(
             tensor.device.type == "cpu"
-            and tensor.dtype == torch.float32
+            and tensor.dtype in DTYPES
             and tensor.shape[-1] <= MAX_DIMS
             and tensor.stride(-1) == 1
             and tensor.stride(-2) == tensor.shape[-1]
@@ -80,15 +82,15 @@ def takes(keys: torch.Tensor, values: torch.Tensor) -> bool:
 
 
 def scores(queries: torch.Tensor, keys: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
-    """Scores [rows, kv heads, groups, span] of queries [rows, kv heads, 2 frames, groups, dims]
-    against keys [rows, kv heads, span, dims]: a slot where head [rows, span] is set takes the
-    query of frame 0, any other frame 1's."""
+    """float32 scores [rows, kv heads, groups, span] of queries [rows, kv heads, 2 frames,
+    groups, dims] against keys [rows, kv heads, span, dims] (of the queries' dtype): a slot
+    where head [rows, span] is set takes the query of frame 0, any other frame 1's."""
     return torch.ops.streamsink.decode_scores(queries, keys, head)
 
 
 def mix(probabilities: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Outputs [rows, kv heads, groups, dims]: probabilities [rows, kv heads, groups, span]
-    times values [rows, kv heads, span, dims]."""
+    """float32 outputs [rows, kv heads, groups, dims]: float32 probabilities [rows, kv heads,
+    groups, span] times values [rows, kv heads, span, dims]."""
     return torch.ops.streamsink.decode_mix(probabilities, values)
 
 

@@ -3,7 +3,8 @@
 // A decode step's attention reads every row's keys and values once for one query per head:
 // matrix-vector work, bound by memory. MKL's batched GEMM reads them at a third of the memory's
 // speed on CPUs it does not tune for, so these kernels read each (row, kv head) as one stream
-// with AVX-512 and keep that head's few queries in registers.
+// with AVX-512 and keep that head's few queries in registers. Caches in float32 or bfloat16
+// (widened to float32 exactly as they are read); every sum is in float32.
 //
 // A row's result depends on nothing but the row: each (row, kv head) is computed whole by one
 // thread, each score sums its products in one fixed order (a head dim in chunks of 16 lanes,
@@ -12,6 +13,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -24,7 +26,7 @@
 
 namespace {
 
-#define AVX512 __attribute__((target("avx512f")))
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
 
 constexpr int LANES = 16;
 constexpr int MAX_CHUNKS = 16;  // head dims up to 256
@@ -35,6 +37,16 @@ constexpr int MIX_GROUPS = 4;   // the query heads one pass over the values serv
 __mmask16 tail_mask(int64_t dims) {
   int64_t rest = dims % LANES;
   return rest == 0 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << rest) - 1);
+}
+
+// 16 lanes of float32 from `from`, the masked-off lanes zero: bfloat16 widened exactly.
+AVX512 inline __m512 load(__mmask16 lanes, const float* from) {
+  return _mm512_maskz_loadu_ps(lanes, from);
+}
+
+AVX512 inline __m512 load(__mmask16 lanes, const at::BFloat16* from) {
+  __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, from));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
 
 // The 16 lane sums of sums[0..15], in one vector (key l at lane l), by one tree for every key:
@@ -65,33 +77,33 @@ AVX512 __m512 lane_sums(const __m512* sums) {
 }
 
 // A query's products with a key, summed chunk by chunk into 16 lanes.
-template <int CHUNKS>
-AVX512 __m512 products(const __m512* query, const float* key, __mmask16 tail) {
-  __m512 sum = _mm512_mul_ps(query[0], _mm512_maskz_loadu_ps(CHUNKS == 1 ? tail : 0xFFFF, key));
+template <int CHUNKS, typename T>
+AVX512 __m512 products(const __m512* query, const T* key, __mmask16 tail) {
+  __m512 sum = _mm512_mul_ps(query[0], load(CHUNKS == 1 ? tail : 0xFFFF, key));
   for (int c = 1; c < CHUNKS; ++c) {
     __mmask16 lanes = c == CHUNKS - 1 ? tail : static_cast<__mmask16>(0xFFFF);
-    sum = _mm512_fmadd_ps(query[c], _mm512_maskz_loadu_ps(lanes, key + c * LANES), sum);
+    sum = _mm512_fmadd_ps(query[c], load(lanes, key + c * LANES), sum);
   }
   return sum;
 }
 
 // One (row, kv head): scores [groups, span] of its queries [2 frames, groups, dims] against its
 // keys [span, dims], each key taking the query of its frame (frame 0 where `head` is set).
-template <int CHUNKS>
-AVX512 void scores_of_head(const float* queries, int64_t groups, int64_t dims, const float* keys,
+template <int CHUNKS, typename T>
+AVX512 void scores_of_head(const T* queries, int64_t groups, int64_t dims, const T* keys,
                            int64_t span, const bool* head, float* out) {
   const __mmask16 tail = tail_mask(dims);
   for (int64_t first = 0; first < span; first += LANES) {
     int64_t count = std::min<int64_t>(LANES, span - first);
     bool frame = head[first], mixed = false;
     for (int64_t l = 1; l < count; ++l) mixed |= head[first + l] != frame;
-    const float* block = keys + first * dims;
+    const T* block = keys + first * dims;
     for (int64_t g = 0; g < groups; ++g) {
       __m512 query[2][CHUNKS];
       for (int f = 0; f < 2; ++f)
         for (int c = 0; c < CHUNKS; ++c)
-          query[f][c] = _mm512_maskz_loadu_ps(c == CHUNKS - 1 ? tail : 0xFFFF,
-                                              queries + (f * groups + g) * dims + c * LANES);
+          query[f][c] = load(c == CHUNKS - 1 ? tail : 0xFFFF,
+                             queries + (f * groups + g) * dims + c * LANES);
       __m512 sums[LANES];
       for (int l = 0; l < LANES; ++l) {
         int64_t key = std::min<int64_t>(l, count - 1);  // a short last block repeats its last
@@ -106,17 +118,17 @@ AVX512 void scores_of_head(const float* queries, int64_t groups, int64_t dims, c
 
 // GROUPS query heads' outputs over CHUNKS chunks of dims from `offset`: the sum over the keys,
 // in slot order, of each key's probability times its value.
-template <int GROUPS, int CHUNKS>
-AVX512 void mix_block(const float* probabilities, int64_t span, const float* values,
+template <int GROUPS, int CHUNKS, typename T>
+AVX512 void mix_block(const float* probabilities, int64_t span, const T* values,
                       int64_t dims, int64_t offset, __mmask16 last, float* out) {
   __m512 sums[GROUPS][CHUNKS];
   for (int g = 0; g < GROUPS; ++g)
     for (int c = 0; c < CHUNKS; ++c) sums[g][c] = _mm512_setzero_ps();
   for (int64_t key = 0; key < span; ++key) {
-    const float* value = values + key * dims + offset;
+    const T* value = values + key * dims + offset;
     __m512 chunk[CHUNKS];
     for (int c = 0; c < CHUNKS; ++c)
-      chunk[c] = _mm512_maskz_loadu_ps(c == CHUNKS - 1 ? last : 0xFFFF, value + c * LANES);
+      chunk[c] = load(c == CHUNKS - 1 ? last : 0xFFFF, value + c * LANES);
     for (int g = 0; g < GROUPS; ++g) {
       __m512 p = _mm512_set1_ps(probabilities[g * span + key]);
       for (int c = 0; c < CHUNKS; ++c) sums[g][c] = _mm512_fmadd_ps(p, chunk[c], sums[g][c]);
@@ -128,8 +140,8 @@ AVX512 void mix_block(const float* probabilities, int64_t span, const float* val
                             c == CHUNKS - 1 ? last : static_cast<__mmask16>(0xFFFF), sums[g][c]);
 }
 
-template <int GROUPS>
-AVX512 void mix_groups(const float* probabilities, int64_t span, const float* values,
+template <int GROUPS, typename T>
+AVX512 void mix_groups(const float* probabilities, int64_t span, const T* values,
                        int64_t dims, float* out) {
   int64_t chunks = (dims + LANES - 1) / LANES;
   for (int64_t c = 0; c < chunks; c += MIX_CHUNKS) {
@@ -147,7 +159,8 @@ AVX512 void mix_groups(const float* probabilities, int64_t span, const float* va
 
 // One (row, kv head): outputs [groups, dims] from probabilities [groups, span] and values
 // [span, dims].
-AVX512 void mix_of_head(const float* probabilities, int64_t groups, const float* values,
+template <typename T>
+AVX512 void mix_of_head(const float* probabilities, int64_t groups, const T* values,
                         int64_t span, int64_t dims, float* out) {
   int64_t g = 0;
   for (; g + MIX_GROUPS <= groups; g += MIX_GROUPS)
@@ -161,45 +174,35 @@ AVX512 void mix_of_head(const float* probabilities, int64_t groups, const float*
   }
 }
 
-using ScoresOfHead = void (*)(const float*, int64_t, int64_t, const float*, int64_t, const bool*,
-                              float*);
+template <typename T>
+using ScoresOfHead = void (*)(const T*, int64_t, int64_t, const T*, int64_t, const bool*, float*);
 
-template <int... CHUNKS>
-ScoresOfHead scores_for(int64_t chunks, std::integer_sequence<int, CHUNKS...>) {
-  ScoresOfHead table[] = {&scores_of_head<CHUNKS + 1>...};
+template <typename T, int... CHUNKS>
+ScoresOfHead<T> scores_for(int64_t chunks, std::integer_sequence<int, CHUNKS...>) {
+  ScoresOfHead<T> table[] = {&scores_of_head<CHUNKS + 1, T>...};
   return table[chunks - 1];
 }
 
 void check_kv(const at::Tensor& kv, const char* name) {
-  TORCH_CHECK(kv.device().is_cpu() && kv.scalar_type() == at::kFloat && kv.dim() == 4,
-              name, " must be a float32 CPU tensor [rows, kv heads, keys, dims]");
+  TORCH_CHECK(kv.device().is_cpu() && kv.dim() == 4 &&
+                  (kv.scalar_type() == at::kFloat || kv.scalar_type() == at::kBFloat16),
+              name, " must be a float32 or bfloat16 CPU tensor [rows, kv heads, keys, dims]");
   TORCH_CHECK(kv.stride(3) == 1 && kv.stride(2) == kv.size(3),
               name, ": each head's keys must lie one after another");
   TORCH_CHECK(kv.size(3) <= MAX_CHUNKS * LANES, name, ": head dims up to 256");
 }
 
-// queries [rows, kv heads, 2 frames, groups, dims]; keys [rows, kv heads, span, dims];
-// head [rows, span], bool: the slots whose keys take frame 0. -> scores [rows, kv heads,
-// groups, span].
-at::Tensor decode_scores(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& head) {
-  check_kv(keys, "keys");
-  int64_t rows = keys.size(0), kv = keys.size(1), span = keys.size(2), dims = keys.size(3);
-  TORCH_CHECK(queries.is_contiguous() && queries.scalar_type() == at::kFloat &&
-                  queries.dim() == 5 && queries.size(0) == rows && queries.size(1) == kv &&
-                  queries.size(2) == 2 && queries.size(4) == dims,
-              "queries must be contiguous float32 [rows, kv heads, 2, groups, dims]");
-  TORCH_CHECK(head.scalar_type() == at::kBool && head.dim() == 2 && head.size(0) == rows &&
-                  head.size(1) >= span && head.stride(1) == 1,
-              "head must be bool [rows, span or more], its slots one after another");
-  int64_t groups = queries.size(3);
-  at::Tensor out = at::empty({rows, kv, groups, span}, queries.options());
-  ScoresOfHead kernel =
-      scores_for((dims + LANES - 1) / LANES, std::make_integer_sequence<int, MAX_CHUNKS>());
-  const float* q = queries.data_ptr<float>();
-  const float* k = keys.data_ptr<float>();
+template <typename T>
+void scores_of_rows(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& head,
+                    at::Tensor& out) {
+  int64_t kv = keys.size(1), span = keys.size(2), dims = keys.size(3), groups = queries.size(3);
+  ScoresOfHead<T> kernel =
+      scores_for<T>((dims + LANES - 1) / LANES, std::make_integer_sequence<int, MAX_CHUNKS>());
+  const T* q = queries.data_ptr<T>();
+  const T* k = keys.data_ptr<T>();
   const bool* h = head.data_ptr<bool>();
   float* o = out.data_ptr<float>();
-  at::parallel_for(0, rows * kv, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, keys.size(0) * kv, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       int64_t row = i / kv, kv_head = i % kv;
       kernel(q + i * 2 * groups * dims, groups, dims,
@@ -207,24 +210,37 @@ at::Tensor decode_scores(const at::Tensor& queries, const at::Tensor& keys, cons
              h + row * head.stride(0), o + i * groups * span);
     }
   });
+}
+
+// queries [rows, kv heads, 2 frames, groups, dims] and keys [rows, kv heads, span, dims] of one
+// dtype; head [rows, span], bool: the slots whose keys take frame 0. -> float32 scores [rows,
+// kv heads, groups, span].
+at::Tensor decode_scores(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& head) {
+  check_kv(keys, "keys");
+  int64_t rows = keys.size(0), kv = keys.size(1), span = keys.size(2), dims = keys.size(3);
+  TORCH_CHECK(queries.is_contiguous() && queries.scalar_type() == keys.scalar_type() &&
+                  queries.dim() == 5 && queries.size(0) == rows && queries.size(1) == kv &&
+                  queries.size(2) == 2 && queries.size(4) == dims,
+              "queries must be contiguous [rows, kv heads, 2, groups, dims], of the keys' dtype");
+  TORCH_CHECK(head.scalar_type() == at::kBool && head.dim() == 2 && head.size(0) == rows &&
+                  head.size(1) >= span && head.stride(1) == 1,
+              "head must be bool [rows, span or more], its slots one after another");
+  at::Tensor out = at::empty({rows, kv, queries.size(3), span}, queries.options().dtype(at::kFloat));
+  if (keys.scalar_type() == at::kFloat)
+    scores_of_rows<float>(queries, keys, head, out);
+  else
+    scores_of_rows<at::BFloat16>(queries, keys, head, out);
   return out;
 }
 
-// probabilities [rows, kv heads, groups, span]; values [rows, kv heads, span, dims] -> outputs
-// [rows, kv heads, groups, dims].
-at::Tensor decode_mix(const at::Tensor& probabilities, const at::Tensor& values) {
-  check_kv(values, "values");
-  int64_t rows = values.size(0), kv = values.size(1), span = values.size(2), dims = values.size(3);
-  TORCH_CHECK(probabilities.is_contiguous() && probabilities.scalar_type() == at::kFloat &&
-                  probabilities.dim() == 4 && probabilities.size(0) == rows &&
-                  probabilities.size(1) == kv && probabilities.size(3) == span,
-              "probabilities must be contiguous float32 [rows, kv heads, groups, span]");
+template <typename T>
+void mix_of_rows(const at::Tensor& probabilities, const at::Tensor& values, at::Tensor& out) {
+  int64_t kv = values.size(1), span = values.size(2), dims = values.size(3);
   int64_t groups = probabilities.size(2);
-  at::Tensor out = at::empty({rows, kv, groups, dims}, probabilities.options());
   const float* p = probabilities.data_ptr<float>();
-  const float* v = values.data_ptr<float>();
+  const T* v = values.data_ptr<T>();
   float* o = out.data_ptr<float>();
-  at::parallel_for(0, rows * kv, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, values.size(0) * kv, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       int64_t row = i / kv, kv_head = i % kv;
       mix_of_head(p + i * groups * span, groups,
@@ -232,6 +248,22 @@ at::Tensor decode_mix(const at::Tensor& probabilities, const at::Tensor& values)
                   o + i * groups * dims);
     }
   });
+}
+
+// float32 probabilities [rows, kv heads, groups, span]; values [rows, kv heads, span, dims]
+// -> float32 outputs [rows, kv heads, groups, dims].
+at::Tensor decode_mix(const at::Tensor& probabilities, const at::Tensor& values) {
+  check_kv(values, "values");
+  int64_t rows = values.size(0), kv = values.size(1), span = values.size(2), dims = values.size(3);
+  TORCH_CHECK(probabilities.is_contiguous() && probabilities.scalar_type() == at::kFloat &&
+                  probabilities.dim() == 4 && probabilities.size(0) == rows &&
+                  probabilities.size(1) == kv && probabilities.size(3) == span,
+              "probabilities must be contiguous float32 [rows, kv heads, groups, span]");
+  at::Tensor out = at::empty({rows, kv, probabilities.size(2), dims}, probabilities.options());
+  if (values.scalar_type() == at::kFloat)
+    mix_of_rows<float>(probabilities, values, out);
+  else
+    mix_of_rows<at::BFloat16>(probabilities, values, out);
   return out;
 }
 
