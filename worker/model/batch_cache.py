@@ -49,7 +49,7 @@ class BatchCacheLayer(LayerAcrossReleases, CacheLayerMixin):
         """Write every row's new key and value; attention reads the runs (see DecodeFrames),
         so what this returns is the first row's, for the shapes' sake."""
         owner, index = self._owner, self._index
-        stored = self.kind.scheme.to_stored(key_states, owner.plan.shifts)
+        stored = self.kind.scheme.to_stored(key_states, owner.storings[self.kind])
         for run, each in zip(owner.runs, owner.each_row, strict=True):
             rows = slice(run.first_row, run.first_row + run.count)
             layers = [cache.layers[index] for cache in owner.caches[rows]]
@@ -87,6 +87,9 @@ class BatchCache(Cache):
         self.capacity = caches[0].layout.capacity
         self.runs = _runs(self.caches, plan)
         self.new_slots = torch.cat([p.new_slots for p in plan.plans])
+        # Each row's turn of its new keys to stream positions, made once a step per layer kind.
+        device = self.caches[0].device
+        self.storings = {kind: kind.scheme.storing(plan.shifts, device) for kind in set(self.kinds)}
         # Each run's rows 0..count-1, made once a step for every layer's write.
         self.each_row = [torch.arange(run.count, device=self.new_slots.device) for run in self.runs]
         super().__init__(layers=[BatchCacheLayer(self, i) for i in range(len(self.kinds))])

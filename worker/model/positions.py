@@ -44,9 +44,14 @@ class PositionScheme(ABC):
         like `x`); `x` itself if nothing moves."""
         return x
 
+    def storing(self, shift: Shift, device: torch.device) -> object:
+        """What `to_stored` needs to store keys `shift` positions on: made once a forward, for
+        every layer of the scheme (None: nothing moves)."""
+        return self.turning(shift, device, torch.float32)
+
     @abstractmethod
-    def to_stored(self, keys: torch.Tensor, shift: Shift) -> torch.Tensor:
-        """Keys a model computed at in-cache positions -> keys to store, `shift` positions on."""
+    def to_stored(self, keys: torch.Tensor, storing: object) -> torch.Tensor:
+        """Keys a model computed at in-cache positions -> keys to store, moved by `storing`."""
 
     def from_position_free(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Keys saved position-free (states before keys were saved at stream positions) ->
@@ -57,7 +62,7 @@ class PositionScheme(ABC):
 class AlibiScheme(PositionScheme):
     """ALiBi adds a bias from the key's index at attention time: keys carry no position."""
 
-    def to_stored(self, keys: torch.Tensor, shift: Shift) -> torch.Tensor:
+    def to_stored(self, keys: torch.Tensor, storing: object) -> torch.Tensor:
         return keys
 
 
@@ -112,12 +117,11 @@ class RotaryScheme(PositionScheme):
             return x
         return _rotate(x, *turning, torch.empty_like(x) if out is None else out)
 
-    def to_stored(self, keys: torch.Tensor, shift: Shift) -> torch.Tensor:
+    def to_stored(self, keys: torch.Tensor, storing: object) -> torch.Tensor:
         """Turned in float32 (only the new keys), so a bf16 key is rounded once, when stored."""
-        turning = self.turning(shift, keys.device, torch.float32)
-        if turning is None:
+        if storing is None:
             return keys
-        return self.turn(keys.float(), turning).to(keys.dtype)
+        return self.turn(keys.float(), storing).to(keys.dtype)
 
     def from_position_free(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotated to `positions` and scaled by the model's attention factor, as the model

@@ -85,7 +85,8 @@ class SinkCacheLayer(LayerAcrossReleases, CacheLayerMixin):
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
     ) -> tuple[torch.Tensor, torch.Tensor]:
         plan, kind = self._owner.plan, self.kind
-        self.write(kind.scheme.to_stored(key_states, plan.shift), value_states)
+        storing = kind.scheme.storing(plan.shift, key_states.device)
+        self.write(kind.scheme.to_stored(key_states, storing), value_states)
         first = kind.first_visible(plan.length_before)
         if first == 0 and plan.full_ring and kind.scheme.order_free and len(plan.new_slots) == 1:
             # One query attends to every slot alike: keys in slot order (the head's slots are
