@@ -192,23 +192,30 @@ void check_kv(const at::Tensor& kv, const char* name) {
   TORCH_CHECK(kv.size(3) <= MAX_CHUNKS * LANES, name, ": head dims up to 256");
 }
 
+// fn(i, row, kv head) for the i-th (row, kv head) of `kv` [rows, kv heads, ...], each on one of
+// torch's threads from start to end: what makes a row's bits its own.
+template <typename F>
+void for_each_head(const at::Tensor& kv, const F& fn) {
+  int64_t heads = kv.size(1);
+  at::parallel_for(0, kv.size(0) * heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) fn(i, i / heads, i % heads);
+  });
+}
+
 template <typename T>
 void scores_of_rows(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& head,
                     at::Tensor& out) {
-  int64_t kv = keys.size(1), span = keys.size(2), dims = keys.size(3), groups = queries.size(3);
+  int64_t span = keys.size(2), dims = keys.size(3), groups = queries.size(3);
   ScoresOfHead<T> kernel =
       scores_for<T>((dims + LANES - 1) / LANES, std::make_integer_sequence<int, MAX_CHUNKS>());
   const T* q = queries.data_ptr<T>();
   const T* k = keys.data_ptr<T>();
   const bool* h = head.data_ptr<bool>();
   float* o = out.data_ptr<float>();
-  at::parallel_for(0, keys.size(0) * kv, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      int64_t row = i / kv, kv_head = i % kv;
-      kernel(q + i * 2 * groups * dims, groups, dims,
-             k + row * keys.stride(0) + kv_head * keys.stride(1), span,
-             h + row * head.stride(0), o + i * groups * span);
-    }
+  for_each_head(keys, [&](int64_t i, int64_t row, int64_t kv_head) {
+    kernel(q + i * 2 * groups * dims, groups, dims,
+           k + row * keys.stride(0) + kv_head * keys.stride(1), span, h + row * head.stride(0),
+           o + i * groups * span);
   });
 }
 
@@ -235,18 +242,14 @@ at::Tensor decode_scores(const at::Tensor& queries, const at::Tensor& keys, cons
 
 template <typename T>
 void mix_of_rows(const at::Tensor& probabilities, const at::Tensor& values, at::Tensor& out) {
-  int64_t kv = values.size(1), span = values.size(2), dims = values.size(3);
-  int64_t groups = probabilities.size(2);
+  int64_t span = values.size(2), dims = values.size(3), groups = probabilities.size(2);
   const float* p = probabilities.data_ptr<float>();
   const T* v = values.data_ptr<T>();
   float* o = out.data_ptr<float>();
-  at::parallel_for(0, values.size(0) * kv, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      int64_t row = i / kv, kv_head = i % kv;
-      mix_of_head(p + i * groups * span, groups,
-                  v + row * values.stride(0) + kv_head * values.stride(1), span, dims,
-                  o + i * groups * dims);
-    }
+  for_each_head(values, [&](int64_t i, int64_t row, int64_t kv_head) {
+    mix_of_head(p + i * groups * span, groups,
+                v + row * values.stride(0) + kv_head * values.stride(1), span, dims,
+                o + i * groups * dims);
   });
 }
 
