@@ -56,12 +56,14 @@ _lock = threading.Lock()
 
 
 def status(progress: Callable[[str], None] = lambda stage: None) -> KernelStatus:
-    """Load the kernels (building them first if this machine has not), once per process."""
+    """Load the kernels (building them first if this machine has not), once per process;
+    after that, what every layer of a decode step asks, without the lock."""
     global _status
-    with _lock:
-        if _status is None:
-            _status = _load(progress)
-        return _status
+    if _status is None:
+        with _lock:
+            if _status is None:
+                _status = _load(progress)
+    return _status
 
 
 def takes(keys: torch.Tensor, values: torch.Tensor) -> bool:
@@ -144,15 +146,10 @@ def main() -> None:
     """Build the kernels unless built, for setup scripts and images; say so on stderr when it
     builds them or cannot (attention then runs through torch's matmuls)."""
     started = time.monotonic()
-    built: list[str] = []
-
-    def building(stage: str) -> None:
-        built.append(stage)
-        print(stage, file=sys.stderr, flush=True)
-
-    result = status(building)
     library = _build_directory() / f"{LIBRARY}.so"
-    if built and library.exists():
+    fresh = not library.exists()
+    result = status(lambda stage: print(stage, file=sys.stderr, flush=True))
+    if fresh and library.exists():
         took = time.monotonic() - started
         print(f"decode attention kernels built in {took:.0f} s: {library}", file=sys.stderr)
     if not result.ready:
