@@ -37,6 +37,7 @@ if ! "$venv/bin/pip" install --quiet --disable-pip-version-check --no-deps --no-
   exit 1
 fi
 rm -f "$log"
-# The decode attention kernels, built once per machine (says so only when it builds, or cannot).
-"$venv/bin/python" -m worker.model.decode_kernel
+# The CPU kernels (linear layers, decode attention), built once per machine (says so only
+# when it builds them, or cannot).
+"$venv/bin/python" -m worker.model.cpu_kernels
 echo "$venv/bin"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Debian packages the tests' services need (redis-server, redis-cli, and openssl for the TLS
-# test's certificate), and what builds the decode attention kernels (g++ and ninja, see
-# worker/model/decode_kernel.py); a no-op when present.
+# test's certificate), and what builds the CPU kernels (g++ and ninja, see
+# worker/model/cpu_kernels.py); a no-op when present.
 # Java 17 and Maven, for the Kafka broker, come with the machine.
 set -euo pipefail
 if command -v redis-server >/dev/null && command -v redis-cli >/dev/null \

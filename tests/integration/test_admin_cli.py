@@ -111,7 +111,8 @@ def test_doctor_says_what_is_wrong_in_plain_words(kafka_service, redis_service) 
         "kafka": True, "redis": True, "model": True, "gpu": True,
     }  # fmt: skip
     model = next(c for c in json.loads(healthy.stdout) if c["name"] == "model")
-    assert "decode attention through" in model["detail"]  # which path, kernels or matmuls
+    assert "linear layers through" in model["detail"]  # which kernels: ours, or the stock ones
+    assert "decode attention through" in model["detail"]
     broken = _invoke(
         "doctor", *kafka, "--input-topic", f"{name}-absent", "--redis-url",
         "redis://127.0.0.1:1/0", "--window", "1000000", "--json",

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.models.tiny_models import VOCAB, tiny_configs, tiny_model
-from worker.model import decode_kernel
+from worker.model import cpu_kernels, decode_kernel, linear_kernel
 from worker.model.attention import FLASH_QUERIES
 from worker.model.batch_cache import batch_forward
 from worker.model.batch_invariance import is_batch_invariant, make_batch_invariant, stock_kernels
@@ -64,14 +64,16 @@ def _decode(
     return logits
 
 
-@pytest.fixture(params=["kernels", "matmuls"])
-def decode_attention(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The test runs with decode_kernel.py's kernels where this CPU has them, and again with
-    torch's matmuls, the path of every other CPU."""
-    if request.param == "matmuls":
+@pytest.fixture(params=["ours", "stock"])
+def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test runs with cpu_kernels.py's kernels where this CPU has them, and again with
+    oneDNN's linear layers and torch's attention matmuls, the path of every other CPU (for the
+    models the test makes)."""
+    if request.param == "stock":
         monkeypatch.setattr(decode_kernel, "takes", lambda keys, values: False)
-    elif not decode_kernel.status().ready:
-        pytest.skip(f"no decode kernels: {decode_kernel.status().detail}")
+        monkeypatch.setattr(linear_kernel, "takes", lambda weight: False)
+    elif not cpu_kernels.status().ready:
+        pytest.skip(f"no CPU kernels: {cpu_kernels.status().detail}")
 
 
 def _batchable() -> list[str]:
@@ -91,6 +93,7 @@ def test_models_whose_kernels_cannot_be_made_row_independent_say_so() -> None:
 
 
 @pytest.mark.parametrize("name", _batchable())
+@pytest.mark.usefixtures("kernels")
 @torch.inference_mode()
 def test_a_streams_logits_are_the_same_bits_in_any_batch(name: str) -> None:
     model = tiny_model(name)
@@ -103,7 +106,7 @@ def test_a_streams_logits_are_the_same_bits_in_any_batch(name: str) -> None:
                 assert torch.equal(a, b), f"stream {i} step {step} in {groups}"
 
 
-@pytest.mark.usefixtures("decode_attention")
+@pytest.mark.usefixtures("kernels")
 @torch.inference_mode()
 def test_a_bfloat16_streams_logits_are_the_same_bits_in_any_batch() -> None:
     model = tiny_model("llama").to(torch.bfloat16)
@@ -116,7 +119,7 @@ def test_a_bfloat16_streams_logits_are_the_same_bits_in_any_batch() -> None:
 
 
 @pytest.mark.parametrize("name", ["llama", "gemma3-hybrid"])
-@pytest.mark.usefixtures("decode_attention")
+@pytest.mark.usefixtures("kernels")
 @torch.inference_mode()
 def test_rows_attending_over_fewer_slots_are_the_same_bits_in_any_batch(name: str) -> None:
     model = tiny_model(name)
@@ -130,7 +133,7 @@ def test_rows_attending_over_fewer_slots_are_the_same_bits_in_any_batch(name: st
 
 
 @pytest.mark.parametrize("name", ["llama", "gemma3-hybrid"])
-@pytest.mark.usefixtures("decode_attention")
+@pytest.mark.usefixtures("kernels")
 @torch.inference_mode()
 def test_a_streams_prefill_and_decode_are_the_same_bits_on_any_thread_count(name: str) -> None:
     """So a stream that moves to a worker given more CPUs goes on exactly."""

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.models.tiny_models import VOCAB, tiny_model
-from worker.model import decode_kernel
+from worker.model import cpu_kernels, decode_kernel
 from worker.model.batch_cache import batch_forward
 from worker.model.batch_invariance import make_batch_invariant
 from worker.model.decoder import forward_step
@@ -21,7 +21,7 @@ ROWS, KV_HEADS, SLOTS = 3, 2, 150
 
 def test_the_kernels_are_built_where_the_cpu_takes_them() -> None:
     """A failed build (no compiler, a source that does not compile) fails here, not quietly."""
-    assert decode_kernel.status().ready, decode_kernel.status().detail
+    assert cpu_kernels.status().ready, cpu_kernels.status().detail
 
 
 def _case(dims: int, groups: int, span: int, seed: int, dtype: torch.dtype = torch.float32):

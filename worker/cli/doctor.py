@@ -18,7 +18,7 @@ from worker.cli.options import JsonOption, ModelChoice, connect
 from worker.exceptions import StreamsinkError
 from worker.io.kafka_connection import KafkaConnection
 from worker.io.topics import TopicNames
-from worker.model import decode_kernel
+from worker.model import cpu_kernels, decode_kernel, linear_kernel
 from worker.model.cache_settings import CacheSettings
 from worker.model.loading import LoadedModel, load_model
 
@@ -86,22 +86,26 @@ def check_model(model: ModelChoice, cache_tokens: int) -> Check:
         True,
         f"{loaded.name} ({loaded.model.config.model_type}, {parameters:.0f}M parameters) loads "
         f"on {loaded.device} as {str(loaded.dtype).removeprefix('torch.')}, "
-        f"{threads} CPU threads{_decode_attention(loaded)}",
+        f"{threads} CPU threads{_cpu_kernels(loaded)}",
     )
 
 
-def _decode_attention(loaded: LoadedModel) -> str:
-    """How a CPU worker's decode steps attend: through the kernels, or why not."""
+def _cpu_kernels(loaded: LoadedModel) -> str:
+    """Which kernels a CPU worker's forwards run: ours (cpu_kernels.py), or the stock ones and
+    why."""
     if loaded.device.type != "cpu":
         return ""
-    kernels = decode_kernel.status()
+    kernels = cpu_kernels.status()
     if not kernels.ready:
-        return f"; decode attention through torch's matmuls ({kernels.summary})"
-    if loaded.dtype not in decode_kernel.DTYPES:
-        return (
-            f"; decode attention through torch's matmuls (the kernels are not for {loaded.dtype})"
+        return f"; linear layers through oneDNN, decode attention through torch ({kernels.summary})"
+    paths = [
+        f"{part} through {'streamsink' if loaded.dtype in dtypes else stock}'s kernels"
+        for part, dtypes, stock in (
+            ("linear layers", linear_kernel.DTYPES, "oneDNN"),
+            ("decode attention", decode_kernel.DTYPES, "torch"),
         )
-    return "; decode attention through streamsink's AVX-512 kernels"
+    ]
+    return "; " + ", ".join(paths)
 
 
 def check_gpu(device: str) -> Check:

@@ -8,11 +8,13 @@ flash attention splits its work otherwise for one row than for several. The logi
 on which streams happened to share its forwards.
 
 So every forward runs kernels that compute each row on its own:
-- each linear layer is oneDNN's matmul over its weight packed once, in one blocked layout.
-  Its result for a row depends on that layout alone, not on the row count, the other rows or
-  the thread count, measured for every row count from 2 to 1024 (a lone row takes a
-  matrix-vector path of its own, so it is given a second row). It is also 2-4x faster than
-  MKL's on a CPU MKL does not tune for (AMD).
+- each linear layer is ours (linear_kernel.py) where the CPU kernels are built and the model
+  is in float32: every output sums its products in one order, whatever the rows. Otherwise it
+  is oneDNN's matmul over its weight packed once, in one blocked layout, whose result for a
+  row depends on that layout alone, not on the row count, the other rows or the thread count,
+  measured for every row count from 2 to 1024 (a lone row takes a matrix-vector path of its
+  own, so it is given a second row). Both are 2-4x faster than MKL's on a CPU MKL does not
+  tune for (AMD).
 - attention is ours (attention.py): two matmuls and a softmax per row and kv head, whose
   result for a row does not depend on the batch or the thread count either (SDPA's CPU kernel
   splits its work by the thread count, and a prefill's bits would follow the worker's CPUs).
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
+from worker.model import linear_kernel
 from worker.model.attention import ATTENTION
 
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
@@ -41,10 +44,12 @@ _PACKING_ROWS = 16  # oneDNN's layout hint; the bits do not depend on it, the sp
 
 
 class PackedLinear(nn.Linear):
-    """A linear layer through oneDNN with its weight packed once (`pack`); see the module
-    docstring. The packed copy is no parameter: state dicts and fingerprints do not see it."""
+    """A linear layer through our kernel or oneDNN, with its weight packed once for it
+    (`pack`); see the module docstring. The packed copy is no parameter: state dicts and
+    fingerprints do not see it."""
 
     packed: torch.Tensor | None = None
+    ours: bool = False  # packed for linear_kernel.py, else for oneDNN
 
     @property
     def is_packed(self) -> bool:
@@ -53,11 +58,18 @@ class PackedLinear(nn.Linear):
         return self.packed is not None and self.packed.dtype == self.weight.dtype
 
     def pack(self) -> None:
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), _PACKING_ROWS)
+        weight = self.weight.detach()
+        self.ours = linear_kernel.takes(weight)
+        if self.ours:
+            self.packed = linear_kernel.pack(weight)
+        else:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, _PACKING_ROWS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.is_packed or x.dtype != self.weight.dtype:
             return F.linear(x, self.weight, self.bias)
+        if self.ours:
+            return linear_kernel.linear(x, self.packed, self.out_features, self.bias)
         rows = x.reshape(-1, x.shape[-1])
         lone = rows.shape[0] == 1
         if lone:  # one row takes a path of its own: make it one of two

@@ -17,7 +17,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from worker.exceptions import ModelLoadError
-from worker.model import decode_kernel
+from worker.model import cpu_kernels
 from worker.model.batch_invariance import make_batch_invariant
 from worker.model.gguf_conversion import convert_gguf, converted_dir_for
 from worker.model.layer_kinds import position_limit, require_placeable
@@ -134,7 +134,7 @@ def load_model(
         ) from error
     model.eval()
     if torch_device.type == "cpu":
-        decode_kernel.status(progress)  # built here, not in the middle of a first step
+        cpu_kernels.status(progress)  # built here, not in the middle of a first step
     name = spec or DEFAULT_MODEL
     return LoadedModel(model, tokenizer, name, model_fingerprint(model))
 

@@ -272,7 +272,7 @@ at::Tensor decode_mix(const at::Tensor& probabilities, const at::Tensor& values)
 
 }  // namespace
 
-TORCH_LIBRARY(streamsink, m) {
+TORCH_LIBRARY_FRAGMENT(streamsink, m) {
   m.def("decode_scores(Tensor queries, Tensor keys, Tensor head) -> Tensor");
   m.def("decode_mix(Tensor probabilities, Tensor values) -> Tensor");
 }
