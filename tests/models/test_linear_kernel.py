@@ -8,18 +8,25 @@ import torch
 import torch.nn.functional as F
 
 from tests.models.tiny_models import VOCAB, tiny_model
-from worker.model import linear_kernel
+from worker.model import cpu_kernels, linear_kernel
 from worker.model.batch_invariance import PackedLinear
 
 HAS_AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 pytestmark = pytest.mark.skipif(not HAS_AVX512, reason="the kernels are for AVX-512 CPUs")
 
 
-def _case(rows: int, features: int, outputs: int, seed: int):
+@pytest.fixture(autouse=True, scope="module")
+def _loaded() -> None:
+    """The kernels loaded (test_decode_kernel.py fails where they cannot be built)."""
+    if not cpu_kernels.status().ready:
+        pytest.skip(f"no CPU kernels: {cpu_kernels.status().detail}")
+
+
+def _case(rows: int, features: int, outputs: int, seed: int, dtype=torch.float32):
     generator = torch.Generator().manual_seed(seed)
-    inputs = torch.randn(rows, features, generator=generator)
-    weight = torch.randn(outputs, features, generator=generator)
-    bias = torch.randn(outputs, generator=generator)
+    inputs = torch.randn(rows, features, generator=generator).to(dtype)
+    weight = torch.randn(outputs, features, generator=generator).to(dtype)
+    bias = torch.randn(outputs, generator=generator).to(dtype)
     return inputs, weight, bias
 
 
@@ -28,12 +35,20 @@ def _case(rows: int, features: int, outputs: int, seed: int):
 @pytest.mark.parametrize("features", [1, 33, 576])
 @pytest.mark.parametrize("rows", [1, 7, 9, 17])
 @pytest.mark.parametrize("biased", [False, True])
-def test_it_matches_torchs_linear(rows: int, features: int, outputs: int, biased: bool) -> None:
-    inputs, weight, bias = _case(rows, features, outputs, rows * features + outputs)
+@pytest.mark.parametrize(
+    ("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.bfloat16, 8e-3)]
+)  # bfloat16: the sum of the same values in float32, rounded once to bfloat16
+def test_it_matches_torchs_linear(
+    rows: int, features: int, outputs: int, biased: bool, dtype: torch.dtype, tolerance: float
+) -> None:
+    inputs, weight, bias = _case(rows, features, outputs, rows * features + outputs, dtype)
     bias = bias if biased else None
     ours = linear_kernel.linear(inputs, linear_kernel.pack(weight), outputs, bias)
+    assert ours.dtype == dtype
     expected = F.linear(inputs.double(), weight.double(), None if bias is None else bias.double())
-    torch.testing.assert_close(ours.double(), expected, rtol=1e-5, atol=1e-5 * features**0.5)
+    torch.testing.assert_close(
+        ours.double(), expected, rtol=tolerance, atol=1e-5 * features**0.5, check_dtype=False
+    )
 
 
 def test_it_keeps_the_leading_dimensions() -> None:
@@ -45,8 +60,11 @@ def test_it_keeps_the_leading_dimensions() -> None:
     )
 
 
-def test_a_rows_bits_do_not_depend_on_the_other_rows_or_the_thread_count() -> None:
-    inputs, weight, bias = _case(19, 100, 150, 1)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_rows_bits_do_not_depend_on_the_other_rows_or_the_thread_count(
+    dtype: torch.dtype,
+) -> None:
+    inputs, weight, bias = _case(19, 100, 150, 1, dtype)
     panels = linear_kernel.pack(weight)
     threads = torch.get_num_threads()
     try:
@@ -64,8 +82,10 @@ def test_a_rows_bits_do_not_depend_on_the_other_rows_or_the_thread_count() -> No
 def test_what_it_cannot_take_is_a_clear_error() -> None:
     inputs, weight, bias = _case(2, 16, 50, 2)
     panels = linear_kernel.pack(weight)
-    with pytest.raises(RuntimeError, match="input must be a float32"):
+    with pytest.raises(RuntimeError, match="input must be a float32 or bfloat16"):
         linear_kernel.linear(inputs.double(), panels, 50, bias)
+    with pytest.raises(RuntimeError, match="panels must be"):
+        linear_kernel.linear(inputs.bfloat16(), panels, 50, None)
     with pytest.raises(RuntimeError, match="panels must be"):
         linear_kernel.linear(inputs[:, :8], panels, 50, bias)
     with pytest.raises(RuntimeError, match="panels must be"):
@@ -78,8 +98,8 @@ def test_what_it_cannot_take_is_a_clear_error() -> None:
 def test_a_model_runs_every_linear_layer_through_it_and_matches_onednn(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The float32 model's layers are packed for the kernel; packed for oneDNN instead (the
-    path of a bfloat16 model or of a CPU without the kernels), its logits agree."""
+    """The model's layers are packed for the kernel; packed for oneDNN instead (the path of a
+    CPU without the kernels), its logits agree."""
     model = tiny_model("llama")
     layers = [module for module in model.modules() if isinstance(module, PackedLinear)]
     assert layers and all(layer.ours for layer in layers)

@@ -8,8 +8,8 @@ flash attention splits its work otherwise for one row than for several. The logi
 on which streams happened to share its forwards.
 
 So every forward runs kernels that compute each row on its own:
-- each linear layer is ours (linear_kernel.py) where the CPU kernels are built and the model
-  is in float32: every output sums its products in one order, whatever the rows. Otherwise it
+- each linear layer is ours (linear_kernel.py) where the CPU kernels are built (float32 and
+  bfloat16): every output sums its products in one order, whatever the rows. Otherwise it
   is oneDNN's matmul over its weight packed once, in one blocked layout, whose result for a
   row depends on that layout alone, not on the row count, the other rows or the thread count,
   measured for every row count from 2 to 1024 (a lone row takes a matrix-vector path of its

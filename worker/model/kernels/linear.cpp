@@ -1,4 +1,6 @@
-// Linear layers on the CPU (see linear_kernel.py): out = input @ weight.T (+ bias), in float32.
+// Linear layers on the CPU (see linear_kernel.py): out = input @ weight.T (+ bias), with float32
+// or bfloat16 weights, inputs and outputs. Every sum is in float32; bfloat16 outputs are
+// rounded once, at the end.
 //
 // The weight is packed once into panels of 48 outputs, [panels, in features, 48], so that one
 // step of the sum over the inputs reads 48 consecutive weights. A tile of up to 8 input rows
@@ -10,13 +12,16 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <array>
 #include <cstdint>
 #include <utility>
+#include <vector>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -24,14 +29,29 @@
 namespace {
 
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+#define AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
 constexpr int LANES = 16;
 constexpr int PANEL_VECTORS = 3;
 constexpr int PANEL = PANEL_VECTORS * LANES;  // the outputs of one panel
 constexpr int TILE_ROWS = 8;                  // the input rows one pass over a panel serves
 
-// out[m, 0..width) for the ROWS rows of `input`: each the sum over k, in order, of input[m, k]
-// times panel[k, :], then its bias.
+// out[m, 0..width) = sums[m] + bias, for the ROWS rows of a tile.
+template <int ROWS>
+AVX512 inline void store(const __m512 (&sums)[ROWS][PANEL_VECTORS], const float* bias,
+                         int64_t width, float* out, int64_t out_stride) {
+  for (int v = 0; v < PANEL_VECTORS && v * LANES < width; ++v) {
+    int64_t left = width - v * LANES;
+    __mmask16 lanes = left >= LANES ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
+    __m512 shift = bias ? _mm512_maskz_loadu_ps(lanes, bias + v * LANES) : _mm512_setzero_ps();
+    for (int m = 0; m < ROWS; ++m)
+      _mm512_mask_storeu_ps(out + m * out_stride + v * LANES, lanes,
+                            bias ? _mm512_add_ps(sums[m][v], shift) : sums[m][v]);
+  }
+}
+
+// float32: out[m, 0..width) for the ROWS rows of `input` [ROWS, features], each the sum over k,
+// in order, of input[m, k] times panel[k, :] (panel [features, 48]), then its bias.
 template <int ROWS>
 AVX512 void tile(const float* input, int64_t features, const float* panel, const float* bias,
                  int64_t width, float* out, int64_t out_stride) {
@@ -48,68 +68,107 @@ AVX512 void tile(const float* input, int64_t features, const float* panel, const
         sums[m][v] = _mm512_fmadd_ps(value, weights[v], sums[m][v]);
     }
   }
-  for (int v = 0; v < PANEL_VECTORS && v * LANES < width; ++v) {
-    int64_t left = width - v * LANES;
-    __mmask16 lanes = left >= LANES ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
-    __m512 shift = bias ? _mm512_maskz_loadu_ps(lanes, bias + v * LANES) : _mm512_setzero_ps();
-    for (int m = 0; m < ROWS; ++m)
-      _mm512_mask_storeu_ps(out + m * out_stride + v * LANES, lanes,
-                            bias ? _mm512_add_ps(sums[m][v], shift) : sums[m][v]);
+  store<ROWS>(sums, bias, width, out, out_stride);
+}
+
+// bfloat16: the same over pairs of features (`features` even; panel [features / 2, 48, 2]),
+// through the CPU's bfloat16 dot product: each pair's two products are exact in float32 and
+// added to the sum one after the other, the pair's second first.
+template <int ROWS>
+AVX512_BF16 void tile(const at::BFloat16* input, int64_t features, const at::BFloat16* panel,
+                      const float* bias, int64_t width, float* out, int64_t out_stride) {
+  __m512 sums[ROWS][PANEL_VECTORS];
+  for (int m = 0; m < ROWS; ++m)
+    for (int v = 0; v < PANEL_VECTORS; ++v) sums[m][v] = _mm512_setzero_ps();
+  const int32_t* pairs = reinterpret_cast<const int32_t*>(input);
+  for (int64_t k = 0; k < features / 2; ++k) {
+    __m512bh weights[PANEL_VECTORS];
+    for (int v = 0; v < PANEL_VECTORS; ++v)
+      weights[v] = (__m512bh)_mm512_loadu_si512(panel + 2 * (k * PANEL + v * LANES));
+    for (int m = 0; m < ROWS; ++m) {
+      __m512bh value = (__m512bh)_mm512_set1_epi32(pairs[m * features / 2 + k]);
+      for (int v = 0; v < PANEL_VECTORS; ++v)
+        sums[m][v] = _mm512_dpbf16_ps(sums[m][v], value, weights[v]);
+    }
   }
+  store<ROWS>(sums, bias, width, out, out_stride);
 }
 
-using Tile = void (*)(const float*, int64_t, const float*, const float*, int64_t, float*, int64_t);
+template <typename T>
+using Tile = void (*)(const T*, int64_t, const T*, const float*, int64_t, float*, int64_t);
 
-template <int... ROWS>
-constexpr std::array<Tile, sizeof...(ROWS)> tiles_for(std::integer_sequence<int, ROWS...>) {
-  return {&tile<ROWS + 1>...};
+template <typename T, int... ROWS>
+constexpr std::array<Tile<T>, sizeof...(ROWS)> tiles_for(std::integer_sequence<int, ROWS...>) {
+  return {static_cast<Tile<T>>(&tile<ROWS + 1>)...};
 }
 
-constexpr auto TILES = tiles_for(std::make_integer_sequence<int, TILE_ROWS>());
-
-// input [..., in features] float32; panels [panels, in features, 48] float32 (the weight
-// [outputs, in features] packed, zero past its last output); bias [outputs] or none
-// -> float32 [..., outputs].
-at::Tensor linear(const at::Tensor& input, const at::Tensor& panels, int64_t outputs,
-                  const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(input.device().is_cpu() && input.scalar_type() == at::kFloat && input.dim() >= 1,
-              "input must be a float32 CPU tensor [..., in features]");
-  int64_t features = input.size(-1);
-  TORCH_CHECK(panels.device().is_cpu() && panels.scalar_type() == at::kFloat &&
-                  panels.is_contiguous() && panels.dim() == 3 && panels.size(1) == features &&
-                  panels.size(2) == PANEL && outputs > (panels.size(0) - 1) * PANEL &&
-                  outputs <= panels.size(0) * PANEL,
-              "panels must be contiguous float32 [panels, in features, 48] holding the outputs");
-  bool biased = bias.has_value() && bias->defined();
-  TORCH_CHECK(!biased || (bias->scalar_type() == at::kFloat && bias->is_contiguous() &&
-                          bias->dim() == 1 && bias->size(0) == outputs),
-              "bias must be contiguous float32 [outputs]");
-  at::Tensor rows = input.reshape({-1, features}).contiguous();
-  int64_t count = rows.size(0);
-  at::Tensor out = at::empty({count, outputs}, rows.options());
-  const float* x = rows.data_ptr<float>();
-  const float* w = panels.data_ptr<float>();
-  const float* b = biased ? bias->data_ptr<float>() : nullptr;
+// rows [count, features] and panels of T; threads split the panels, never a sum.
+template <typename T>
+void linear_of_rows(const at::Tensor& rows, const at::Tensor& panels, int64_t outputs,
+                    const float* bias, at::Tensor& out) {
+  static constexpr auto tiles = tiles_for<T>(std::make_integer_sequence<int, TILE_ROWS>());
+  int64_t count = rows.size(0), features = rows.size(1);
+  int64_t panel_size = features * PANEL;
+  const T* x = rows.data_ptr<T>();
+  const T* w = panels.data_ptr<T>();
   float* o = out.data_ptr<float>();
   at::parallel_for(0, panels.size(0), 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       int64_t first = p * PANEL, width = std::min<int64_t>(PANEL, outputs - first);
       for (int64_t m = 0; m < count; m += TILE_ROWS) {
         int64_t here = std::min<int64_t>(TILE_ROWS, count - m);
-        TILES[here - 1](x + m * features, features, w + p * features * PANEL,
-                        b ? b + first : nullptr, width, o + m * outputs + first, outputs);
+        tiles[here - 1](x + m * features, features, w + p * panel_size,
+                        bias ? bias + first : nullptr, width, o + m * outputs + first, outputs);
       }
     }
   });
+}
+
+bool has_bfloat16_dot() { return __builtin_cpu_supports("avx512bf16"); }
+
+// input [..., in features]; panels (the weight [outputs, in features] packed, zero past its
+// last output): float32 [panels, in features, 48], bfloat16 [panels, in features / 2 rounded
+// up, 48, 2]; bias [outputs] or none; all of one dtype -> [..., outputs] of that dtype.
+at::Tensor linear(const at::Tensor& input, const at::Tensor& panels, int64_t outputs,
+                  const c10::optional<at::Tensor>& bias) {
+  at::ScalarType dtype = input.scalar_type();
+  TORCH_CHECK(input.device().is_cpu() && (dtype == at::kFloat || dtype == at::kBFloat16) &&
+                  input.dim() >= 1,
+              "input must be a float32 or bfloat16 CPU tensor [..., in features]");
+  int64_t features = input.size(-1);
+  bool pairs = dtype == at::kBFloat16;
+  TORCH_CHECK(!pairs || has_bfloat16_dot(), "bfloat16 needs a CPU with AVX512-BF16");
+  int64_t steps = pairs ? (features + 1) / 2 : features;
+  TORCH_CHECK(panels.device().is_cpu() && panels.scalar_type() == dtype &&
+                  panels.is_contiguous() && panels.dim() == (pairs ? 4 : 3) &&
+                  panels.size(1) == steps && panels.size(2) == PANEL &&
+                  (!pairs || panels.size(3) == 2) && outputs > (panels.size(0) - 1) * PANEL &&
+                  outputs <= panels.size(0) * PANEL,
+              "panels must be contiguous, of the input's dtype, holding the outputs: float32 "
+              "[panels, in features, 48], bfloat16 [panels, in features / 2, 48, 2]");
+  bool biased = bias.has_value() && bias->defined();
+  TORCH_CHECK(!biased || (bias->scalar_type() == dtype && bias->dim() == 1 &&
+                          bias->size(0) == outputs),
+              "bias must be [outputs] of the input's dtype");
+  at::Tensor rows = input.reshape({-1, features}).contiguous();
+  if (pairs && features % 2 == 1) rows = at::constant_pad_nd(rows, {0, 1});
+  at::Tensor widened = biased ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor out = at::empty({rows.size(0), outputs}, rows.options().dtype(at::kFloat));
+  const float* b = biased ? widened.data_ptr<float>() : nullptr;
+  if (dtype == at::kFloat)
+    linear_of_rows<float>(rows, panels, outputs, b, out);
+  else
+    linear_of_rows<at::BFloat16>(rows, panels, outputs, b, out);
   std::vector<int64_t> sizes = input.sizes().vec();
   sizes.back() = outputs;
-  return out.view(sizes);
+  return out.to(dtype).view(sizes);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(streamsink, m) {
   m.def("linear(Tensor input, Tensor panels, int outputs, Tensor? bias) -> Tensor");
+  m.def("has_bfloat16_dot() -> bool", &has_bfloat16_dot);
 }
 
 TORCH_LIBRARY_IMPL(streamsink, CPU, m) { m.impl("linear", &linear); }
