@@ -18,7 +18,8 @@ from worker.cli.options import JsonOption, ModelChoice, connect
 from worker.exceptions import StreamsinkError
 from worker.io.kafka_connection import KafkaConnection
 from worker.io.topics import TopicNames
-from worker.model import cpu_kernels, decode_kernel, linear_kernel
+from worker.model import cpu_kernels, decode_kernel
+from worker.model.batch_invariance import PackedLinear
 from worker.model.cache_settings import CacheSettings
 from worker.model.loading import LoadedModel, load_model
 
@@ -98,14 +99,12 @@ def _cpu_kernels(loaded: LoadedModel) -> str:
     kernels = cpu_kernels.status()
     if not kernels.ready:
         return f"; linear layers through oneDNN, decode attention through torch ({kernels.summary})"
-    paths = [
-        f"{part} through {'streamsink' if loaded.dtype in dtypes else stock}'s kernels"
-        for part, dtypes, stock in (
-            ("linear layers", linear_kernel.DTYPES, "oneDNN"),
-            ("decode attention", decode_kernel.DTYPES, "torch"),
-        )
-    ]
-    return "; " + ", ".join(paths)
+    linear = any(isinstance(m, PackedLinear) and m.ours for m in loaded.model.modules())
+    attention = loaded.dtype in decode_kernel.DTYPES
+    return (
+        f"; linear layers through {'streamsink' if linear else 'oneDNN'}'s kernels, "
+        f"decode attention through {'streamsink' if attention else 'torch'}'s kernels"
+    )
 
 
 def check_gpu(device: str) -> Check:
