@@ -255,19 +255,36 @@ class ChaosRun:
                 self._gone.add(worker.name)
                 self._problem(f"{worker.name} exited ({code}) uninjected: {worker.tail()[-600:]}")
 
-    def _check_group(self, cluster: Cluster) -> None:
-        """The coordinator's view: each partition assigned to exactly one of the live workers."""
+    def _check_group(self, cluster: Cluster, settle_seconds: float = 60.0) -> None:
+        """The coordinator's view: each partition assigned to exactly one of the live workers.
+
+        The group may still be settling a rebalance the last faults began. The workers'
+        cooperative assignor moves a partition in two rebalances: the first revokes it (its
+        owner releases it, with a last checkpoint, then rejoins), the second assigns it; in
+        between the group is Stable with that partition unassigned. It has `settle_seconds` to
+        get there.
+        """
+        deadline = time.monotonic() + settle_seconds
         admin = KafkaAdminClient(bootstrap_servers=cluster.bootstrap)
         try:
-            group = admin.describe_groups([cluster.name])[cluster.name]
+            while True:
+                group = admin.describe_groups([cluster.name])[cluster.name]
+                assigned = Counter(
+                    number
+                    for member in group["members"]
+                    for part in member["member_assignment"]["assigned_partitions"]
+                    for number in part["partitions"]
+                )
+                settled = (
+                    group["group_state"] == "Stable"
+                    and assigned == Counter(range(self.plan.partitions))
+                    and len(group["members"]) == self.plan.workers
+                )
+                if settled or time.monotonic() > deadline:
+                    break
+                time.sleep(2.0)
         finally:
             admin.close()
-        assigned = Counter(
-            number
-            for member in group["members"]
-            for part in member["member_assignment"]["assigned_partitions"]
-            for number in part["partitions"]
-        )
         if group["group_state"] != "Stable" or assigned != Counter(range(self.plan.partitions)):
             self._problem(f"group {group['group_state']}, partitions assigned {dict(assigned)}")
         if len(group["members"]) != self.plan.workers:
