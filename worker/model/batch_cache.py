@@ -49,19 +49,15 @@ class BatchCacheLayer(LayerAcrossReleases, CacheLayerMixin):
         """Write every row's new key and value; attention reads the runs (see DecodeFrames),
         so what this returns is the first row's, for the shapes' sake."""
         owner, index = self._owner, self._index
+        if owner.fresh:
+            for cache in owner.caches:
+                if not cache.layers[index].is_initialized:
+                    cache.layers[index].lazy_initialization(key_states, value_states)
         stored = self.kind.scheme.to_stored(key_states, owner.storings[self.kind])
-        for run, each in zip(owner.runs, owner.each_row, strict=True):
-            rows = slice(run.first_row, run.first_row + run.count)
-            layers = [cache.layers[index] for cache in owner.caches[rows]]
-            for layer in layers:
-                if not layer.is_initialized:
-                    layer.lazy_initialization(key_states, value_states)
-            at = owner.new_slots[rows]  # each row's slot of its cache's capacity
+        for run, rows, each, at in owner.writes:
             run.pool.keys(index, run.first_slot, run.count)[each, :, at] = stored[rows, :, 0]
             values = run.pool.values(index, run.first_slot, run.count)
             values[each, :, at] = value_states[rows, :, 0]
-            for layer, plan in zip(layers, owner.plan.plans[rows], strict=True):
-                layer.length = plan.length_after
         first = owner.runs[0]
         return first.pool.keys(index, first.first_slot), first.pool.values(index, first.first_slot)
 
@@ -86,13 +82,26 @@ class BatchCache(Cache):
         self.kinds = caches[0].kinds
         self.capacity = caches[0].layout.capacity
         self.runs = _runs(self.caches, plan)
-        self.new_slots = torch.cat([p.new_slots for p in plan.plans])
         # Each row's turn of its new keys to stream positions, made once a step per layer kind.
         device = self.caches[0].device
         self.storings = {kind: kind.scheme.storing(plan.shifts, device) for kind in set(self.kinds)}
-        # Each run's rows 0..count-1, made once a step for every layer's write.
-        self.each_row = [torch.arange(run.count, device=self.new_slots.device) for run in self.runs]
+        # Where every layer writes, made once a step: each run, its rows in the batch, its rows
+        # 0..count-1 in the pool's view, and each row's new slot.
+        new_slots = torch.cat([p.new_slots for p in plan.plans])
+        self.writes = []
+        for run in self.runs:
+            rows = slice(run.first_row, run.first_row + run.count)
+            each = torch.arange(run.count, device=new_slots.device)
+            self.writes.append((run, rows, each, new_slots[rows]))
+        # Whether a row's cache has a layer that has held nothing yet (no buffers to write).
+        self.fresh = any(not layer.is_initialized for c in self.caches for layer in c.layers)
         super().__init__(layers=[BatchCacheLayer(self, i) for i in range(len(self.kinds))])
+
+    def wrote(self) -> None:
+        """The forward has written every layer: each row's layers now hold its new length."""
+        for cache, plan in zip(self.caches, self.plan.plans, strict=True):
+            for layer in cache.layers:
+                layer.length = plan.length_after
 
     def frames(self, dtype: torch.dtype) -> DecodeFrames:
         """What attention needs: the runs, and each row's query turn (one per layer kind)."""
@@ -180,5 +189,6 @@ def batch_forward(
                 **cache_argument(model, batch),
                 use_cache=True,
             )
+        batch.wrote()
     logits = out.logits[:, -1]
     return logits[torch.tensor(order).argsort()]
