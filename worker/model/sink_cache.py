@@ -85,8 +85,7 @@ class SinkCacheLayer(LayerAcrossReleases, CacheLayerMixin):
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
     ) -> tuple[torch.Tensor, torch.Tensor]:
         plan, kind = self._owner.plan, self.kind
-        storing = kind.scheme.storing(plan.shift, key_states.device)
-        self.write(kind.scheme.to_stored(key_states, storing), value_states)
+        self.write(kind.scheme.to_stored(key_states, self._owner.storing(kind)), value_states)
         first = kind.first_visible(plan.length_before)
         if first == 0 and plan.full_ring and kind.scheme.order_free and len(plan.new_slots) == 1:
             # One query attends to every slot alike: keys in slot order (the head's slots are
@@ -157,7 +156,7 @@ class SinkCache(Cache):
         self.kinds = tuple(kinds)
         self.device = torch.device(device)  # where each step's slot indices are made
         self.plan: StepPlan | None = None
-        self._turnings: dict[LayerKind, object] = {}  # this step's, one per layer kind
+        self._turnings: dict[tuple[str, LayerKind], object] = {}  # this step's, once a kind
         self.token_ids = torch.zeros(capacity, dtype=torch.long, device=self.device)
         self.pieces = PieceTracker(capacity)  # slots written since the last saved snapshot
         self.damaged = False
@@ -226,12 +225,21 @@ class SinkCache(Cache):
         if self.damaged:
             raise CacheDamagedError("this cache was damaged by a failed forward; restore its state")
 
+    def storing(self, kind: LayerKind) -> object:
+        """The turn of `kind`'s new keys to their stream positions, made by the first layer of
+        that kind (see PositionScheme.storing)."""
+        key = ("storing", kind)
+        if key not in self._turnings:
+            self._turnings[key] = kind.scheme.storing(self.plan.shift, self.device)
+        return self._turnings[key]
+
     def turning_back(self, kind: LayerKind, dtype: torch.dtype) -> object:
         """The turn of `kind`'s window keys from the stream's frame to this step's in-cache
         frame, made by the first layer of that kind that needs it."""
-        if kind not in self._turnings:
-            self._turnings[kind] = kind.scheme.turning(-self.plan.shift, self.device, dtype)
-        return self._turnings[kind]
+        key = ("back", kind)
+        if key not in self._turnings:
+            self._turnings[key] = kind.scheme.turning(-self.plan.shift, self.device, dtype)
+        return self._turnings[key]
 
     def tokens_of_span(self, start: int, end: int) -> list[int]:
         """The ids of the stream's tokens start..end-1 still in this cache, oldest first."""
