@@ -47,7 +47,8 @@ class OutboxEntry:
 
     A commentary: (stream_id, seq) identifies it, the payload is its JSON. A dead letter is the
     record set aside as it came: its key (stream_id, None when it had none), its offset (seq),
-    its value (payload), and why in `headers` (reason, error, source).
+    its value (payload), and why in `headers` (reason, error, source); `made_ms`, when it was
+    set aside (Unix ms), bounds where a copy sent earlier can be on the topic (0: unknown).
     """
 
     stream_id: str | None
@@ -55,12 +56,18 @@ class OutboxEntry:
     payload: bytes
     kind: OutboxKind = OutboxKind.COMMENTARY
     headers: tuple[tuple[str, bytes], ...] = ()
+    made_ms: int = 0
 
     @classmethod
     def dead_letter(
-        cls, key: str | None, offset: int, value: bytes, headers: Sequence[tuple[str, bytes]]
+        cls,
+        key: str | None,
+        offset: int,
+        value: bytes,
+        headers: Sequence[tuple[str, bytes]],
+        made_ms: int,
     ) -> OutboxEntry:
-        return cls(key, offset, value, OutboxKind.DEAD_LETTER, tuple(headers))
+        return cls(key, offset, value, OutboxKind.DEAD_LETTER, tuple(headers), made_ms)
 
     def pack(self) -> bytes:
         """Commentary as [stream_id, seq, payload], which every version reads; a dead letter as
@@ -75,6 +82,7 @@ class OutboxEntry:
                 "offset": self.seq,
                 "value": self.payload,
                 "headers": [list(header) for header in self.headers],
+                "made_ms": self.made_ms,
             }
         )
 
@@ -88,7 +96,10 @@ class OutboxEntry:
             version, kind = packed["v"], packed["kind"]
             if version <= OUTBOX_FORMAT_VERSION and kind == OutboxKind.DEAD_LETTER:
                 headers = [(name, value) for name, value in packed["headers"]]
-                return cls.dead_letter(packed["key"], packed["offset"], packed["value"], headers)
+                made_ms = packed.get("made_ms", 0)  # 0: written before entries kept it
+                return cls.dead_letter(
+                    packed["key"], packed["offset"], packed["value"], headers, made_ms
+                )
         except (KeyError, TypeError, ValueError) as error:
             raise StateCorruptError(f"an outbox entry is unreadable: {error!r}") from error
         raise StateVersionError(

@@ -120,7 +120,9 @@ def test_dead_letters_share_the_outbox_and_old_entries_still_read(store) -> None
     lease = store.claim(SCOPE)
     old = msgpack.packb(["s", 0, b"text 0"])  # an entry a worker of format 1 committed
     store.client.rpush(lease.states.keys(SCOPE).outbox, old)
-    dead = OutboxEntry.dead_letter("s", 9, b"\xff\xfe", [("streamsink.reason", b"invalid_utf8")])
+    dead = OutboxEntry.dead_letter(
+        "s", 9, b"\xff\xfe", [("streamsink.reason", b"invalid_utf8")], made_ms=1_700_000_000_000
+    )
     lease.commit([], 10, [OutboxEntry("s", 1, b"text 1"), dead])
     assert store.claim(SCOPE).outbox == (
         OutboxEntry("s", 0, b"text 0"),

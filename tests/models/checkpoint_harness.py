@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import Executor
 
 from kafka import TopicPartition
@@ -52,13 +53,15 @@ def with_bad_record(first: int, count: int, bad: int) -> list[Record]:
 
 class RecordingDelivery:
     """Keeps what was flushed: commentary as (stream, seq, text), dead letters as (key, value,
-    headers); `fail` makes the next flushes fail."""
+    headers) and when; `fail` makes the next flushes fail, the outputs taking nothing, or with
+    `taken`, everything (the acknowledgement lost)."""
 
     def __init__(self, on_flush=None) -> None:
         self.buffered: list[tuple[str, tuple]] = []
         self.delivered: list[tuple[str, int, str]] = []
         self.dead_letters: list[tuple[str | None, bytes, dict[str, bytes]]] = []
-        self.fail = False
+        self.stamps: list[int] = []  # when each dead letter was taken, Unix ms
+        self.fail = self.taken = False
         self.on_flush = on_flush
 
     def send_commentary(self, stream_id: str, payload: bytes) -> None:
@@ -70,15 +73,26 @@ class RecordingDelivery:
     def flush(self, timeout: float | None = None) -> None:
         if self.on_flush is not None:
             self.on_flush()
-        if self.fail:
-            self.buffered = []
-            raise KafkaTimeoutError("the output topic did not acknowledge in time")
-        for kind, sent in self.buffered:
-            if kind == "commentary":
-                self.delivered.append(key_of(*sent))
-            else:
-                self.dead_letters.append(sent)
+        if not self.fail or self.taken:
+            for kind, sent in self.buffered:
+                if kind == "commentary":
+                    self.delivered.append(key_of(*sent))
+                else:
+                    self.dead_letters.append(sent)
+                    self.stamps.append(time.time_ns() // 1_000_000)
         self.buffered = []
+        if self.fail:
+            raise KafkaTimeoutError("the output topic did not acknowledge in time")
+
+    def settle(self, timeout: float | None = None) -> None:
+        """Every send ended at its flush."""
+
+    def dead_letters_since(self, since_ms: int, timeout: float) -> set[bytes]:
+        return {
+            headers["streamsink.source"]
+            for (_, _, headers), stamp in zip(self.dead_letters, self.stamps, strict=True)
+            if stamp >= since_ms
+        }
 
 
 def key_of(payload: bytes) -> tuple[str, int, str]:

@@ -239,6 +239,39 @@ def test_what_a_failed_flush_may_have_delivered_is_counted_when_sent_again(
     assert metrics.value("streamsink_redelivered_commentaries") == 2
 
 
+@pytest.mark.parametrize("taken", [False, True], ids=["nothing-taken", "all-taken"])
+def test_a_failed_flush_leaves_each_dead_letter_on_its_topic_once(
+    commentator, store, metrics, taken
+) -> None:
+    delivery = RecordingDelivery()
+    owner = checkpointer(commentator, store, delivery, metrics)
+    owner.apply(with_bad_record(0, 5, bad=2))
+    delivery.fail, delivery.taken = True, taken
+    assert not owner.checkpoint()
+    delivery.fail = False
+    assert owner.checkpoint()
+    assert [(key, value) for key, value, _ in delivery.dead_letters] == [(None, b"no key at all")]
+    assert len(delivery.delivered) == (4 if taken else 2)  # commentary is sent again, counted
+    assert metrics.value("streamsink_redelivered_commentaries") == 2
+
+
+def test_a_takeover_after_the_flush_replays_commentary_but_no_dead_letter_twice(
+    commentator, store, metrics
+) -> None:
+    delivery = RecordingDelivery(on_flush=lambda: store.claim(SCOPE))
+    first = checkpointer(commentator, store, delivery, metrics)
+    first.apply(with_bad_record(0, 5, bad=2))
+    assert not first.checkpoint() and first.fenced  # delivered, then the trim was refused
+    assert len(store.partitions[SCOPE].outbox) == 3
+    delivery.on_flush = None
+    second = checkpointer(commentator, store, delivery, metrics)
+    assert second.replay_outbox()
+    assert len(delivery.dead_letters) == 1
+    assert len(delivery.delivered) == 4
+    assert metrics.value("streamsink_redelivered_commentaries") == 2
+    assert store.partitions[SCOPE].outbox == []
+
+
 @dataclass(frozen=True)
 class GatedLease:
     """A memory lease whose commits wait until `gate` is set, as a slow Redis would."""

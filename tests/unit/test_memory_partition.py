@@ -76,11 +76,15 @@ def test_an_unavailable_store_refuses_everything_until_it_is_back() -> None:
 
 def test_outbox_entries_of_both_kinds_round_trip_and_old_entries_still_unpack() -> None:
     commentary = OutboxEntry("s", 3, b'{"text": "ok"}')
-    dead = OutboxEntry.dead_letter(None, 7, b"\xff raw", [("streamsink.reason", b"no_key")])
+    dead = OutboxEntry.dead_letter(
+        None, 7, b"\xff raw", [("streamsink.reason", b"no_key")], made_ms=1_700_000_000_000
+    )
     assert dead.kind is OutboxKind.DEAD_LETTER and commentary.kind is OutboxKind.COMMENTARY
     assert [OutboxEntry.unpack(entry.pack()) for entry in (commentary, dead)] == [commentary, dead]
     assert commentary.pack() == msgpack.packb(["s", 3, b'{"text": "ok"}'])  # what old workers read
     assert OutboxEntry.unpack(msgpack.packb(["s", 1, b"old"])) == OutboxEntry("s", 1, b"old")
+    unstamped = {k: v for k, v in msgpack.unpackb(dead.pack()).items() if k != "made_ms"}
+    assert OutboxEntry.unpack(msgpack.packb(unstamped)).made_ms == 0  # kept by newer entries only
 
 
 @pytest.mark.parametrize(

@@ -3,17 +3,20 @@
 Output records are keyed by stream id, so a stream's commentary keeps its order on the output
 topic. Dead letters keep the original key and bytes, with the reason in headers, so nothing
 set aside is lost and a fixed record can be replayed from there. Both are produced only once
-committed, from the partition's outbox (worker/runtime/partition_checkpointer.py).
+committed, from the partition's outbox (worker/runtime/partition_checkpointer.py); a dead
+letter that may have been sent already is looked up on its topic, by its source, before it is
+sent again.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Sequence
 
 import structlog
-from kafka import KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaTimeoutError
 from kafka.producer.future import FutureRecordMetadata
@@ -23,6 +26,8 @@ from worker.io.kafka_connection import KafkaConnection
 from worker.stream.records import Commentary, Record
 
 log = structlog.get_logger("streamsink.worker")
+
+SOURCE_HEADER = "streamsink.source"  # where a dead letter came from: its identity
 
 
 def to_record(message: ConsumerRecord) -> Record:
@@ -41,8 +46,12 @@ def dead_letter_headers(
     return [
         ("streamsink.reason", error.reason.encode()),
         ("streamsink.error", str(error).encode()),
-        ("streamsink.source", f"{topic}/{record.partition}@{record.offset}".encode()),
+        (SOURCE_HEADER, f"{topic}/{record.partition}@{record.offset}".encode()),
     ]
+
+
+def dead_letter_source(headers: Sequence[tuple[str, bytes]]) -> bytes | None:
+    return dict(headers).get(SOURCE_HEADER)
 
 
 def commentary_payload(commentary: Commentary) -> bytes:
@@ -142,9 +151,49 @@ class OutputProducer:
             if future.failed():
                 raise future.exception
 
+    def settle(self, timeout: float | None = None) -> None:
+        """Wait until every record sent before is taken or given up, and forget how each ended:
+        after a failed flush they are in doubt, and what is on the topics tells. Raises
+        KafkaTimeoutError if the wait runs out (they may still land)."""
+        self.producer.flush(timeout=timeout)
+        self._sent.futures = []
+
+    def dead_letters_since(self, since_ms: int, timeout: float) -> set[bytes]:
+        """The sources of the dead letters on the topic stamped `since_ms` or later; raises
+        KafkaError if they cannot all be read within `timeout` seconds."""
+        if self.dead_letter_topic is None:
+            return set()
+        reader = KafkaConsumer(
+            **self.connection.client_config(), group_id=None, enable_auto_commit=False
+        )
+        try:
+            return _sources_since(reader, self.dead_letter_topic, since_ms, timeout)
+        finally:
+            reader.close()
+
     def _track(self, future: FutureRecordMetadata) -> None:
         self._sent.futures.append(future)
 
     def close(self, timeout: float = 10.0) -> None:
         if self._producer is not None:
             self._producer.close(timeout=timeout)
+
+
+def _sources_since(reader: KafkaConsumer, topic: str, since_ms: int, timeout: float) -> set[bytes]:
+    """Read every partition of `topic` from the first record stamped `since_ms` or later to
+    the end it had when asked."""
+    deadline = time.monotonic() + timeout
+    partitions = [TopicPartition(topic, p) for p in reader.partitions_for_topic(topic) or ()]
+    reader.assign(partitions)
+    ends = reader.end_offsets(partitions)
+    starts = reader.offsets_for_times(dict.fromkeys(partitions, since_ms))
+    left = {tp for tp, start in starts.items() if start is not None and start.offset < ends[tp]}
+    for tp in left:
+        reader.seek(tp, starts[tp].offset)
+    sources: set[bytes] = set()
+    while left := {tp for tp in left if reader.position(tp) < ends[tp]}:
+        if time.monotonic() > deadline:
+            raise KafkaTimeoutError(f"{topic} not read back within {timeout:g} s")
+        for records in reader.poll(timeout_ms=200).values():
+            sources.update(filter(None, (dead_letter_source(r.headers) for r in records)))
+    return sources

@@ -11,6 +11,10 @@ A checkpoint (ARCHITECTURE.md, "The checkpoint protocol"), in order:
 
 Output is only delivered once committed, so what consumers see is always covered by a state
 a successor restores, and a record processed again after a takeover is dead-lettered once.
+Output that may have been sent already (the outbox a takeover replays, and what a failed
+flush left) is in doubt: its commentary is sent again and counted as redelivered, (stream id,
+seq) telling consumers it is a repeat, and its dead letters are first looked up on their topic
+and sent only if missing, so each bad record is there once.
 A fenced write means another worker owns the partition: the checkpointer sets `fenced` and
 does nothing more, and its owner drops it.
 
@@ -47,7 +51,7 @@ from cache_store.partition import (
 )
 from cache_store.store import SaveReport
 from worker.exceptions import BadRecordError
-from worker.io.kafka_output import commentary_payload, dead_letter_headers
+from worker.io.kafka_output import commentary_payload, dead_letter_headers, dead_letter_source
 from worker.ops.metrics import WorkerMetrics
 from worker.runtime.checkpoint_schedule import CheckpointClock, CheckpointSchedule
 from worker.stream.processor import Applied, Saving, StreamProcessor
@@ -56,6 +60,7 @@ from worker.stream.records import Commentary, Record
 log = structlog.get_logger("streamsink.worker")
 
 RETRY_SECONDS = 1.0  # pause between attempts of a release while the store is unavailable
+CLOCK_STEP_MS = 60_000  # how far back of a dead letter's making its copies are looked up
 
 
 class Delivery(Protocol):
@@ -69,6 +74,13 @@ class Delivery(Protocol):
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until everything sent is acknowledged; raises KafkaError if it is not."""
+
+    def settle(self, timeout: float | None = None) -> None:
+        """Wait until everything sent is taken or given up, whichever; KafkaError if the wait
+        runs out."""
+
+    def dead_letters_since(self, since_ms: int, timeout: float) -> set[bytes]:
+        """The sources of the dead letters on the topic stamped `since_ms` or later."""
 
 
 WriteError = FencedError | StoreUnavailableError | MissingBlocksError | KafkaError
@@ -119,7 +131,7 @@ class PartitionCheckpointer:
         self._clock = CheckpointClock(schedule)
         self._undelivered = list(lease.outbox)  # committed, not yet delivered and trimmed
         self._flushed = 0  # how many of them the outputs acknowledged (a trim may be missing)
-        self._resend = False  # a flush of the unflushed ones failed: sending again may repeat
+        self._in_doubt = bool(lease.outbox)  # the unflushed ones may be on the topics already
         self._pending: list[OutboxEntry] = []  # produced since the last commit
         self._offset_to_commit: int | None = None
         self._submit = _run_now if writer is None else writer.submit
@@ -131,11 +143,9 @@ class PartitionCheckpointer:
 
         The last owner may have delivered some of it already: its commentary counts as
         redelivered (`streamsink_redelivered_commentaries_total`), as a consumer may see it
-        twice.
+        twice, and its dead letters are sent only if they are not on the topic.
         """
-        if self.lease.outbox:
-            self.metrics.replayed_outputs.inc(len(self.lease.outbox))
-            self._count_redelivered(self.lease.outbox)
+        self.metrics.replayed_outputs.inc(len(self.lease.outbox))
         return self.deliver()
 
     def apply(self, records: list[Record]) -> None:
@@ -304,22 +314,46 @@ class PartitionCheckpointer:
     def _set_aside(self, record: Record, error: BadRecordError) -> None:
         """Dead-letter a record once committed, so a replay or a zombie sends no other copy."""
         headers = dead_letter_headers(self.topic, record, error)
+        made_ms = time.time_ns() // 1_000_000
         self._pending.append(
-            OutboxEntry.dead_letter(record.stream_id, record.offset, record.value, headers)
+            OutboxEntry.dead_letter(record.stream_id, record.offset, record.value, headers, made_ms)
         )
 
     def _send_unflushed(self) -> None:
-        """Send and flush the entries not yet acknowledged; after a failed flush, each of
-        them again (the outputs may have taken some), counted as redelivered. Entries a
-        flush acknowledged are never sent again, even while their trim waits for Redis."""
+        """Send and flush the entries not yet acknowledged. Entries a flush acknowledged are
+        never sent again, even while their trim waits for Redis; those in doubt (a replay, a
+        failed flush) are once the earlier sends are settled, but for dead letters already on
+        their topic."""
         unflushed = self._undelivered[self._flushed :]
-        if self._resend:
+        if self._in_doubt:
+            self.delivery.settle(timeout=self.flush_seconds)
+            unflushed = self._not_dead_lettered(unflushed)
             self._count_redelivered(unflushed)
-        self._resend = True
+        self._in_doubt = True
         for entry in unflushed:
             self._send(entry)
         self.delivery.flush(timeout=self.flush_seconds)
-        self._flushed, self._resend = len(self._undelivered), False
+        self._flushed, self._in_doubt = len(self._undelivered), False
+
+    def _not_dead_lettered(self, entries: list[OutboxEntry]) -> list[OutboxEntry]:
+        """`entries` less the dead letters their topic already has."""
+        letters = [entry for entry in entries if entry.kind is OutboxKind.DEAD_LETTER]
+        if not letters:
+            return entries
+        since_ms = min(letter.made_ms for letter in letters) - CLOCK_STEP_MS
+        there = self.delivery.dead_letters_since(since_ms, timeout=self.flush_seconds)
+        missing = [
+            entry
+            for entry in entries
+            if entry.kind is not OutboxKind.DEAD_LETTER
+            or dead_letter_source(entry.headers) not in there
+        ]
+        if len(missing) < len(entries):
+            log.info(
+                "dead letters already on their topic, not sent again",
+                count=len(entries) - len(missing),
+            )
+        return missing
 
     def _count_redelivered(self, entries: Sequence[OutboxEntry]) -> None:
         commentary = sum(entry.kind is OutboxKind.COMMENTARY for entry in entries)
