@@ -164,7 +164,10 @@ class OutputProducer:
         if self.dead_letter_topic is None:
             return set()
         reader = KafkaConsumer(
-            **self.connection.client_config(), group_id=None, enable_auto_commit=False
+            **self.connection.client_config(),
+            group_id=None,
+            enable_auto_commit=False,
+            bootstrap_timeout_ms=int(timeout * 1000),
         )
         try:
             return _sources_since(reader, self.dead_letter_topic, since_ms, timeout)
@@ -183,7 +186,10 @@ def _sources_since(reader: KafkaConsumer, topic: str, since_ms: int, timeout: fl
     """Read every partition of `topic` from the first record stamped `since_ms` or later to
     the end it had when asked."""
     deadline = time.monotonic() + timeout
-    partitions = [TopicPartition(topic, p) for p in reader.partitions_for_topic(topic) or ()]
+    numbers = reader.partitions_for_topic(topic)
+    if not numbers:  # unknown while the brokers are away: no proof that nothing is there
+        raise KafkaTimeoutError(f"the partitions of {topic} are not known")
+    partitions = [TopicPartition(topic, number) for number in numbers]
     reader.assign(partitions)
     ends = reader.end_offsets(partitions)
     starts = reader.offsets_for_times(dict.fromkeys(partitions, since_ms))
