@@ -340,7 +340,7 @@ class PartitionCheckpointer:
         letters = [entry for entry in entries if entry.kind is OutboxKind.DEAD_LETTER]
         if not letters:
             return entries
-        since_ms = min(letter.made_ms for letter in letters) - CLOCK_STEP_MS
+        since_ms = max(0, min(letter.made_ms for letter in letters) - CLOCK_STEP_MS)
         there = self.delivery.dead_letters_since(since_ms, timeout=self.flush_seconds)
         missing = [
             entry
