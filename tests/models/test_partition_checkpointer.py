@@ -253,6 +253,7 @@ def test_a_failed_flush_leaves_each_dead_letter_on_its_topic_once(
     assert [(key, value) for key, value, _ in delivery.dead_letters] == [(None, b"no key at all")]
     assert len(delivery.delivered) == (4 if taken else 2)  # commentary is sent again, counted
     assert metrics.value("streamsink_redelivered_commentaries") == 2
+    assert metrics.value("streamsink_dead_letters_held_back") == (1 if taken else 0)
 
 
 def test_a_takeover_after_the_flush_replays_commentary_but_no_dead_letter_twice(
@@ -269,6 +270,7 @@ def test_a_takeover_after_the_flush_replays_commentary_but_no_dead_letter_twice(
     assert len(delivery.dead_letters) == 1
     assert len(delivery.delivered) == 4
     assert metrics.value("streamsink_redelivered_commentaries") == 2
+    assert metrics.value("streamsink_dead_letters_held_back") == 1
     assert store.partitions[SCOPE].outbox == []
 
 

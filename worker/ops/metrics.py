@@ -91,6 +91,11 @@ class WorkerMetrics:
             "commentary sent again that may have been delivered already (the same stream, seq "
             "and text): a takeover's replay, or a send again after a failed flush",
         )
+        self.dead_letters_held_back = self._counter(
+            "dead_letters_held_back",
+            "dead letters in doubt (a takeover's replay, a failed flush) not sent again: their "
+            "topic had them already",
+        )
 
     def _counter(self, name: str, documentation: str, *labels: str) -> Counter:
         return Counter(f"streamsink_{name}", documentation, labels, registry=self.registry)

@@ -348,11 +348,9 @@ class PartitionCheckpointer:
             if entry.kind is not OutboxKind.DEAD_LETTER
             or dead_letter_source(entry.headers) not in there
         ]
-        if len(missing) < len(entries):
-            log.info(
-                "dead letters already on their topic, not sent again",
-                count=len(entries) - len(missing),
-            )
+        if held_back := len(entries) - len(missing):
+            self.metrics.dead_letters_held_back.inc(held_back)
+            log.info("dead letters already on their topic, not sent again", count=held_back)
         return missing
 
     def _count_redelivered(self, entries: Sequence[OutboxEntry]) -> None:
