@@ -71,6 +71,7 @@ class ChaosReport:
     dead_letters: int = 0
     unowned_detected: float = 0.0
     redelivered: float = 0.0  # as the live workers' metric counts it (the killed ones' is gone)
+    held_back: float = 0.0  # dead letters in doubt the live workers found on the topic
     seconds: float = 0.0
     problems: list[str] = field(default_factory=list)
 
@@ -83,7 +84,8 @@ class ChaosReport:
             f"{plan.partitions} partitions, {plan.workers} workers; "
             f"{self.commentaries} commentaries, {self.duplicates} duplicates "
             f"({self.redelivered:g} counted redelivered by live workers), "
-            f"{self.dead_letters} dead letters, {self.unowned_detected:g} unowned-partition "
+            f"{self.dead_letters} dead letters ({self.held_back:g} held back as already there), "
+            f"{self.unowned_detected:g} unowned-partition "
             f"alarms; {self.seconds:.0f} s: {verdict}"
         )
 
@@ -310,6 +312,8 @@ class ChaosRun:
         self.report.unowned_detected = sum(sample(page, alarms) for page in pages)
         redelivered = "streamsink_redelivered_commentaries_total"
         self.report.redelivered = sum(sample(page, redelivered) for page in pages)
+        held_back = "streamsink_dead_letters_held_back_total"
+        self.report.held_back = sum(sample(page, held_back) for page in pages)
 
     def _check_output(
         self,
