@@ -11,6 +11,7 @@ from kafka.errors import KafkaTimeoutError
 
 from cache_store.memory_partition import MemoryPartitionStore
 from tests.models.tiny_models import tiny_loaded
+from worker.io.kafka_output import SOURCE_HEADER
 from worker.model.cache_settings import CacheSettings
 from worker.ops.metrics import WorkerMetrics
 from worker.runtime.checkpoint_schedule import CheckpointSchedule
@@ -89,7 +90,7 @@ class RecordingDelivery:
 
     def dead_letters_since(self, since_ms: int, timeout: float) -> set[bytes]:
         return {
-            headers["streamsink.source"]
+            headers[SOURCE_HEADER]
             for (_, _, headers), stamp in zip(self.dead_letters, self.stamps, strict=True)
             if stamp >= since_ms
         }

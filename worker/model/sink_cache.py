@@ -14,7 +14,7 @@ since the last saved one and names the others by the blocks the store already ho
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -228,17 +228,21 @@ class SinkCache(Cache):
     def storing(self, kind: LayerKind) -> object:
         """The turn of `kind`'s new keys to their stream positions, made by the first layer of
         that kind (see PositionScheme.storing)."""
-        key = ("storing", kind)
-        if key not in self._turnings:
-            self._turnings[key] = kind.scheme.storing(self.plan.shift, self.device)
-        return self._turnings[key]
+        return self._once(
+            ("storing", kind), lambda: kind.scheme.storing(self.plan.shift, self.device)
+        )
 
     def turning_back(self, kind: LayerKind, dtype: torch.dtype) -> object:
         """The turn of `kind`'s window keys from the stream's frame to this step's in-cache
         frame, made by the first layer of that kind that needs it."""
-        key = ("back", kind)
+        return self._once(
+            ("back", kind), lambda: kind.scheme.turning(-self.plan.shift, self.device, dtype)
+        )
+
+    def _once(self, key: tuple[str, LayerKind], make: Callable[[], object]) -> object:
+        """`make()` the first time this step asks for `key`, the same object after."""
         if key not in self._turnings:
-            self._turnings[key] = kind.scheme.turning(-self.plan.shift, self.device, dtype)
+            self._turnings[key] = make()
         return self._turnings[key]
 
     def tokens_of_span(self, start: int, end: int) -> list[int]:
