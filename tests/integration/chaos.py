@@ -72,6 +72,7 @@ class ChaosReport:
     unowned_detected: float = 0.0
     redelivered: float = 0.0  # as the live workers' metric counts it (the killed ones' is gone)
     held_back: float = 0.0  # dead letters in doubt the live workers found on the topic
+    rejoined: float = 0.0  # times a live worker found the group had dropped it unnoticed
     seconds: float = 0.0
     problems: list[str] = field(default_factory=list)
 
@@ -85,8 +86,8 @@ class ChaosReport:
             f"{self.commentaries} commentaries, {self.duplicates} duplicates "
             f"({self.redelivered:g} counted redelivered by live workers), "
             f"{self.dead_letters} dead letters ({self.held_back:g} held back as already there), "
-            f"{self.unowned_detected:g} unowned-partition "
-            f"alarms; {self.seconds:.0f} s: {verdict}"
+            f"{self.unowned_detected:g} unowned-partition alarms, "
+            f"{self.rejoined:g} rejoins of a dropped member; {self.seconds:.0f} s: {verdict}"
         )
 
 
@@ -314,6 +315,8 @@ class ChaosRun:
         self.report.redelivered = sum(sample(page, redelivered) for page in pages)
         held_back = "streamsink_dead_letters_held_back_total"
         self.report.held_back = sum(sample(page, held_back) for page in pages)
+        rejoined = 'streamsink_errors_total{kind="membership_dropped"}'
+        self.report.rejoined = sum(sample(page, rejoined) for page in pages)
 
     def _check_output(
         self,

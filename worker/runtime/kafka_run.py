@@ -45,6 +45,7 @@ from worker.runtime.backpressure import PartitionGate
 from worker.runtime.inbox import Batch, Claim, Inbox, Lost, Revoke, Stop
 from worker.runtime.inference_loop import Fenced, InferenceLoop, Progress, Ready
 from worker.runtime.kafka_settings import WorkerSettings
+from worker.runtime.membership import DroppedMembership, Standing, rejoin
 from worker.runtime.outages import KAFKA, REDIS, Outages, Unreachable
 from worker.runtime.ownership import OwnershipWatch
 from worker.runtime.rebalance import Handoff, RebalanceListener
@@ -96,6 +97,7 @@ class KafkaWorker:
         self._unstarted: dict[TopicPartition, Ready] = {}  # claimed, not yet sought
         self._applied: dict[TopicPartition, int] = {}  # next offsets the inference side reported
         self._fenced = FencedPartitions(settings.group.session_timeout_ms / 1000)
+        self._membership = DroppedMembership(settings.group.session_timeout_ms / 1000)
         self._next_probe = 0.0
         self._closing = False
 
@@ -170,7 +172,7 @@ class KafkaWorker:
         self._gate.pause_unclaimed(consumer)
         self._gate.apply_backpressure(consumer, self._to_inference.qsize())
         self._probe(consumer)
-        self._ownership.look(consumer, self._partitions)
+        self._judge_membership(consumer, self._ownership.look(consumer, self._partitions))
         self._report_lag(consumer)
         self.health.beat()
 
@@ -243,14 +245,38 @@ class KafkaWorker:
             consumer.commit_async(offsets)  # for lag and autoscaling; Redis is the truth
 
     def _reclaim_fenced(self, consumer: KafkaConsumer) -> None:
-        """Claim again a fenced partition the group has left here a session long (reclaim.py)."""
-        for partition in self._fenced.due(consumer.assignment(), time.monotonic()):
+        """Claim again a fenced partition the group has left here a session long (reclaim.py),
+        once the group confirms it assigns it here; else ask again a session later."""
+        now = time.monotonic()
+        due = self._fenced.due(consumer.assignment(), now)
+        if not due:
+            return
+        seen = self._ownership.standing(consumer, self.settings.topics.input)
+        if self._judge_membership(consumer, seen):
+            return
+        given_here = seen.partitions if seen is not None else frozenset()
+        for partition in self._fenced.confirmed(due, given_here, now):
             self.metrics.errors.labels(kind="partition_reclaimed").inc()
             log.warning(
                 "claiming again a fenced partition still assigned here",
                 partition=partition.partition,
             )
             self._to_inference.put(Claim(partition))
+
+    def _judge_membership(self, consumer: KafkaConsumer, seen: Standing | None) -> bool:
+        """Join the group again if it has dropped this member unnoticed (membership.py);
+        whether it did."""
+        if not self._membership.dropped(seen, time.monotonic()):
+            return False
+        held = rejoin(consumer, RebalanceListener(self))
+        self.metrics.errors.labels(kind="membership_dropped").inc()
+        log.warning(
+            "the group dropped this member unnoticed: joining it again",
+            partitions=sorted(p.partition for p in held),
+        )
+        if held:
+            self.on_lost(held)
+        return True
 
     def _start_claimed(self, consumer: KafkaConsumer) -> None:
         """Seek each claimed partition to where its committed state stops, then let it flow;

@@ -8,16 +8,17 @@ member owns while the group's committed offset is behind its end, look after loo
 longer than a rebalance may leave it so (a cooperative rebalance unassigns what it moves
 until its old owner has checkpointed it: the shutdown budget, then a rejoin within a
 session), is counted once (`streamsink_errors_total{kind="partition_unowned"}`), shown
-while it lasts (`streamsink_partitions_unowned`) and logged.
+while it lasts (`streamsink_partitions_unowned`) and logged. The same look tells whether the
+group still lists this member (membership.py).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import suppress
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from kafka import KafkaConsumer, TopicPartition
@@ -27,9 +28,12 @@ from kafka.errors import KafkaError
 from worker.io.kafka_connection import KafkaConnection
 from worker.ops.metrics import WorkerMetrics
 from worker.runtime.kafka_settings import GroupSettings
+from worker.runtime.membership import Standing, standing
 from worker.runtime.outages import KAFKA, Outages, Unreachable
 
 log = structlog.get_logger("streamsink.worker")
+
+T = TypeVar("T")
 
 LOOK_SECONDS = 15.0  # between two looks at the group's assignment
 REQUEST_TIMEOUT_MS = 5_000
@@ -76,35 +80,65 @@ class OwnershipWatch:
         self._alarmed: set[int] = set()
         self._next_look = time.monotonic() + look_seconds
 
-    def look(self, consumer: KafkaConsumer, partitions: list[TopicPartition]) -> None:
+    def look(self, consumer: KafkaConsumer, partitions: list[TopicPartition]) -> Standing | None:
+        """Every look_seconds, judge the unowned partitions; this member's standing in the
+        group at that look (membership.py), or None between looks or when it cannot tell."""
         if time.monotonic() < self._next_look or not partitions:
-            return
+            return None
         self._next_look = time.monotonic() + self.look_seconds
         ask = partial(self._ask, consumer, partitions)
+        looked = self._asking("look at the group", ask)
+        if looked is None:
+            return None
+        unowned, seen = looked
+        self.judge(unowned)
+        return seen
+
+    def standing(self, consumer: KafkaConsumer, topic: str) -> Standing | None:
+        """This member's standing in the group now, or None when it cannot tell."""
+        ask = partial(self._standing, consumer, topic)
+        return self._asking("ask the group about this member", ask)
+
+    def _asking(self, what: str, ask: Callable[[], T]) -> T | None:
+        """`ask` through the outages; None when the brokers or the group do not answer."""
         try:
-            self.judge(self.outages.call(KAFKA, "look at the group", ask))
+            return self.outages.call(KAFKA, what, ask)
         except Unreachable:
             self.close()  # a fresh client next time
         except KafkaError as error:  # the watch never takes the worker down
             log.warning("could not look at the group", error=str(error))
             self.close()
+        return None
 
-    def _ask(self, consumer: KafkaConsumer, partitions: list[TopicPartition]) -> dict[int, int]:
+    def _client(self) -> KafkaAdminClient:
         if self._admin is None:
             self._admin = KafkaAdminClient(
                 **self.connection.client_config(),
                 request_timeout_ms=REQUEST_TIMEOUT_MS,
                 bootstrap_timeout_ms=REQUEST_TIMEOUT_MS,
             )
-        group = self._admin.describe_groups([self.group])[self.group]
-        committed = self._admin.list_group_offsets({self.group: partitions})[self.group]
+        return self._admin
+
+    def _described(self) -> dict[str, Any]:
+        return self._client().describe_groups([self.group])[self.group]
+
+    def _standing(self, consumer: KafkaConsumer, topic: str) -> Standing | None:
+        return standing(self._described(), consumer.group_metadata(), topic)
+
+    def _ask(
+        self, consumer: KafkaConsumer, partitions: list[TopicPartition]
+    ) -> tuple[dict[int, int], Standing | None]:
+        group = self._described()
+        committed = self._client().list_group_offsets({self.group: partitions})[self.group]
         ends = consumer.end_offsets(partitions, timeout_ms=REQUEST_TIMEOUT_MS)
-        return unowned_with_lag(
+        topic = partitions[0].topic
+        unowned = unowned_with_lag(
             group,
-            partitions[0].topic,
+            topic,
             {tp.partition: end for tp, end in ends.items()},
             {tp.partition: meta.offset for tp, meta in committed.items() if meta.offset >= 0},
         )
+        return unowned, standing(group, consumer.group_metadata(), topic)
 
     def judge(self, unowned: dict[int, int], now: float | None = None) -> None:
         """Raise the alarm, once, for what has stayed unowned with lag past the grace."""

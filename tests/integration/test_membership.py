@@ -1,0 +1,117 @@
+"""A member the group dropped without its knowing, against the real broker: the group's own
+description shows it, and leaving and subscribing again brings it back as a new member."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+
+from kafka import KafkaConsumer, TopicPartition
+from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
+from kafka.structs import MemberState
+
+from tests.integration.worker_harness import create_topics
+from worker.io.kafka_connection import KafkaConnection
+from worker.ops.health import Health
+from worker.ops.metrics import WorkerMetrics
+from worker.runtime.kafka_settings import GroupSettings
+from worker.runtime.membership import DroppedMembership, Standing, rejoin
+from worker.runtime.outages import Outages
+from worker.runtime.ownership import OwnershipWatch
+from worker.runtime.rebalance import RebalanceListener
+
+SESSION_MS = 6000
+
+
+class Recorder:
+    """A rebalance handler that keeps what it was told."""
+
+    def __init__(self) -> None:
+        self.assigned: set[TopicPartition] = set()
+        self.lost: set[TopicPartition] = set()
+
+    def on_assigned(self, added: set[TopicPartition]) -> None:
+        self.assigned |= added
+
+    def on_revoked(self, revoked: set[TopicPartition]) -> None:
+        return None
+
+    def on_lost(self, lost: set[TopicPartition]) -> None:
+        self.lost |= lost
+
+
+def _consumer(bootstrap: str, group: str) -> KafkaConsumer:
+    return KafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=group,
+        enable_auto_commit=False,
+        partition_assignment_strategy=[CooperativeStickyAssignor],
+        session_timeout_ms=SESSION_MS,
+        heartbeat_interval_ms=SESSION_MS // 10,
+    )
+
+
+def _poll_until(consumers: list[KafkaConsumer], done: Callable[[], bool], seconds=60.0) -> None:
+    """Poll every consumer in turn, as their workers would, until `done`."""
+    deadline = time.monotonic() + seconds
+    while not done():
+        assert time.monotonic() < deadline, "the group did not get there in time"
+        for consumer in consumers:
+            consumer.poll(timeout_ms=100)
+
+
+def test_a_member_dropped_unnoticed_is_seen_unlisted_and_joins_again(kafka_service) -> None:
+    name = f"member-{uuid.uuid4().hex[:8]}"
+    topic = create_topics(kafka_service.bootstrap, name).input
+    everything = {TopicPartition(topic, number) for number in range(4)}
+    watch = OwnershipWatch(
+        KafkaConnection(kafka_service.bootstrap),
+        GroupSettings(name, session_timeout_ms=SESSION_MS),
+        WorkerMetrics(),
+        Outages(Health(), WorkerMetrics()),
+    )
+    stale, live = _consumer(kafka_service.bootstrap, name), _consumer(kafka_service.bootstrap, name)
+    stale_listener = RebalanceListener(Recorder())
+    try:
+        stale.subscribe([topic], listener=stale_listener)
+        live.subscribe([topic], listener=RebalanceListener(Recorder()))
+
+        def split() -> bool:
+            return (
+                len(stale.assignment()) == 2
+                and len(live.assignment()) == 2
+                and (seen := watch.standing(stale, topic)) is not None
+                and seen.listed
+            )
+
+        _poll_until([stale, live], split)
+        held = set(stale.assignment())
+        before = stale.group_metadata().member_id
+        assert watch.standing(stale, topic) == Standing(
+            before, True, frozenset(p.partition for p in held)
+        )
+
+        # The fault: its heartbeats stop while it believes itself a stable member.
+        stale._coordinator._disable_heartbeat()
+        _poll_until([stale, live], lambda: live.assignment() == everything)
+        assert stale.assignment() == held  # polling alone never told it
+        assert stale.group_metadata().state == MemberState.STABLE
+        seen = watch.standing(stale, topic)
+        assert seen == Standing(before, False, frozenset())
+
+        dropped = DroppedMembership(grace_seconds=SESSION_MS / 1000)
+        assert not dropped.dropped(seen, now=0.0)
+        assert dropped.dropped(seen, now=SESSION_MS / 1000)
+
+        assert rejoin(stale, stale_listener) == held
+        assert stale.assignment() == set()
+        _poll_until([stale, live], split)
+        after = stale.group_metadata().member_id
+        assert after != before
+        assert stale.assignment() | live.assignment() == everything
+        assert stale_listener.handler.assigned >= set(stale.assignment())
+    finally:
+        watch.close()
+        for consumer in (stale, live):
+            consumer.close(autocommit=False, timeout_ms=5000)
