@@ -41,8 +41,10 @@ class Recorder:
         self.lost |= lost
 
 
-def _consumer(bootstrap: str, group: str) -> KafkaConsumer:
-    return KafkaConsumer(
+def _consumer(bootstrap: str, group: str, topic: str) -> KafkaConsumer:
+    """A consumer of the group that sees `topic`, as a worker waits to before it joins: a
+    group whose leader does not see the topic yet settles on an empty assignment."""
+    consumer = KafkaConsumer(
         bootstrap_servers=bootstrap,
         group_id=group,
         enable_auto_commit=False,
@@ -50,6 +52,11 @@ def _consumer(bootstrap: str, group: str) -> KafkaConsumer:
         session_timeout_ms=SESSION_MS,
         heartbeat_interval_ms=SESSION_MS // 10,
     )
+    deadline = time.monotonic() + 60
+    while not consumer.partitions_for_topic(topic):
+        assert time.monotonic() < deadline, f"{topic} never showed"
+        time.sleep(0.2)
+    return consumer
 
 
 def _poll_until(consumers: list[KafkaConsumer], done: Callable[[], bool], seconds=60.0) -> None:
@@ -71,7 +78,7 @@ def test_a_member_dropped_unnoticed_is_seen_unlisted_and_joins_again(kafka_servi
         WorkerMetrics(),
         Outages(Health(), WorkerMetrics()),
     )
-    stale, live = _consumer(kafka_service.bootstrap, name), _consumer(kafka_service.bootstrap, name)
+    stale, live = (_consumer(kafka_service.bootstrap, name, topic) for _ in range(2))
     stale_listener = RebalanceListener(Recorder())
     try:
         stale.subscribe([topic], listener=stale_listener)
