@@ -39,3 +39,20 @@ def test_the_pool_grows_a_chunk_at_a_time_and_keeps_what_it_holds() -> None:
     assert pool.keys(0, CHUNK_SLOTS).shape == (1, 2, 8, 4)
     with pytest.raises(ValueError, match="more than one chunk"):
         pool.keys(0, CHUNK_SLOTS - 1, 2)
+
+
+def test_a_slot_is_zeroed_when_first_handed_out_whatever_its_buffer_held() -> None:
+    pool = KVPool(layers=2)
+    first = Owner()
+    pool.take(first)
+    for layer in range(2):
+        pool.make(layer, (2, 8, 4), (2, 8, 4), torch.empty(0))
+        assert pool.keys(layer, 0).abs().sum() == 0  # taken before its layer was made
+        pool.keys(layer, 1, CHUNK_SLOTS - 1).fill_(float("nan"))  # what an empty buffer may hold
+        pool.values(layer, 1, CHUNK_SLOTS - 1).fill_(float("nan"))
+    second = Owner()
+    assert pool.take(second) == 1
+    for layer in range(2):
+        assert pool.keys(layer, 1).abs().sum() == 0
+        assert pool.values(layer, 1).abs().sum() == 0
+        assert pool.keys(layer, 2).isnan().all()  # not handed out: not touched

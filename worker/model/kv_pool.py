@@ -9,8 +9,10 @@ layer's first write, when its shape is known; the pool grows a chunk at a time, 
 so it holds at most CHUNK_SLOTS - 1 slots more than it ever had caches (growing by doubling
 would hold twice as many, and copy them all while the old buffers still stood).
 
-A freed slot keeps what its last cache wrote; a new cache's unfilled slots are masked, so
-their contents (finite values, or zeros) never reach a score.
+A chunk is allocated empty, and a slot is zeroed when it is first handed out: a slot no cache
+has taken costs no memory the system has to back, and a stream's first prefill does not
+clear eight caches' worth. A freed slot keeps what its last cache wrote; a new cache's
+unfilled slots are masked, so their contents (finite values, or zeros) never reach a score.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ class KVPool:
             slot, self._taken = self._taken, self._taken + 1
             if slot == self._chunks * CHUNK_SLOTS:
                 self._add_chunk()
+            for layer in range(len(self._shapes)):
+                self._clear(layer, range(slot, slot + 1))
         weakref.finalize(owner, heapq.heappush, self._free, slot)
         return slot
 
@@ -65,7 +69,15 @@ class KVPool:
         # new stream's copy writes into them outside one.
         with torch.inference_mode(False):
             for buffers, shape in ((self._keys, keys), (self._values, values)):
-                buffers[layer].append(torch.zeros(CHUNK_SLOTS, *shape, dtype=dtype, device=device))
+                buffers[layer].append(torch.empty(CHUNK_SLOTS, *shape, dtype=dtype, device=device))
+
+    def _clear(self, layer: int, slots: range) -> None:
+        """Zero `slots` of a made layer: an empty buffer may hold anything, NaN too."""
+        if self.made(layer):
+            with torch.inference_mode(False):
+                for slot in slots:
+                    self.keys(layer, slot).zero_()
+                    self.values(layer, slot).zero_()
 
     def made(self, layer: int) -> bool:
         return self._shapes[layer] is not None
@@ -76,6 +88,7 @@ class KVPool:
         self._shapes[layer] = (torch.Size(keys), torch.Size(values), like.dtype, like.device)
         for _ in range(self._chunks):
             self._allocate(layer, keys, values, like.dtype, like.device)
+        self._clear(layer, range(self._taken))
 
     def keys(self, layer: int, slot: int, count: int = 1) -> torch.Tensor:
         """[count, heads, capacity, dims]: slots slot.. of one chunk, as a view."""
