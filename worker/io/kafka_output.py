@@ -14,11 +14,12 @@ import json
 import threading
 import time
 from collections.abc import Sequence
+from contextlib import suppress
 
 import structlog
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import KafkaTimeoutError
+from kafka.errors import KafkaError, KafkaTimeoutError
 from kafka.producer.future import FutureRecordMetadata
 
 from worker.exceptions import BadRecordError
@@ -60,14 +61,16 @@ def commentary_payload(commentary: Commentary) -> bytes:
 
 
 class _Sends(threading.local):
-    """One thread's sends since its last flush (partitions deliver from more than one)."""
+    """One thread's sends since its last flush (partitions deliver from more than one), each
+    with the time it was made."""
 
     def __init__(self) -> None:
-        self.futures: list[FutureRecordMetadata] = []
+        self.futures: list[tuple[FutureRecordMetadata, float]] = []
 
 
 LINGER_MS = 5
 REQUEST_TIMEOUT_MS = 30_000  # kafka-python's default
+STALLED_SECONDS = 5.0  # past its expiry, a send still pending means the producer stopped
 
 
 class OutputProducer:
@@ -83,6 +86,12 @@ class OutputProducer:
     send never waits on the brokers: the topics' metadata is fetched on `connect`, and a send
     that must still wait for it gives up after `expiry_ms` (a record made only once the
     brokers answer would be new, and no expiry would stop it).
+
+    kafka-python 3.0.12's idempotent producer can stop for good: once a batch it had retried
+    expires, it drops its producer id and never asks for another (its state stays READY), so it
+    neither sends nor expires anything again. A flush that finds a send pending past its
+    expiry replaces such a producer (its sends fail, never to be sent later) and raises; what
+    they carried is in doubt, as after any failed flush, and is sent again by the new one.
     """
 
     def __init__(
@@ -97,10 +106,12 @@ class OutputProducer:
         self.dead_letter_topic = dead_letter_topic
         self.expiry_ms = expiry_ms
         self._producer: KafkaProducer | None = None
+        self._bootstrap_timeout_ms: int | None = None  # once connected: a replacement's
         self._sent = _Sends()
 
     def connect(self, bootstrap_timeout_ms: int) -> None:
         """Reach the brokers; KafkaTimeoutError if none answers in `bootstrap_timeout_ms`."""
+        self._bootstrap_timeout_ms = bootstrap_timeout_ms
         self._producer = KafkaProducer(
             **self.connection.client_config(),
             acks="all",
@@ -120,8 +131,12 @@ class OutputProducer:
 
     @property
     def producer(self) -> KafkaProducer:
+        """The producer; a replacement for a stopped one is connected on first use."""
         if self._producer is None:
-            raise RuntimeError("OutputProducer.connect() was not called")
+            if self._bootstrap_timeout_ms is None:
+                raise RuntimeError("OutputProducer.connect() was not called")
+            self.connect(self._bootstrap_timeout_ms)
+        assert self._producer is not None
         return self._producer
 
     def send_commentary(self, stream_id: str, payload: bytes) -> None:
@@ -145,9 +160,9 @@ class OutputProducer:
         """Wait until everything this thread sent is acknowledged; raises KafkaTimeoutError if
         the wait runs out, or the error of a record the producer gave up on (expired, or out
         of retries): kafka-python's flush returns once every record is done, taken or not."""
-        self.producer.flush(timeout=timeout)
+        self._await(timeout)
         sent, self._sent.futures = self._sent.futures, []
-        for future in sent:
+        for future, _ in sent:
             if future.failed():
                 raise future.exception
 
@@ -155,8 +170,29 @@ class OutputProducer:
         """Wait until every record sent before is taken or given up, and forget how each ended:
         after a failed flush they are in doubt, and what is on the topics tells. Raises
         KafkaTimeoutError if the wait runs out (they may still land)."""
-        self.producer.flush(timeout=timeout)
+        self._await(timeout)
         self._sent.futures = []
+
+    def _await(self, timeout: float | None) -> None:
+        """The producer's flush; one that runs out with a send pending past its expiry
+        replaces the producer, which has stopped (see the class), before it raises."""
+        try:
+            self.producer.flush(timeout=timeout)
+        except KafkaTimeoutError:
+            limit = time.monotonic() - self.expiry_ms / 1000 - STALLED_SECONDS
+            if any(not future.is_done and made < limit for future, made in self._sent.futures):
+                self._replace_stopped()
+            raise
+
+    def _replace_stopped(self) -> None:
+        stopped, self._producer = self._producer, None
+        log.error(
+            "the output producer stopped sending: replaced",
+            pending=sum(not future.is_done for future, _ in self._sent.futures),
+        )
+        self._sent.futures = []  # failed below; what they carried is in doubt
+        if stopped is not None:
+            _drop(stopped, timeout=self.expiry_ms / 1000)
 
     def dead_letters_since(self, since_ms: int, timeout: float) -> set[bytes]:
         """The sources of the dead letters on the topic stamped `since_ms` or later; raises
@@ -175,11 +211,23 @@ class OutputProducer:
             reader.close()
 
     def _track(self, future: FutureRecordMetadata) -> None:
-        self._sent.futures.append(future)
+        self._sent.futures.append((future, time.monotonic()))
 
     def close(self, timeout: float = 10.0) -> None:
+        """Flush and close; sends still pending after `timeout` are dropped."""
         if self._producer is not None:
-            self._producer.close(timeout=timeout)
+            try:
+                self._producer.close(timeout=timeout)
+            except KafkaTimeoutError:
+                _drop(self._producer, timeout=0)
+
+
+def _drop(producer: KafkaProducer, timeout: float) -> None:
+    """Close `producer` without waiting for its pending sends: they fail, and are never sent
+    later. (Its close() flushes first, which a stopped producer never finishes.)"""
+    producer._sender.force_close()
+    with suppress(KafkaError):
+        producer.close(timeout=timeout)
 
 
 def _sources_since(reader: KafkaConsumer, topic: str, since_ms: int, timeout: float) -> set[bytes]:
