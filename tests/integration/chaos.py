@@ -73,6 +73,7 @@ class ChaosReport:
     redelivered: float = 0.0  # as the live workers' metric counts it (the killed ones' is gone)
     held_back: float = 0.0  # dead letters in doubt the live workers found on the topic
     rejoined: float = 0.0  # times a live worker found the group had dropped it unnoticed
+    producers_replaced: float = 0.0  # output producers live workers found stopped
     seconds: float = 0.0
     problems: list[str] = field(default_factory=list)
 
@@ -87,7 +88,9 @@ class ChaosReport:
             f"({self.redelivered:g} counted redelivered by live workers), "
             f"{self.dead_letters} dead letters ({self.held_back:g} held back as already there), "
             f"{self.unowned_detected:g} unowned-partition alarms, "
-            f"{self.rejoined:g} rejoins of a dropped member; {self.seconds:.0f} s: {verdict}"
+            f"{self.rejoined:g} rejoins of a dropped member, "
+            f"{self.producers_replaced:g} stopped producers replaced; "
+            f"{self.seconds:.0f} s: {verdict}"
         )
 
 
@@ -317,6 +320,8 @@ class ChaosRun:
         self.report.held_back = sum(sample(page, held_back) for page in pages)
         rejoined = 'streamsink_errors_total{kind="membership_dropped"}'
         self.report.rejoined = sum(sample(page, rejoined) for page in pages)
+        replaced = 'streamsink_errors_total{kind="producer_stopped"}'
+        self.report.producers_replaced = sum(sample(page, replaced) for page in pages)
 
     def _check_output(
         self,

@@ -11,6 +11,7 @@ from kafka.errors import KafkaTimeoutError
 from tests.integration.worker_harness import create_topics, read_topic
 from worker.io.kafka_connection import KafkaConnection
 from worker.io.kafka_output import SOURCE_HEADER, STALLED_SECONDS, OutputProducer
+from worker.ops.metrics import WorkerMetrics
 
 
 def _now_ms() -> int:
@@ -47,6 +48,7 @@ def test_a_producer_that_stopped_sending_is_replaced_and_sends_again(kafka_servi
         topics.output,
         topics.dead_letter,
         expiry_ms=2000,
+        metrics=(metrics := WorkerMetrics()),
     )
     producer.connect(bootstrap_timeout_ms=30_000)
     try:
@@ -62,6 +64,7 @@ def test_a_producer_that_stopped_sending_is_replaced_and_sends_again(kafka_servi
         assert producer.producer is stopped
         with pytest.raises(KafkaTimeoutError):
             producer.settle(timeout=STALLED_SECONDS + 3)  # past it: the producer stopped
+        assert metrics.value("streamsink_errors", kind="producer_stopped") == 1
         stopped._sender.join(30)
         assert not stopped._sender.is_alive()
         producer.settle(timeout=30)

@@ -24,6 +24,7 @@ from kafka.producer.future import FutureRecordMetadata
 
 from worker.exceptions import BadRecordError
 from worker.io.kafka_connection import KafkaConnection
+from worker.ops.metrics import WorkerMetrics
 from worker.stream.records import Commentary, Record
 
 log = structlog.get_logger("streamsink.worker")
@@ -100,8 +101,9 @@ class OutputProducer:
         output_topic: str,
         dead_letter_topic: str | None,
         expiry_ms: int = 120_000,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
-        self.connection = connection
+        self.connection, self.metrics = connection, metrics
         self.output_topic = output_topic
         self.dead_letter_topic = dead_letter_topic
         self.expiry_ms = expiry_ms
@@ -186,6 +188,8 @@ class OutputProducer:
 
     def _replace_stopped(self) -> None:
         stopped, self._producer = self._producer, None
+        if self.metrics is not None:
+            self.metrics.errors.labels(kind="producer_stopped").inc()
         log.error(
             "the output producer stopped sending: replaced",
             pending=sum(not future.is_done for future, _ in self._sent.futures),

@@ -78,6 +78,7 @@ class KafkaWorker:
             settings.topics.output,
             settings.topics.dead_letter,
             expiry_ms=settings.group.session_timeout_ms,
+            metrics=metrics,
         )
         self._to_inference = Inbox()
         self._to_polling: queue.Queue = queue.Queue()
