@@ -43,15 +43,19 @@ def standing(
         return None
     for described in group.get("members", []):
         if described.get("member_id") == member.member_id:
-            assignment = described.get("member_assignment") or {}
-            partitions = frozenset(
-                number
-                for assigned in assignment.get("assigned_partitions", [])
-                if assigned["topic"] == topic
-                for number in assigned["partitions"]
-            )
-            return Standing(member.member_id, True, partitions)
+            return Standing(member.member_id, True, assigned_partitions(described, topic))
     return Standing(member.member_id, False, frozenset())
+
+
+def assigned_partitions(member: Mapping[str, Any], topic: str) -> frozenset[int]:
+    """The partitions of `topic` a described member (one of describe_groups' members) has."""
+    assignment = member.get("member_assignment") or {}
+    return frozenset(
+        number
+        for assigned in assignment.get("assigned_partitions", [])
+        if assigned["topic"] == topic
+        for number in assigned["partitions"]
+    )
 
 
 class DroppedMembership:

@@ -28,7 +28,7 @@ from kafka.errors import KafkaError
 from worker.io.kafka_connection import KafkaConnection
 from worker.ops.metrics import WorkerMetrics
 from worker.runtime.kafka_settings import GroupSettings
-from worker.runtime.membership import Standing, standing
+from worker.runtime.membership import Standing, assigned_partitions, standing
 from worker.runtime.outages import KAFKA, Outages, Unreachable
 
 log = structlog.get_logger("streamsink.worker")
@@ -49,13 +49,9 @@ def unowned_with_lag(
     """
     if group.get("group_state") != "Stable":
         return {}
-    owned = {
-        number
-        for member in group.get("members", [])
-        for assigned in (member.get("member_assignment") or {}).get("assigned_partitions", [])
-        if assigned["topic"] == topic
-        for number in assigned["partitions"]
-    }
+    owned = frozenset().union(
+        *(assigned_partitions(member, topic) for member in group.get("members", []))
+    )
     lags = {number: end - committed.get(number, 0) for number, end in ends.items()}
     return {number: lag for number, lag in sorted(lags.items()) if number not in owned and lag > 0}
 
