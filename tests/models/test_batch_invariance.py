@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from tests.models.tiny_models import VOCAB, tiny_configs, tiny_model
-from worker.model import cpu_kernels, decode_kernel, linear_kernel
-from worker.model.attention import FLASH_QUERIES
+from worker.model import batch_cache, cpu_kernels, decode_kernel, linear_kernel
+from worker.model.attention import FLASH_QUERIES, decoding
 from worker.model.batch_cache import batch_forward
 from worker.model.batch_invariance import is_batch_invariant, make_batch_invariant, stock_kernels
 from worker.model.decoder import forward_step
@@ -65,7 +65,7 @@ def _decode(
 
 
 @pytest.fixture(params=["ours", "stock"])
-def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """The test runs with cpu_kernels.py's kernels where this CPU has them, and again with
     oneDNN's linear layers and torch's attention matmuls, the path of every other CPU (for the
     models the test makes)."""
@@ -74,6 +74,7 @@ def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
         monkeypatch.setattr(linear_kernel, "takes", lambda weight: False)
     elif not cpu_kernels.status().ready:
         pytest.skip(f"no CPU kernels: {cpu_kernels.status().detail}")
+    return request.param
 
 
 def _batchable() -> list[str]:
@@ -130,6 +131,28 @@ def test_rows_attending_over_fewer_slots_are_the_same_bits_in_any_batch(name: st
         together = _decode(model, groups, **wide)
         for i in streams:
             assert all(torch.equal(a, b) for a, b in zip(alone[i], together[i], strict=True))
+
+
+@torch.inference_mode()
+def test_rows_of_adjacent_slots_share_a_run_whatever_their_spans_where_our_kernels_read_them(
+    kernels: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One kernel call a layer for the run, not one a span; torch's matmuls keep a span a run.
+    (The tests above check that the bits do not change.)"""
+    model = tiny_model("llama")
+    pool = KVPool(model.config.num_hidden_layers)
+    caches = [_prefilled(model, n, i, pool, WIDE) for i, n in enumerate(WIDE_LENGTHS[:4])]
+    seen = []
+
+    def spy(frames):
+        seen.append(frames.runs)
+        return decoding(frames)
+
+    monkeypatch.setattr(batch_cache, "decoding", spy)
+    _batch(model, caches, [torch.tensor([1])] * len(caches))
+    spans = [batch_cache.attended(n + 1, WIDE) for n in WIDE_LENGTHS[:4]]
+    expected = [max(spans)] if kernels == "ours" else set(spans)
+    assert sorted(run.span for run in seen[0]) == sorted(expected)
 
 
 @pytest.mark.parametrize("name", ["llama", "gemma3-hybrid"])

@@ -21,6 +21,7 @@ from contextlib import ExitStack
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from worker.model import decode_kernel
 from worker.model.attention import ATTENTION, DecodeFrames, Run, decoding
 from worker.model.batch_step import BatchPlan, plan_batch
 from worker.model.compat import LayerAcrossReleases, cache_argument
@@ -76,12 +77,13 @@ class BatchCacheLayer(LayerAcrossReleases, CacheLayerMixin):
 class BatchCache(Cache):
     """The caches of one batched forward, in slot order, and the plan that forward follows."""
 
-    def __init__(self, caches: Sequence[SinkCache], plan: BatchPlan) -> None:
+    def __init__(self, caches: Sequence[SinkCache], plan: BatchPlan, mixed_spans: bool) -> None:
+        """`mixed_spans`: whether rows attending over different spans may share a run."""
         self.caches = list(caches)
         self.plan = plan
         self.kinds = caches[0].kinds
         self.capacity = caches[0].layout.capacity
-        self.runs = _runs(self.caches, plan)
+        self.runs = _runs(self.caches, plan, mixed_spans)
         # Each row's turn of its new keys to stream positions, made once a step per layer kind.
         device = self.caches[0].device
         self.storings = {kind: kind.scheme.storing(plan.shifts, device) for kind in set(self.kinds)}
@@ -130,28 +132,45 @@ ATTENDED_BLOCK = 128  # a row attends over its filled slots rounded up to this m
 
 def attended(length: int, capacity: int) -> int:
     """How many leading slots a row holding `length` tokens attends over: its own length
-    rounded up, so a young stream reads less, and what its scores add up over is a function of
-    the row alone (never of its batch). Once the ring turns, every slot is filled."""
+    rounded up, so a young stream reads less. Once the ring turns, every slot is filled."""
     return min(-(-length // ATTENDED_BLOCK) * ATTENDED_BLOCK, capacity)
 
 
-def _runs(caches: Sequence[SinkCache], plan: BatchPlan) -> tuple[Run, ...]:
-    """Rows (already in slot order) of adjacent slots of one pool that attend over as many
-    slots, as runs."""
+def sums_in_slot_order(cache: SinkCache) -> bool:
+    """Whether attention reads this cache through decode_kernel.py, whose sums run over the
+    slots in order: there the slots a shorter row of a run has not filled (masked) add exact
+    zeros after its own, so rows of any spans may share a run without a bit changing. torch's
+    matmuls may block a sum by its length, so elsewhere a run takes rows of one span."""
+    layer = cache.layers[0]
+    return layer.is_initialized and decode_kernel.takes(layer.keys, layer.values)
+
+
+def _runs(caches: Sequence[SinkCache], plan: BatchPlan, mixed_spans: bool) -> tuple[Run, ...]:
+    """Rows (already in run order, see `_run_order`) of adjacent slots of one pool, as runs,
+    each attending over the slots its longest row does: one kernel call a layer per run."""
     runs: list[Run] = []
     for row, (cache, step) in enumerate(zip(caches, plan.plans, strict=True)):
         span = attended(step.length_after, cache.layout.capacity)
         last = runs[-1] if runs else None
         if (
             last
-            and (last.pool, last.span) == (cache.pool, span)
+            and last.pool is cache.pool
+            and (mixed_spans or last.span == span)
             and last.first_slot + last.count == cache.slot
             and same_chunk(last.first_slot, cache.slot)
         ):
+            span = max(span, last.span)
             runs[-1] = Run(last.pool, last.first_row, last.first_slot, last.count + 1, span)
         else:
             runs.append(Run(cache.pool, row, cache.slot, 1, span))
     return tuple(runs)
+
+
+def _run_order(cache: SinkCache, mixed_spans: bool) -> tuple[int, int, int]:
+    """Where a cache's row goes in the batch: in slot order, rows of one span together where
+    a run takes one span only, so the rows make as few runs as they can."""
+    span = 0 if mixed_spans else attended(cache.layout.length + 1, cache.layout.capacity)
+    return id(cache.pool), span, cache.slot
 
 
 def batch_forward(
@@ -165,22 +184,15 @@ def batch_forward(
         raise ValueError("a batched step needs streamsink's attention (see batch_invariance.py)")
     for cache in caches:
         cache.require_intact()  # before any cache plans: a refusal must damage none
-    # In slot order, those of one span together: their rows make as few runs as they can.
-    order = sorted(
-        range(len(caches)),
-        key=lambda i: (
-            id(caches[i].pool),
-            attended(caches[i].layout.length + 1, caches[i].layout.capacity),
-            caches[i].slot,
-        ),
-    )
+    mixed_spans = sums_in_slot_order(caches[0])
+    order = sorted(range(len(caches)), key=lambda i: _run_order(caches[i], mixed_spans))
     rows, tokens = [caches[i] for i in order], tokens[order]
     with ExitStack() as steps:
         plans = [steps.enter_context(c.step(t[None])) for c, t in zip(rows, tokens, strict=True)]
         windows = {kind.window for kind in rows[0].kinds if kind.window}
         capacity = rows[0].layout.capacity
         plan = plan_batch(plans, capacity, model.dtype, model.device, windows)
-        batch = BatchCache(rows, plan)
+        batch = BatchCache(rows, plan, mixed_spans)
         with decoding(batch.frames(model.dtype)):
             out = model(
                 input_ids=tokens[:, None].to(model.device),
