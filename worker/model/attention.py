@@ -115,12 +115,12 @@ def _attend(
     key: torch.Tensor,
     value: torch.Tensor,
     mask: torch.Tensor | None,
-    frames: tuple[DecodeFrames, int, slice] | None = None,
+    frames: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Softmax(query · keys + mask) · values, per row and kv head: [rows, queries, heads,
-    dims]. With `frames` (a decode step's, its layer and the rows of one run), each query also
-    goes in turned into the stream's frame, and each slot takes the score of its frame; the
-    two matmuls then go through decode_kernel.py where it takes these keys and values."""
+    dims]. With `frames` (a decode step's: the query turned into the stream's frame, and the
+    slots of each row's head), each slot takes the score of its frame; the two matmuls then
+    go through decode_kernel.py where it takes these keys and values."""
     rows, heads, length, dims = query.shape
     kv_heads, keys = key.shape[1], key.shape[2]
     groups = heads // kv_heads
@@ -130,7 +130,8 @@ def _attend(
         scores = torch.matmul(grouped, key.mT).view(rows, kv_heads, groups, length, keys)
         scores = scores[:, :, :, 0] if length == 1 else scores
     else:
-        scores = _frame_scores(query, key, *frames, kernel)
+        turned, head_slots = frames
+        scores = _frame_scores(query, turned, key, head_slots, kernel)
     if mask is not None:
         mask = mask[..., :keys]
         scores.add_(mask if length == 1 else mask[:, :, None])
@@ -145,48 +146,43 @@ def _attend(
 
 def _frame_scores(
     query: torch.Tensor,
+    turned: torch.Tensor,
     key: torch.Tensor,
-    decode: DecodeFrames,
-    layer: int,
-    run_rows: slice,
+    head_slots: torch.Tensor,
     kernel: bool,
 ) -> torch.Tensor:
-    """A decode step's scores [rows, kv heads, groups, keys]: each slot of a row's head against
-    its query as made, every other slot against it turned by the row's shift."""
+    """A decode step's scores [rows, kv heads, groups, keys]: each slot of a row's head
+    (`head_slots` [rows, 1, 1, slots]) against its query as made, every other slot against it
+    `turned` by the row's shift."""
     rows, heads, _, dims = query.shape
     kv_heads, keys = key.shape[1], key.shape[2]
-    turned = decode.schemes[layer].turn(query, _rows(decode.turnings[layer], run_rows))
     if kernel:
         both = torch.stack(
             (query.reshape(rows, kv_heads, -1, dims), turned.reshape(rows, kv_heads, -1, dims)),
             dim=2,
         )  # [rows, kv heads, 2 frames, groups, dims]
-        return decode_kernel.scores(both, key, decode.head_slots[run_rows, 0, 0])
+        return decode_kernel.scores(both, key, head_slots[:, 0, 0])
     both = torch.cat((query, turned), dim=2)  # [rows, heads, 2 frames, dims]
     scores = torch.matmul(both.reshape(rows, kv_heads, heads // kv_heads * 2, dims), key.mT)
     scores = scores.view(rows, kv_heads, heads // kv_heads, 2, keys)
-    in_head = decode.head_slots[run_rows, ..., :keys]
-    return torch.where(in_head, scores[:, :, :, 0], scores[:, :, :, 1])
+    return torch.where(head_slots[..., :keys], scores[:, :, :, 0], scores[:, :, :, 1])
 
 
 def _decode_step(
     layer: int, frames: DecodeFrames, query: torch.Tensor, mask: torch.Tensor | None
 ) -> torch.Tensor:
     """A batched decode step's attention, run by run, each run's keys and values read in
-    place from its pool."""
+    place from its pool; every row's query turned once for all runs."""
+    turned = frames.schemes[layer].turn(query, frames.turnings[layer])
     outs = []
     for run in frames.runs:
         rows = slice(run.first_row, run.first_row + run.count)
         keys = run.pool.keys(layer, run.first_slot, run.count)[:, :, : run.span]
         values = run.pool.values(layer, run.first_slot, run.count)[:, :, : run.span]
         run_mask = None if mask is None else mask[rows]
-        outs.append(_attend(query[rows], keys, values, run_mask, (frames, layer, rows)))
+        run_frames = (turned[rows], frames.head_slots[rows])
+        outs.append(_attend(query[rows], keys, values, run_mask, run_frames))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
-
-
-def _rows(turning: object, rows: slice) -> object:
-    """The rows' part of a per-row turning (cos and sin [rows, 1, 1, dims]), or None."""
-    return None if turning is None else tuple(table[rows] for table in turning)
 
 
 AttentionInterface.register(ATTENTION, attention)
