@@ -7,7 +7,7 @@ import gc
 import pytest
 import torch
 
-from worker.model.kv_pool import CHUNK_SLOTS, KVPool
+from worker.model.kv_pool import KVPool
 
 
 class Owner:
@@ -15,7 +15,7 @@ class Owner:
 
 
 def test_slots_are_the_lowest_free_and_come_back_when_their_owner_goes() -> None:
-    pool = KVPool(layers=2)
+    pool = KVPool(layers=2, device="cpu")
     owners = [Owner() for _ in range(3)]
     assert [pool.take(owner) for owner in owners] == [0, 1, 2]
     del owners[1]
@@ -26,33 +26,39 @@ def test_slots_are_the_lowest_free_and_come_back_when_their_owner_goes() -> None
 
 
 def test_the_pool_grows_a_chunk_at_a_time_and_keeps_what_it_holds() -> None:
-    pool = KVPool(layers=1)
+    pool = KVPool(layers=1, device="cpu")
     owners = [Owner()]
     pool.take(owners[0])
     pool.make(0, (2, 8, 4), (2, 8, 4), torch.empty(0))
     pool.keys(0, 0).fill_(7.0)
-    owners += [Owner() for _ in range(CHUNK_SLOTS)]
+    owners += [Owner() for _ in range(pool.chunk_slots)]
     slots = [pool.take(owner) for owner in owners[1:]]
-    assert slots == list(range(1, CHUNK_SLOTS + 1))  # the last one opened a second chunk
+    assert slots == list(range(1, pool.chunk_slots + 1))  # the last one opened a second chunk
     assert torch.equal(pool.keys(0, 0), torch.full((1, 2, 8, 4), 7.0))
-    assert pool.values(0, 1, CHUNK_SLOTS - 1).abs().sum() == 0
-    assert pool.keys(0, CHUNK_SLOTS).shape == (1, 2, 8, 4)
+    assert pool.values(0, 1, pool.chunk_slots - 1).abs().sum() == 0
+    assert pool.keys(0, pool.chunk_slots).shape == (1, 2, 8, 4)
     with pytest.raises(ValueError, match="more than one chunk"):
-        pool.keys(0, CHUNK_SLOTS - 1, 2)
+        pool.keys(0, pool.chunk_slots - 1, 2)
 
 
 def test_a_slot_is_zeroed_when_first_handed_out_whatever_its_buffer_held() -> None:
-    pool = KVPool(layers=2)
+    pool = KVPool(layers=2, device="cpu")
     first = Owner()
     pool.take(first)
     for layer in range(2):
         pool.make(layer, (2, 8, 4), (2, 8, 4), torch.empty(0))
         assert pool.keys(layer, 0).abs().sum() == 0  # taken before its layer was made
-        pool.keys(layer, 1, CHUNK_SLOTS - 1).fill_(float("nan"))  # what an empty buffer may hold
-        pool.values(layer, 1, CHUNK_SLOTS - 1).fill_(float("nan"))
+        # what an empty buffer may hold
+        pool.keys(layer, 1, pool.chunk_slots - 1).fill_(float("nan"))
+        pool.values(layer, 1, pool.chunk_slots - 1).fill_(float("nan"))
     second = Owner()
     assert pool.take(second) == 1
     for layer in range(2):
         assert pool.keys(layer, 1).abs().sum() == 0
         assert pool.values(layer, 1).abs().sum() == 0
         assert pool.keys(layer, 2).isnan().all()  # not handed out: not touched
+
+
+def test_a_chunk_holds_more_slots_on_the_cpu_where_untouched_slots_cost_no_memory() -> None:
+    """On a GPU every slot allocated is memory taken, so its chunks stay small."""
+    assert KVPool(layers=1, device="cpu").chunk_slots > KVPool(layers=1, device="cuda").chunk_slots

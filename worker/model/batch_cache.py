@@ -25,7 +25,6 @@ from worker.model import decode_kernel
 from worker.model.attention import ATTENTION, DecodeFrames, Run, decoding
 from worker.model.batch_step import BatchPlan, plan_batch
 from worker.model.compat import LayerAcrossReleases, cache_argument
-from worker.model.kv_pool import same_chunk
 from worker.model.layer_kinds import is_hybrid
 from worker.model.sink_cache import SinkCache
 
@@ -157,7 +156,7 @@ def _runs(caches: Sequence[SinkCache], plan: BatchPlan, mixed_spans: bool) -> tu
             and last.pool is cache.pool
             and (mixed_spans or last.span == span)
             and last.first_slot + last.count == cache.slot
-            and same_chunk(last.first_slot, cache.slot)
+            and cache.pool.same_chunk(last.first_slot, cache.slot)
         ):
             span = max(span, last.span)
             runs[-1] = Run(last.pool, last.first_row, last.first_slot, last.count + 1, span)

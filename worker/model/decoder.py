@@ -39,7 +39,8 @@ class Decoder:
         self.chunk = min(settings.max_chunk, settings.window // 2)
         self.stop_ids = stop_token_ids(loaded)
         self.batch_invariant = is_batch_invariant(self.model)  # else each row runs alone
-        self.pool = KVPool(len(layer_types(self.model.config)))  # every cache of this decoder
+        # every cache of this decoder
+        self.pool = KVPool(len(layer_types(self.model.config)), self.model.device)
         self._logits_to_keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
 
     def new_cache(self) -> SinkCache:

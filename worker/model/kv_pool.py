@@ -1,4 +1,4 @@
-"""Buffers many sink caches share: per layer, keys and values in chunks of [CHUNK_SLOTS, heads,
+"""Buffers many sink caches share: per layer, keys and values in chunks of [slots, heads,
 capacity, dims], a slot per cache.
 
 A batched decode step's attention reads the rows of adjacent slots of one chunk in place, as
@@ -6,12 +6,14 @@ one view, instead of copying every row's cache into a batch (batch_cache.py), an
 takes its slot and gives it back without moving any other. A slot is given back when its
 cache is collected, so the pool never holds on to a dropped stream. The buffers are made at a
 layer's first write, when its shape is known; the pool grows a chunk at a time, with no copy,
-so it holds at most CHUNK_SLOTS - 1 slots more than it ever had caches (growing by doubling
+so it holds less than a chunk of slots more than it ever had caches (growing by doubling
 would hold twice as many, and copy them all while the old buffers still stood).
 
-A chunk is allocated empty, and a slot is zeroed when it is first handed out: a slot no cache
-has taken costs no memory the system has to back, and a stream's first prefill does not
-clear eight caches' worth. A freed slot keeps what its last cache wrote; a new cache's
+A chunk is allocated empty, and a slot is zeroed when it is first handed out: on the CPU a
+slot no cache has taken costs no memory the system has to back, so a chunk there holds 32
+slots (a batch of 16 or 32 streams reads its caches in one or two runs, each one kernel call a
+layer); on a GPU every slot allocated is memory taken, so a chunk holds 8. A stream's first
+prefill clears its own slot only. A freed slot keeps what its last cache wrote; a new cache's
 unfilled slots are masked, so their contents (finite values, or zeros) never reach a score.
 """
 
@@ -22,13 +24,17 @@ import weakref
 
 import torch
 
-CHUNK_SLOTS = 8
+CPU_CHUNK_SLOTS = 32
+DEVICE_CHUNK_SLOTS = 8
 
 
 class KVPool:
     """The key and value buffers of every layer, shared by the caches that take a slot."""
 
-    def __init__(self, layers: int) -> None:
+    def __init__(self, layers: int, device: torch.device | str) -> None:
+        """`device`: where the caches live, which sizes its chunks."""
+        cpu = torch.device(device).type == "cpu"
+        self.chunk_slots = CPU_CHUNK_SLOTS if cpu else DEVICE_CHUNK_SLOTS
         self._keys: list[list[torch.Tensor]] = [[] for _ in range(layers)]
         self._values: list[list[torch.Tensor]] = [[] for _ in range(layers)]
         self._shapes: list[tuple[torch.Size, torch.Size, torch.dtype, torch.device] | None] = [
@@ -44,7 +50,7 @@ class KVPool:
             slot = heapq.heappop(self._free)
         else:
             slot, self._taken = self._taken, self._taken + 1
-            if slot == self._chunks * CHUNK_SLOTS:
+            if slot == self._chunks * self.chunk_slots:
                 self._add_chunk()
             for layer in range(len(self._shapes)):
                 self._clear(layer, range(slot, slot + 1))
@@ -69,7 +75,8 @@ class KVPool:
         # new stream's copy writes into them outside one.
         with torch.inference_mode(False):
             for buffers, shape in ((self._keys, keys), (self._values, values)):
-                buffers[layer].append(torch.empty(CHUNK_SLOTS, *shape, dtype=dtype, device=device))
+                chunk = torch.empty(self.chunk_slots, *shape, dtype=dtype, device=device)
+                buffers[layer].append(chunk)
 
     def _clear(self, layer: int, slots: range) -> None:
         """Zero `slots` of a made layer: an empty buffer may hold anything, NaN too."""
@@ -92,19 +99,17 @@ class KVPool:
 
     def keys(self, layer: int, slot: int, count: int = 1) -> torch.Tensor:
         """[count, heads, capacity, dims]: slots slot.. of one chunk, as a view."""
-        return _view(self._keys[layer], slot, count)
+        return self._view(self._keys[layer], slot, count)
 
     def values(self, layer: int, slot: int, count: int = 1) -> torch.Tensor:
-        return _view(self._values[layer], slot, count)
+        return self._view(self._values[layer], slot, count)
 
+    def same_chunk(self, slot: int, other: int) -> bool:
+        """Whether two slots lie in one chunk (a run of rows is read as one view of it)."""
+        return slot // self.chunk_slots == other // self.chunk_slots
 
-def same_chunk(slot: int, other: int) -> bool:
-    """Whether two slots lie in one chunk (a run of rows is read as one view of it)."""
-    return slot // CHUNK_SLOTS == other // CHUNK_SLOTS
-
-
-def _view(chunks: list[torch.Tensor], slot: int, count: int) -> torch.Tensor:
-    chunk, first = divmod(slot, CHUNK_SLOTS)
-    if first + count > CHUNK_SLOTS:
-        raise ValueError(f"slots {slot}..{slot + count - 1} lie in more than one chunk")
-    return chunks[chunk][first : first + count]
+    def _view(self, chunks: list[torch.Tensor], slot: int, count: int) -> torch.Tensor:
+        chunk, first = divmod(slot, self.chunk_slots)
+        if first + count > self.chunk_slots:
+            raise ValueError(f"slots {slot}..{slot + count - 1} lie in more than one chunk")
+        return chunks[chunk][first : first + count]

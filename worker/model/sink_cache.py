@@ -151,7 +151,7 @@ class SinkCache(Cache):
         `pool`: the buffers it shares with other caches of these kinds and capacity (its own
         if None)."""
         self.layout = SlotLayout(capacity, sinks)
-        self.pool = KVPool(len(kinds)) if pool is None else pool
+        self.pool = KVPool(len(kinds), device) if pool is None else pool
         self.slot = self.pool.take(self)
         self.kinds = tuple(kinds)
         self.device = torch.device(device)  # where each step's slot indices are made

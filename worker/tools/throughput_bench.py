@@ -183,7 +183,7 @@ def _bench_model(
     report.prefill.append(Prefill(dtype, 1000 * size / sink_ms, 1000 * (size - 1) / dense_ms))
     bar.update()
     for count in streams:
-        pool = KVPool(len(full.kinds))  # as a worker's decoder keeps its streams
+        pool = KVPool(len(full.kinds), full.device)  # as a worker's decoder keeps its streams
         caches = [_copy(loaded, full, pool) for _ in range(count)]
         plain = _Plain(loaded, dense, count)
         dense_mb = _cache_mb(plain.cache)  # at the length the sink caches hold, before decode
