@@ -24,8 +24,8 @@ import weakref
 
 import torch
 
-CPU_CHUNK_SLOTS = 32
-DEVICE_CHUNK_SLOTS = 8
+CPU_CHUNK_SLOTS = 32  # an untouched slot costs address space only
+ACCELERATOR_CHUNK_SLOTS = 8  # a GPU's: every slot allocated is memory taken
 
 
 class KVPool:
@@ -34,7 +34,7 @@ class KVPool:
     def __init__(self, layers: int, device: torch.device | str) -> None:
         """`device`: where the caches live, which sizes its chunks."""
         cpu = torch.device(device).type == "cpu"
-        self.chunk_slots = CPU_CHUNK_SLOTS if cpu else DEVICE_CHUNK_SLOTS
+        self.chunk_slots = CPU_CHUNK_SLOTS if cpu else ACCELERATOR_CHUNK_SLOTS
         self._keys: list[list[torch.Tensor]] = [[] for _ in range(layers)]
         self._values: list[list[torch.Tensor]] = [[] for _ in range(layers)]
         self._shapes: list[tuple[torch.Size, torch.Size, torch.dtype, torch.device] | None] = [
