@@ -112,6 +112,9 @@ def test_a_streams_logits_are_the_same_bits_in_any_batch(name: str) -> None:
 def test_a_bfloat16_streams_logits_are_the_same_bits_in_any_batch() -> None:
     model = tiny_model("llama").to(torch.bfloat16)
     make_batch_invariant(model)  # packed anew for the dtype, as a loaded model is
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        assert not is_batch_invariant(model)  # its streams decode alone
+        pytest.skip("this CPU has no bfloat16 path for oneDNN's matmul")
     streams = list(range(len(LENGTHS)))
     alone = _decode(model, [[i] for i in streams], shared=False)
     together = _decode(model, [[5, 3, 1], [0], [4, 2]])

@@ -14,8 +14,8 @@ from worker.model.decoder import forward_step
 from worker.model.kv_pool import KVPool
 from worker.model.sink_cache import SinkCache
 
-HAS_AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
-pytestmark = pytest.mark.skipif(not HAS_AVX512, reason="the kernels are for AVX-512 CPUs")
+VECTORS = torch.backends.cpu.get_cpu_capability().startswith(("AVX512", "AVX2"))
+pytestmark = pytest.mark.skipif(not VECTORS, reason="the kernels are for CPUs with AVX2 or AVX-512")
 ROWS, KV_HEADS, SLOTS = 3, 2, 150
 
 
@@ -60,6 +60,50 @@ def test_scores_and_outputs_match_torchs_matmuls(
     outputs = decode_kernel.mix(probabilities, values)
     expected = torch.matmul(probabilities, values.float())
     torch.testing.assert_close(outputs, expected, rtol=1e-5, atol=1e-6)
+
+
+def _fused_multiply_add(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """a * b + c in float32, rounded once (a float32 product is exact in float64)."""
+    return (a.double() * b.double() + c.double()).float()
+
+
+def _scores_in_order(queries, keys, head):
+    """The kernel's documented sums: per lane l of 16, the products of dims l, l + 16, ... (a
+    multiply, then fused multiply-adds); then lanes j + j + 8, those j + j + 4, T0 + T2 and
+    T1 + T3, and the two."""
+    rows, kv_heads, _, groups, dims = queries.shape
+    chunks = -(-dims // 16)
+    pad = (0, chunks * 16 - dims)
+    frames = torch.nn.functional.pad(queries.float(), pad).view(
+        rows, kv_heads, 2, groups, 1, -1, 16
+    )
+    keys = torch.nn.functional.pad(keys.float(), pad).view(rows, kv_heads, 1, -1, chunks, 16)
+    span = keys.shape[3]
+    first = head[:, None, None, :span, None, None]
+    query = torch.where(first, frames[:, :, 0, :, :], frames[:, :, 1, :, :])  # per key
+    lanes = query[..., 0, :] * keys[..., 0, :]
+    for c in range(1, chunks):
+        lanes = _fused_multiply_add(query[..., c, :], keys[..., c, :], lanes)
+    eighths = lanes[..., :8] + lanes[..., 8:]
+    quarters = eighths[..., :4] + eighths[..., 4:]
+    return (quarters[..., 0] + quarters[..., 2]) + (quarters[..., 1] + quarters[..., 3])
+
+
+@pytest.mark.parametrize("dims", [24, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_sum_runs_in_the_documented_order_bit_for_bit(dims: int, dtype: torch.dtype) -> None:
+    """The order the kernels document, the same with AVX-512 and with AVX2: the two give
+    equal bits, so a stream moves between such CPUs and goes on as it would have."""
+    queries, keys, values, head = _case(dims, 3, 37, dims, dtype)
+    scores = decode_kernel.scores(queries, keys, head)
+    assert torch.equal(scores, _scores_in_order(queries, keys, head))
+    probabilities = torch.softmax(scores, dim=-1)
+    outputs = torch.zeros(ROWS, KV_HEADS, 3, dims)
+    for key in range(37):
+        outputs = _fused_multiply_add(
+            probabilities[..., key, None], values[:, :, None, key].float(), outputs
+        )
+    assert torch.equal(decode_kernel.mix(probabilities, values), outputs)
 
 
 @pytest.mark.parametrize("dims", [8, 64])

@@ -11,8 +11,8 @@ from tests.models.tiny_models import VOCAB, tiny_model
 from worker.model import cpu_kernels, linear_kernel
 from worker.model.batch_invariance import PackedLinear
 
-HAS_AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
-pytestmark = pytest.mark.skipif(not HAS_AVX512, reason="the kernels are for AVX-512 CPUs")
+VECTORS = torch.backends.cpu.get_cpu_capability().startswith(("AVX512", "AVX2"))
+pytestmark = pytest.mark.skipif(not VECTORS, reason="the kernels are for CPUs with AVX2 or AVX-512")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -23,6 +23,8 @@ def _loaded() -> None:
 
 
 def _case(rows: int, features: int, outputs: int, seed: int, dtype=torch.float32):
+    if dtype == torch.bfloat16 and not torch.ops.streamsink.has_bfloat16_dot():
+        pytest.skip("bfloat16 needs a CPU with AVX512-BF16")
     generator = torch.Generator().manual_seed(seed)
     inputs = torch.randn(rows, features, generator=generator).to(dtype)
     weight = torch.randn(outputs, features, generator=generator).to(dtype)
@@ -85,7 +87,7 @@ def test_what_it_cannot_take_is_a_clear_error() -> None:
     with pytest.raises(RuntimeError, match="input must be a float32 or bfloat16"):
         linear_kernel.linear(inputs.double(), panels, 50, bias)
     with pytest.raises(RuntimeError, match="panels must be"):
-        linear_kernel.linear(inputs.bfloat16(), panels, 50, None)
+        linear_kernel.linear(inputs, linear_kernel.pack(weight.bfloat16()), 50, None)
     with pytest.raises(RuntimeError, match="panels must be"):
         linear_kernel.linear(inputs[:, :8], panels, 50, bias)
     with pytest.raises(RuntimeError, match="panels must be"):
@@ -116,3 +118,22 @@ def test_a_model_runs_every_linear_layer_through_it_and_matches_onednn(
     onednn = model(input_ids=ids).logits
     assert len(calls) == len(layers)  # the kernel was not called again
     torch.testing.assert_close(ours, onednn, rtol=1e-4, atol=1e-5)
+
+
+def _fused_multiply_add(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """a * b + c in float32, rounded once (a float32 product is exact in float64)."""
+    return (a.double() * b.double() + c.double()).float()
+
+
+@pytest.mark.parametrize(("rows", "features", "outputs"), [(1, 576, 49), (13, 100, 150)])
+def test_every_output_sums_in_feature_order_bit_for_bit(
+    rows: int, features: int, outputs: int
+) -> None:
+    """One fused multiply-add per input feature, feature 0 first, then the bias: the order
+    the kernel documents, the same with AVX-512 and with AVX2, so the two give equal bits."""
+    inputs, weight, bias = _case(rows, features, outputs, seed=features)
+    sums = torch.zeros(rows, outputs)
+    for k in range(features):
+        sums = _fused_multiply_add(inputs[:, k : k + 1], weight[:, k], sums)
+    ours = linear_kernel.linear(inputs, linear_kernel.pack(weight), outputs, bias)
+    assert torch.equal(ours, sums + bias)

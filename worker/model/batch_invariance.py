@@ -125,9 +125,11 @@ def stock_kernels(model: PreTrainedModel) -> Iterator[None]:
 
 
 def _can_pack(model: PreTrainedModel) -> bool:
-    """oneDNN's matmul on this model's device and dtype."""
+    """oneDNN's matmul on this model's device and dtype (bfloat16 only where the CPU has
+    oneDNN's bfloat16 path: AVX-512 or AVX-NE-CONVERT)."""
     return (
         model.device.type == "cpu"
         and model.dtype in PACKED_DTYPES
         and torch.backends.mkldnn.is_available()
+        and (model.dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported())
     )

@@ -29,7 +29,9 @@ from pathlib import Path
 
 import torch
 
-SOURCES = tuple(sorted(Path(__file__).with_name("kernels").glob("*.cpp")))
+KERNELS = Path(__file__).with_name("kernels")
+SOURCES = tuple(sorted(KERNELS.glob("*.cpp")))  # compiled; they include the headers
+HEADERS = tuple(sorted(KERNELS.glob("*.h")))
 LIBRARY = "streamsink_kernels"
 SWITCH = "STREAMSINK_CPU_KERNELS"  # "0" turns them off
 _FLAGS = ("-O3", "-fopenmp")  # OpenMP: at::parallel_for runs on torch's threads
@@ -65,7 +67,7 @@ def status(progress: Callable[[str], None] = lambda stage: None) -> KernelStatus
 
 def _load(progress: Callable[[str], None]) -> KernelStatus:
     """Load the library, built here first if need be: on any x86-64 CPU, so that an image built
-    on one without AVX-512 still carries it to the nodes that have it."""
+    on one without AVX2 still carries it to the nodes that have it."""
     if os.environ.get(SWITCH) == "0":
         return KernelStatus(False, f"turned off by {SWITCH}=0")
     if platform.machine() not in ("x86_64", "AMD64"):
@@ -80,9 +82,10 @@ def _load(progress: Callable[[str], None]) -> KernelStatus:
             _build(directory)
     except (OSError, RuntimeError) as error:  # no compiler or ninja, or a failed build
         return KernelStatus(False, f"not built: {str(error).strip()}")
-    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
-        return KernelStatus(False, "this CPU has no AVX-512")
-    return KernelStatus(True, str(library))
+    instruction_set = torch.ops.streamsink.instruction_set()
+    if not instruction_set:
+        return KernelStatus(False, "this CPU has neither AVX-512 nor AVX2 with FMA")
+    return KernelStatus(True, f"{library} ({instruction_set})")
 
 
 def _build_directory() -> Path:
@@ -90,7 +93,7 @@ def _build_directory() -> Path:
     configured = os.environ.get("STREAMSINK_KERNEL_CACHE")
     root = Path(configured) if configured else Path.home() / ".cache" / "streamsink" / "kernels"
     digest = hashlib.sha256()
-    for source in SOURCES:
+    for source in (*SOURCES, *HEADERS):
         digest.update(source.name.encode() + source.read_bytes())
     digest.update(" ".join((*_FLAGS, torch.__version__)).encode())
     return root / digest.hexdigest()[:16]

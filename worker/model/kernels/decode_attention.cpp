@@ -24,163 +24,46 @@
 #if defined(__x86_64__)
 #include <immintrin.h>
 
+#include "vector_isa.h"
+
 namespace {
 
-#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
-
-constexpr int LANES = 16;
-constexpr int MAX_CHUNKS = 16;  // head dims up to 256
-constexpr int MIX_CHUNKS = 4;   // the output chunks one pass over the values keeps
-constexpr int MIX_GROUPS = 4;   // the query heads one pass over the values serves
-
-// The mask of a head dim's last chunk of 16 lanes.
-__mmask16 tail_mask(int64_t dims) {
-  int64_t rest = dims % LANES;
-  return rest == 0 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << rest) - 1);
-}
-
-// 16 lanes of float32 from `from`, the masked-off lanes zero: bfloat16 widened exactly.
-AVX512 inline __m512 load(__mmask16 lanes, const float* from) {
-  return _mm512_maskz_loadu_ps(lanes, from);
-}
-
-AVX512 inline __m512 load(__mmask16 lanes, const at::BFloat16* from) {
-  __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, from));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
-
-// The 16 lane sums of sums[0..15], in one vector (key l at lane l), by one tree for every key:
-// halves of 256 bits, then of 128, then pairs of lanes, then lanes.
-AVX512 __m512 lane_sums(const __m512* sums) {
-  __m512 halves[8];
-  for (int i = 0; i < 8; ++i) {
-    __m512 low = _mm512_shuffle_f32x4(sums[2 * i], sums[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0));
-    __m512 high = _mm512_shuffle_f32x4(sums[2 * i], sums[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2));
-    halves[i] = _mm512_add_ps(low, high);
-  }
-  __m512 quarters[4];
-  for (int i = 0; i < 4; ++i) {
-    __m512 low = _mm512_shuffle_f32x4(halves[2 * i], halves[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0));
-    __m512 high = _mm512_shuffle_f32x4(halves[2 * i], halves[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1));
-    quarters[i] = _mm512_add_ps(low, high);
-  }
-  __m512 pairs0 = _mm512_add_ps(_mm512_unpacklo_ps(quarters[0], quarters[1]),
-                                _mm512_unpackhi_ps(quarters[0], quarters[1]));
-  __m512 pairs1 = _mm512_add_ps(_mm512_unpacklo_ps(quarters[2], quarters[3]),
-                                _mm512_unpackhi_ps(quarters[2], quarters[3]));
-  __m512d wide0 = _mm512_castps_pd(pairs0), wide1 = _mm512_castps_pd(pairs1);
-  __m512 lanes = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(wide0, wide1)),
-                               _mm512_castpd_ps(_mm512_unpackhi_pd(wide0, wide1)));
-  // Lane 4q + e now holds key 4e + q.
-  const __m512i by_key = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-  return _mm512_permutexvar_ps(by_key, lanes);
-}
-
-// A query's products with a key, summed chunk by chunk into 16 lanes.
-template <int CHUNKS, typename T>
-AVX512 __m512 products(const __m512* query, const T* key, __mmask16 tail) {
-  __m512 sum = _mm512_mul_ps(query[0], load(CHUNKS == 1 ? tail : 0xFFFF, key));
-  for (int c = 1; c < CHUNKS; ++c) {
-    __mmask16 lanes = c == CHUNKS - 1 ? tail : static_cast<__mmask16>(0xFFFF);
-    sum = _mm512_fmadd_ps(query[c], load(lanes, key + c * LANES), sum);
-  }
-  return sum;
-}
-
-// One (row, kv head): scores [groups, span] of its queries [2 frames, groups, dims] against its
-// keys [span, dims], each key taking the query of its frame (frame 0 where `head` is set).
-template <int CHUNKS, typename T>
-AVX512 void scores_of_head(const T* queries, int64_t groups, int64_t dims, const T* keys,
-                           int64_t span, const bool* head, float* out) {
-  const __mmask16 tail = tail_mask(dims);
-  for (int64_t first = 0; first < span; first += LANES) {
-    int64_t count = std::min<int64_t>(LANES, span - first);
-    bool frame = head[first], mixed = false;
-    for (int64_t l = 1; l < count; ++l) mixed |= head[first + l] != frame;
-    const T* block = keys + first * dims;
-    for (int64_t g = 0; g < groups; ++g) {
-      __m512 query[2][CHUNKS];
-      for (int f = 0; f < 2; ++f)
-        for (int c = 0; c < CHUNKS; ++c)
-          query[f][c] = load(c == CHUNKS - 1 ? tail : 0xFFFF,
-                             queries + (f * groups + g) * dims + c * LANES);
-      __m512 sums[LANES];
-      for (int l = 0; l < LANES; ++l) {
-        int64_t key = std::min<int64_t>(l, count - 1);  // a short last block repeats its last
-        int f = mixed ? (head[first + key] ? 0 : 1) : (frame ? 0 : 1);
-        sums[l] = products<CHUNKS>(query[f], block + key * dims, tail);
-      }
-      _mm512_mask_storeu_ps(out + g * span + first, static_cast<__mmask16>((1u << count) - 1),
-                            lane_sums(sums));
-    }
-  }
-}
-
-// GROUPS query heads' outputs over CHUNKS chunks of dims from `offset`: the sum over the keys,
-// in slot order, of each key's probability times its value.
-template <int GROUPS, int CHUNKS, typename T>
-AVX512 void mix_block(const float* probabilities, int64_t span, const T* values,
-                      int64_t dims, int64_t offset, __mmask16 last, float* out) {
-  __m512 sums[GROUPS][CHUNKS];
-  for (int g = 0; g < GROUPS; ++g)
-    for (int c = 0; c < CHUNKS; ++c) sums[g][c] = _mm512_setzero_ps();
-  for (int64_t key = 0; key < span; ++key) {
-    const T* value = values + key * dims + offset;
-    __m512 chunk[CHUNKS];
-    for (int c = 0; c < CHUNKS; ++c)
-      chunk[c] = load(c == CHUNKS - 1 ? last : 0xFFFF, value + c * LANES);
-    for (int g = 0; g < GROUPS; ++g) {
-      __m512 p = _mm512_set1_ps(probabilities[g * span + key]);
-      for (int c = 0; c < CHUNKS; ++c) sums[g][c] = _mm512_fmadd_ps(p, chunk[c], sums[g][c]);
-    }
-  }
-  for (int g = 0; g < GROUPS; ++g)
-    for (int c = 0; c < CHUNKS; ++c)
-      _mm512_mask_storeu_ps(out + g * dims + offset + c * LANES,
-                            c == CHUNKS - 1 ? last : static_cast<__mmask16>(0xFFFF), sums[g][c]);
-}
-
-template <int GROUPS, typename T>
-AVX512 void mix_groups(const float* probabilities, int64_t span, const T* values,
-                       int64_t dims, float* out) {
-  int64_t chunks = (dims + LANES - 1) / LANES;
-  for (int64_t c = 0; c < chunks; c += MIX_CHUNKS) {
-    int64_t offset = c * LANES;
-    int64_t here = std::min<int64_t>(MIX_CHUNKS, chunks - c);
-    __mmask16 last = c + here == chunks ? tail_mask(dims) : static_cast<__mmask16>(0xFFFF);
-    switch (here) {
-      case 1: mix_block<GROUPS, 1>(probabilities, span, values, dims, offset, last, out); break;
-      case 2: mix_block<GROUPS, 2>(probabilities, span, values, dims, offset, last, out); break;
-      case 3: mix_block<GROUPS, 3>(probabilities, span, values, dims, offset, last, out); break;
-      default: mix_block<GROUPS, 4>(probabilities, span, values, dims, offset, last, out);
-    }
-  }
-}
-
-// One (row, kv head): outputs [groups, dims] from probabilities [groups, span] and values
-// [span, dims].
-template <typename T>
-AVX512 void mix_of_head(const float* probabilities, int64_t groups, const T* values,
-                        int64_t span, int64_t dims, float* out) {
-  int64_t g = 0;
-  for (; g + MIX_GROUPS <= groups; g += MIX_GROUPS)
-    mix_groups<MIX_GROUPS>(probabilities + g * span, span, values, dims, out + g * dims);
-  const float* rest = probabilities + g * span;
-  switch (groups - g) {
-    case 3: mix_groups<3>(rest, span, values, dims, out + g * dims); break;
-    case 2: mix_groups<2>(rest, span, values, dims, out + g * dims); break;
-    case 1: mix_groups<1>(rest, span, values, dims, out + g * dims); break;
-    default: break;
-  }
-}
+constexpr int MAX_CHUNKS = 16;  // head dims up to 256, in chunks of 16
 
 template <typename T>
 using ScoresOfHead = void (*)(const T*, int64_t, int64_t, const T*, int64_t, const bool*, float*);
 
-template <typename T, int... CHUNKS>
-ScoresOfHead<T> scores_for(int64_t chunks, std::integer_sequence<int, CHUNKS...>) {
-  ScoresOfHead<T> table[] = {&scores_of_head<CHUNKS + 1, T>...};
-  return table[chunks - 1];
+template <typename T>
+using MixOfHead = void (*)(const float*, int64_t, const T*, int64_t, int64_t, float*);
+
+namespace avx512 {
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl")
+#include "vectors_avx512.h"
+#include "decode_heads.h"
+#pragma GCC pop_options
+}  // namespace avx512
+
+namespace avx2 {
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#include "vectors_avx2.h"
+#include "decode_heads.h"
+#pragma GCC pop_options
+}  // namespace avx2
+
+// This CPU's kernel of one (row, kv head)'s scores over head dims of `chunks` chunks.
+template <typename T>
+ScoresOfHead<T> scores_kernel(int64_t chunks) {
+  auto all = std::make_integer_sequence<int, MAX_CHUNKS>();
+  return vector_isa() == VectorIsa::avx512 ? avx512::scores_for<T>(chunks, all)
+                                           : avx2::scores_for<T>(chunks, all);
+}
+
+template <typename T>
+MixOfHead<T> mix_kernel() {
+  return vector_isa() == VectorIsa::avx512 ? static_cast<MixOfHead<T>>(&avx512::mix_of_head<T>)
+                                           : static_cast<MixOfHead<T>>(&avx2::mix_of_head<T>);
 }
 
 void check_kv(const at::Tensor& kv, const char* name) {
@@ -189,7 +72,7 @@ void check_kv(const at::Tensor& kv, const char* name) {
               name, " must be a float32 or bfloat16 CPU tensor [rows, kv heads, keys, dims]");
   TORCH_CHECK(kv.stride(3) == 1 && kv.stride(2) == kv.size(3),
               name, ": each head's keys must lie one after another");
-  TORCH_CHECK(kv.size(3) <= MAX_CHUNKS * LANES, name, ": head dims up to 256");
+  TORCH_CHECK(kv.size(3) <= MAX_CHUNKS * 16, name, ": head dims up to 256");
 }
 
 // fn(i, row, kv head) for the i-th (row, kv head) of `kv` [rows, kv heads, ...], each on one of
@@ -206,8 +89,7 @@ template <typename T>
 void scores_of_rows(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& head,
                     at::Tensor& out) {
   int64_t span = keys.size(2), dims = keys.size(3), groups = queries.size(3);
-  ScoresOfHead<T> kernel =
-      scores_for<T>((dims + LANES - 1) / LANES, std::make_integer_sequence<int, MAX_CHUNKS>());
+  ScoresOfHead<T> kernel = scores_kernel<T>((dims + 15) / 16);
   const T* q = queries.data_ptr<T>();
   const T* k = keys.data_ptr<T>();
   const bool* h = head.data_ptr<bool>();
@@ -246,8 +128,9 @@ void mix_of_rows(const at::Tensor& probabilities, const at::Tensor& values, at::
   const float* p = probabilities.data_ptr<float>();
   const T* v = values.data_ptr<T>();
   float* o = out.data_ptr<float>();
+  MixOfHead<T> kernel = mix_kernel<T>();
   for_each_head(values, [&](int64_t i, int64_t row, int64_t kv_head) {
-    mix_of_head(p + i * groups * span, groups,
+    kernel(p + i * groups * span, groups,
                 v + row * values.stride(0) + kv_head * values.stride(1), span, dims,
                 o + i * groups * dims);
   });

@@ -20,111 +20,125 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
 
+#include "vector_isa.h"
+
 namespace {
 
-#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
-#define AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
-
-constexpr int LANES = 16;
-constexpr int PANEL_VECTORS = 3;
-constexpr int PANEL = PANEL_VECTORS * LANES;  // the outputs of one panel
-constexpr int TILE_ROWS = 8;                  // the input rows one pass over a panel serves
-
-// out[m, 0..width) = sums[m] + bias, for the ROWS rows of a tile.
-template <int ROWS>
-AVX512 inline void store(const __m512 (&sums)[ROWS][PANEL_VECTORS], const float* bias,
-                         int64_t width, float* out, int64_t out_stride) {
-  for (int v = 0; v < PANEL_VECTORS && v * LANES < width; ++v) {
-    int64_t left = width - v * LANES;
-    __mmask16 lanes = left >= LANES ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
-    __m512 shift = bias ? _mm512_maskz_loadu_ps(lanes, bias + v * LANES) : _mm512_setzero_ps();
-    for (int m = 0; m < ROWS; ++m)
-      _mm512_mask_storeu_ps(out + m * out_stride + v * LANES, lanes,
-                            bias ? _mm512_add_ps(sums[m][v], shift) : sums[m][v]);
-  }
-}
-
-// float32: out[m, 0..width) for the ROWS rows of `input` [ROWS, features], each the sum over k,
-// in order, of input[m, k] times panel[k, :] (panel [features, 48]), then its bias.
-template <int ROWS>
-AVX512 void tile(const float* input, int64_t features, const float* panel, const float* bias,
-                 int64_t width, float* out, int64_t out_stride) {
-  __m512 sums[ROWS][PANEL_VECTORS];
-  for (int m = 0; m < ROWS; ++m)
-    for (int v = 0; v < PANEL_VECTORS; ++v) sums[m][v] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < features; ++k) {
-    __m512 weights[PANEL_VECTORS];
-    for (int v = 0; v < PANEL_VECTORS; ++v)
-      weights[v] = _mm512_loadu_ps(panel + k * PANEL + v * LANES);
-    for (int m = 0; m < ROWS; ++m) {
-      __m512 value = _mm512_set1_ps(input[m * features + k]);
-      for (int v = 0; v < PANEL_VECTORS; ++v)
-        sums[m][v] = _mm512_fmadd_ps(value, weights[v], sums[m][v]);
-    }
-  }
-  store<ROWS>(sums, bias, width, out, out_stride);
-}
-
-// bfloat16: the same over pairs of features (`features` even; panel [features / 2, 48, 2]),
-// through the CPU's bfloat16 dot product: each pair's two products are exact in float32 and
-// added to the sum one after the other, the pair's second first.
-template <int ROWS>
-AVX512_BF16 void tile(const at::BFloat16* input, int64_t features, const at::BFloat16* panel,
-                      const float* bias, int64_t width, float* out, int64_t out_stride) {
-  __m512 sums[ROWS][PANEL_VECTORS];
-  for (int m = 0; m < ROWS; ++m)
-    for (int v = 0; v < PANEL_VECTORS; ++v) sums[m][v] = _mm512_setzero_ps();
-  const int32_t* pairs = reinterpret_cast<const int32_t*>(input);
-  for (int64_t k = 0; k < features / 2; ++k) {
-    __m512bh weights[PANEL_VECTORS];
-    for (int v = 0; v < PANEL_VECTORS; ++v)
-      weights[v] = (__m512bh)_mm512_loadu_si512(panel + 2 * (k * PANEL + v * LANES));
-    for (int m = 0; m < ROWS; ++m) {
-      __m512bh value = (__m512bh)_mm512_set1_epi32(pairs[m * features / 2 + k]);
-      for (int v = 0; v < PANEL_VECTORS; ++v)
-        sums[m][v] = _mm512_dpbf16_ps(sums[m][v], value, weights[v]);
-    }
-  }
-  store<ROWS>(sums, bias, width, out, out_stride);
-}
+constexpr int PANEL = 48;  // the outputs of one panel
 
 template <typename T>
 using Tile = void (*)(const T*, int64_t, const T*, const float*, int64_t, float*, int64_t);
 
-template <typename T, int... ROWS>
-constexpr std::array<Tile<T>, sizeof...(ROWS)> tiles_for(std::integer_sequence<int, ROWS...>) {
-  return {static_cast<Tile<T>>(&tile<ROWS + 1>)...};
+namespace avx512 {
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl")
+#include "vectors_avx512.h"
+#include "linear_tiles.h"
+
+// bfloat16: over pairs of features (`features` even; panel [features / 2, 48, 2]), through the
+// CPU's bfloat16 dot product: each pair's two products are exact in float32 and added to the
+// sum one after the other, the pair's second first.
+template <int ROWS>
+__attribute__((target("avx512bf16"))) void bfloat16_tile(
+    const at::BFloat16* input, int64_t features, const at::BFloat16* panel, const float* bias,
+    int64_t width, float* out, int64_t out_stride) {
+  constexpr int GROUP = PANEL / 16;
+  __m512 sums[ROWS][GROUP];
+  for (int m = 0; m < ROWS; ++m)
+    for (int c = 0; c < GROUP; ++c) sums[m][c] = _mm512_setzero_ps();
+  const int32_t* pairs = reinterpret_cast<const int32_t*>(input);
+  for (int64_t k = 0; k < features / 2; ++k) {
+    __m512bh weights[GROUP];
+    for (int c = 0; c < GROUP; ++c)
+      weights[c] = (__m512bh)_mm512_loadu_si512(panel + 2 * (k * PANEL + c * 16));
+    for (int m = 0; m < ROWS; ++m) {
+      __m512bh value = (__m512bh)_mm512_set1_epi32(pairs[m * features / 2 + k]);
+      for (int c = 0; c < GROUP; ++c)
+        sums[m][c] = _mm512_dpbf16_ps(sums[m][c], value, weights[c]);
+    }
+  }
+  store<ROWS, GROUP>(sums, bias, width, out, out_stride);
+}
+
+template <int... ROWS>
+constexpr std::array<Tile<at::BFloat16>, sizeof...(ROWS)> bfloat16_tiles_for(
+    std::integer_sequence<int, ROWS...>) {
+  return {&bfloat16_tile<ROWS + 1>...};
+}
+
+constexpr auto bfloat16_tiles =
+    bfloat16_tiles_for(std::make_integer_sequence<int, Isa::LINEAR_TILE_ROWS>());
+#pragma GCC pop_options
+}  // namespace avx512
+
+namespace avx2 {
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#include "vectors_avx2.h"
+#include "linear_tiles.h"
+#pragma GCC pop_options
+}  // namespace avx2
+
+// The tiles of `count` rows or fewer, each over `width` outputs of a panel.
+template <typename T>
+struct Tiles {
+  const Tile<T>* tiles;
+  int count;
+  int width;
+};
+
+Tiles<float> float_tiles() {
+  if (vector_isa() == VectorIsa::avx512)
+    return {avx512::float_tiles.data(), avx512::Isa::LINEAR_TILE_ROWS,
+            avx512::Isa::LINEAR_GROUP * 16};
+  return {avx2::float_tiles.data(), avx2::Isa::LINEAR_TILE_ROWS, avx2::Isa::LINEAR_GROUP * 16};
 }
 
 // rows [count, features] and panels of T; threads split the panels, never a sum.
 template <typename T>
 void linear_of_rows(const at::Tensor& rows, const at::Tensor& panels, int64_t outputs,
-                    const float* bias, at::Tensor& out) {
-  static constexpr auto tiles = tiles_for<T>(std::make_integer_sequence<int, TILE_ROWS>());
+                    const float* bias, at::Tensor& out, Tiles<T> tiles) {
+  constexpr int64_t per_output = std::is_same_v<T, float> ? 1 : 2;  // the panel's values a step
   int64_t count = rows.size(0), features = rows.size(1);
-  int64_t panel_size = features * PANEL;
+  int64_t panel_size = panels.numel() / panels.size(0);
   const T* x = rows.data_ptr<T>();
   const T* w = panels.data_ptr<T>();
   float* o = out.data_ptr<float>();
   at::parallel_for(0, panels.size(0), 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
-      int64_t first = p * PANEL, width = std::min<int64_t>(PANEL, outputs - first);
-      for (int64_t m = 0; m < count; m += TILE_ROWS) {
-        int64_t here = std::min<int64_t>(TILE_ROWS, count - m);
-        tiles[here - 1](x + m * features, features, w + p * panel_size,
-                        bias ? bias + first : nullptr, width, o + m * outputs + first, outputs);
+      for (int64_t first = p * PANEL; first < std::min<int64_t>(outputs, (p + 1) * PANEL);
+           first += tiles.width) {
+        const T* group = w + p * panel_size + (first - p * PANEL) * per_output;
+        int64_t width = std::min<int64_t>(tiles.width, outputs - first);
+        for (int64_t m = 0; m < count; m += tiles.count) {
+          int64_t here = std::min<int64_t>(tiles.count, count - m);
+          tiles.tiles[here - 1](x + m * features, features, group, bias ? bias + first : nullptr,
+                                width, o + m * outputs + first, outputs);
+        }
       }
     }
   });
 }
 
-bool has_bfloat16_dot() { return __builtin_cpu_supports("avx512bf16"); }
+bool has_bfloat16_dot() {
+  return vector_isa() == VectorIsa::avx512 && __builtin_cpu_supports("avx512bf16");
+}
+
+std::string instruction_set() {
+  switch (vector_isa()) {
+    case VectorIsa::avx512: return "AVX-512";
+    case VectorIsa::avx2: return "AVX2";
+    default: return "";
+  }
+}
 
 // input [..., in features]; panels (the weight [outputs, in features] packed, zero past its
 // last output): float32 [panels, in features, 48], bfloat16 [panels, in features / 2 rounded
@@ -156,9 +170,11 @@ at::Tensor linear(const at::Tensor& input, const at::Tensor& panels, int64_t out
   at::Tensor out = at::empty({rows.size(0), outputs}, rows.options().dtype(at::kFloat));
   const float* b = biased ? widened.data_ptr<float>() : nullptr;
   if (dtype == at::kFloat)
-    linear_of_rows<float>(rows, panels, outputs, b, out);
+    linear_of_rows(rows, panels, outputs, b, out, float_tiles());
   else
-    linear_of_rows<at::BFloat16>(rows, panels, outputs, b, out);
+    linear_of_rows(rows, panels, outputs, b, out,
+                   Tiles<at::BFloat16>{avx512::bfloat16_tiles.data(),
+                                       avx512::Isa::LINEAR_TILE_ROWS, PANEL});
   std::vector<int64_t> sizes = input.sizes().vec();
   sizes.back() = outputs;
   return out.to(dtype).view(sizes);
@@ -169,6 +185,7 @@ at::Tensor linear(const at::Tensor& input, const at::Tensor& panels, int64_t out
 TORCH_LIBRARY_FRAGMENT(streamsink, m) {
   m.def("linear(Tensor input, Tensor panels, int outputs, Tensor? bias) -> Tensor");
   m.def("has_bfloat16_dot() -> bool", &has_bfloat16_dot);
+  m.def("instruction_set() -> str", &instruction_set);
 }
 
 TORCH_LIBRARY_IMPL(streamsink, CPU, m) { m.impl("linear", &linear); }

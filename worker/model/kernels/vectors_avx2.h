@@ -1,0 +1,89 @@
+// The vector operations the kernels are written in (linear_tiles.h, decode_heads.h), for AVX2
+// with FMA: a chunk of 16 float32 lanes is two registers of 8. Every lane sees the operations it
+// sees in vectors_avx512.h, and key_sums adds by the same tree, so each result has the same bits
+// on either CPU: a stream moves between them and goes on as it would have. Included inside a
+// namespace compiled for AVX2 and FMA (see linear.cpp).
+
+struct Isa {
+  struct Chunk {
+    __m256 low, high;  // lanes 0-7, 8-15
+  };
+  struct Tail {
+    __m256i low, high;  // all ones in a lane read or written
+  };
+
+  static constexpr int LINEAR_TILE_ROWS = 6;  // 16 registers: 12 sums, 2 weights, 1 input
+  static constexpr int LINEAR_GROUP = 1;
+  static constexpr int MIX_CHUNKS = 1;
+  static constexpr int MIX_GROUPS = 4;
+
+  static Tail tail(int64_t lanes) {
+    const __m256i index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256i count = _mm256_set1_epi32(static_cast<int>(lanes));
+    return {_mm256_cmpgt_epi32(count, index),
+            _mm256_cmpgt_epi32(count, _mm256_add_epi32(index, _mm256_set1_epi32(8)))};
+  }
+  static Chunk zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+  static Chunk broadcast(float value) { return {_mm256_set1_ps(value), _mm256_set1_ps(value)}; }
+  static Chunk load(const float* from) { return {_mm256_loadu_ps(from), _mm256_loadu_ps(from + 8)}; }
+  static Chunk load(Tail lanes, const float* from) {
+    return {_mm256_maskload_ps(from, lanes.low), _mm256_maskload_ps(from + 8, lanes.high)};
+  }
+  // bfloat16 widened exactly.
+  static __m256 widen(__m128i halves) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16));
+  }
+  static Chunk load(const at::BFloat16* from) {
+    __m256i both = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(from));
+    return {widen(_mm256_castsi256_si128(both)), widen(_mm256_extracti128_si256(both, 1))};
+  }
+  // AVX2 has no masked load of 16-bit lanes: the lanes read are copied out first; the lanes not
+  // read are zero.
+  static Chunk load(Tail lanes, const at::BFloat16* from) {
+    alignas(32) int32_t read[16];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(read), lanes.low);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(read + 8), lanes.high);
+    alignas(32) at::BFloat16 copy[16] = {};
+    for (int l = 0; l < 16 && read[l]; ++l) copy[l] = from[l];
+    return load(copy);
+  }
+  static void store(Tail lanes, float* to, Chunk chunk) {
+    _mm256_maskstore_ps(to, lanes.low, chunk.low);
+    _mm256_maskstore_ps(to + 8, lanes.high, chunk.high);
+  }
+  static Chunk add(Chunk a, Chunk b) {
+    return {_mm256_add_ps(a.low, b.low), _mm256_add_ps(a.high, b.high)};
+  }
+  static Chunk mul(Chunk a, Chunk b) {
+    return {_mm256_mul_ps(a.low, b.low), _mm256_mul_ps(a.high, b.high)};
+  }
+  static Chunk fmadd(Chunk a, Chunk b, Chunk c) {
+    return {_mm256_fmadd_ps(a.low, b.low, c.low), _mm256_fmadd_ps(a.high, b.high, c.high)};
+  }
+
+  // vectors_avx512.h's tree: lane j + lane j + 8, then j + j + 4 of those (T0..T3), then
+  // T0 + T2 and T1 + T3, then the two; here eight keys to a register at each level.
+  static void key_sums(const Chunk (&sums)[16], int64_t count, float* out) {
+    __m256 eighths[16];  // per key: lane j + lane j + 8
+    for (int k = 0; k < 16; ++k) eighths[k] = _mm256_add_ps(sums[k].low, sums[k].high);
+    __m256 quarters[8];  // keys 2i (lanes 0-3) and 2i + 1 (lanes 4-7): T0..T3
+    for (int i = 0; i < 8; ++i)
+      quarters[i] = _mm256_add_ps(_mm256_permute2f128_ps(eighths[2 * i], eighths[2 * i + 1], 0x20),
+                                  _mm256_permute2f128_ps(eighths[2 * i], eighths[2 * i + 1], 0x31));
+    __m256 pairs[4];  // T0 + T2, T1 + T3 of keys 4i, 4i + 2 (lanes 0-3), 4i + 1, 4i + 3 (4-7)
+    for (int i = 0; i < 4; ++i)
+      pairs[i] = _mm256_add_ps(_mm256_unpacklo_ps(quarters[2 * i], quarters[2 * i + 1]),
+                               _mm256_unpackhi_ps(quarters[2 * i], quarters[2 * i + 1]));
+    // Lane 4h + e of keys[i] holds key 8i + 2e + h.
+    const __m256i by_key = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    Chunk keys;
+    __m256* halves[2] = {&keys.low, &keys.high};
+    for (int i = 0; i < 2; ++i) {
+      __m256d a = _mm256_castps_pd(pairs[2 * i]), b = _mm256_castps_pd(pairs[2 * i + 1]);
+      __m256 total = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(a, b)),
+                                   _mm256_castpd_ps(_mm256_unpackhi_pd(a, b)));
+      *halves[i] = _mm256_permutevar8x32_ps(total, by_key);
+    }
+    store(tail(count), out, keys);
+  }
+};
