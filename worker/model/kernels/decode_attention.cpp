@@ -52,12 +52,12 @@ namespace avx2 {
 #pragma GCC pop_options
 }  // namespace avx2
 
-// This CPU's kernel of one (row, kv head)'s scores over head dims of `chunks` chunks.
+// This CPU's kernel of one (row, kv head)'s scores over head dims `dims`.
 template <typename T>
-ScoresOfHead<T> scores_kernel(int64_t chunks) {
+ScoresOfHead<T> scores_kernel(int64_t dims) {
   auto all = std::make_integer_sequence<int, MAX_CHUNKS>();
-  return vector_isa() == VectorIsa::avx512 ? avx512::scores_for<T>(chunks, all)
-                                           : avx2::scores_for<T>(chunks, all);
+  return vector_isa() == VectorIsa::avx512 ? avx512::scores_for<T>(dims, all)
+                                           : avx2::scores_for<T>(dims, all);
 }
 
 template <typename T>
@@ -89,7 +89,7 @@ template <typename T>
 void scores_of_rows(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& head,
                     at::Tensor& out) {
   int64_t span = keys.size(2), dims = keys.size(3), groups = queries.size(3);
-  ScoresOfHead<T> kernel = scores_kernel<T>((dims + 15) / 16);
+  ScoresOfHead<T> kernel = scores_kernel<T>(dims);
   const T* q = queries.data_ptr<T>();
   const T* k = keys.data_ptr<T>();
   const bool* h = head.data_ptr<bool>();

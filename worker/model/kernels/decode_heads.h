@@ -1,20 +1,25 @@
 // The per-(row, kv head) work of decode_attention.cpp, written once in Isa's vector operations
 // (vectors_*.h) and included once per instruction set, inside its namespace.
 
+// Chunk c of CHUNKS from `from`: the last one through `tail` where it is PARTIAL.
+template <int CHUNKS, bool PARTIAL, typename T>
+inline Isa::Chunk load_chunk(int c, const T* from, Isa::Tail tail) {
+  return PARTIAL && c == CHUNKS - 1 ? Isa::load(tail, from + c * 16) : Isa::load(from + c * 16);
+}
+
 // A query's products with a key, summed chunk by chunk of 16 dims into 16 lanes.
-template <int CHUNKS, typename T>
+template <int CHUNKS, bool PARTIAL, typename T>
 inline Isa::Chunk products(const Isa::Chunk* query, const T* key, Isa::Tail tail) {
-  Isa::Chunk sum =
-      Isa::mul(query[0], CHUNKS == 1 ? Isa::load(tail, key) : Isa::load(key));
+  Isa::Chunk sum = Isa::mul(query[0], load_chunk<CHUNKS, PARTIAL>(0, key, tail));
   for (int c = 1; c < CHUNKS; ++c)
-    sum = Isa::fmadd(query[c], c == CHUNKS - 1 ? Isa::load(tail, key + c * 16)
-                                               : Isa::load(key + c * 16), sum);
+    sum = Isa::fmadd(query[c], load_chunk<CHUNKS, PARTIAL>(c, key, tail), sum);
   return sum;
 }
 
 // One (row, kv head): scores [groups, span] of its queries [2 frames, groups, dims] against its
-// keys [span, dims], each key taking the query of its frame (frame 0 where `head` is set).
-template <int CHUNKS, typename T>
+// keys [span, dims], each key taking the query of its frame (frame 0 where `head` is set);
+// PARTIAL where dims is not a multiple of 16.
+template <int CHUNKS, bool PARTIAL, typename T>
 void scores_of_head(const T* queries, int64_t groups, int64_t dims, const T* keys, int64_t span,
                     const bool* head, float* out) {
   const Isa::Tail tail = Isa::tail(dims - (CHUNKS - 1) * 16);
@@ -27,28 +32,30 @@ void scores_of_head(const T* queries, int64_t groups, int64_t dims, const T* key
       Isa::Chunk query[2][CHUNKS];
       for (int f = 0; f < 2; ++f)
         for (int c = 0; c < CHUNKS; ++c)
-          query[f][c] = Isa::load(c == CHUNKS - 1 ? tail : Isa::tail(16),
-                                  queries + (f * groups + g) * dims + c * 16);
+          query[f][c] =
+              load_chunk<CHUNKS, PARTIAL>(c, queries + (f * groups + g) * dims, tail);
       Isa::Chunk sums[16];
       for (int l = 0; l < 16; ++l) {
         int64_t key = std::min<int64_t>(l, count - 1);  // a short last block repeats its last
         int f = mixed ? (head[first + key] ? 0 : 1) : (frame ? 0 : 1);
-        sums[l] = products<CHUNKS>(query[f], block + key * dims, tail);
+        sums[l] = products<CHUNKS, PARTIAL>(query[f], block + key * dims, tail);
       }
       Isa::key_sums(sums, count, out + g * span + first);
     }
   }
 }
 
+// The kernel for head dims `dims`.
 template <typename T, int... CHUNKS>
-ScoresOfHead<T> scores_for(int64_t chunks, std::integer_sequence<int, CHUNKS...>) {
-  ScoresOfHead<T> table[] = {&scores_of_head<CHUNKS + 1, T>...};
-  return table[chunks - 1];
+ScoresOfHead<T> scores_for(int64_t dims, std::integer_sequence<int, CHUNKS...>) {
+  ScoresOfHead<T> whole[] = {&scores_of_head<CHUNKS + 1, false, T>...};
+  ScoresOfHead<T> partial[] = {&scores_of_head<CHUNKS + 1, true, T>...};
+  return (dims % 16 ? partial : whole)[(dims + 15) / 16 - 1];
 }
 
 // GROUPS query heads' outputs over CHUNKS chunks of 16 dims from `offset`: the sum over the
 // keys, in slot order, of each key's probability times its value.
-template <int GROUPS, int CHUNKS, typename T>
+template <int GROUPS, int CHUNKS, bool PARTIAL, typename T>
 void mix_block(const float* probabilities, int64_t span, const T* values, int64_t dims,
                int64_t offset, Isa::Tail last, float* out) {
   Isa::Chunk sums[GROUPS][CHUNKS];
@@ -58,7 +65,7 @@ void mix_block(const float* probabilities, int64_t span, const T* values, int64_
     const T* value = values + key * dims + offset;
     Isa::Chunk chunk[CHUNKS];
     for (int c = 0; c < CHUNKS; ++c)
-      chunk[c] = c == CHUNKS - 1 ? Isa::load(last, value + c * 16) : Isa::load(value + c * 16);
+      chunk[c] = load_chunk<CHUNKS, PARTIAL>(c, value, last);
     for (int g = 0; g < GROUPS; ++g) {
       Isa::Chunk p = Isa::broadcast(probabilities[g * span + key]);
       for (int c = 0; c < CHUNKS; ++c) sums[g][c] = Isa::fmadd(p, chunk[c], sums[g][c]);
@@ -71,12 +78,14 @@ void mix_block(const float* probabilities, int64_t span, const T* values, int64_
 }
 
 template <int GROUPS, typename T, int... CHUNKS>
-void mix_chunks(int64_t here, const float* probabilities, int64_t span, const T* values,
-                int64_t dims, int64_t offset, Isa::Tail last, float* out,
+void mix_chunks(int64_t here, int64_t last_lanes, const float* probabilities, int64_t span,
+                const T* values, int64_t dims, int64_t offset, float* out,
                 std::integer_sequence<int, CHUNKS...>) {
   using Block = void (*)(const float*, int64_t, const T*, int64_t, int64_t, Isa::Tail, float*);
-  Block table[] = {&mix_block<GROUPS, CHUNKS + 1, T>...};
-  table[here - 1](probabilities, span, values, dims, offset, last, out);
+  Block whole[] = {&mix_block<GROUPS, CHUNKS + 1, false, T>...};
+  Block partial[] = {&mix_block<GROUPS, CHUNKS + 1, true, T>...};
+  (last_lanes < 16 ? partial : whole)[here - 1](probabilities, span, values, dims, offset,
+                                                Isa::tail(last_lanes), out);
 }
 
 template <int GROUPS, typename T>
@@ -85,8 +94,8 @@ void mix_groups(const float* probabilities, int64_t span, const T* values, int64
   int64_t chunks = (dims + 15) / 16;
   for (int64_t c = 0; c < chunks; c += Isa::MIX_CHUNKS) {
     int64_t here = std::min<int64_t>(Isa::MIX_CHUNKS, chunks - c);
-    Isa::Tail last = Isa::tail(c + here == chunks ? dims - (chunks - 1) * 16 : 16);
-    mix_chunks<GROUPS>(here, probabilities, span, values, dims, c * 16, last, out,
+    int64_t last_lanes = c + here == chunks ? dims - (chunks - 1) * 16 : 16;
+    mix_chunks<GROUPS>(here, last_lanes, probabilities, span, values, dims, c * 16, out,
                        std::make_integer_sequence<int, Isa::MIX_CHUNKS>());
   }
 }

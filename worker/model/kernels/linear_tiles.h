@@ -29,11 +29,20 @@ void tile(const float* input, int64_t features, const float* group, const float*
   for (int m = 0; m < ROWS; ++m)
     for (int c = 0; c < GROUP; ++c) sums[m][c] = Isa::zero();
   for (int64_t k = 0; k < features; ++k) {
-    Isa::Chunk weights[GROUP];
-    for (int c = 0; c < GROUP; ++c) weights[c] = Isa::load(group + k * PANEL + c * 16);
-    for (int m = 0; m < ROWS; ++m) {
-      Isa::Chunk value = Isa::broadcast(input[m * features + k]);
-      for (int c = 0; c < GROUP; ++c) sums[m][c] = Isa::fmadd(value, weights[c], sums[m][c]);
+    if constexpr (Isa::LINEAR_INPUTS_FIRST) {  // the inputs in registers, a weight at a time
+      Isa::Chunk values[ROWS];
+      for (int m = 0; m < ROWS; ++m) values[m] = Isa::broadcast(input[m * features + k]);
+      for (int c = 0; c < GROUP; ++c) {
+        Isa::Chunk weight = Isa::load(group + k * PANEL + c * 16);
+        for (int m = 0; m < ROWS; ++m) sums[m][c] = Isa::fmadd(values[m], weight, sums[m][c]);
+      }
+    } else {  // the weights in registers, an input at a time
+      Isa::Chunk weights[GROUP];
+      for (int c = 0; c < GROUP; ++c) weights[c] = Isa::load(group + k * PANEL + c * 16);
+      for (int m = 0; m < ROWS; ++m) {
+        Isa::Chunk value = Isa::broadcast(input[m * features + k]);
+        for (int c = 0; c < GROUP; ++c) sums[m][c] = Isa::fmadd(value, weights[c], sums[m][c]);
+      }
     }
   }
   store<ROWS, GROUP>(sums, bias, width, out, out_stride);

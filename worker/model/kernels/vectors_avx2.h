@@ -12,10 +12,14 @@ struct Isa {
     __m256i low, high;  // all ones in a lane read or written
   };
 
-  static constexpr int LINEAR_TILE_ROWS = 6;  // 16 registers: 12 sums, 2 weights, 1 input
-  static constexpr int LINEAR_GROUP = 1;
-  static constexpr int MIX_CHUNKS = 1;
-  static constexpr int MIX_GROUPS = 4;
+  // A pass reads whole panels and whole value rows: read in strides (part of each row a pass),
+  // memory comes at its latency, not its bandwidth. Of the 16 registers, a tile keeps 12 sums,
+  // its 2 inputs and the weight it multiplies.
+  static constexpr int LINEAR_TILE_ROWS = 2;
+  static constexpr int LINEAR_GROUP = 3;
+  static constexpr bool LINEAR_INPUTS_FIRST = true;
+  static constexpr int MIX_CHUNKS = 4;
+  static constexpr int MIX_GROUPS = 1;
 
   static Tail tail(int64_t lanes) {
     const __m256i index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
