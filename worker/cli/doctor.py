@@ -103,7 +103,8 @@ def _cpu_kernels(loaded: LoadedModel) -> str:
     attention = loaded.dtype in decode_kernel.DTYPES
     return (
         f"; linear layers through {'streamsink' if linear else 'oneDNN'}'s kernels, "
-        f"decode attention through {'streamsink' if attention else 'torch'}'s kernels"
+        f"decode attention through {'streamsink' if attention else 'torch'}'s kernels "
+        f"({kernels.instruction_set})"
     )
 
 

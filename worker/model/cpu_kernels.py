@@ -11,8 +11,9 @@ runs one image on one kind of CPU, as oneDNN's kernels already ask).
 They are built with torch's C++ extension tools (a C++ compiler and ninja), into
 $STREAMSINK_KERNEL_CACHE (else ~/.cache/streamsink/kernels); `python -m
 worker.model.cpu_kernels` builds them ahead (deploy/setup.sh and the image do). Where they
-cannot be had (no AVX-512, no compiler, or STREAMSINK_CPU_KERNELS=0), the model runs through
-oneDNN and torch's matmuls, as before.
+cannot be had (neither AVX-512 nor AVX2 with FMA, no compiler, or STREAMSINK_CPU_KERNELS=0),
+the model runs through oneDNN and torch's matmuls, as before. The AVX2 kernels sum in the
+order of the AVX-512 ones: a stream gets the same bits on either CPU.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class KernelStatus:
 
     ready: bool
     detail: str  # the library's path, or why not (a failed build's whole output)
+    instruction_set: str = ""  # what they run on this CPU: "AVX-512" or "AVX2"
 
     @property
     def summary(self) -> str:
@@ -85,7 +87,7 @@ def _load(progress: Callable[[str], None]) -> KernelStatus:
     instruction_set = torch.ops.streamsink.instruction_set()
     if not instruction_set:
         return KernelStatus(False, "this CPU has neither AVX-512 nor AVX2 with FMA")
-    return KernelStatus(True, f"{library} ({instruction_set})")
+    return KernelStatus(True, str(library), instruction_set)
 
 
 def _build_directory() -> Path:

@@ -60,14 +60,27 @@ class Decoder:
     @torch.inference_mode()
     def decode(self, caches: Sequence[SinkCache], tokens: torch.Tensor) -> torch.Tensor:
         """One decode step: token i [rows] into cache i; the logits [rows, vocab]."""
-        if self.batch_invariant and all(cache.order_free for cache in caches):
-            return batch_forward(self.model, caches, tokens)
-        return torch.stack(
-            [
-                forward_step(self.model, cache, token[None], self._logits_to_keep)[-1]
-                for cache, token in zip(caches, tokens, strict=True)
-            ]
-        )
+        return decode_step(self.model, caches, tokens, self.batch_invariant, self._logits_to_keep)
+
+
+def decode_step(
+    model: torch.nn.Module,
+    caches: Sequence[SinkCache],
+    tokens: torch.Tensor,
+    batch_invariant: bool,
+    last_only: bool = False,
+) -> torch.Tensor:
+    """Token i [rows] into cache i, the logits [rows, vocab]: one batched forward where the
+    model is `batch_invariant` (is_batch_invariant) and every cache order-free, else one
+    forward per row."""
+    if batch_invariant and all(cache.order_free for cache in caches):
+        return batch_forward(model, caches, tokens)
+    return torch.stack(
+        [
+            forward_step(model, cache, token[None], last_only)[-1]
+            for cache, token in zip(caches, tokens, strict=True)
+        ]
+    )
 
 
 def forward_step(

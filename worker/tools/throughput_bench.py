@@ -25,9 +25,9 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
 from worker.exceptions import CacheCapacityError
-from worker.model.batch_cache import batch_forward
-from worker.model.batch_invariance import stock_kernels
+from worker.model.batch_invariance import is_batch_invariant, stock_kernels
 from worker.model.compat import cache_argument
+from worker.model.decoder import decode_step
 from worker.model.kv_pool import KVPool
 from worker.model.loading import LoadedModel
 from worker.model.sink_cache import SinkCache
@@ -227,22 +227,26 @@ def _elapsed_ms(loaded: LoadedModel, make: Callable[[], object]) -> tuple[object
 
 
 def _batched(loaded: LoadedModel, caches: list[SinkCache], max_batch: int | None) -> Step:
-    """The batched path: one forward across the streams, or across each `max_batch` of them."""
+    """The batched path: one forward across the streams, or across each `max_batch` of them
+    (one per stream where the model's kernels cannot batch rows, as a worker's decoder runs)."""
     width = max_batch or len(caches)
+    batched = is_batch_invariant(loaded.model)
 
     def step(ids: torch.Tensor) -> None:
         for start in range(0, len(caches), width):
-            batch_forward(loaded.model, caches[start : start + width], ids[start : start + width])
+            rows = slice(start, start + width)
+            decode_step(loaded.model, caches[rows], ids[rows], batched)
 
     return step
 
 
 def _sequential(loaded: LoadedModel, caches: list[SinkCache]) -> Step:
     """The sequential path (`--max-batch 1`): one forward per stream, as a lone row."""
+    batched = is_batch_invariant(loaded.model)
 
     def step(ids: torch.Tensor) -> None:
         for cache, token in zip(caches, ids, strict=True):
-            batch_forward(loaded.model, [cache], token[None])
+            decode_step(loaded.model, [cache], token[None], batched)
 
     return step
 

@@ -3,13 +3,13 @@
 // A decode step's attention reads every row's keys and values once for one query per head:
 // matrix-vector work, bound by memory. MKL's batched GEMM reads them at a third of the memory's
 // speed on CPUs it does not tune for, so these kernels read each (row, kv head) as one stream
-// with AVX-512 and keep that head's few queries in registers. Caches in float32 or bfloat16
+// with AVX-512 or AVX2 and keep that head's few queries in registers. Caches in float32 or bfloat16
 // (widened to float32 exactly as they are read); every sum is in float32.
 //
 // A row's result depends on nothing but the row: each (row, kv head) is computed whole by one
 // thread, each score sums its products in one fixed order (a head dim in chunks of 16 lanes,
 // then one tree across the lanes, the same for every key), and each output sums over the keys
-// in slot order. So neither the batch nor the thread count changes a bit.
+// in slot order. So neither the batch, the thread count nor the instruction set changes a bit.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>

@@ -3,12 +3,13 @@
 // rounded once, at the end.
 //
 // The weight is packed once into panels of 48 outputs, [panels, in features, 48], so that one
-// step of the sum over the inputs reads 48 consecutive weights. A tile of up to 8 input rows
-// keeps its 8 x 48 sums in registers: each input value is broadcast against the panel's three
-// vectors. This is the form of the BLAS kernels (bound by the FMA units from about 16 rows on,
-// by memory below), and it is also what makes a row's bits its own: every output sums its
-// products in one order, input feature 0 first, whatever the tile, the row count, the other
-// rows or the thread that computes it (threads split the panels, never the sum).
+// step of the sum over the inputs reads 48 consecutive weights. A tile of a few input rows (8
+// with AVX-512, 2 with AVX2's 16 registers) keeps its sums of the panel's 48 outputs in
+// registers: each input value is broadcast against the panel's vectors. This is the form of
+// the BLAS kernels (bound by the FMA units from about 16 rows on, by memory below), and it is
+// also what makes a row's bits its own: every output sums its products in one order, input
+// feature 0 first, whatever the tile, the row count, the other rows, the thread that computes
+// it (threads split the panels, never the sum) or the instruction set (linear_tiles.h).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
