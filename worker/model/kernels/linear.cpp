@@ -22,7 +22,6 @@
 #include <array>
 #include <cstdint>
 #include <string>
-#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -34,6 +33,7 @@
 namespace {
 
 constexpr int PANEL = 48;  // the outputs of one panel
+constexpr int CHUNKS = PANEL / 16;  // its chunks of 16 lanes
 
 template <typename T>
 using Tile = void (*)(const T*, int64_t, const T*, const float*, int64_t, float*, int64_t);
@@ -51,22 +51,21 @@ template <int ROWS>
 __attribute__((target("avx512bf16"))) void bfloat16_tile(
     const at::BFloat16* input, int64_t features, const at::BFloat16* panel, const float* bias,
     int64_t width, float* out, int64_t out_stride) {
-  constexpr int GROUP = PANEL / 16;
-  __m512 sums[ROWS][GROUP];
+  __m512 sums[ROWS][CHUNKS];
   for (int m = 0; m < ROWS; ++m)
-    for (int c = 0; c < GROUP; ++c) sums[m][c] = _mm512_setzero_ps();
+    for (int c = 0; c < CHUNKS; ++c) sums[m][c] = _mm512_setzero_ps();
   const int32_t* pairs = reinterpret_cast<const int32_t*>(input);
   for (int64_t k = 0; k < features / 2; ++k) {
-    __m512bh weights[GROUP];
-    for (int c = 0; c < GROUP; ++c)
+    __m512bh weights[CHUNKS];
+    for (int c = 0; c < CHUNKS; ++c)
       weights[c] = (__m512bh)_mm512_loadu_si512(panel + 2 * (k * PANEL + c * 16));
     for (int m = 0; m < ROWS; ++m) {
       __m512bh value = (__m512bh)_mm512_set1_epi32(pairs[m * features / 2 + k]);
-      for (int c = 0; c < GROUP; ++c)
+      for (int c = 0; c < CHUNKS; ++c)
         sums[m][c] = _mm512_dpbf16_ps(sums[m][c], value, weights[c]);
     }
   }
-  store<ROWS, GROUP>(sums, bias, width, out, out_stride);
+  store<ROWS>(sums, bias, width, out, out_stride);
 }
 
 template <int... ROWS>
@@ -88,26 +87,23 @@ namespace avx2 {
 #pragma GCC pop_options
 }  // namespace avx2
 
-// The tiles of `count` rows or fewer, each over `width` outputs of a panel.
+// The tiles of 1 to `rows` rows.
 template <typename T>
 struct Tiles {
-  const Tile<T>* tiles;
-  int count;
-  int width;
+  const Tile<T>* of_rows;
+  int rows;
 };
 
 Tiles<float> float_tiles() {
   if (vector_isa() == VectorIsa::avx512)
-    return {avx512::float_tiles.data(), avx512::Isa::LINEAR_TILE_ROWS,
-            avx512::Isa::LINEAR_GROUP * 16};
-  return {avx2::float_tiles.data(), avx2::Isa::LINEAR_TILE_ROWS, avx2::Isa::LINEAR_GROUP * 16};
+    return {avx512::float_tiles.data(), avx512::Isa::LINEAR_TILE_ROWS};
+  return {avx2::float_tiles.data(), avx2::Isa::LINEAR_TILE_ROWS};
 }
 
 // rows [count, features] and panels of T; threads split the panels, never a sum.
 template <typename T>
 void linear_of_rows(const at::Tensor& rows, const at::Tensor& panels, int64_t outputs,
                     const float* bias, at::Tensor& out, Tiles<T> tiles) {
-  constexpr int64_t per_output = std::is_same_v<T, float> ? 1 : 2;  // the panel's values a step
   int64_t count = rows.size(0), features = rows.size(1);
   int64_t panel_size = panels.numel() / panels.size(0);
   const T* x = rows.data_ptr<T>();
@@ -115,15 +111,12 @@ void linear_of_rows(const at::Tensor& rows, const at::Tensor& panels, int64_t ou
   float* o = out.data_ptr<float>();
   at::parallel_for(0, panels.size(0), 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
-      for (int64_t first = p * PANEL; first < std::min<int64_t>(outputs, (p + 1) * PANEL);
-           first += tiles.width) {
-        const T* group = w + p * panel_size + (first - p * PANEL) * per_output;
-        int64_t width = std::min<int64_t>(tiles.width, outputs - first);
-        for (int64_t m = 0; m < count; m += tiles.count) {
-          int64_t here = std::min<int64_t>(tiles.count, count - m);
-          tiles.tiles[here - 1](x + m * features, features, group, bias ? bias + first : nullptr,
-                                width, o + m * outputs + first, outputs);
-        }
+      int64_t first = p * PANEL, width = std::min<int64_t>(PANEL, outputs - first);
+      for (int64_t m = 0; m < count; m += tiles.rows) {
+        int64_t here = std::min<int64_t>(tiles.rows, count - m);
+        tiles.of_rows[here - 1](x + m * features, features, w + p * panel_size,
+                                bias ? bias + first : nullptr, width, o + m * outputs + first,
+                                outputs);
       }
     }
   });
@@ -175,7 +168,7 @@ at::Tensor linear(const at::Tensor& input, const at::Tensor& panels, int64_t out
   else
     linear_of_rows(rows, panels, outputs, b, out,
                    Tiles<at::BFloat16>{avx512::bfloat16_tiles.data(),
-                                       avx512::Isa::LINEAR_TILE_ROWS, PANEL});
+                                       avx512::Isa::LINEAR_TILE_ROWS});
   std::vector<int64_t> sizes = input.sizes().vec();
   sizes.back() = outputs;
   return out.to(dtype).view(sizes);

@@ -16,7 +16,6 @@ struct Isa {
   // memory comes at its latency, not its bandwidth. Of the 16 registers, a tile keeps 12 sums,
   // its 2 inputs and the weight it multiplies.
   static constexpr int LINEAR_TILE_ROWS = 2;
-  static constexpr int LINEAR_GROUP = 3;
   static constexpr bool LINEAR_INPUTS_FIRST = true;
   static constexpr int MIX_CHUNKS = 4;
   static constexpr int MIX_GROUPS = 1;

@@ -7,7 +7,6 @@ struct Isa {
   using Tail = __mmask16;  // the lanes of a chunk that are read or written
 
   static constexpr int LINEAR_TILE_ROWS = 8;  // the input rows one pass over a panel serves
-  static constexpr int LINEAR_GROUP = 3;      // the chunks of a panel one pass computes
   static constexpr bool LINEAR_INPUTS_FIRST = false;  // a tile keeps the panel in registers
   static constexpr int MIX_CHUNKS = 4;        // the output chunks one pass over the values keeps
   static constexpr int MIX_GROUPS = 4;        // the query heads one pass over the values serves
