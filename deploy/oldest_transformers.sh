@@ -4,7 +4,9 @@
 # tests once more with it, so both ends of the allowed range are tested on every run.
 #
 # Only transformers and the versions it pins go in this overlay (torch stays the
-# environment's); it is kept in the cache, keyed by that version, across runs.
+# environment's), with the `kernels` of its own hub-kernels extra: it imports `kernels` where
+# it finds it, and the environment's, pinned by the newest transformers, no longer fits the
+# oldest. The overlay is kept in the cache, keyed by that version, across runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=$1
@@ -22,7 +24,7 @@ if [ ! -f "$overlay/.complete" ]; then
   rm -rf "$overlay"
   for attempt in 1 2 3; do
     if "$bin/pip" install --quiet --disable-pip-version-check --target "$overlay" \
-        "transformers==$version" >&2; then
+        "transformers[hub-kernels]==$version" >&2; then
       touch "$overlay/.complete"
       break
     fi
