@@ -19,6 +19,12 @@ pytestmark = pytest.mark.skipif(not VECTORS, reason="the kernels are for CPUs wi
 ROWS, KV_HEADS, SLOTS = 3, 2, 150
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _loaded() -> None:
+    """The kernels loaded before any test calls their ops, whichever test runs first."""
+    cpu_kernels.status()
+
+
 def test_the_kernels_are_built_where_the_cpu_takes_them() -> None:
     """A failed build (no compiler, a source that does not compile) fails here, not quietly."""
     assert cpu_kernels.status().ready, cpu_kernels.status().detail
@@ -93,7 +99,7 @@ def _scores_in_order(queries, keys, head):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_every_sum_runs_in_the_documented_order_bit_for_bit(dims: int, dtype: torch.dtype) -> None:
     """The order the kernels document, the same with AVX-512 and with AVX2: the two give
-    equal bits, so a stream moves between such CPUs and goes on as it would have."""
+    equal bits."""
     queries, keys, values, head = _case(dims, 3, 37, dims, dtype)
     scores = decode_kernel.scores(queries, keys, head)
     assert torch.equal(scores, _scores_in_order(queries, keys, head))

@@ -13,7 +13,7 @@ $STREAMSINK_KERNEL_CACHE (else ~/.cache/streamsink/kernels); `python -m
 worker.model.cpu_kernels` builds them ahead (deploy/setup.sh and the image do). Where they
 cannot be had (neither AVX-512 nor AVX2 with FMA, no compiler, or STREAMSINK_CPU_KERNELS=0),
 the model runs through oneDNN and torch's matmuls, as before. The AVX2 kernels sum in the
-order of the AVX-512 ones: a stream gets the same bits on either CPU.
+order of the AVX-512 ones: their results have the same bits on either CPU.
 """
 
 from __future__ import annotations

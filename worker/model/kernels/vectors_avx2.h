@@ -1,7 +1,7 @@
 // The vector operations the kernels are written in (linear_tiles.h, decode_heads.h), for AVX2
 // with FMA: a chunk of 16 float32 lanes is two registers of 8. Every lane sees the operations it
 // sees in vectors_avx512.h, and key_sums adds by the same tree, so each result has the same bits
-// on either CPU: a stream moves between them and goes on as it would have. Included inside a
+// on either CPU. Included inside a
 // namespace compiled for AVX2 and FMA (see linear.cpp).
 
 struct Isa {
