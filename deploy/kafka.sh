@@ -7,9 +7,11 @@
 #   deploy/kafka.sh status DIR  exit 0 if it runs
 #
 # The jars come from Maven Central once (through Maven, whose ~/.m2 keeps them) into
-# $STREAMSINK_KAFKA_HOME. The ports are chosen on the first start and kept in DIR, so a
-# restart brings the same broker back at the same address: tests restart it mid-run.
-set -euo pipefail
+# $STREAMSINK_KAFKA_HOME, checked against their recorded checksums at every start (a cache
+# that lost or broke a jar is fetched again). The ports are chosen on the first start and kept
+# in DIR, so a restart brings the same broker back at the same address: tests restart it mid-run.
+# Whatever fails says so on stderr, with the end of the broker's logs.
+set -Eeuo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 kafka_home=${STREAMSINK_KAFKA_HOME:-$HOME/.cache/streamsink/kafka-4.1.1}
 command=${1:?usage: kafka.sh start|stop|status DIR}
@@ -17,11 +19,35 @@ dir=${2:?usage: kafka.sh start|stop|status DIR}
 mkdir -p "$dir"
 dir=$(cd "$dir" && pwd)
 
+# The end of each log this script keeps, the Java it ran and the room left, on stderr.
+show_logs() {
+  local log
+  for log in "$dir/format.log" "$dir/kafka.log"; do
+    if [ -s "$log" ]; then
+      echo "--- the end of $log:" >&2
+      tail -n 30 "$log" >&2
+    fi
+  done
+  echo "--- $(java -version 2>&1 | head -n 1); room left: $(df -h "$dir" | tail -n 1)" >&2
+}
+trap 'status=$?; echo "kafka.sh $command: \"$BASH_COMMAND\" failed with exit $status" >&2; show_logs; exit $status' ERR
+
+# True when every jar fetched before is still there, byte for byte.
+jars_intact() {
+  [ -s "$kafka_home/.complete" ] \
+    && (cd "$kafka_home/libs" && sha256sum --quiet --status -c ../.complete) 2>/dev/null
+}
+
 # Maven Central can fail a fetch now and then: try a few times, and when it fails for good,
 # show what Maven said instead of a bare exit code.
 fetch_jars() {
-  [ -f "$kafka_home/.complete" ] && return
-  echo "fetching the Kafka jars from Maven Central (once)" >&2
+  if jars_intact; then return; fi
+  if [ -s "$kafka_home/.complete" ]; then
+    echo "the Kafka jars in $kafka_home changed since they were fetched; fetching them again" >&2
+  else
+    echo "fetching the Kafka jars from Maven Central (once)" >&2
+  fi
+  rm -f "$kafka_home/.complete"
   mkdir -p "$kafka_home"
   local log="$kafka_home/fetch.log" attempt force=()
   for attempt in 1 2 3; do
@@ -29,7 +55,7 @@ fetch_jars() {
     # Maven remembers a failed download; -U makes a retry ask Central again.
     if mvn -B "${force[@]}" -f "$here/kafka/pom.xml" dependency:copy-dependencies \
         -DoutputDirectory="$kafka_home/libs" -DincludeScope=runtime >"$log" 2>&1; then
-      touch "$kafka_home/.complete"
+      (cd "$kafka_home/libs" && sha256sum ./*.jar) >"$kafka_home/.complete"
       return
     fi
     echo "fetching the Kafka jars failed (attempt $attempt of 3)" >&2
@@ -122,8 +148,8 @@ case "$command" in
       if ! running; then break; fi
       sleep 0.5
     done
-    echo "the Kafka broker in $dir did not answer on port $port; the end of its log:" >&2
-    tail -n 30 "$dir/kafka.log" >&2
+    echo "the Kafka broker in $dir did not answer on port $port" >&2
+    show_logs
     exit 1
     ;;
   stop)
@@ -136,7 +162,8 @@ case "$command" in
     rm -f "$dir/kafka.pid"
     ;;
   status)
-    running
+    if running; then exit 0; fi
+    exit 1
     ;;
   *)
     echo "unknown command $command; use start, stop or status" >&2
