@@ -34,13 +34,14 @@ void scores_of_head(const T* queries, int64_t groups, int64_t dims, const T* key
         for (int c = 0; c < CHUNKS; ++c)
           query[f][c] =
               load_chunk<CHUNKS, PARTIAL>(c, queries + (f * groups + g) * dims, tail);
-      Isa::Chunk sums[16];
+      typename Isa::KeySums sums;
+#pragma GCC unroll 16
       for (int l = 0; l < 16; ++l) {
         int64_t key = std::min<int64_t>(l, count - 1);  // a short last block repeats its last
         int f = mixed ? (head[first + key] ? 0 : 1) : (frame ? 0 : 1);
-        sums[l] = products<CHUNKS, PARTIAL>(query[f], block + key * dims, tail);
+        sums.add(l, products<CHUNKS, PARTIAL>(query[f], block + key * dims, tail));
       }
-      Isa::key_sums(sums, count, out + g * span + first);
+      sums.store(count, out + g * span + first);
     }
   }
 }

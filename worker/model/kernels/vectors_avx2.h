@@ -1,6 +1,6 @@
 // The vector operations the kernels are written in (linear_tiles.h, decode_heads.h), for AVX2
 // with FMA: a chunk of 16 float32 lanes is two registers of 8. Every lane sees the operations it
-// sees in vectors_avx512.h, and key_sums adds by the same tree, so each result has the same bits
+// sees in vectors_avx512.h, and KeySums adds by the same tree, so each result has the same bits
 // on either CPU. Included inside a
 // namespace compiled for AVX2 and FMA (see linear.cpp).
 
@@ -64,29 +64,43 @@ struct Isa {
     return {_mm256_fmadd_ps(a.low, b.low, c.low), _mm256_fmadd_ps(a.high, b.high, c.high)};
   }
 
-  // vectors_avx512.h's tree: lane j + lane j + 8, then j + j + 4 of those (T0..T3), then
-  // T0 + T2 and T1 + T3, then the two; here eight keys to a register at each level.
-  static void key_sums(const Chunk (&sums)[16], int64_t count, float* out) {
-    __m256 eighths[16];  // per key: lane j + lane j + 8
-    for (int k = 0; k < 16; ++k) eighths[k] = _mm256_add_ps(sums[k].low, sums[k].high);
-    __m256 quarters[8];  // keys 2i (lanes 0-3) and 2i + 1 (lanes 4-7): T0..T3
-    for (int i = 0; i < 8; ++i)
-      quarters[i] = _mm256_add_ps(_mm256_permute2f128_ps(eighths[2 * i], eighths[2 * i + 1], 0x20),
-                                  _mm256_permute2f128_ps(eighths[2 * i], eighths[2 * i + 1], 0x31));
-    __m256 pairs[4];  // T0 + T2, T1 + T3 of keys 4i, 4i + 2 (lanes 0-3), 4i + 1, 4i + 3 (4-7)
-    for (int i = 0; i < 4; ++i)
-      pairs[i] = _mm256_add_ps(_mm256_unpacklo_ps(quarters[2 * i], quarters[2 * i + 1]),
-                               _mm256_unpackhi_ps(quarters[2 * i], quarters[2 * i + 1]));
-    // Lane 4h + e of keys[i] holds key 8i + 2e + h.
-    const __m256i by_key = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-    Chunk keys;
-    __m256* halves[2] = {&keys.low, &keys.high};
-    for (int i = 0; i < 2; ++i) {
-      __m256d a = _mm256_castps_pd(pairs[2 * i]), b = _mm256_castps_pd(pairs[2 * i + 1]);
+  // vectors_avx512.h's KeySums, by the same tree: lane j + lane j + 8, then j + j + 4 of those
+  // (T0..T3), then T0 + T2 and T1 + T3, then the two; here eight keys to a register at each
+  // level. A chunk is two of the 16 registers, so the block cannot keep 16 keys' lanes: each
+  // key goes into the tree as it comes (`add`, given its key as a constant), and each level
+  // keeps one register waiting for its partner.
+  struct KeySums {
+    __m256 eighths, quarters, pairs;  // the waiting halves of each level
+    __m256 keys[2];                   // keys 0-7 and 8-15, done
+
+    void add(int key, Chunk sum) {
+      __m256 eighth = _mm256_add_ps(sum.low, sum.high);  // lane j + lane j + 8
+      if (key % 2 == 0) {
+        eighths = eighth;
+        return;
+      }
+      // keys key - 1 (lanes 0-3) and key (4-7): T0..T3
+      __m256 quarter = _mm256_add_ps(_mm256_permute2f128_ps(eighths, eighth, 0x20),
+                                     _mm256_permute2f128_ps(eighths, eighth, 0x31));
+      if (key % 4 == 1) {
+        quarters = quarter;
+        return;
+      }
+      // T0 + T2, T1 + T3 of keys key - 3, key - 1 (lanes 0-3), key - 2, key (4-7)
+      __m256 pair = _mm256_add_ps(_mm256_unpacklo_ps(quarters, quarter),
+                                  _mm256_unpackhi_ps(quarters, quarter));
+      if (key % 8 == 3) {
+        pairs = pair;
+        return;
+      }
+      __m256d a = _mm256_castps_pd(pairs), b = _mm256_castps_pd(pair);
       __m256 total = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(a, b)),
                                    _mm256_castpd_ps(_mm256_unpackhi_pd(a, b)));
-      *halves[i] = _mm256_permutevar8x32_ps(total, by_key);
+      // Lane 4h + e of total holds key 8 (key / 8) + 2e + h.
+      const __m256i by_key = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+      keys[key / 8] = _mm256_permutevar8x32_ps(total, by_key);
     }
-    store(tail(count), out, keys);
-  }
+
+    void store(int64_t count, float* out) const { Isa::store(tail(count), out, {keys[0], keys[1]}); }
+  };
 };

@@ -29,32 +29,41 @@ struct Isa {
   static Chunk mul(Chunk a, Chunk b) { return _mm512_mul_ps(a, b); }
   static Chunk fmadd(Chunk a, Chunk b, Chunk c) { return _mm512_fmadd_ps(a, b, c); }
 
-  // out[l] = the sum of sums[l]'s 16 lanes, for the keys l < count, each by one tree: lane j
-  // and j + 8 first, then j and j + 4 of those, then 0 + 2 and 1 + 3, then the two.
-  static void key_sums(const Chunk (&sums)[16], int64_t count, float* out) {
-    __m512 halves[8];
-    for (int i = 0; i < 8; ++i) {
-      __m512 low = _mm512_shuffle_f32x4(sums[2 * i], sums[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0));
-      __m512 high = _mm512_shuffle_f32x4(sums[2 * i], sums[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2));
-      halves[i] = _mm512_add_ps(low, high);
+  // The scores of a block of 16 keys: each key's 16 lanes of products come in (`add`), and
+  // `store` writes out[l] = the sum of key l's lanes, for the keys l < count, each by one tree:
+  // lane j and j + 8 first, then j and j + 4 of those, then 0 + 2 and 1 + 3, then the two. A
+  // chunk is one register: the block keeps all 16 and sums them at the end.
+  struct KeySums {
+    Chunk sums[16];
+
+    void add(int key, Chunk sum) { sums[key] = sum; }
+
+    void store(int64_t count, float* out) const {
+      __m512 halves[8];
+      for (int i = 0; i < 8; ++i) {
+        __m512 low = _mm512_shuffle_f32x4(sums[2 * i], sums[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0));
+        __m512 high = _mm512_shuffle_f32x4(sums[2 * i], sums[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2));
+        halves[i] = _mm512_add_ps(low, high);
+      }
+      __m512 quarters[4];
+      for (int i = 0; i < 4; ++i) {
+        __m512 low =
+            _mm512_shuffle_f32x4(halves[2 * i], halves[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0));
+        __m512 high =
+            _mm512_shuffle_f32x4(halves[2 * i], halves[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1));
+        quarters[i] = _mm512_add_ps(low, high);
+      }
+      __m512 pairs0 = _mm512_add_ps(_mm512_unpacklo_ps(quarters[0], quarters[1]),
+                                    _mm512_unpackhi_ps(quarters[0], quarters[1]));
+      __m512 pairs1 = _mm512_add_ps(_mm512_unpacklo_ps(quarters[2], quarters[3]),
+                                    _mm512_unpackhi_ps(quarters[2], quarters[3]));
+      __m512d wide0 = _mm512_castps_pd(pairs0), wide1 = _mm512_castps_pd(pairs1);
+      __m512 lanes = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(wide0, wide1)),
+                                   _mm512_castpd_ps(_mm512_unpackhi_pd(wide0, wide1)));
+      // Lane 4q + e now holds key 4e + q.
+      const __m512i by_key =
+          _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+      Isa::store(tail(count), out, _mm512_permutexvar_ps(by_key, lanes));
     }
-    __m512 quarters[4];
-    for (int i = 0; i < 4; ++i) {
-      __m512 low = _mm512_shuffle_f32x4(halves[2 * i], halves[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0));
-      __m512 high =
-          _mm512_shuffle_f32x4(halves[2 * i], halves[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1));
-      quarters[i] = _mm512_add_ps(low, high);
-    }
-    __m512 pairs0 = _mm512_add_ps(_mm512_unpacklo_ps(quarters[0], quarters[1]),
-                                  _mm512_unpackhi_ps(quarters[0], quarters[1]));
-    __m512 pairs1 = _mm512_add_ps(_mm512_unpacklo_ps(quarters[2], quarters[3]),
-                                  _mm512_unpackhi_ps(quarters[2], quarters[3]));
-    __m512d wide0 = _mm512_castps_pd(pairs0), wide1 = _mm512_castps_pd(pairs1);
-    __m512 lanes = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(wide0, wide1)),
-                                 _mm512_castpd_ps(_mm512_unpackhi_pd(wide0, wide1)));
-    // Lane 4q + e now holds key 4e + q.
-    const __m512i by_key =
-        _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-    store(tail(count), out, _mm512_permutexvar_ps(by_key, lanes));
-  }
+  };
 };
