@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.models.tiny_models import VOCAB, tiny_configs, tiny_model
-from worker.model import batch_cache, cpu_kernels, decode_kernel, linear_kernel
+from worker.model import batch_cache, cpu_kernels, decode_kernel, linear_kernel, norm_kernel
 from worker.model.attention import FLASH_QUERIES, decoding
 from worker.model.batch_cache import batch_forward
 from worker.model.batch_invariance import is_batch_invariant, make_batch_invariant, stock_kernels
@@ -67,11 +67,12 @@ def _decode(
 @pytest.fixture(params=["ours", "stock"])
 def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """The test runs with cpu_kernels.py's kernels where this CPU has them, and again with
-    oneDNN's linear layers and torch's attention matmuls, the path of every other CPU (for the
-    models the test makes)."""
+    oneDNN's linear layers, torch's attention matmuls and transformers' norms, the path of every
+    other CPU (for the models the test makes)."""
     if request.param == "stock":
         monkeypatch.setattr(decode_kernel, "takes", lambda keys, values: False)
         monkeypatch.setattr(linear_kernel, "takes", lambda weight: False)
+        monkeypatch.setattr(norm_kernel, "takes", lambda x, weight: False)
     elif not cpu_kernels.status().ready:
         pytest.skip(f"no CPU kernels: {cpu_kernels.status().detail}")
     return request.param

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from worker.model import linear_kernel
+from worker.model import linear_kernel, norm_kernel
 from worker.model.attention import ATTENTION
 
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
@@ -82,8 +82,11 @@ def make_batch_invariant(model: PreTrainedModel) -> None:
     """Give `model` the row-independent kernels where it can take them (idempotent).
 
     Attention is replaced only where the model runs SDPA through transformers' attention
-    interface: eager attention (Gemma 2's softcapping, gpt-oss's sink logits) stays.
+    interface: eager attention (Gemma 2's softcapping, gpt-oss's sink logits) stays. The norms
+    go through norm_kernel.py, which computes each row on its own as well.
     """
+    for module in model.modules():
+        norm_kernel.fuse(module)
     if not _can_pack(model):
         return
     for module in model.modules():
@@ -110,9 +113,12 @@ def is_batch_invariant(model: PreTrainedModel) -> bool:
 def stock_kernels(model: PreTrainedModel) -> Iterator[None]:
     """Within: `model` runs transformers' own kernels (a reference to measure against)."""
     packed = [m for m in model.modules() if type(m) is PackedLinear]
+    norms = [m for m in model.modules() if isinstance(m, norm_kernel.FusedRMSNorm)]
     attention = model.config._attn_implementation
     for module in packed:
         module.__class__ = nn.Linear
+    for module in norms:
+        norm_kernel.unfuse(module)
     if attention == ATTENTION:
         model.set_attn_implementation("sdpa")
     try:
@@ -120,6 +126,8 @@ def stock_kernels(model: PreTrainedModel) -> Iterator[None]:
     finally:
         for module in packed:
             module.__class__ = PackedLinear
+        for module in norms:
+            norm_kernel.fuse(module)
         if attention == ATTENTION:
             model.set_attn_implementation(ATTENTION)
 

@@ -1,10 +1,11 @@
 """CPU kernels of our own (kernels/*.cpp), built once per machine and torch release, loaded
-once per process: the linear layers (linear_kernel.py) and a decode step's attention
-(decode_kernel.py).
+once per process: the linear layers (linear_kernel.py), a decode step's attention
+(decode_kernel.py) and the norms (norm_kernel.py).
 
-Both compute a row's result from the row alone, as batch_invariance.py requires, and faster
+Each computes a row's result from the row alone, as batch_invariance.py requires, and faster
 than the stock kernels where it counts: oneDNN reads the weights of a few rows at half the
-memory's speed, MKL's batched GEMM reads the caches of a decode step at a third of it. Their
+memory's speed, MKL's batched GEMM reads the caches of a decode step at a third of it, and a
+norm is seven ops that each cost more to dispatch than to compute. Their
 bits are ours, not oneDNN's or MKL's: every worker of a fleet must take the same path (a fleet
 runs one image on one kind of CPU, as oneDNN's kernels already ask).
 
