@@ -36,7 +36,9 @@ SOURCES = tuple(sorted(KERNELS.glob("*.cpp")))  # compiled; they include the hea
 HEADERS = tuple(sorted(KERNELS.glob("*.h")))
 LIBRARY = "streamsink_kernels"
 SWITCH = "STREAMSINK_CPU_KERNELS"  # "0" turns them off
-_FLAGS = ("-O3", "-fopenmp")  # OpenMP: at::parallel_for runs on torch's threads
+# OpenMP: at::parallel_for runs on torch's threads. No contraction of a product and a sum into
+# one fused multiply-add but where a kernel writes one: the order of every rounding is ours.
+_FLAGS = ("-O3", "-fopenmp", "-ffp-contract=off")
 
 
 @dataclass(frozen=True)

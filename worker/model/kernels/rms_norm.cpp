@@ -4,7 +4,7 @@
 // normed rounded to x's dtype first where `round_between` (Llama's order: the product is then
 // of two values of x's dtype), else the product rounded once, at the end (Gemma's).
 //
-// Plain C++, with no vector intrinsics and no fused multiply-add (an ISO build contracts none):
+// Plain C++, with no vector intrinsics and no fused multiply-add (built with -ffp-contract=off):
 // the sum of squares runs in double, feature 0 first, and every other operation is one rounded
 // float32 operation per element, so a row's bits follow the row alone, on any x86-64 CPU,
 // whatever the rows beside it or the thread that computes it.
