@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from tests.models.tiny_models import VOCAB, tiny_model
 from worker.model import cpu_kernels, decode_kernel
@@ -12,6 +14,7 @@ from worker.model.batch_cache import batch_forward
 from worker.model.batch_invariance import make_batch_invariant
 from worker.model.decoder import forward_step
 from worker.model.kv_pool import KVPool
+from worker.model.positions import RotaryScheme
 from worker.model.sink_cache import SinkCache
 
 VECTORS = torch.backends.cpu.get_cpu_capability().startswith(("AVX512", "AVX2"))
@@ -139,6 +142,77 @@ def test_a_rows_bits_do_not_depend_on_the_other_rows_or_the_thread_count(
         torch.set_num_threads(threads)
 
 
+def _scheme(dims: int, rotary_dims: int) -> RotaryScheme:
+    """A Llama rotary scheme over the first `rotary_dims` of `dims` head dims."""
+    config = LlamaConfig(
+        hidden_size=2 * dims,
+        num_attention_heads=2,
+        partial_rotary_factor=rotary_dims / dims,
+        head_dim=dims,
+    )
+    return RotaryScheme(LlamaRotaryEmbedding(config))
+
+
+# Whole and partial rotary dims, and rows whose keys stay as made (a shift of 0 turns nothing).
+ROTARY_CASES = [(64, 64), (64, 32), (24, 8)]
+
+
+@pytest.mark.parametrize(("dims", "rotary_dims"), ROTARY_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("turned", [True, False])
+def test_the_store_writes_the_bits_of_to_stored_and_two_index_writes(
+    dims: int, rotary_dims: int, dtype: torch.dtype, turned: bool
+) -> None:
+    scheme = _scheme(dims, rotary_dims)
+    generator = torch.Generator().manual_seed(dims + rotary_dims)
+    pool = torch.randn(2, ROWS + 2, KV_HEADS, SLOTS, dims, generator=generator).to(dtype)
+    keys, values = pool[0, 1 : ROWS + 1], pool[1, 1 : ROWS + 1]  # a run inside a chunk
+    new_keys, new_values = torch.randn(2, ROWS, KV_HEADS, 1, dims, generator=generator).to(dtype)
+    slots = torch.randperm(SLOTS, generator=generator)[:ROWS]
+    shifts = torch.tensor([0, 7, 1_000_003]) if turned else torch.zeros(ROWS, dtype=torch.long)
+    storing = scheme.storing(shifts if turned else 0, torch.device("cpu"))
+    expected_keys, expected_values = keys.clone(), values.clone()
+    rows = torch.arange(ROWS)
+    expected_keys[rows, :, slots] = scheme.to_stored(new_keys, storing)[:, :, 0]
+    expected_values[rows, :, slots] = new_values[:, :, 0]
+    untouched = pool[:, [0, ROWS + 1]].clone()
+    decode_kernel.store(keys, values, new_keys, new_values, slots, storing)
+    assert torch.equal(keys, expected_keys)
+    assert torch.equal(values, expected_values)
+    assert torch.equal(pool[:, [0, ROWS + 1]], untouched)  # the slots beside the run
+
+
+@pytest.mark.parametrize(("dims", "rotary_dims"), ROTARY_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("groups", [1, 3])
+def test_queries_are_the_bits_of_the_scaled_query_and_its_turn(
+    dims: int, rotary_dims: int, dtype: torch.dtype, groups: int
+) -> None:
+    """As the model hands them over: [rows, heads, 1, dims], a transposed view."""
+    scheme = _scheme(dims, rotary_dims)
+    generator = torch.Generator().manual_seed(dims * groups)
+    heads = KV_HEADS * groups
+    query = torch.randn(ROWS, 1, heads, dims, generator=generator).to(dtype).transpose(1, 2)
+    scale = dims**-0.5
+    turning = scheme.turning(torch.tensor([3, 0, 250_001]), torch.device("cpu"), dtype)
+    scaled = query * scale
+    made = scaled.reshape(ROWS, KV_HEADS, groups, dims)
+    turned = scheme.turn(scaled, turning).reshape(ROWS, KV_HEADS, groups, dims)
+    both = decode_kernel.queries(query, scale, turning, KV_HEADS)
+    assert torch.equal(both, torch.stack((made, turned), dim=2))
+    unturned = decode_kernel.queries(query, scale, None, KV_HEADS)
+    assert torch.equal(unturned, torch.stack((made, made), dim=2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_mask_adds_to_the_scores_as_attention_adds_it(dtype: torch.dtype) -> None:
+    queries, keys, _, head = _case(64, 3, 37, seed=2, dtype=dtype)
+    mask = torch.randn(ROWS, 1, 1, SLOTS).to(dtype)  # longer than the span, as a step's is
+    mask[:, :, :, 20:30] = torch.finfo(dtype).min
+    expected = decode_kernel.scores(queries, keys, head).add_(mask[..., :37])
+    assert torch.equal(decode_kernel.scores(queries, keys, head, mask), expected)
+
+
 def test_tensors_the_kernels_cannot_read_are_refused_or_left_to_torch() -> None:
     queries, keys, values, head = _case(64, 3, 37, seed=1)
     assert decode_kernel.takes(keys, values)
@@ -149,6 +223,15 @@ def test_tensors_the_kernels_cannot_read_are_refused_or_left_to_torch() -> None:
         decode_kernel.scores(queries.transpose(3, 4), keys, head)
     with pytest.raises(RuntimeError, match="head must be bool"):
         decode_kernel.scores(queries, keys, head.float())
+    with pytest.raises(RuntimeError, match="mask must be"):
+        decode_kernel.scores(queries, keys, head, torch.zeros(ROWS, 1, 1, 36))  # short of span
+    new = torch.zeros(ROWS, KV_HEADS, 1, 64)
+    with pytest.raises(RuntimeError, match="out of range"):
+        decode_kernel.store(keys, values, new, new, torch.tensor([0, 1, SLOTS]), None)
+    with pytest.raises(RuntimeError, match="cos and sin must be"):
+        decode_kernel.store(keys, values, new, new, torch.zeros(ROWS, dtype=torch.long), (new, new))
+    with pytest.raises(RuntimeError, match="multiple of kv heads"):
+        decode_kernel.queries(torch.zeros(ROWS, 5, 1, 64), 1.0, None, KV_HEADS)
 
 
 @pytest.mark.parametrize(

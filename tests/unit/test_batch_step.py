@@ -23,7 +23,7 @@ def test_ragged_rows_keep_their_own_positions_and_hide_unfilled_slots() -> None:
     assert batch.query_positions.tolist() == [[2], [7], [7]]
     # Each row's shift: what it evicted, counting this step's room (11 + 1 tokens in 8 slots).
     assert batch.shifts.tolist() == [0, 0, 4]
-    assert batch.head_slots[:, 0, 0].tolist() == [[True] * 2 + [False] * 6] * 3
+    assert batch.head_slots.tolist() == [[True] * 2 + [False] * 6] * 3
     live = batch.attention_mask[:, 0, 0] == 0
     assert live.sum(-1).tolist() == [3, 8, 8]
     assert live[0].tolist() == [True] * 3 + [False] * 5

@@ -53,11 +53,13 @@ class Run:
 
 @dataclass(frozen=True)
 class DecodeFrames:
-    """What a batched decode step's attention needs beyond the model's own arguments."""
+    """What a batched decode step's attention needs beyond the model's own arguments. A batched
+    step's caches are order-free (rotary: see decoder.decode_step), so a turning is a cos and
+    sin or none."""
 
     schemes: Sequence[PositionScheme]  # per layer
     turnings: Sequence[object]  # per layer: its scheme's turning of each row's shift
-    head_slots: torch.Tensor  # [rows, 1, 1, slots], bool: the slots of each row's head
+    head_slots: torch.Tensor  # [rows, slots], bool: the slots of each row's head
     runs: Sequence[Run]  # every row once, in row order: where its keys and values lie
 
 
@@ -90,10 +92,16 @@ def attention(
     (eager_mask's: it adds to the scores) [rows or 1, 1, queries, keys or more]. Returns
     [rows, queries, heads, dims], as every attention function does.
     """
-    query = query * (query.shape[-1] ** -0.5 if scaling is None else scaling)  # the small side
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     frames = _frames.get()
     if frames is not None and query.shape[2] == 1:
-        return _decode_step(module.layer_idx, frames, query, attention_mask), None
+        if decode_kernel.takes(key, value):  # the first run's, as the cache stores them
+            step = _kernel_step(
+                module.layer_idx, frames, query, scale, key.shape[1], attention_mask
+            )
+            return step, None
+        return _decode_step(module.layer_idx, frames, query * scale, attention_mask), None
+    query = query * scale  # the small side
     if query.shape[2] >= FLASH_QUERIES:
         return _flash(query, key, value, attention_mask), None
     return _attend(query, key, value, attention_mask), None
@@ -119,70 +127,87 @@ def _attend(
 ) -> torch.Tensor:
     """Softmax(query · keys + mask) · values, per row and kv head: [rows, queries, heads,
     dims]. With `frames` (a decode step's: the query turned into the stream's frame, and the
-    slots of each row's head), each slot takes the score of its frame; the two matmuls then
-    go through decode_kernel.py where it takes these keys and values."""
+    slots of each row's head), each slot takes the score of its frame."""
     rows, heads, length, dims = query.shape
     kv_heads, keys = key.shape[1], key.shape[2]
     groups = heads // kv_heads
-    kernel = frames is not None and decode_kernel.takes(key, value)
     if frames is None:
         grouped = query.reshape(rows, kv_heads, groups * length, dims)
         scores = torch.matmul(grouped, key.mT).view(rows, kv_heads, groups, length, keys)
         scores = scores[:, :, :, 0] if length == 1 else scores
     else:
-        turned, head_slots = frames
-        scores = _frame_scores(query, turned, key, head_slots, kernel)
+        scores = _frame_scores(query, *frames, key)
     if mask is not None:
         mask = mask[..., :keys]
         scores.add_(mask if length == 1 else mask[:, :, None])
-    probabilities = torch.softmax(scores, dim=-1, dtype=torch.float32)
-    if kernel:
-        out = decode_kernel.mix(probabilities, value).to(value.dtype)
-    else:
-        probabilities = probabilities.to(value.dtype)
-        out = torch.matmul(probabilities.reshape(rows, kv_heads, groups * length, keys), value)
+    probabilities = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+    out = torch.matmul(probabilities.reshape(rows, kv_heads, groups * length, keys), value)
     return out.view(rows, heads, length, dims).transpose(1, 2)
 
 
 def _frame_scores(
-    query: torch.Tensor,
-    turned: torch.Tensor,
-    key: torch.Tensor,
-    head_slots: torch.Tensor,
-    kernel: bool,
+    query: torch.Tensor, turned: torch.Tensor, head_slots: torch.Tensor, key: torch.Tensor
 ) -> torch.Tensor:
     """A decode step's scores [rows, kv heads, groups, keys]: each slot of a row's head
-    (`head_slots` [rows, 1, 1, slots]) against its query as made, every other slot against it
+    (`head_slots` [rows, slots]) against its query as made, every other slot against it
     `turned` by the row's shift."""
     rows, heads, _, dims = query.shape
     kv_heads, keys = key.shape[1], key.shape[2]
-    if kernel:
-        both = torch.stack(
-            (query.reshape(rows, kv_heads, -1, dims), turned.reshape(rows, kv_heads, -1, dims)),
-            dim=2,
-        )  # [rows, kv heads, 2 frames, groups, dims]
-        return decode_kernel.scores(both, key, head_slots[:, 0, 0])
     both = torch.cat((query, turned), dim=2)  # [rows, heads, 2 frames, dims]
     scores = torch.matmul(both.reshape(rows, kv_heads, heads // kv_heads * 2, dims), key.mT)
     scores = scores.view(rows, kv_heads, heads // kv_heads, 2, keys)
-    return torch.where(head_slots[..., :keys], scores[:, :, :, 0], scores[:, :, :, 1])
+    head = head_slots[:, None, None, :keys]
+    return torch.where(head, scores[:, :, :, 0], scores[:, :, :, 1])
+
+
+def _run_views(layer: int, run: Run) -> tuple[torch.Tensor, torch.Tensor]:
+    """A run's keys and values, read in place from its pool, over the slots it attends."""
+    keys = run.pool.keys(layer, run.first_slot, run.count)[:, :, : run.span]
+    return keys, run.pool.values(layer, run.first_slot, run.count)[:, :, : run.span]
 
 
 def _decode_step(
     layer: int, frames: DecodeFrames, query: torch.Tensor, mask: torch.Tensor | None
 ) -> torch.Tensor:
-    """A batched decode step's attention, run by run, each run's keys and values read in
-    place from its pool; every row's query turned once for all runs."""
+    """A batched decode step's attention through torch's matmuls, run by run; every row's
+    (scaled) query turned once for all runs."""
     turned = frames.schemes[layer].turn(query, frames.turnings[layer])
     outs = []
     for run in frames.runs:
         rows = slice(run.first_row, run.first_row + run.count)
-        keys = run.pool.keys(layer, run.first_slot, run.count)[:, :, : run.span]
-        values = run.pool.values(layer, run.first_slot, run.count)[:, :, : run.span]
         run_mask = None if mask is None else mask[rows]
         run_frames = (turned[rows], frames.head_slots[rows])
-        outs.append(_attend(query[rows], keys, values, run_mask, run_frames))
+        outs.append(_attend(query[rows], *_run_views(layer, run), run_mask, run_frames))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def _kernel_step(
+    layer: int,
+    frames: DecodeFrames,
+    query: torch.Tensor,
+    scale: float,
+    kv_heads: int,
+    mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """The same through decode_kernel.py, in a few calls a layer: every row's query scaled
+    and turned in one, then per run its scores (the mask added), softmax and values."""
+    queries = decode_kernel.queries(query, scale, frames.turnings[layer], kv_heads)
+    rows, heads, _, dims = query.shape
+    whole = len(frames.runs) == 1  # one run of every row: nothing to slice
+    outs = []
+    for run in frames.runs:
+        keys, values = _run_views(layer, run)
+        if whole:
+            run_queries, head, run_mask = queries, frames.head_slots, mask
+        else:
+            at = slice(run.first_row, run.first_row + run.count)
+            run_queries, head = queries[at], frames.head_slots[at]
+            run_mask = None if mask is None else mask[at]
+        scores = decode_kernel.scores(run_queries, keys, head, run_mask)
+        probabilities = torch.softmax(scores, dim=-1, dtype=torch.float32)
+        outs.append(decode_kernel.mix(probabilities, values))
+    out = outs[0] if whole else torch.cat(outs)
+    return out.to(query.dtype).view(rows, 1, heads, dims)
 
 
 AttentionInterface.register(ATTENTION, attention)

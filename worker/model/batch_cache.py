@@ -6,7 +6,8 @@ buffers, read in place by attention (attention.py), with no copy; caches of othe
 runs of their own. The logits come back in the order the caches were given.
 
 Each layer writes every row's new key (turned to its stream position, see positions.py) and
-value into its slot; nothing else is turned, since each row's query is turned instead. The
+value into its slot (one kernel call a run, where decode_kernel.py reads the caches); nothing
+else is turned, since each row's query is turned instead. The
 BatchPlan's mask hides the slots a row has not filled; where layers slide, the model gets one
 mask per layer type, and its sliding layers' also hides what they cannot see. Each cache
 plans, commits and is marked damaged on a failed forward through its own `step()`, exactly as
@@ -53,13 +54,34 @@ class BatchCacheLayer(LayerAcrossReleases, CacheLayerMixin):
             for cache in owner.caches:
                 if not cache.layers[index].is_initialized:
                     cache.layers[index].lazy_initialization(key_states, value_states)
-        stored = self.kind.scheme.to_stored(key_states, owner.storings[self.kind])
-        for run, rows, each, at in owner.writes:
-            run.pool.keys(index, run.first_slot, run.count)[each, :, at] = stored[rows, :, 0]
-            values = run.pool.values(index, run.first_slot, run.count)
-            values[each, :, at] = value_states[rows, :, 0]
         first = owner.runs[0]
-        return first.pool.keys(index, first.first_slot), first.pool.values(index, first.first_slot)
+        views = first.pool.keys(index, first.first_slot), first.pool.values(index, first.first_slot)
+        if decode_kernel.takes(*views):
+            self._store(key_states, value_states)
+        else:
+            self._write(key_states, value_states)
+        return views
+
+    def _store(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Through decode_kernel.py: one call a run, its keys turned in it."""
+        owner, index = self._owner, self._index
+        storing = owner.storings[self.kind]
+        whole = len(owner.runs) == 1  # one run of every row: nothing to slice
+        for run, rows, _, slots in owner.writes:
+            new = (key_states, value_states) if whole else (key_states[rows], value_states[rows])
+            turn = storing if whole or storing is None else tuple(t[rows] for t in storing)
+            keys = run.pool.keys(index, run.first_slot, run.count)
+            values = run.pool.values(index, run.first_slot, run.count)
+            decode_kernel.store(keys, values, *new, slots, turn)
+
+    def _write(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Through torch's ops: the keys turned, then two index writes a run."""
+        owner, index = self._owner, self._index
+        stored = self.kind.scheme.to_stored(key_states, owner.storings[self.kind])
+        for run, rows, each, slots in owner.writes:
+            run.pool.keys(index, run.first_slot, run.count)[each, :, slots] = stored[rows, :, 0]
+            values = run.pool.values(index, run.first_slot, run.count)
+            values[each, :, slots] = value_states[rows, :, 0]
 
     def mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self._owner.capacity, 0

@@ -31,7 +31,7 @@ class BatchPlan:
     slot_positions: torch.Tensor  # [rows, capacity]: each slot's in-cache position
     attention_mask: torch.Tensor  # [rows, 1, 1, capacity]: 0 where a slot is live, else -inf-ish
     shifts: torch.Tensor  # [rows], on the CPU: each row's shift (see StepPlan.shift)
-    head_slots: torch.Tensor  # [rows, 1, 1, capacity], bool: the slots of each row's head
+    head_slots: torch.Tensor  # [rows, capacity], bool: the slots of each row's head
     # window -> the mask of sliding layers with that window: also hides every slot whose
     # position is window or more behind the row's query
     window_masks: Mapping[int, torch.Tensor] = field(default_factory=dict)
@@ -66,7 +66,7 @@ def plan_batch(
         slot_positions,
         _mask(hidden, dtype),
         torch.tensor([plan.shift for plan in plans]),
-        (every_slot[None] < heads[:, None])[:, None, None],
+        every_slot[None] < heads[:, None],
         window_masks,
     )
 

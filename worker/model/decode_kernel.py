@@ -1,5 +1,7 @@
 """A batched decode step's two attention matmuls as CPU kernels of our own
-(kernels/decode_attention.cpp, built by cpu_kernels.py).
+(kernels/decode_attention.cpp, built by cpu_kernels.py), and what the step does to each row
+around them (kernels/decode_rows.cpp): the new key and value stored, the query scaled and
+turned.
 
 A decode step's attention reads every row's whole cache for one query per head: at 16 streams
 of 1024 tokens, 720 MB a step in fp32, and it took two thirds of the step. MKL's batched GEMM
@@ -7,6 +9,11 @@ reads those keys and values at a third of the memory's speed on CPUs it does not
 (AMD); the kernels read them at close to its speed, each (row, kv head) whole on one thread.
 Where they cannot be had (see cpu_kernels.py), or for another device or dtype, attention runs
 through torch's matmuls.
+
+Around the matmuls, a layer of a one-stream step made some sixty small torch calls (the key's
+turn and the slot writes, the query's scale, turn and layout, the mask), at a few microseconds
+each: a third of a bfloat16 step. `store` and `queries` make them two calls, with the same
+bits (see decode_rows.cpp).
 """
 
 from __future__ import annotations
@@ -36,11 +43,44 @@ def takes(keys: torch.Tensor, values: torch.Tensor) -> bool:
     )
 
 
-def scores(queries: torch.Tensor, keys: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+Turning = tuple[torch.Tensor, torch.Tensor] | None  # a RotaryScheme's cos and sin, or none
+
+
+def store(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    new_keys: torch.Tensor,
+    new_values: torch.Tensor,
+    slots: torch.Tensor,
+    storing: Turning,
+) -> None:
+    """Write each row's new key [rows, kv heads, 1, dims] (at its in-cache position), turned by
+    `storing` (float32 cos and sin [rows, ..., rotary dims]) in float32, and its new value into
+    slot `slots[row]` of keys and values [rows, kv heads, capacity, dims]: what RotaryScheme's
+    to_stored and two index writes do."""
+    cos, sin = storing if storing is not None else (None, None)
+    torch.ops.streamsink.decode_store(keys, values, new_keys, new_values, slots, cos, sin)
+
+
+def queries(query: torch.Tensor, scale: float, turning: Turning, kv_heads: int) -> torch.Tensor:
+    """[rows, kv heads, 2 frames, groups, dims], as `scores` takes them, from a step's query
+    [rows, heads, 1, dims]: frame 0 it times `scale`, frame 1 that turned by `turning` (cos
+    and sin of its dtype, [rows, ..., rotary dims]), as RotaryScheme.turn turns it."""
+    cos, sin = turning if turning is not None else (None, None)
+    return torch.ops.streamsink.decode_queries(query, scale, cos, sin, kv_heads)
+
+
+def scores(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    head: torch.Tensor,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """float32 scores [rows, kv heads, groups, span] of queries [rows, kv heads, 2 frames,
     groups, dims] against keys [rows, kv heads, span, dims] (of the queries' dtype): a slot
-    where head [rows, span] is set takes the query of frame 0, any other frame 1's."""
-    return torch.ops.streamsink.decode_scores(queries, keys, head)
+    where head [rows, span] is set takes the query of frame 0, any other frame 1's; plus
+    `mask` [rows, ..., span or more] where given."""
+    return torch.ops.streamsink.decode_scores(queries, keys, head, mask)
 
 
 def mix(probabilities: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

@@ -85,9 +85,16 @@ void for_each_head(const at::Tensor& kv, const F& fn) {
   });
 }
 
+// scores [groups, span] += mask [span], widened from the mask's dtype M.
+template <typename M>
+void add_mask(const M* mask, int64_t groups, int64_t span, float* scores) {
+  for (int64_t g = 0; g < groups; ++g)
+    for (int64_t s = 0; s < span; ++s) scores[g * span + s] += static_cast<float>(mask[s]);
+}
+
 template <typename T>
 void scores_of_rows(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& head,
-                    at::Tensor& out) {
+                    const c10::optional<at::Tensor>& mask, at::Tensor& out) {
   int64_t span = keys.size(2), dims = keys.size(3), groups = queries.size(3);
   ScoresOfHead<T> kernel = scores_kernel<T>(dims);
   const T* q = queries.data_ptr<T>();
@@ -95,16 +102,25 @@ void scores_of_rows(const at::Tensor& queries, const at::Tensor& keys, const at:
   const bool* h = head.data_ptr<bool>();
   float* o = out.data_ptr<float>();
   for_each_head(keys, [&](int64_t i, int64_t row, int64_t kv_head) {
+    float* scores = o + i * groups * span;
     kernel(q + i * 2 * groups * dims, groups, dims,
            k + row * keys.stride(0) + kv_head * keys.stride(1), span, h + row * head.stride(0),
-           o + i * groups * span);
+           scores);
+    if (!mask.has_value()) return;
+    int64_t from = row * mask->stride(0);
+    if (mask->scalar_type() == at::kFloat)
+      add_mask(mask->data_ptr<float>() + from, groups, span, scores);
+    else
+      add_mask(mask->data_ptr<at::BFloat16>() + from, groups, span, scores);
   });
 }
 
 // queries [rows, kv heads, 2 frames, groups, dims] and keys [rows, kv heads, span, dims] of one
-// dtype; head [rows, span], bool: the slots whose keys take frame 0. -> float32 scores [rows,
-// kv heads, groups, span].
-at::Tensor decode_scores(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& head) {
+// dtype; head [rows, span], bool: the slots whose keys take frame 0; mask [rows, ..., span or
+// more] of float32 or bfloat16, or none: what each row adds to its scores of a slot (as
+// attention's masks add, in float32). -> float32 scores [rows, kv heads, groups, span].
+at::Tensor decode_scores(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& head,
+                         const c10::optional<at::Tensor>& mask) {
   check_kv(keys, "keys");
   int64_t rows = keys.size(0), kv = keys.size(1), span = keys.size(2), dims = keys.size(3);
   TORCH_CHECK(queries.is_contiguous() && queries.scalar_type() == keys.scalar_type() &&
@@ -114,11 +130,18 @@ at::Tensor decode_scores(const at::Tensor& queries, const at::Tensor& keys, cons
   TORCH_CHECK(head.scalar_type() == at::kBool && head.dim() == 2 && head.size(0) == rows &&
                   head.size(1) >= span && head.stride(1) == 1,
               "head must be bool [rows, span or more], its slots one after another");
+  TORCH_CHECK(!mask.has_value() ||
+                  (mask->device().is_cpu() &&
+                   (mask->scalar_type() == at::kFloat || mask->scalar_type() == at::kBFloat16) &&
+                   mask->dim() >= 2 && mask->size(0) == rows && mask->size(-1) >= span &&
+                   mask->stride(-1) == 1 && mask->numel() == rows * mask->size(-1)),
+              "mask must be float32 or bfloat16 [rows, ..., span or more], its slots one after "
+              "another");
   at::Tensor out = at::empty({rows, kv, queries.size(3), span}, queries.options().dtype(at::kFloat));
   if (keys.scalar_type() == at::kFloat)
-    scores_of_rows<float>(queries, keys, head, out);
+    scores_of_rows<float>(queries, keys, head, mask, out);
   else
-    scores_of_rows<at::BFloat16>(queries, keys, head, out);
+    scores_of_rows<at::BFloat16>(queries, keys, head, mask, out);
   return out;
 }
 
@@ -156,7 +179,7 @@ at::Tensor decode_mix(const at::Tensor& probabilities, const at::Tensor& values)
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(streamsink, m) {
-  m.def("decode_scores(Tensor queries, Tensor keys, Tensor head) -> Tensor");
+  m.def("decode_scores(Tensor queries, Tensor keys, Tensor head, Tensor? mask=None) -> Tensor");
   m.def("decode_mix(Tensor probabilities, Tensor values) -> Tensor");
 }
 
