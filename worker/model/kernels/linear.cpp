@@ -100,10 +100,13 @@ Tiles<float> float_tiles() {
   return {avx2::float_tiles.data(), avx2::Isa::LINEAR_TILE_ROWS};
 }
 
-// rows [count, features] and panels of T; threads split the panels, never a sum.
+// rows [count, features] and panels of T; threads split the panels, never a sum. The sums go
+// to `out` (float32); where `rounded` is given (bfloat16 rows), each panel's are rounded into
+// it by the thread that made them, to nearest even, as a conversion by torch rounds them.
 template <typename T>
 void linear_of_rows(const at::Tensor& rows, const at::Tensor& panels, int64_t outputs,
-                    const float* bias, at::Tensor& out, Tiles<T> tiles) {
+                    const float* bias, at::Tensor& out, Tiles<T> tiles,
+                    at::BFloat16* rounded = nullptr) {
   int64_t count = rows.size(0), features = rows.size(1);
   int64_t panel_size = panels.numel() / panels.size(0);
   const T* x = rows.data_ptr<T>();
@@ -118,6 +121,10 @@ void linear_of_rows(const at::Tensor& rows, const at::Tensor& panels, int64_t ou
                                 bias ? bias + first : nullptr, width, o + m * outputs + first,
                                 outputs);
       }
+      if (!rounded) continue;
+      for (int64_t m = 0; m < count; ++m)
+        for (int64_t j = first; j < first + width; ++j)
+          rounded[m * outputs + j] = static_cast<at::BFloat16>(o[m * outputs + j]);
     }
   });
 }
@@ -163,15 +170,17 @@ at::Tensor linear(const at::Tensor& input, const at::Tensor& panels, int64_t out
   at::Tensor widened = biased ? bias->to(at::kFloat).contiguous() : at::Tensor();
   at::Tensor out = at::empty({rows.size(0), outputs}, rows.options().dtype(at::kFloat));
   const float* b = biased ? widened.data_ptr<float>() : nullptr;
-  if (dtype == at::kFloat)
-    linear_of_rows(rows, panels, outputs, b, out, float_tiles());
-  else
-    linear_of_rows(rows, panels, outputs, b, out,
-                   Tiles<at::BFloat16>{avx512::bfloat16_tiles.data(),
-                                       avx512::Isa::LINEAR_TILE_ROWS});
   std::vector<int64_t> sizes = input.sizes().vec();
   sizes.back() = outputs;
-  return out.to(dtype).view(sizes);
+  if (dtype == at::kFloat) {
+    linear_of_rows(rows, panels, outputs, b, out, float_tiles());
+    return out.view(sizes);
+  }
+  at::Tensor rounded = at::empty({rows.size(0), outputs}, rows.options());
+  linear_of_rows(rows, panels, outputs, b, out,
+                 Tiles<at::BFloat16>{avx512::bfloat16_tiles.data(), avx512::Isa::LINEAR_TILE_ROWS},
+                 rounded.data_ptr<at::BFloat16>());
+  return rounded.view(sizes);
 }
 
 }  // namespace
