@@ -10,10 +10,10 @@ reads those keys and values at a third of the memory's speed on CPUs it does not
 Where they cannot be had (see cpu_kernels.py), or for another device or dtype, attention runs
 through torch's matmuls.
 
-Around the matmuls, a layer of a one-stream step made some sixty small torch calls (the key's
-turn and the slot writes, the query's scale, turn and layout, the mask), at a few microseconds
-each: a third of a bfloat16 step. `store` and `queries` make them two calls, with the same
-bits (see decode_rows.cpp).
+Around the matmuls, a layer of a step made some sixty small torch calls of its own (the key's
+turn and the slot writes, the query's scale, turn and layout, the mask), a few microseconds
+each: 3 to 7 ms of a one-stream bfloat16 step of 24 to 29 ms. `store` and `queries` make them
+two calls, and `scores` adds the mask, with the same bits (see decode_rows.cpp).
 """
 
 from __future__ import annotations
