@@ -20,6 +20,7 @@ from worker.model.sink_cache import SinkCache
 VECTORS = torch.backends.cpu.get_cpu_capability().startswith(("AVX512", "AVX2"))
 pytestmark = pytest.mark.skipif(not VECTORS, reason="the kernels are for CPUs with AVX2 or AVX-512")
 ROWS, KV_HEADS, SLOTS = 3, 2, 150
+LONG = 530  # keys over three of the scores' tasks, the last one partial
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -37,10 +38,11 @@ def _case(dims: int, groups: int, span: int, seed: int, dtype: torch.dtype = tor
     """Queries of both frames, keys and values read in place from a pool of more rows and
     slots (as a run of a KVPool chunk), and a head of scattered slots."""
     generator = torch.Generator().manual_seed(seed)
-    pool = torch.randn(2, ROWS + 1, KV_HEADS, SLOTS, dims, generator=generator).to(dtype)
+    slots = max(SLOTS, span + 20)
+    pool = torch.randn(2, ROWS + 1, KV_HEADS, slots, dims, generator=generator).to(dtype)
     keys, values = pool[0, 1:, :, :span], pool[1, 1:, :, :span]
     queries = torch.randn(ROWS, KV_HEADS, 2, groups, dims, generator=generator).to(dtype)
-    head = torch.rand(ROWS, SLOTS, generator=generator) < 0.3
+    head = torch.rand(ROWS, slots, generator=generator) < 0.3
     return queries, keys, values, head
 
 
@@ -100,15 +102,18 @@ def _scores_in_order(queries, keys, head):
 
 @pytest.mark.parametrize("dims", [24, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_every_sum_runs_in_the_documented_order_bit_for_bit(dims: int, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("span", [37, LONG])
+def test_every_sum_runs_in_the_documented_order_bit_for_bit(
+    dims: int, dtype: torch.dtype, span: int
+) -> None:
     """The order the kernels document, the same with AVX-512 and with AVX2: the two give
     equal bits."""
-    queries, keys, values, head = _case(dims, 3, 37, dims, dtype)
+    queries, keys, values, head = _case(dims, 3, span, dims, dtype)
     scores = decode_kernel.scores(queries, keys, head)
     assert torch.equal(scores, _scores_in_order(queries, keys, head))
     probabilities = torch.softmax(scores, dim=-1)
     outputs = torch.zeros(ROWS, KV_HEADS, 3, dims)
-    for key in range(37):
+    for key in range(span):
         outputs = _fused_multiply_add(
             probabilities[..., key, None], values[:, :, None, key].float(), outputs
         )
@@ -120,8 +125,8 @@ def test_every_sum_runs_in_the_documented_order_bit_for_bit(dims: int, dtype: to
 def test_a_rows_bits_do_not_depend_on_the_other_rows_or_the_thread_count(
     dims: int, dtype: torch.dtype
 ) -> None:
-    queries, keys, values, head = _case(dims, 3, 128, dims, dtype)
-    probabilities = torch.softmax(torch.randn(ROWS, KV_HEADS, 3, 128), dim=-1)
+    queries, keys, values, head = _case(dims, 3, LONG, dims, dtype)
+    probabilities = torch.softmax(torch.randn(ROWS, KV_HEADS, 3, LONG), dim=-1)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -206,10 +211,10 @@ def test_queries_are_the_bits_of_the_scaled_query_and_its_turn(
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_mask_adds_to_the_scores_as_attention_adds_it(dtype: torch.dtype) -> None:
-    queries, keys, _, head = _case(64, 3, 37, seed=2, dtype=dtype)
-    mask = torch.randn(ROWS, 1, 1, SLOTS).to(dtype)  # longer than the span, as a step's is
-    mask[:, :, :, 20:30] = torch.finfo(dtype).min
-    expected = decode_kernel.scores(queries, keys, head).add_(mask[..., :37])
+    queries, keys, _, head = _case(64, 3, LONG, seed=2, dtype=dtype)
+    mask = torch.randn(ROWS, 1, 1, LONG + 20).to(dtype)  # longer than the span, as a step's is
+    mask[:, :, :, 250:270] = torch.finfo(dtype).min  # across two tasks of keys
+    expected = decode_kernel.scores(queries, keys, head).add_(mask[..., :LONG])
     assert torch.equal(decode_kernel.scores(queries, keys, head, mask), expected)
 
 

@@ -6,10 +6,12 @@
 // with AVX-512 or AVX2 and keep that head's few queries in registers. Caches in float32 or bfloat16
 // (widened to float32 exactly as they are read); every sum is in float32.
 //
-// A row's result depends on nothing but the row: each (row, kv head) is computed whole by one
-// thread, each score sums its products in one fixed order (a head dim in chunks of 16 lanes,
-// then one tree across the lanes, the same for every key), and each output sums over the keys
-// in slot order. So neither the batch, the thread count nor the instruction set changes a bit.
+// A row's result depends on nothing but the row: each score is computed whole by one thread
+// (a task is a block of one (row, kv head)'s keys, so one row's few heads still fill the
+// threads) and sums its products in one fixed order (a head dim in chunks of 16 lanes, then one
+// tree across the lanes, the same for every key); each (row, kv head)'s outputs are computed
+// whole by one thread, summing over the keys in slot order. So neither the batch, the thread
+// count nor the instruction set changes a bit.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -31,7 +33,8 @@ namespace {
 constexpr int MAX_CHUNKS = 16;  // head dims up to 256, in chunks of 16
 
 template <typename T>
-using ScoresOfHead = void (*)(const T*, int64_t, int64_t, const T*, int64_t, const bool*, float*);
+using ScoresOfHead =
+    void (*)(const T*, int64_t, int64_t, const T*, int64_t, const bool*, float*, int64_t);
 
 template <typename T>
 using MixOfHead = void (*)(const float*, int64_t, const T*, int64_t, int64_t, float*);
@@ -85,33 +88,44 @@ void for_each_head(const at::Tensor& kv, const F& fn) {
   });
 }
 
-// scores [groups, span] += mask [span], widened from the mask's dtype M.
+// scores [groups, count] (each group's `stride` apart) += mask [count], widened from the
+// mask's dtype M.
 template <typename M>
-void add_mask(const M* mask, int64_t groups, int64_t span, float* scores) {
+void add_mask(const M* mask, int64_t groups, int64_t count, int64_t stride, float* scores) {
   for (int64_t g = 0; g < groups; ++g)
-    for (int64_t s = 0; s < span; ++s) scores[g * span + s] += static_cast<float>(mask[s]);
+    for (int64_t s = 0; s < count; ++s) scores[g * stride + s] += static_cast<float>(mask[s]);
 }
+
+// A task of the scores: a block of this many keys of one (row, kv head), so that a few rows'
+// heads still keep every thread busy. A multiple of the kernel's blocks of 16 keys.
+constexpr int64_t KEYS_PER_TASK = 256;
 
 template <typename T>
 void scores_of_rows(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& head,
                     const c10::optional<at::Tensor>& mask, at::Tensor& out) {
   int64_t span = keys.size(2), dims = keys.size(3), groups = queries.size(3);
+  int64_t heads = keys.size(1), blocks = (span + KEYS_PER_TASK - 1) / KEYS_PER_TASK;
   ScoresOfHead<T> kernel = scores_kernel<T>(dims);
   const T* q = queries.data_ptr<T>();
   const T* k = keys.data_ptr<T>();
   const bool* h = head.data_ptr<bool>();
   float* o = out.data_ptr<float>();
-  for_each_head(keys, [&](int64_t i, int64_t row, int64_t kv_head) {
-    float* scores = o + i * groups * span;
-    kernel(q + i * 2 * groups * dims, groups, dims,
-           k + row * keys.stride(0) + kv_head * keys.stride(1), span, h + row * head.stride(0),
-           scores);
-    if (!mask.has_value()) return;
-    int64_t from = row * mask->stride(0);
-    if (mask->scalar_type() == at::kFloat)
-      add_mask(mask->data_ptr<float>() + from, groups, span, scores);
-    else
-      add_mask(mask->data_ptr<at::BFloat16>() + from, groups, span, scores);
+  at::parallel_for(0, keys.size(0) * heads * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      int64_t i = task / blocks, row = i / heads, kv_head = i % heads;
+      int64_t first = task % blocks * KEYS_PER_TASK;
+      int64_t count = std::min(KEYS_PER_TASK, span - first);
+      float* scores = o + i * groups * span + first;
+      kernel(q + i * 2 * groups * dims, groups, dims,
+             k + row * keys.stride(0) + kv_head * keys.stride(1) + first * dims, count,
+             h + row * head.stride(0) + first, scores, span);
+      if (!mask.has_value()) continue;
+      int64_t from = row * mask->stride(0) + first;
+      if (mask->scalar_type() == at::kFloat)
+        add_mask(mask->data_ptr<float>() + from, groups, count, span, scores);
+      else
+        add_mask(mask->data_ptr<at::BFloat16>() + from, groups, count, span, scores);
+    }
   });
 }
 

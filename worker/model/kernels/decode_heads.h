@@ -16,12 +16,14 @@ inline Isa::Chunk products(const Isa::Chunk* query, const T* key, Isa::Tail tail
   return sum;
 }
 
-// One (row, kv head): scores [groups, span] of its queries [2 frames, groups, dims] against its
-// keys [span, dims], each key taking the query of its frame (frame 0 where `head` is set);
-// PARTIAL where dims is not a multiple of 16.
+// One (row, kv head), or a block of its keys: scores [groups, span] (each group's `out_stride`
+// apart) of its queries [2 frames, groups, dims] against its keys [span, dims], each key taking
+// the query of its frame (frame 0 where `head` is set); PARTIAL where dims is not a multiple of
+// 16. A key's score does not depend on the others: a block starting at a multiple of 16 gives
+// its keys the bits the whole gives them.
 template <int CHUNKS, bool PARTIAL, typename T>
 void scores_of_head(const T* queries, int64_t groups, int64_t dims, const T* keys, int64_t span,
-                    const bool* head, float* out) {
+                    const bool* head, float* out, int64_t out_stride) {
   const Isa::Tail tail = Isa::tail(dims - (CHUNKS - 1) * 16);
   for (int64_t first = 0; first < span; first += 16) {
     int64_t count = std::min<int64_t>(16, span - first);
@@ -41,7 +43,7 @@ void scores_of_head(const T* queries, int64_t groups, int64_t dims, const T* key
         int f = mixed ? (head[first + key] ? 0 : 1) : (frame ? 0 : 1);
         sums.add(l, products<CHUNKS, PARTIAL>(query[f], block + key * dims, tail));
       }
-      sums.store(count, out + g * span + first);
+      sums.store(count, out + g * out_stride + first);
     }
   }
 }
