@@ -1,5 +1,5 @@
 // What a batched decode step does to each row around attention's two matmuls (see
-// decode_kernel.py), one call a layer in place of some thirty small torch ops:
+// decode_kernel.py), in two calls a layer where it made some sixty small torch calls:
 // - decode_store writes each row's new key, turned from its in-cache position to its stream
 //   position, and its new value into the row's slot of the pool;
 // - decode_queries scales each row's query and turns a copy into the stream's frame, laid out
