@@ -6,9 +6,9 @@ turned.
 A decode step's attention reads every row's whole cache for one query per head: at 16 streams
 of 1024 tokens, 720 MB a step in fp32, and it took two thirds of the step. MKL's batched GEMM
 reads those keys and values at a third of the memory's speed on CPUs it does not tune for
-(AMD); the kernels read them at close to its speed, each (row, kv head) whole on one thread.
-Where they cannot be had (see cpu_kernels.py), or for another device or dtype, attention runs
-through torch's matmuls.
+(AMD); the kernels read them at close to its speed, each score and each (row, kv head)'s
+outputs computed whole by one thread. Where they cannot be had (see cpu_kernels.py), or for
+another device or dtype, attention runs through torch's matmuls.
 
 Around the matmuls, a layer of a step made some sixty small torch calls of its own (the key's
 turn and the slot writes, the query's scale, turn and layout, the mask), a few microseconds
