@@ -8,6 +8,7 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+from tests.models.float_order import fused_multiply_add
 from tests.models.tiny_models import VOCAB, tiny_model
 from worker.model import cpu_kernels, decode_kernel
 from worker.model.batch_cache import batch_forward
@@ -73,11 +74,6 @@ def test_scores_and_outputs_match_torchs_matmuls(
     torch.testing.assert_close(outputs, expected, rtol=1e-5, atol=1e-6)
 
 
-def _fused_multiply_add(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """a * b + c in float32, rounded once (a float32 product is exact in float64)."""
-    return (a.double() * b.double() + c.double()).float()
-
-
 def _scores_in_order(queries, keys, head):
     """The kernel's documented sums: per lane l of 16, the products of dims l, l + 16, ... (a
     multiply, then fused multiply-adds); then lanes j + j + 8, those j + j + 4, T0 + T2 and
@@ -94,7 +90,7 @@ def _scores_in_order(queries, keys, head):
     query = torch.where(first, frames[:, :, 0, :, :], frames[:, :, 1, :, :])  # per key
     lanes = query[..., 0, :] * keys[..., 0, :]
     for c in range(1, chunks):
-        lanes = _fused_multiply_add(query[..., c, :], keys[..., c, :], lanes)
+        lanes = fused_multiply_add(query[..., c, :], keys[..., c, :], lanes)
     eighths = lanes[..., :8] + lanes[..., 8:]
     quarters = eighths[..., :4] + eighths[..., 4:]
     return (quarters[..., 0] + quarters[..., 2]) + (quarters[..., 1] + quarters[..., 3])
@@ -114,7 +110,7 @@ def test_every_sum_runs_in_the_documented_order_bit_for_bit(
     probabilities = torch.softmax(scores, dim=-1)
     outputs = torch.zeros(ROWS, KV_HEADS, 3, dims)
     for key in range(span):
-        outputs = _fused_multiply_add(
+        outputs = fused_multiply_add(
             probabilities[..., key, None], values[:, :, None, key].float(), outputs
         )
     assert torch.equal(decode_kernel.mix(probabilities, values), outputs)

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.models.float_order import fused_multiply_add
 from tests.models.tiny_models import VOCAB, tiny_model
 from worker.model import cpu_kernels, linear_kernel
 from worker.model.batch_invariance import PackedLinear
@@ -120,11 +121,6 @@ def test_a_model_runs_every_linear_layer_through_it_and_matches_onednn(
     torch.testing.assert_close(ours, onednn, rtol=1e-4, atol=1e-5)
 
 
-def _fused_multiply_add(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """a * b + c in float32, rounded once (a float32 product is exact in float64)."""
-    return (a.double() * b.double() + c.double()).float()
-
-
 @pytest.mark.parametrize(("rows", "features", "outputs"), [(1, 576, 49), (13, 100, 150)])
 def test_every_output_sums_in_feature_order_bit_for_bit(
     rows: int, features: int, outputs: int
@@ -134,6 +130,6 @@ def test_every_output_sums_in_feature_order_bit_for_bit(
     inputs, weight, bias = _case(rows, features, outputs, seed=features)
     sums = torch.zeros(rows, outputs)
     for k in range(features):
-        sums = _fused_multiply_add(inputs[:, k : k + 1], weight[:, k], sums)
+        sums = fused_multiply_add(inputs[:, k : k + 1], weight[:, k], sums)
     ours = linear_kernel.linear(inputs, linear_kernel.pack(weight), outputs, bias)
     assert torch.equal(ours, sums + bias)

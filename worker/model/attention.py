@@ -3,8 +3,9 @@
 It is two matmuls and a softmax per row and kv head: a kv head's query heads go through its
 keys together, without copying the keys per head, and a row's result depends neither on the
 other rows nor on the thread count (see batch_invariance.py; SDPA's CPU kernel splits the work
-of a few queries by the thread count). Long prefill chunks go through SDPA, whose result for
-them does not depend on the thread count, and which is faster there.
+of a few queries by the thread count). On a CPU with our kernels, a forward of several queries
+(a prefill chunk) goes through prefill_kernel.py, which gives the same bits on any thread
+count; without them, long chunks go through SDPA, whose result for them does not either.
 
 In a batched decode step over sink caches (batch_cache.py) the keys come as stored, each at
 its position in the stream (see positions.py), so that no step turns a whole cache. Each row's
@@ -27,14 +28,14 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-from worker.model import decode_kernel
+from worker.model import decode_kernel, prefill_kernel
 from worker.model.kv_pool import KVPool
 from worker.model.positions import PositionScheme
 
 ATTENTION = "streamsink"  # the name it is registered under in transformers
-# A prefill of at least this many queries goes through SDPA: its CPU kernel splits such work
-# by blocks of queries, the same on any thread count (measured down to 4 queries, float32 and
-# bfloat16; it splits fewer otherwise, so shorter ones are ours).
+# Without our kernels, a prefill of at least this many queries goes through SDPA: its CPU kernel
+# splits such work by blocks of queries, the same on any thread count (measured down to 4
+# queries, float32 and bfloat16; it splits fewer otherwise, so shorter ones are ours).
 FLASH_QUERIES = 32
 
 
@@ -101,6 +102,8 @@ def attention(
             )
             return step, None
         return _decode_step(module.layer_idx, frames, query * scale, attention_mask), None
+    if query.shape[2] > 1 and query.dtype == key.dtype and decode_kernel.takes(key, value):
+        return prefill_kernel.attend(query, key, value, attention_mask, scale), None
     query = query * scale  # the small side
     if query.shape[2] >= FLASH_QUERIES:
         return _flash(query, key, value, attention_mask), None

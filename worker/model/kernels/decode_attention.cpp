@@ -26,11 +26,12 @@
 #if defined(__x86_64__)
 #include <immintrin.h>
 
+#include "attention_inputs.h"
 #include "vector_isa.h"
 
 namespace {
 
-constexpr int MAX_CHUNKS = 16;  // head dims up to 256, in chunks of 16
+constexpr int MAX_CHUNKS = MAX_HEAD_DIMS / 16;  // head dims in chunks of 16
 
 template <typename T>
 using ScoresOfHead =
@@ -43,6 +44,7 @@ namespace avx512 {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl")
 #include "vectors_avx512.h"
+#include "chunk_loads.h"
 #include "decode_heads.h"
 #pragma GCC pop_options
 }  // namespace avx512
@@ -51,6 +53,7 @@ namespace avx2 {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #include "vectors_avx2.h"
+#include "chunk_loads.h"
 #include "decode_heads.h"
 #pragma GCC pop_options
 }  // namespace avx2
@@ -67,15 +70,6 @@ template <typename T>
 MixOfHead<T> mix_kernel() {
   return vector_isa() == VectorIsa::avx512 ? static_cast<MixOfHead<T>>(&avx512::mix_of_head<T>)
                                            : static_cast<MixOfHead<T>>(&avx2::mix_of_head<T>);
-}
-
-void check_kv(const at::Tensor& kv, const char* name) {
-  TORCH_CHECK(kv.device().is_cpu() && kv.dim() == 4 &&
-                  (kv.scalar_type() == at::kFloat || kv.scalar_type() == at::kBFloat16),
-              name, " must be a float32 or bfloat16 CPU tensor [rows, kv heads, keys, dims]");
-  TORCH_CHECK(kv.stride(3) == 1 && kv.stride(2) == kv.size(3),
-              name, ": each head's keys must lie one after another");
-  TORCH_CHECK(kv.size(3) <= MAX_CHUNKS * 16, name, ": head dims up to 256");
 }
 
 // fn(i, row, kv head) for the i-th (row, kv head) of `kv` [rows, kv heads, ...], each on one of

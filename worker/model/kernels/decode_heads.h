@@ -1,12 +1,6 @@
 // The per-(row, kv head) work of decode_attention.cpp, written once in Isa's vector operations
 // (vectors_*.h) and included once per instruction set, inside its namespace.
 
-// Chunk c of CHUNKS from `from`: the last one through `tail` where it is PARTIAL.
-template <int CHUNKS, bool PARTIAL, typename T>
-inline Isa::Chunk load_chunk(int c, const T* from, Isa::Tail tail) {
-  return PARTIAL && c == CHUNKS - 1 ? Isa::load(tail, from + c * 16) : Isa::load(from + c * 16);
-}
-
 // A query's products with a key, summed chunk by chunk of 16 dims into 16 lanes.
 template <int CHUNKS, bool PARTIAL, typename T>
 inline Isa::Chunk products(const Isa::Chunk* query, const T* key, Isa::Tail tail) {

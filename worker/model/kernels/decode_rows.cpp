@@ -20,9 +20,10 @@
 #include <cmath>
 #include <cstdint>
 
+#include "attention_inputs.h"
+
 namespace {
 
-constexpr int64_t MAX_DIMS = 256;  // the head dims the kernels take (decode_kernel.MAX_DIMS)
 
 // out = x * cos + rotate_half(x) * sin over the first `rotary` dims of `dims` (the rest copied),
 // every operation rounded to R: float (keys, turned in float32) or the model's dtype (queries).
@@ -74,7 +75,7 @@ void store_rows(at::Tensor& keys, at::Tensor& values, const at::Tensor& new_keys
                 const at::Tensor& new_values, const at::Tensor& slots, const Turning& turning) {
   int64_t rows = keys.size(0), heads = keys.size(1), dims = keys.size(3);
   const int64_t* slot = slots.data_ptr<int64_t>();
-  std::array<float, MAX_DIMS> turned;  // one key at a time: no allocation a call
+  std::array<float, MAX_HEAD_DIMS> turned;  // one key at a time: no allocation a call
   for (int64_t row = 0; row < rows; ++row) {
     for (int64_t head = 0; head < heads; ++head) {
       const T* key = new_keys.data_ptr<T>() + row * new_keys.stride(0) + head * new_keys.stride(1);
@@ -115,7 +116,7 @@ void decode_store(at::Tensor keys, at::Tensor values, const at::Tensor& new_keys
   at::ScalarType dtype = keys.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "keys must be float32 or bfloat16");
   int64_t rows = keys.size(0), heads = keys.size(1), dims = keys.size(3);
-  TORCH_CHECK(dims <= MAX_DIMS, "head dims up to ", MAX_DIMS);
+  TORCH_CHECK(dims <= MAX_HEAD_DIMS, "head dims up to ", MAX_HEAD_DIMS);
   check_rows(keys, "keys", dtype, rows, heads, dims);
   check_rows(values, "values", dtype, rows, heads, dims);
   check_rows(new_keys, "new keys", dtype, rows, heads, dims);

@@ -19,6 +19,8 @@ struct Isa {
   static constexpr bool LINEAR_INPUTS_FIRST = true;
   static constexpr int MIX_CHUNKS = 4;
   static constexpr int MIX_GROUPS = 1;
+  static constexpr int PREFILL_ROWS = 2;
+  static constexpr int PREFILL_CHUNKS = 2;
 
   static Tail tail(int64_t lanes) {
     const __m256i index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -62,6 +64,26 @@ struct Isa {
   }
   static Chunk fmadd(Chunk a, Chunk b, Chunk c) {
     return {_mm256_fmadd_ps(a.low, b.low, c.low), _mm256_fmadd_ps(a.high, b.high, c.high)};
+  }
+  static Chunk sub(Chunk a, Chunk b) {
+    return {_mm256_sub_ps(a.low, b.low), _mm256_sub_ps(a.high, b.high)};
+  }
+  static Chunk max(Chunk a, Chunk b) {
+    return {_mm256_max_ps(a.low, b.low), _mm256_max_ps(a.high, b.high)};
+  }
+  static Chunk round(Chunk a) {
+    constexpr int nearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    return {_mm256_round_ps(a.low, nearest), _mm256_round_ps(a.high, nearest)};
+  }
+  static __m256 pow2(__m256 n) {
+    __m256i biased = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(biased, 23));
+  }
+  static Chunk pow2(Chunk n) { return {pow2(n.low), pow2(n.high)}; }
+  static Chunk zero_below(Chunk x, float floor, Chunk y) {
+    __m256 at = _mm256_set1_ps(floor);
+    return {_mm256_and_ps(_mm256_cmp_ps(x.low, at, _CMP_GE_OQ), y.low),
+            _mm256_and_ps(_mm256_cmp_ps(x.high, at, _CMP_GE_OQ), y.high)};
   }
 
   // vectors_avx512.h's KeySums, by the same tree: lane j + lane j + 8, then j + j + 4 of those

@@ -10,6 +10,8 @@ struct Isa {
   static constexpr bool LINEAR_INPUTS_FIRST = false;  // a tile keeps the panel in registers
   static constexpr int MIX_CHUNKS = 4;        // the output chunks one pass over the values keeps
   static constexpr int MIX_GROUPS = 4;        // the query heads one pass over the values serves
+  static constexpr int PREFILL_ROWS = 6;      // the query rows a prefill tile keeps in registers
+  static constexpr int PREFILL_CHUNKS = 4;    // and the chunks of keys (or of value dims) of each
 
   static Tail tail(int64_t lanes) {
     return lanes >= 16 ? static_cast<Tail>(0xFFFF) : static_cast<Tail>((1u << lanes) - 1);
@@ -28,6 +30,21 @@ struct Isa {
   static Chunk add(Chunk a, Chunk b) { return _mm512_add_ps(a, b); }
   static Chunk mul(Chunk a, Chunk b) { return _mm512_mul_ps(a, b); }
   static Chunk fmadd(Chunk a, Chunk b, Chunk c) { return _mm512_fmadd_ps(a, b, c); }
+  static Chunk sub(Chunk a, Chunk b) { return _mm512_sub_ps(a, b); }
+  static Chunk max(Chunk a, Chunk b) { return _mm512_max_ps(a, b); }
+  // to the nearest integer, ties to even
+  static Chunk round(Chunk a) {
+    return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+  // 2^n for integers n in [-126, 127]
+  static Chunk pow2(Chunk n) {
+    __m512i biased = _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(biased, 23));
+  }
+  // y where x >= floor, else 0 (NaN too)
+  static Chunk zero_below(Chunk x, float floor, Chunk y) {
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, broadcast(floor), _CMP_GE_OQ), y);
+  }
 
   // The scores of a block of 16 keys: each key's 16 lanes of products come in (`add`), and
   // `store` writes out[l] = the sum of key l's lanes, for the keys l < count, each by one tree:

@@ -1,0 +1,168 @@
+// A task of prefill_attention.cpp, written once in Isa's vector operations (vectors_*.h) and
+// included once per instruction set, inside its namespace, after chunk_loads.h. Whatever the
+// tiles, every result is summed in the order prefill_attention.cpp gives.
+
+// e^x in float32 for x <= 0 (a score less its row's greatest), 0 below EXP_FLOOR: x = n ln 2 + r,
+// n the integer nearest x / ln 2 and ln 2 in two parts, e^r by Cephes' polynomial, times 2^n.
+inline Isa::Chunk exp_nonpositive(Isa::Chunk x) {
+  Isa::Chunk kept = Isa::max(x, Isa::broadcast(EXP_FLOOR));  // -inf too: no NaN below
+  Isa::Chunk n = Isa::round(Isa::mul(kept, Isa::broadcast(1.44269504088896341f)));
+  Isa::Chunk r = Isa::fmadd(n, Isa::broadcast(-0.693359375f), kept);
+  r = Isa::fmadd(n, Isa::broadcast(2.12194440e-4f), r);
+  Isa::Chunk p = Isa::broadcast(1.9875691500e-4f);
+  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f,
+                  5.0000001201e-1f})
+    p = Isa::fmadd(p, r, Isa::broadcast(c));
+  Isa::Chunk e = Isa::add(Isa::fmadd(p, Isa::mul(r, r), r), Isa::broadcast(1.0f));
+  return Isa::zero_below(x, EXP_FLOOR, Isa::mul(e, Isa::pow2(n)));
+}
+
+// scores[r, c * 16 + l] for ROWS rows of `queries` [rows, dims] and CHUNKS blocks of 16 keys
+// packed [block, dims, 16]: the sum over the dims, in order, of one fused multiply-add each,
+// plus the row's mask (masks[r], where not null) for the first `count` keys; -inf past them.
+template <int ROWS, int CHUNKS, typename M>
+void score_tile(const float* queries, int64_t dims, const float* packed, const M* const* masks,
+                int64_t count, float* scores, int64_t stride) {
+  Isa::Chunk sums[ROWS][CHUNKS];
+  for (int r = 0; r < ROWS; ++r)
+    for (int c = 0; c < CHUNKS; ++c) sums[r][c] = Isa::zero();
+  for (int64_t d = 0; d < dims; ++d) {
+    Isa::Chunk keys[CHUNKS];
+    for (int c = 0; c < CHUNKS; ++c) keys[c] = Isa::load(packed + (c * dims + d) * 16);
+    for (int r = 0; r < ROWS; ++r) {
+      Isa::Chunk query = Isa::broadcast(queries[r * dims + d]);
+      for (int c = 0; c < CHUNKS; ++c) sums[r][c] = Isa::fmadd(query, keys[c], sums[r][c]);
+    }
+  }
+  const Isa::Chunk no_key = Isa::broadcast(-std::numeric_limits<float>::infinity());
+  for (int c = 0; c < CHUNKS; ++c) {
+    int64_t here = std::clamp<int64_t>(count - c * 16, 0, 16);
+    Isa::Tail lanes = Isa::tail(here);
+    for (int r = 0; r < ROWS; ++r) {
+      float* out = scores + r * stride + c * 16;
+      if (here < 16) Isa::store(Isa::tail(16), out, no_key);
+      Isa::Chunk added = masks[r] ? Isa::load(lanes, masks[r] + c * 16) : Isa::zero();
+      Isa::store(lanes, out, Isa::add(sums[r][c], added));
+    }
+  }
+}
+
+// out[r, chunks c] += the sum over `count` keys, in order, of probabilities[r, key] times
+// values[key, chunk c], for ROWS rows and CHUNKS chunks of 16 dims (the last through `last`
+// where it is PARTIAL); `values` and `out` start at the chunks' first dim.
+template <int ROWS, int CHUNKS, bool PARTIAL, typename T>
+void mix_tile(const float* probabilities, int64_t stride, int64_t count, const T* values,
+              int64_t dims, Isa::Tail last, float* out) {
+  Isa::Chunk sums[ROWS][CHUNKS];
+  for (int r = 0; r < ROWS; ++r)
+    for (int c = 0; c < CHUNKS; ++c) sums[r][c] = load_chunk<CHUNKS, PARTIAL>(c, out + r * dims, last);
+  for (int64_t key = 0; key < count; ++key) {
+    Isa::Chunk value[CHUNKS];
+    for (int c = 0; c < CHUNKS; ++c) value[c] = load_chunk<CHUNKS, PARTIAL>(c, values + key * dims, last);
+    for (int r = 0; r < ROWS; ++r) {
+      Isa::Chunk p = Isa::broadcast(probabilities[r * stride + key]);
+      for (int c = 0; c < CHUNKS; ++c) sums[r][c] = Isa::fmadd(p, value[c], sums[r][c]);
+    }
+  }
+  for (int r = 0; r < ROWS; ++r)
+    for (int c = 0; c < CHUNKS; ++c)
+      Isa::store(PARTIAL && c == CHUNKS - 1 ? last : Isa::tail(16), out + r * dims + c * 16,
+                 sums[r][c]);
+}
+
+// mix_tile over every dim, PREFILL_CHUNKS chunks at a time.
+template <typename T, int... HERE>
+void mix_dims(const float* probabilities, int64_t stride, int64_t count, const T* values,
+              int64_t dims, float* out, std::integer_sequence<int, HERE...>) {
+  constexpr int ROWS = Isa::PREFILL_ROWS;
+  using Tile = void (*)(const float*, int64_t, int64_t, const T*, int64_t, Isa::Tail, float*);
+  static constexpr Tile whole[] = {&mix_tile<ROWS, HERE + 1, false, T>...};
+  static constexpr Tile partial[] = {&mix_tile<ROWS, HERE + 1, true, T>...};
+  int64_t chunks = (dims + 15) / 16;
+  for (int64_t c = 0; c < chunks; c += Isa::PREFILL_CHUNKS) {
+    int64_t here = std::min<int64_t>(Isa::PREFILL_CHUNKS, chunks - c);
+    bool short_last = c + here == chunks && dims % 16;
+    (short_last ? partial : whole)[here - 1](probabilities, stride, count, values + c * 16, dims,
+                                             Isa::tail(dims - (chunks - 1) * 16), out + c * 16);
+  }
+}
+
+// A row's scores (`width` of them, KEY_GROUP per group) over its live groups: each becomes
+// exp_nonpositive(score - the row's greatest); returns 1 / their sum (lane l of 16 summing keys
+// l, l + 16, ... in order, then the lanes in order), or 0 where every key is masked.
+inline float softmax_row(float* scores, const std::vector<bool>& live, int64_t groups) {
+  Isa::Chunk top = Isa::broadcast(-std::numeric_limits<float>::infinity());
+  for (int64_t g = 0; g < groups; ++g)
+    for (int64_t c = 0; live[g] && c < KEY_GROUP; c += 16)
+      top = Isa::max(top, Isa::load(scores + g * KEY_GROUP + c));
+  float lanes[16];
+  Isa::store(Isa::tail(16), lanes, top);
+  float greatest = *std::max_element(lanes, lanes + 16);
+  if (!(greatest > MASKED)) greatest = 0;  // every key masked: every probability 0
+  Isa::Chunk shift = Isa::broadcast(greatest), total = Isa::zero();
+  for (int64_t g = 0; g < groups; ++g)
+    for (int64_t c = 0; live[g] && c < KEY_GROUP; c += 16) {
+      Isa::Chunk p = exp_nonpositive(Isa::sub(Isa::load(scores + g * KEY_GROUP + c), shift));
+      Isa::store(Isa::tail(16), scores + g * KEY_GROUP + c, p);
+      total = Isa::add(total, p);
+    }
+  Isa::store(Isa::tail(16), lanes, total);
+  float sum = 0;
+  for (float lane : lanes) sum += lane;
+  return sum > 0 ? 1 / sum : 0;
+}
+
+// One task: softmax(queries · keys + mask) · values for its rows (query i, group g: row
+// i * groups + g), written to out, a tile of rows at a time: its scores stay in the cache.
+template <typename T, typename M>
+void attend_block(const Block<T, M>& b) {
+  constexpr int ROWS = Isa::PREFILL_ROWS;
+  const int64_t rows = b.queries * b.groups, padded = (rows + ROWS - 1) / ROWS * ROWS;
+  const int64_t dims = b.dims, groups = (b.span + KEY_GROUP - 1) / KEY_GROUP;
+  const int64_t width = groups * KEY_GROUP;
+  thread_local std::vector<float> queries, scores, sums;  // reused task after task
+  thread_local std::vector<bool> live;
+  queries.assign(padded * dims, 0.0f);  // rows past the last are 0: their results go nowhere
+  scores.resize(ROWS * width);
+  sums.resize(ROWS * dims);
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* query = b.query + r / b.groups * b.query_stride + r % b.groups * b.head_stride;
+    for (int64_t d = 0; d < dims; ++d)
+      queries[r * dims + d] = static_cast<float>(query[d]) * b.scale;
+  }
+  live.resize(groups);
+  for (int64_t g = 0; g < groups; ++g) live[g] = b.live(g * KEY_GROUP);
+  for (int64_t t = 0; t < padded; t += ROWS) {
+    const M* masks[ROWS];
+    for (int r = 0; r < ROWS; ++r)
+      masks[r] = t + r < rows && b.mask ? b.mask_of((t + r) / b.groups) : nullptr;
+    for (int64_t g = 0; g < groups; ++g) {
+      if (!live[g]) continue;
+      for (int64_t c = 0; c < KEY_GROUP; c += 16 * Isa::PREFILL_CHUNKS) {
+        int64_t first = g * KEY_GROUP + c;
+        const M* at[ROWS];
+        for (int r = 0; r < ROWS; ++r) at[r] = masks[r] ? masks[r] + first : nullptr;
+        score_tile<ROWS, Isa::PREFILL_CHUNKS>(queries.data() + t * dims, dims,
+                                              b.packed + first * dims, at, b.span - first,
+                                              scores.data() + first, width);
+      }
+    }
+    float inverse[ROWS];
+    for (int r = 0; r < ROWS; ++r) inverse[r] = softmax_row(scores.data() + r * width, live, groups);
+    std::fill(sums.begin(), sums.end(), 0.0f);
+    for (int64_t g = 0; g < groups; ++g) {
+      if (!live[g]) continue;
+      int64_t first = g * KEY_GROUP, count = std::min(KEY_GROUP, b.span - first);
+      mix_dims<T>(scores.data() + first, width, count, b.values + first * dims, dims, sums.data(),
+                  std::make_integer_sequence<int, Isa::PREFILL_CHUNKS>());
+    }
+    for (int64_t r = t; r < std::min(t + ROWS, rows); ++r) {
+      float* out = b.out + r / b.groups * b.out_stride + r % b.groups * dims;
+      Isa::Chunk scale = Isa::broadcast(inverse[r - t]);
+      for (int64_t c = 0; c < dims; c += 16) {
+        Isa::Tail lanes = Isa::tail(dims - c);
+        Isa::store(lanes, out + c, Isa::mul(Isa::load(lanes, sums.data() + (r - t) * dims + c), scale));
+      }
+    }
+  }
+}
