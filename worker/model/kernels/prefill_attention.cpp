@@ -8,7 +8,7 @@
 // the head's keys, packed once a call with keys in the lanes ([block of 16, dims, 16]); each
 // group of KEY_GROUP keys that the mask hides from all its queries is skipped; the scores of a
 // row stay in the cache between its softmax and its product with the values. Keys and values
-// in float32 or bfloat16 (widened exactly); every sum in float32.
+// in float32 or bfloat16 (widened exactly, once a call); every sum in float32.
 //
 // The order of every sum: a score sums its dims in order, one fused multiply-add each, then
 // adds its mask; a row's greatest score is exact; a probability is exp_nonpositive(score -
@@ -52,7 +52,7 @@ struct Block {
   float scale;
   int64_t queries, groups, dims;
   const float* packed;  // the head's keys, packed
-  const T* values;      // the head's values [span, dims]
+  const float* values;  // the head's values [span, dims]
   int64_t span;
   const M* mask;  // the first query's mask row, or null
   int64_t mask_stride;
@@ -123,6 +123,8 @@ void attend_rows(const at::Tensor& query, const at::Tensor& keys, const at::Tens
   int64_t blocks = (length + QUERIES_PER_TASK - 1) / QUERIES_PER_TASK;
   at::Tensor packed = pack_keys<T>(keys);
   int64_t packed_stride = packed.stride(0);
+  // Widened once, bfloat16 values are read at float32's speed, many times a call.
+  at::Tensor wide = values.to(at::kFloat).contiguous();
   AttendBlock<T, M> kernel = vector_isa() == VectorIsa::avx512 ? &avx512::attend_block<T, M>
                                                                : &avx2::attend_block<T, M>;
   at::parallel_for(0, rows * kv * blocks, 1, [&](int64_t begin, int64_t end) {
@@ -148,7 +150,7 @@ void attend_rows(const at::Tensor& query, const at::Tensor& keys, const at::Tens
                     groups,
                     dims,
                     packed.data_ptr<float>() + i * packed_stride,
-                    values.data_ptr<T>() + row * values.stride(0) + head * values.stride(1),
+                    wide.data_ptr<float>() + row * wide.stride(0) + head * wide.stride(1),
                     span,
                     mask_rows,
                     mask_stride,

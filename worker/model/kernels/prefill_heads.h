@@ -50,8 +50,8 @@ void score_tile(const float* queries, int64_t dims, const float* packed, const M
 // out[r, chunks c] += the sum over `count` keys, in order, of probabilities[r, key] times
 // values[key, chunk c], for ROWS rows and CHUNKS chunks of 16 dims (the last through `last`
 // where it is PARTIAL); `values` and `out` start at the chunks' first dim.
-template <int ROWS, int CHUNKS, bool PARTIAL, typename T>
-void mix_tile(const float* probabilities, int64_t stride, int64_t count, const T* values,
+template <int ROWS, int CHUNKS, bool PARTIAL>
+void mix_tile(const float* probabilities, int64_t stride, int64_t count, const float* values,
               int64_t dims, Isa::Tail last, float* out) {
   Isa::Chunk sums[ROWS][CHUNKS];
   for (int r = 0; r < ROWS; ++r)
@@ -71,13 +71,13 @@ void mix_tile(const float* probabilities, int64_t stride, int64_t count, const T
 }
 
 // mix_tile over every dim, PREFILL_CHUNKS chunks at a time.
-template <typename T, int... HERE>
-void mix_dims(const float* probabilities, int64_t stride, int64_t count, const T* values,
+template <int... HERE>
+void mix_dims(const float* probabilities, int64_t stride, int64_t count, const float* values,
               int64_t dims, float* out, std::integer_sequence<int, HERE...>) {
   constexpr int ROWS = Isa::PREFILL_ROWS;
-  using Tile = void (*)(const float*, int64_t, int64_t, const T*, int64_t, Isa::Tail, float*);
-  static constexpr Tile whole[] = {&mix_tile<ROWS, HERE + 1, false, T>...};
-  static constexpr Tile partial[] = {&mix_tile<ROWS, HERE + 1, true, T>...};
+  using Tile = void (*)(const float*, int64_t, int64_t, const float*, int64_t, Isa::Tail, float*);
+  static constexpr Tile whole[] = {&mix_tile<ROWS, HERE + 1, false>...};
+  static constexpr Tile partial[] = {&mix_tile<ROWS, HERE + 1, true>...};
   int64_t chunks = (dims + 15) / 16;
   for (int64_t c = 0; c < chunks; c += Isa::PREFILL_CHUNKS) {
     int64_t here = std::min<int64_t>(Isa::PREFILL_CHUNKS, chunks - c);
@@ -153,7 +153,7 @@ void attend_block(const Block<T, M>& b) {
     for (int64_t g = 0; g < groups; ++g) {
       if (!live[g]) continue;
       int64_t first = g * KEY_GROUP, count = std::min(KEY_GROUP, b.span - first);
-      mix_dims<T>(scores.data() + first, width, count, b.values + first * dims, dims, sums.data(),
+      mix_dims(scores.data() + first, width, count, b.values + first * dims, dims, sums.data(),
                   std::make_integer_sequence<int, Isa::PREFILL_CHUNKS>());
     }
     for (int64_t r = t; r < std::min(t + ROWS, rows); ++r) {
