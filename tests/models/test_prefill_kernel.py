@@ -51,7 +51,7 @@ def _softmax_attention(query, keys, values, mask, scale):
 
 
 # Head dims from one partial chunk of 16 lanes to the most; GQA and plain heads; spans and
-# chunks around the kernel's groups of 64 keys and tasks of 16 queries.
+# chunks around the kernel's blocks of 16 keys (tiles of up to 4) and tasks of 16 queries.
 @pytest.mark.parametrize("dims", [8, 64, 80, 256])
 @pytest.mark.parametrize(("heads", "kv_heads"), [(2, 2), (9, 3), (4, 1)])
 @pytest.mark.parametrize(("length", "span"), [(2, 5), (17, 64), (40, 130)])

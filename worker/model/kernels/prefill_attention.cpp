@@ -6,7 +6,7 @@
 // its causal mask hides: a quarter of a prefill's time. Here a task is QUERIES_PER_TASK queries
 // of one (row, kv head), its rows every (query, group) pair. Its scores are a matmul against
 // the head's keys, packed once a call with keys in the lanes ([block of 16, dims, 16]); each
-// group of KEY_GROUP keys that the mask hides from all its queries is skipped; the scores of a
+// block of 16 keys that the mask hides from all its queries is skipped; the scores of a
 // row stay in the cache between its softmax and its product with the values. Keys and values
 // in float32 or bfloat16 (widened exactly, once a call); every sum in float32.
 //
@@ -40,7 +40,6 @@
 namespace {
 
 constexpr int64_t QUERIES_PER_TASK = 16;
-constexpr int64_t KEY_GROUP = 64;  // the keys a task computes or skips together
 constexpr float MASKED = -std::numeric_limits<float>::max() / 2;
 constexpr float EXP_FLOOR = -87.0f;  // e^x below it is 0: 2^-126 and less
 
@@ -61,10 +60,10 @@ struct Block {
 
   const M* mask_of(int64_t query) const { return mask + query * mask_stride; }
 
-  // Whether any of the task's queries sees a key of the group from `first`.
+  // Whether any of the task's queries sees a key of the block of 16 from `first`.
   bool live(int64_t first) const {
     if (mask == nullptr) return true;
-    int64_t end = std::min(first + KEY_GROUP, span);
+    int64_t end = std::min(first + 16, span);
     for (int64_t i = 0; i < queries; ++i)
       for (int64_t key = first; key < end; ++key)
         if (static_cast<float>(mask_of(i)[key]) > MASKED) return true;
@@ -93,12 +92,12 @@ namespace avx2 {
 #pragma GCC pop_options
 }  // namespace avx2
 
-// keys [rows, kv heads, span, dims] -> float32 [rows * kv heads, blocks of 16, dims, 16], as
-// many blocks as fill the key groups, keys past the span 0.
+// keys [rows, kv heads, span, dims] -> float32 [rows * kv heads, blocks of 16, dims, 16], keys
+// past the span 0.
 template <typename T>
 at::Tensor pack_keys(const at::Tensor& keys) {
   int64_t heads = keys.size(0) * keys.size(1), span = keys.size(2), dims = keys.size(3);
-  int64_t blocks = (span + KEY_GROUP - 1) / KEY_GROUP * (KEY_GROUP / 16);
+  int64_t blocks = (span + 15) / 16;
   at::Tensor packed = at::empty({heads, blocks, dims, 16}, keys.options().dtype(at::kFloat));
   const T* k = keys.data_ptr<T>();
   float* p = packed.data_ptr<float>();

@@ -20,9 +20,10 @@ inline Isa::Chunk exp_nonpositive(Isa::Chunk x) {
 // scores[r, c * 16 + l] for ROWS rows of `queries` [rows, dims] and CHUNKS blocks of 16 keys
 // packed [block, dims, 16]: the sum over the dims, in order, of one fused multiply-add each,
 // plus the row's mask (masks[r], where not null) for the first `count` keys; -inf past them.
+// tops[r] keeps the greatest of each lane of the row's scores.
 template <int ROWS, int CHUNKS, typename M>
 void score_tile(const float* queries, int64_t dims, const float* packed, const M* const* masks,
-                int64_t count, float* scores, int64_t stride) {
+                int64_t count, float* scores, int64_t stride, Isa::Chunk* tops) {
   Isa::Chunk sums[ROWS][CHUNKS];
   for (int r = 0; r < ROWS; ++r)
     for (int c = 0; c < CHUNKS; ++c) sums[r][c] = Isa::zero();
@@ -36,15 +37,33 @@ void score_tile(const float* queries, int64_t dims, const float* packed, const M
   }
   const Isa::Chunk no_key = Isa::broadcast(-std::numeric_limits<float>::infinity());
   for (int c = 0; c < CHUNKS; ++c) {
-    int64_t here = std::clamp<int64_t>(count - c * 16, 0, 16);
+    int64_t here = std::min<int64_t>(count - c * 16, 16);
     Isa::Tail lanes = Isa::tail(here);
     for (int r = 0; r < ROWS; ++r) {
       float* out = scores + r * stride + c * 16;
-      if (here < 16) Isa::store(Isa::tail(16), out, no_key);
-      Isa::Chunk added = masks[r] ? Isa::load(lanes, masks[r] + c * 16) : Isa::zero();
-      Isa::store(lanes, out, Isa::add(sums[r][c], added));
+      Isa::Chunk score =
+          Isa::add(sums[r][c], masks[r] ? Isa::load(lanes, masks[r] + c * 16) : Isa::zero());
+      if (here < 16) {  // the lanes past the last key read back as -inf
+        Isa::store(Isa::tail(16), out, no_key);
+        Isa::store(lanes, out, score);
+        score = Isa::load(out);
+      } else {
+        Isa::store(lanes, out, score);
+      }
+      tops[r] = Isa::max(tops[r], score);
     }
   }
+}
+
+// score_tile over `here` (1 to PREFILL_CHUNKS) blocks.
+template <typename M, int... HERE>
+void score_blocks(int64_t here, const float* queries, int64_t dims, const float* packed,
+                  const M* const* masks, int64_t count, float* scores, int64_t stride,
+                  Isa::Chunk* tops, std::integer_sequence<int, HERE...>) {
+  using Tile = void (*)(const float*, int64_t, const float*, const M* const*, int64_t, float*,
+                        int64_t, Isa::Chunk*);
+  static constexpr Tile tiles[] = {&score_tile<Isa::PREFILL_ROWS, HERE + 1, M>...};
+  tiles[here - 1](queries, dims, packed, masks, count, scores, stride, tops);
 }
 
 // out[r, chunks c] += the sum over `count` keys, in order, of probabilities[r, key] times
@@ -87,25 +106,21 @@ void mix_dims(const float* probabilities, int64_t stride, int64_t count, const f
   }
 }
 
-// A row's scores (`width` of them, KEY_GROUP per group) over its live groups: each becomes
-// exp_nonpositive(score - the row's greatest); returns 1 / their sum (lane l of 16 summing keys
-// l, l + 16, ... in order, then the lanes in order), or 0 where every key is masked.
-inline float softmax_row(float* scores, const std::vector<bool>& live, int64_t groups) {
-  Isa::Chunk top = Isa::broadcast(-std::numeric_limits<float>::infinity());
-  for (int64_t g = 0; g < groups; ++g)
-    for (int64_t c = 0; live[g] && c < KEY_GROUP; c += 16)
-      top = Isa::max(top, Isa::load(scores + g * KEY_GROUP + c));
+// A row's scores over its live blocks of 16 keys, `top` the greatest of each lane: each
+// becomes exp_nonpositive(score - the row's greatest); returns 1 / their sum (lane l of 16
+// summing keys l, l + 16, ... in order, then the lanes in order), or 0 where every key is masked.
+inline float softmax_row(float* scores, Isa::Chunk top, const std::vector<bool>& live) {
   float lanes[16];
   Isa::store(Isa::tail(16), lanes, top);
   float greatest = *std::max_element(lanes, lanes + 16);
   if (!(greatest > MASKED)) greatest = 0;  // every key masked: every probability 0
   Isa::Chunk shift = Isa::broadcast(greatest), total = Isa::zero();
-  for (int64_t g = 0; g < groups; ++g)
-    for (int64_t c = 0; live[g] && c < KEY_GROUP; c += 16) {
-      Isa::Chunk p = exp_nonpositive(Isa::sub(Isa::load(scores + g * KEY_GROUP + c), shift));
-      Isa::store(Isa::tail(16), scores + g * KEY_GROUP + c, p);
-      total = Isa::add(total, p);
-    }
+  for (size_t k = 0; k < live.size(); ++k) {
+    if (!live[k]) continue;
+    Isa::Chunk p = exp_nonpositive(Isa::sub(Isa::load(scores + k * 16), shift));
+    Isa::store(Isa::tail(16), scores + k * 16, p);
+    total = Isa::add(total, p);
+  }
   Isa::store(Isa::tail(16), lanes, total);
   float sum = 0;
   for (float lane : lanes) sum += lane;
@@ -114,12 +129,12 @@ inline float softmax_row(float* scores, const std::vector<bool>& live, int64_t g
 
 // One task: softmax(queries · keys + mask) · values for its rows (query i, group g: row
 // i * groups + g), written to out, a tile of rows at a time: its scores stay in the cache.
+// Runs of live blocks go through the tiles PREFILL_CHUNKS blocks at a time.
 template <typename T, typename M>
 void attend_block(const Block<T, M>& b) {
   constexpr int ROWS = Isa::PREFILL_ROWS;
   const int64_t rows = b.queries * b.groups, padded = (rows + ROWS - 1) / ROWS * ROWS;
-  const int64_t dims = b.dims, groups = (b.span + KEY_GROUP - 1) / KEY_GROUP;
-  const int64_t width = groups * KEY_GROUP;
+  const int64_t dims = b.dims, blocks = (b.span + 15) / 16, width = blocks * 16;
   thread_local std::vector<float> queries, scores, sums;  // reused task after task
   thread_local std::vector<bool> live;
   queries.assign(padded * dims, 0.0f);  // rows past the last are 0: their results go nowhere
@@ -130,31 +145,41 @@ void attend_block(const Block<T, M>& b) {
     for (int64_t d = 0; d < dims; ++d)
       queries[r * dims + d] = static_cast<float>(query[d]) * b.scale;
   }
-  live.resize(groups);
-  for (int64_t g = 0; g < groups; ++g) live[g] = b.live(g * KEY_GROUP);
+  live.resize(blocks);
+  for (int64_t k = 0; k < blocks; ++k) live[k] = b.live(k * 16);
   for (int64_t t = 0; t < padded; t += ROWS) {
     const M* masks[ROWS];
-    for (int r = 0; r < ROWS; ++r)
+    Isa::Chunk tops[ROWS];
+    for (int r = 0; r < ROWS; ++r) {
       masks[r] = t + r < rows && b.mask ? b.mask_of((t + r) / b.groups) : nullptr;
-    for (int64_t g = 0; g < groups; ++g) {
-      if (!live[g]) continue;
-      for (int64_t c = 0; c < KEY_GROUP; c += 16 * Isa::PREFILL_CHUNKS) {
-        int64_t first = g * KEY_GROUP + c;
-        const M* at[ROWS];
-        for (int r = 0; r < ROWS; ++r) at[r] = masks[r] ? masks[r] + first : nullptr;
-        score_tile<ROWS, Isa::PREFILL_CHUNKS>(queries.data() + t * dims, dims,
-                                              b.packed + first * dims, at, b.span - first,
-                                              scores.data() + first, width);
+      tops[r] = Isa::broadcast(-std::numeric_limits<float>::infinity());
+    }
+    for (int64_t k = 0; k < blocks;) {
+      int64_t here = 0;
+      while (here < Isa::PREFILL_CHUNKS && k + here < blocks && live[k + here]) ++here;
+      if (here == 0) {
+        ++k;
+        continue;
       }
+      const M* at[ROWS];
+      for (int r = 0; r < ROWS; ++r) at[r] = masks[r] ? masks[r] + k * 16 : nullptr;
+      score_blocks<M>(here, queries.data() + t * dims, dims, b.packed + k * 16 * dims, at,
+                      b.span - k * 16, scores.data() + k * 16, width, tops,
+                      std::make_integer_sequence<int, Isa::PREFILL_CHUNKS>());
+      k += here;
     }
     float inverse[ROWS];
-    for (int r = 0; r < ROWS; ++r) inverse[r] = softmax_row(scores.data() + r * width, live, groups);
+    for (int r = 0; r < ROWS; ++r) inverse[r] = softmax_row(scores.data() + r * width, tops[r], live);
     std::fill(sums.begin(), sums.end(), 0.0f);
-    for (int64_t g = 0; g < groups; ++g) {
-      if (!live[g]) continue;
-      int64_t first = g * KEY_GROUP, count = std::min(KEY_GROUP, b.span - first);
-      mix_dims(scores.data() + first, width, count, b.values + first * dims, dims, sums.data(),
-                  std::make_integer_sequence<int, Isa::PREFILL_CHUNKS>());
+    for (int64_t k = 0; k < blocks;) {  // each run of live blocks
+      int64_t end = k;
+      while (end < blocks && live[end]) ++end;
+      if (end > k) {
+        int64_t count = std::min(end * 16, b.span) - k * 16;
+        mix_dims(scores.data() + k * 16, width, count, b.values + k * 16 * dims, dims, sums.data(),
+                 std::make_integer_sequence<int, Isa::PREFILL_CHUNKS>());
+      }
+      k = end + 1;
     }
     for (int64_t r = t; r < std::min(t + ROWS, rows); ++r) {
       float* out = b.out + r / b.groups * b.out_stride + r % b.groups * dims;
