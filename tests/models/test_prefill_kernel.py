@@ -163,6 +163,7 @@ def test_keys_hidden_from_every_query_of_a_block_weigh_nothing_computed_or_skipp
         (lambda q, k, v, m: (q, k, v[:, :, :-1], m), "values must match"),
         (lambda q, k, v, m: (q, k, v, m[..., :100]), "mask must be"),
         (lambda q, k, v, m: (q, k, v, m[:, :, :5]), "mask must be"),
+        (lambda q, k, v, m: (q, k, v, m.expand(1, 9, -1, -1)), "mask must be"),
         (lambda q, k, v, m: (q, k.transpose(2, 3), v, m), "keys"),
     ],
 )
@@ -171,3 +172,15 @@ def test_it_refuses_inputs_it_cannot_read(change, message: str) -> None:
     args = change(query, keys, values, _causal(20, 130))
     with pytest.raises(RuntimeError, match=message):
         torch.ops.streamsink.prefill_attention(*args, 0.125)
+
+
+def test_attention_takes_the_kernel_only_for_what_it_reads() -> None:
+    """Anything else goes through SDPA or torch's matmuls, as before the kernel."""
+    query, keys, values = _case(64, 9, 3, 20, 130)
+    mask = _causal(20, 130)
+    assert prefill_kernel.takes(query, keys, values, mask)
+    assert prefill_kernel.takes(query, keys, values, None)
+    assert not prefill_kernel.takes(query[:, :, :1], keys, values, mask[:, :, :1])  # a decode
+    assert not prefill_kernel.takes(query, keys, values, mask.half())
+    assert not prefill_kernel.takes(query, keys, values, mask.expand(1, 9, -1, -1))
+    assert not prefill_kernel.takes(query.double(), keys.double(), values.double(), mask)

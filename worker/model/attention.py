@@ -102,7 +102,7 @@ def attention(
             )
             return step, None
         return _decode_step(module.layer_idx, frames, query * scale, attention_mask), None
-    if query.shape[2] > 1 and query.dtype == key.dtype and decode_kernel.takes(key, value):
+    if prefill_kernel.takes(query, key, value, attention_mask):
         return prefill_kernel.attend(query, key, value, attention_mask, scale), None
     query = query * scale  # the small side
     if query.shape[2] >= FLASH_QUERIES:

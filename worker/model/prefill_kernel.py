@@ -14,6 +14,22 @@ from __future__ import annotations
 
 import torch
 
+from worker.model import decode_kernel
+
+
+def takes(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
+) -> bool:
+    """Whether the kernel computes this forward's attention: several queries of the keys'
+    dtype, keys and values it reads (decode_kernel.takes), a mask of one of its dtypes, one
+    for every head, or none."""
+    return (
+        query.shape[2] > 1
+        and query.dtype == keys.dtype
+        and (mask is None or (mask.dtype in decode_kernel.DTYPES and mask.shape[1] == 1))
+        and decode_kernel.takes(keys, values)
+    )
+
 
 def attend(
     query: torch.Tensor,
@@ -23,8 +39,8 @@ def attend(
     scale: float,
 ) -> torch.Tensor:
     """softmax(query · keys * scale + mask) · values in float32: query [rows, heads, queries,
-    dims], keys and values [rows, kv heads, span, dims] of its dtype (decode_kernel.takes
-    them), mask [rows or 1, 1, queries, span or more] as attention's masks add, or none ->
+    dims], keys and values [rows, kv heads, span, dims] of its dtype (`takes` them), mask
+    [rows or 1, 1, queries, span or more] as attention's masks add, or none ->
     [rows, queries, heads, dims] in the query's dtype."""
     out = torch.ops.streamsink.prefill_attention(query, keys, values, mask, scale)
     return out.to(query.dtype)

@@ -192,6 +192,7 @@ at::Tensor prefill_attention(const at::Tensor& query, const at::Tensor& keys,
                   (mask->device().is_cpu() &&
                    (mask->scalar_type() == at::kFloat || mask->scalar_type() == at::kBFloat16) &&
                    mask->dim() == 4 && (mask->size(0) == 1 || mask->size(0) == rows) &&
+                   mask->size(1) == 1 &&
                    mask->size(2) == length && mask->size(3) >= span && mask->stride(3) == 1),
               "mask must be float32 or bfloat16 [rows or 1, 1, queries, span or more], its keys "
               "one after another");
