@@ -7,7 +7,8 @@ whose linear layers reach 210, and computed the masked half of the chunk's own b
 of a 1024-token prefill. The kernel keeps a kv head's keys packed for the matmul, skips the
 keys the mask hides from a block of queries, and sums in one order whatever the threads, so a
 stream's prefill has the same bits on any worker (see the kernel's header for the order).
-Where it cannot be had (see cpu_kernels.py), or on another device, SDPA runs it.
+Where it cannot be had (see cpu_kernels.py), or on another device, SDPA (or torch's matmuls,
+for a few queries) runs it.
 """
 
 from __future__ import annotations
@@ -21,12 +22,15 @@ def takes(
     query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
 ) -> bool:
     """Whether the kernel computes this forward's attention: several queries of the keys'
-    dtype, keys and values it reads (decode_kernel.takes), a mask of one of its dtypes, one
-    for every head, or none."""
+    dtype, keys and values it reads (decode_kernel.takes), a mask [rows or 1, 1, queries, keys]
+    of one of its dtypes, or none."""
     return (
         query.shape[2] > 1
         and query.dtype == keys.dtype
-        and (mask is None or (mask.dtype in decode_kernel.DTYPES and mask.shape[1] == 1))
+        and (
+            mask is None
+            or (mask.dtype in decode_kernel.DTYPES and mask.dim() == 4 and mask.shape[1] == 1)
+        )
         and decode_kernel.takes(keys, values)
     )
 

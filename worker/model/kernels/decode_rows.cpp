@@ -24,7 +24,6 @@
 
 namespace {
 
-
 // out = x * cos + rotate_half(x) * sin over the first `rotary` dims of `dims` (the rest copied),
 // every operation rounded to R: float (keys, turned in float32) or the model's dtype (queries).
 // `out` must not be `x`.
