@@ -6,15 +6,17 @@ the same weights in F32 beside the float32 figures, where it is installed (llama
 
 Every stream starts from the same full cache (its ring turned, so each step evicts a token):
 one filled cache is copied through its own export, so the figures need one prefill, not one
-per stream. That prefill (chunks of PREFILL_CHUNK, one stream, as a worker prefills) is the
-prefill figure; the dense cache's is transformers'. Token ids are random: speed does not
-depend on what the tokens say. The machine's other work moves absolute figures; the ratios
+per stream. That prefill (chunks of PREFILL_CHUNK, one stream, as a worker prefills), the
+median of PREFILL_RUNS, is the prefill figure; the dense cache's is transformers'; llama.cpp's
+is the median of its first sequence's, one per number of streams. Token ids are random: speed
+does not depend on what the tokens say. The machine's other work moves absolute figures; the ratios
 within one run are what hold.
 """
 
 from __future__ import annotations
 
 import copy
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -43,6 +45,7 @@ from worker.tools.measure import (
 )
 
 Step = Callable[[torch.Tensor], object]  # one decode step, given a token per stream
+PREFILL_RUNS = 3
 PATHS = ("batched", "sequential", "transformers")
 
 
@@ -95,7 +98,8 @@ class ThroughputReport:
         for row in self.prefill:
             llama = "" if row.llama_cpp is None else f", llama.cpp {row.llama_cpp:.0f} tokens/s"
             out.append(
-                f"prefill {row.dtype}, chunks of {PREFILL_CHUNK}: sink {row.sink:.0f} tokens/s, "
+                f"prefill {row.dtype}, chunks of {PREFILL_CHUNK} (median of {PREFILL_RUNS}): "
+                f"sink {row.sink:.0f} tokens/s, "
                 f"transformers {row.transformers:.0f} tokens/s{llama}"
             )
         out.append(
@@ -154,16 +158,16 @@ def _bench_llama(
     bar: tqdm,
 ) -> None:
     """llama.cpp's figures into the float32 rows already measured."""
-    prefill = None
+    prefills = []
     for count in streams:
         bar.set_postfix_str(f"float32, {count} streams, llama.cpp")
-        first_prefill, rate = llama.rates(count, size, steps)
-        prefill = prefill or first_prefill
+        prefill, rate = llama.rates(count, size, steps)
+        prefills.append(prefill)
         row = next(r for r in report.decode if r.dtype == "float32" and r.streams == count)
         report.decode[report.decode.index(row)] = replace(row, llama_cpp=rate)
         bar.update()
     row = next(r for r in report.prefill if r.dtype == "float32")
-    report.prefill[report.prefill.index(row)] = replace(row, llama_cpp=prefill)
+    report.prefill[report.prefill.index(row)] = replace(row, llama_cpp=statistics.median(prefills))
 
 
 def _bench_model(
@@ -178,8 +182,8 @@ def _bench_model(
     dtype = str(loaded.dtype).removeprefix("torch.")
     bar.set_postfix_str(f"{dtype} prefill")
     filled_cache(loaded, PREFILL_CHUNK, PREFILL_CHUNK)  # warm-up: the first forward costs more
-    full, sink_ms = _elapsed_ms(loaded, lambda: filled_cache(loaded, size, size))
-    dense, dense_ms = _elapsed_ms(loaded, lambda: _dense_cache(loaded, size - 1))
+    full, sink_ms = _median_ms(loaded, lambda: filled_cache(loaded, size, size))
+    dense, dense_ms = _median_ms(loaded, lambda: _dense_cache(loaded, size - 1))
     report.prefill.append(Prefill(dtype, 1000 * size / sink_ms, 1000 * (size - 1) / dense_ms))
     bar.update()
     for count in streams:
@@ -217,13 +221,17 @@ def _rate(loaded: LoadedModel, count: int, steps: int, step: Step) -> float:
     return 1000 * count / milliseconds
 
 
-def _elapsed_ms(loaded: LoadedModel, make: Callable[[], object]) -> tuple[object, float]:
-    """What `make` made, and the milliseconds it took (once: a prefill is long enough)."""
-    synchronize(loaded)
-    started = time.perf_counter()
-    made = make()
-    synchronize(loaded)
-    return made, 1000 * (time.perf_counter() - started)
+def _median_ms(loaded: LoadedModel, make: Callable[[], object]) -> tuple[object, float]:
+    """What `make` made the last time, and the median milliseconds of PREFILL_RUNS calls (a
+    prefill is long enough to time once, but this machine's neighbours move one by a third)."""
+    timings = []
+    for _ in range(PREFILL_RUNS):
+        synchronize(loaded)
+        started = time.perf_counter()
+        made = make()
+        synchronize(loaded)
+        timings.append(1000 * (time.perf_counter() - started))
+    return made, statistics.median(timings)
 
 
 def _batched(loaded: LoadedModel, caches: list[SinkCache], max_batch: int | None) -> Step:
