@@ -40,23 +40,8 @@ using ScoresOfHead =
 template <typename T>
 using MixOfHead = void (*)(const float*, int64_t, const T*, int64_t, int64_t, float*);
 
-namespace avx512 {
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl")
-#include "vectors_avx512.h"
-#include "chunk_loads.h"
-#include "decode_heads.h"
-#pragma GCC pop_options
-}  // namespace avx512
-
-namespace avx2 {
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#include "vectors_avx2.h"
-#include "chunk_loads.h"
-#include "decode_heads.h"
-#pragma GCC pop_options
-}  // namespace avx2
+#define ATTENTION_HEADS "decode_heads.h"
+#include "attention_isas.h"
 
 // This CPU's kernel of one (row, kv head)'s scores over head dims `dims`.
 template <typename T>

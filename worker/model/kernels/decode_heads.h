@@ -1,5 +1,5 @@
 // The per-(row, kv head) work of decode_attention.cpp, written once in Isa's vector operations
-// (vectors_*.h) and included once per instruction set, inside its namespace.
+// (vectors_*.h) and compiled once per instruction set by attention_isas.h.
 
 // A query's products with a key, summed chunk by chunk of 16 dims into 16 lanes.
 template <int CHUNKS, bool PARTIAL, typename T>

@@ -74,23 +74,8 @@ struct Block {
 template <typename T, typename M>
 using AttendBlock = void (*)(const Block<T, M>&);
 
-namespace avx512 {
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl")
-#include "vectors_avx512.h"
-#include "chunk_loads.h"
-#include "prefill_heads.h"
-#pragma GCC pop_options
-}  // namespace avx512
-
-namespace avx2 {
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#include "vectors_avx2.h"
-#include "chunk_loads.h"
-#include "prefill_heads.h"
-#pragma GCC pop_options
-}  // namespace avx2
+#define ATTENTION_HEADS "prefill_heads.h"
+#include "attention_isas.h"
 
 // keys [rows, kv heads, span, dims] -> float32 [rows * kv heads, blocks of 16, dims, 16], keys
 // past the span 0.
@@ -122,8 +107,9 @@ void attend_rows(const at::Tensor& query, const at::Tensor& keys, const at::Tens
   int64_t blocks = (length + QUERIES_PER_TASK - 1) / QUERIES_PER_TASK;
   at::Tensor packed = pack_keys<T>(keys);
   int64_t packed_stride = packed.stride(0);
-  // Widened once, bfloat16 values are read at float32's speed, many times a call.
-  at::Tensor wide = values.to(at::kFloat).contiguous();
+  // Widened once, bfloat16 values are read at float32's speed, many times a call; float32
+  // ones are read in place.
+  at::Tensor wide = values.scalar_type() == at::kFloat ? values : values.to(at::kFloat);
   AttendBlock<T, M> kernel = vector_isa() == VectorIsa::avx512 ? &avx512::attend_block<T, M>
                                                                : &avx2::attend_block<T, M>;
   at::parallel_for(0, rows * kv * blocks, 1, [&](int64_t begin, int64_t end) {

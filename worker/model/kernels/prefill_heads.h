@@ -1,6 +1,6 @@
 // A task of prefill_attention.cpp, written once in Isa's vector operations (vectors_*.h) and
-// included once per instruction set, inside its namespace, after chunk_loads.h. Whatever the
-// tiles, every result is summed in the order prefill_attention.cpp gives.
+// compiled once per instruction set by attention_isas.h. Whatever the tiles, every result is
+// summed in the order prefill_attention.cpp gives.
 
 // e^x in float32 for x <= 0 (a score less its row's greatest), 0 below EXP_FLOOR: x = n ln 2 + r,
 // n the integer nearest x / ln 2 and ln 2 in two parts, e^r by Cephes' polynomial, times 2^n.

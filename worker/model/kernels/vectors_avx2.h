@@ -1,4 +1,4 @@
-// The vector operations the kernels are written in (linear_tiles.h, decode_heads.h), for AVX2
+// The vector operations the kernels are written in (linear_tiles.h, *_heads.h), for AVX2
 // with FMA: a chunk of 16 float32 lanes is two registers of 8. Every lane sees the operations it
 // sees in vectors_avx512.h, and KeySums adds by the same tree, so each result has the same bits
 // on either CPU. Included inside a

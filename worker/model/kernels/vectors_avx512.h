@@ -1,4 +1,4 @@
-// The vector operations the kernels are written in (linear_tiles.h, decode_heads.h), for
+// The vector operations the kernels are written in (linear_tiles.h, *_heads.h), for
 // AVX-512: a chunk of 16 float32 lanes is one register. Included inside a namespace compiled for
 // AVX-512 (see linear.cpp); vectors_avx2.h gives the same operations the same bits.
 
