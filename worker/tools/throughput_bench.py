@@ -9,15 +9,14 @@ one filled cache is copied through its own export, so the figures need one prefi
 per stream. That prefill (chunks of PREFILL_CHUNK, one stream, as a worker prefills), the
 median of PREFILL_RUNS, is the prefill figure; the dense cache's is transformers'; llama.cpp's
 is the median of its first sequence's, one per number of streams. Token ids are random: speed
-does not depend on what the tokens say. The machine's other work moves absolute figures; the ratios
-within one run are what hold.
+does not depend on what the tokens say. The machine's other work moves absolute figures (a
+prefill by a third from one run to the next); the ratios within one run are what hold.
 """
 
 from __future__ import annotations
 
 import copy
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
@@ -40,7 +39,6 @@ from worker.tools.measure import (
     filled_cache,
     peak_memory_mb,
     random_ids,
-    synchronize,
     timed_ms,
 )
 
@@ -181,9 +179,9 @@ def _bench_model(
 ) -> None:
     dtype = str(loaded.dtype).removeprefix("torch.")
     bar.set_postfix_str(f"{dtype} prefill")
-    filled_cache(loaded, PREFILL_CHUNK, PREFILL_CHUNK)  # warm-up: the first forward costs more
-    full, sink_ms = _median_ms(loaded, lambda: filled_cache(loaded, size, size))
-    dense, dense_ms = _median_ms(loaded, lambda: _dense_cache(loaded, size - 1))
+    sink_ms = timed_ms(loaded, lambda: filled_cache(loaded, size, size), PREFILL_RUNS)
+    dense_ms = timed_ms(loaded, lambda: _dense_cache(loaded, size - 1), PREFILL_RUNS)
+    full, dense = filled_cache(loaded, size, size), _dense_cache(loaded, size - 1)
     report.prefill.append(Prefill(dtype, 1000 * size / sink_ms, 1000 * (size - 1) / dense_ms))
     bar.update()
     for count in streams:
@@ -219,19 +217,6 @@ def _rate(loaded: LoadedModel, count: int, steps: int, step: Step) -> float:
     with torch.inference_mode():
         milliseconds = timed_ms(loaded, lambda: step(next(ids)), steps)
     return 1000 * count / milliseconds
-
-
-def _median_ms(loaded: LoadedModel, make: Callable[[], object]) -> tuple[object, float]:
-    """What `make` made the last time, and the median milliseconds of PREFILL_RUNS calls (a
-    prefill is long enough to time once, but this machine's neighbours move one by a third)."""
-    timings = []
-    for _ in range(PREFILL_RUNS):
-        synchronize(loaded)
-        started = time.perf_counter()
-        made = make()
-        synchronize(loaded)
-        timings.append(1000 * (time.perf_counter() - started))
-    return made, statistics.median(timings)
 
 
 def _batched(loaded: LoadedModel, caches: list[SinkCache], max_batch: int | None) -> Step:
