@@ -51,7 +51,7 @@ def _decode(
 ) -> dict[int, list[torch.Tensor]]:
     """Every stream's logits over STEPS greedy steps, the streams batched in `groups`; their
     caches in one pool (adjacent slots read as one run), or each in its own."""
-    pool = KVPool(model.config.num_hidden_layers, model.device) if shared else None
+    pool = KVPool(model.config.num_hidden_layers) if shared else None
     caches = {i: _prefilled(model, n, i, pool, capacity) for i, n in enumerate(lengths)}
     logits: dict[int, list[torch.Tensor]] = {i: [] for i in caches}
     tokens = {i: torch.tensor([i + 1]) for i in caches}
@@ -144,7 +144,7 @@ def test_rows_of_adjacent_slots_share_a_run_whatever_their_spans_where_our_kerne
     """One kernel call a layer for the run, not one a span; torch's matmuls keep a span a run.
     (The tests above check that the bits do not change.)"""
     model = tiny_model("llama")
-    pool = KVPool(model.config.num_hidden_layers, model.device)
+    pool = KVPool(model.config.num_hidden_layers)
     caches = [_prefilled(model, n, i, pool, WIDE) for i, n in enumerate(WIDE_LENGTHS[:4])]
     seen = []
 

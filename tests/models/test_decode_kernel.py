@@ -247,7 +247,7 @@ def test_a_batched_step_through_the_kernels_matches_torchs_matmuls(
     make_batch_invariant(model)  # packed anew for the dtype, as a loaded model is
 
     def steps() -> list[torch.Tensor]:
-        pool = KVPool(model.config.num_hidden_layers, model.device)
+        pool = KVPool(model.config.num_hidden_layers)
         caches = [SinkCache.for_model(model, 24, 4, pool) for _ in range(4)]
         for seed, (cache, length) in enumerate(zip(caches, (5, 19, 23, 41), strict=True)):
             ids = torch.randint(0, VOCAB, (length,), generator=torch.Generator().manual_seed(seed))

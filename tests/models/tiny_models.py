@@ -141,8 +141,8 @@ def tiny_configs() -> dict[str, PretrainedConfig]:
     }
 
 
-def tiny_model(name: str, seed: int = 0, **changes: object) -> torch.nn.Module:
-    """The tiny `name`, with `changes` made to its config values."""
+def tiny_model(name: str, seed: int = 0, device: str = "cpu", **changes: object) -> torch.nn.Module:
+    """The tiny `name` on `device`, with `changes` made to its config values."""
     torch.manual_seed(seed)
     config = tiny_configs()[name]
     if changes:
@@ -150,7 +150,7 @@ def tiny_model(name: str, seed: int = 0, **changes: object) -> torch.nn.Module:
     # Gemma 2 caps its attention logits and gpt-oss adds its sink logits, in eager attention.
     eager_only = name.startswith(("mpt", "falcon-alibi", "bloom", "gemma2", "gpt_oss"))
     config._attn_implementation = "eager" if eager_only else "sdpa"
-    model = AutoModelForCausalLM.from_config(config).eval()
+    model = AutoModelForCausalLM.from_config(config).eval().to(device)
     make_batch_invariant(model)  # as every loaded model runs
     return model
 

@@ -15,7 +15,7 @@ class Owner:
 
 
 def test_slots_are_the_lowest_free_and_come_back_when_their_owner_goes() -> None:
-    pool = KVPool(layers=2, device="cpu")
+    pool = KVPool(layers=2)
     owners = [Owner() for _ in range(3)]
     assert [pool.take(owner) for owner in owners] == [0, 1, 2]
     del owners[1]
@@ -26,7 +26,7 @@ def test_slots_are_the_lowest_free_and_come_back_when_their_owner_goes() -> None
 
 
 def test_the_pool_grows_a_chunk_at_a_time_and_keeps_what_it_holds() -> None:
-    pool = KVPool(layers=1, device="cpu")
+    pool = KVPool(layers=1)
     owners = [Owner()]
     pool.take(owners[0])
     pool.make(0, (2, 8, 4), (2, 8, 4), torch.empty(0))
@@ -42,7 +42,7 @@ def test_the_pool_grows_a_chunk_at_a_time_and_keeps_what_it_holds() -> None:
 
 
 def test_a_slot_is_zeroed_when_first_handed_out_whatever_its_buffer_held() -> None:
-    pool = KVPool(layers=2, device="cpu")
+    pool = KVPool(layers=2)
     first = Owner()
     pool.take(first)
     for layer in range(2):
@@ -59,6 +59,12 @@ def test_a_slot_is_zeroed_when_first_handed_out_whatever_its_buffer_held() -> No
         assert pool.keys(layer, 2).isnan().all()  # not handed out: not touched
 
 
-def test_a_chunk_holds_more_slots_on_the_cpu_where_untouched_slots_cost_no_memory() -> None:
-    """On a GPU every slot allocated is memory taken, so its chunks stay small."""
-    assert KVPool(layers=1, device="cpu").chunk_slots > KVPool(layers=1, device="cuda").chunk_slots
+def test_a_pool_of_one_slot_a_chunk_gives_each_slot_buffers_of_its_own() -> None:
+    """A cache alone (its own pool) takes one slot's memory, not a chunk's."""
+    pool = KVPool(layers=1, chunk_slots=1)
+    owners = [Owner(), Owner()]
+    assert [pool.take(owner) for owner in owners] == [0, 1]
+    pool.make(0, (2, 8, 4), (2, 8, 4), torch.empty(0))
+    assert pool.keys(0, 1).shape == (1, 2, 8, 4)
+    with pytest.raises(ValueError, match="more than one chunk"):
+        pool.keys(0, 0, 2)

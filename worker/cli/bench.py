@@ -23,6 +23,13 @@ if TYPE_CHECKING:
 app = typer.Typer(no_args_is_help=True, help="Side-by-side speed figures in one run.")
 
 SizesOption = Annotated[str, typer.Option(help="cache sizes to compare")]
+RandomConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        help="time a model built from this config.json with random weights instead "
+        "(worker/tools/bench_configs/ has SmolLM2's and a 1.7B Llama's)"
+    ),
+]
 
 
 def _sizes(text: str) -> list[int]:
@@ -38,24 +45,22 @@ def decode(
     stream_lengths: Annotated[str, typer.Option(help="stream lengths for memory")] = (
         "1000,10000,100000"
     ),
-    random_config: Annotated[
-        Path | None,
-        typer.Option(
-            help="time a model built from this config.json with random weights instead "
-            "(worker/tools/bench_configs/ has a 1.7B Llama)"
-        ),
-    ] = None,
+    random_config: RandomConfigOption = None,
 ) -> None:
     """Per-token latency of sink against recompute at equal cache sizes, and memory over time."""
     from worker.tools.decode_bench import run_benchmark
 
     with exit_on_known_errors():
-        if random_config is None:
-            loaded = model.load()
-        else:
-            model.use_threads()
-            loaded = load_random(random_config, model.device, model.dtype)
+        loaded = _load(model, random_config)
         run_benchmark(loaded, _sizes(sizes), tokens, _sizes(stream_lengths), out=typer.echo)
+
+
+def _load(model: ModelChoice, random_config: Path | None) -> LoadedModel:
+    """The chosen model, or one of random weights from `random_config`."""
+    if random_config is None:
+        return model.load()
+    model.use_threads()
+    return load_random(random_config, model.device, model.dtype)
 
 
 @app.command("throughput")
@@ -79,6 +84,7 @@ def throughput(
             "installed (pip install 'streamsink\\[llama]')"
         ),
     ] = True,
+    random_config: RandomConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Decode and prefill tokens/s and memory across streams: the batched sink path, one
@@ -88,8 +94,8 @@ def throughput(
 
     with exit_on_known_errors():
         chosen = dtypes.split(",") if dtypes else [model.dtype]
-        models = [dataclasses.replace(model, dtype=dtype).load() for dtype in chosen]
-        llama = _llama_cpp(model.spec, models) if llama_cpp else None
+        models = [_load(dataclasses.replace(model, dtype=dtype), random_config) for dtype in chosen]
+        llama = _llama_cpp(model.spec, models) if llama_cpp and random_config is None else None
         try:
             report = run_throughput_benchmark(
                 models, _sizes(streams), size, steps, max_batch, llama

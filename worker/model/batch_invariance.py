@@ -87,6 +87,8 @@ def make_batch_invariant(model: PreTrainedModel) -> None:
     """
     for module in model.modules():
         norm_kernel.fuse(module)
+    if model.device.type == "cuda":
+        _use_our_attention(model)  # for the fixed-shape decode step (graph_step.py)
     if not _can_pack(model):
         return
     for module in model.modules():
@@ -94,6 +96,11 @@ def make_batch_invariant(model: PreTrainedModel) -> None:
             module.__class__ = PackedLinear
         if isinstance(module, PackedLinear) and not module.is_packed:
             module.pack()
+    _use_our_attention(model)
+
+
+def _use_our_attention(model: PreTrainedModel) -> None:
+    """Our attention where the model runs SDPA through transformers' interface."""
     if model.config._attn_implementation == "sdpa" and model._can_set_attn_implementation():
         model.set_attn_implementation(ATTENTION)
 

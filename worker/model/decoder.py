@@ -5,7 +5,8 @@ forward: a prefill (one cache, many tokens, in chunks) and a decode step (many c
 token each). A decode step runs as one batched forward of every row (see batch_cache.py) when
 the model's kernels make a row's result independent of the others (batch_invariance.py) and
 its keys carry their positions (rotary); a lone row then takes the same path, so its bits do
-not depend on whether it had company. Otherwise each row runs its own forward.
+not depend on whether it had company. On a GPU the step has one fixed shape, replayed from a
+CUDA graph (graph_step.py). Otherwise each row runs its own forward.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from worker.model.batch_cache import batch_forward
 from worker.model.batch_invariance import is_batch_invariant
 from worker.model.cache_settings import CacheSettings
 from worker.model.compat import cache_argument
+from worker.model.graph_step import GraphSteps, suits
 from worker.model.kv_pool import KVPool
 from worker.model.layer_kinds import layer_types
 from worker.model.loading import LoadedModel
@@ -40,7 +42,8 @@ class Decoder:
         self.stop_ids = stop_token_ids(loaded)
         self.batch_invariant = is_batch_invariant(self.model)  # else each row runs alone
         # every cache of this decoder
-        self.pool = KVPool(len(layer_types(self.model.config)), self.model.device)
+        self.pool = KVPool(len(layer_types(self.model.config)))
+        self.graphs = GraphSteps(self.model, self.pool) if suits(self.model) else None
         self._logits_to_keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
 
     def new_cache(self) -> SinkCache:
@@ -60,7 +63,9 @@ class Decoder:
     @torch.inference_mode()
     def decode(self, caches: Sequence[SinkCache], tokens: torch.Tensor) -> torch.Tensor:
         """One decode step: token i [rows] into cache i; the logits [rows, vocab]."""
-        return decode_step(self.model, caches, tokens, self.batch_invariant, self._logits_to_keep)
+        return decode_step(
+            self.model, caches, tokens, self.batch_invariant, self._logits_to_keep, self.graphs
+        )
 
 
 def decode_step(
@@ -69,10 +74,14 @@ def decode_step(
     tokens: torch.Tensor,
     batch_invariant: bool,
     last_only: bool = False,
+    graphs: GraphSteps | None = None,
 ) -> torch.Tensor:
-    """Token i [rows] into cache i, the logits [rows, vocab]: one batched forward where the
-    model is `batch_invariant` (is_batch_invariant) and every cache order-free, else one
-    forward per row."""
+    """Token i [rows] into cache i, the logits [rows, vocab]: the fixed-shape step where
+    `graphs` (of the caches' pool) takes them, else one batched forward where the model is
+    `batch_invariant` (is_batch_invariant) and every cache order-free, else one forward per
+    row."""
+    if graphs is not None and graphs.takes(caches):
+        return graphs.decode(caches, tokens)
     if batch_invariant and all(cache.order_free for cache in caches):
         return batch_forward(model, caches, tokens)
     return torch.stack(

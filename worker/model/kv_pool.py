@@ -9,12 +9,14 @@ layer's first write, when its shape is known; the pool grows a chunk at a time, 
 so it holds less than a chunk of slots more than it ever had caches (growing by doubling
 would hold twice as many, and copy them all while the old buffers still stood).
 
-A chunk is allocated empty, and a slot is zeroed when it is first handed out: on the CPU a
-slot no cache has taken costs no memory the system has to back, so a chunk there holds 32
-slots (a batch of 16 or 32 streams reads its caches in one or two runs, each one kernel call a
-layer); on a GPU every slot allocated is memory taken, so a chunk holds 8. A stream's first
-prefill clears its own slot only. A freed slot keeps what its last cache wrote; a new cache's
-unfilled slots are masked, so their contents (finite values, or zeros) never reach a score.
+A chunk is allocated empty, and a slot is zeroed when it is first handed out. A chunk holds 32
+slots: on the CPU a slot no cache has taken costs no memory the system has to back, and a batch
+of 16 or 32 streams reads its caches in one or two runs, each one kernel call a layer; on a GPU
+a chunk is the fixed shape of a decode step (graph_step.py), so it is memory taken whole (755
+MB for SmolLM2 in bfloat16 at 1024 tokens). A cache with a pool of its own gets one slot a
+chunk. A stream's first prefill clears its own slot only. A freed slot keeps what its last
+cache wrote; a new cache's unfilled slots are masked, so their contents (finite values, or
+zeros) never reach a score.
 """
 
 from __future__ import annotations
@@ -24,17 +26,14 @@ import weakref
 
 import torch
 
-CPU_CHUNK_SLOTS = 32  # an untouched slot costs address space only
-ACCELERATOR_CHUNK_SLOTS = 8  # a GPU's: every slot allocated is memory taken
+CHUNK_SLOTS = 32
 
 
 class KVPool:
     """The key and value buffers of every layer, shared by the caches that take a slot."""
 
-    def __init__(self, layers: int, device: torch.device | str) -> None:
-        """`device`: where the caches live, which sizes its chunks."""
-        cpu = torch.device(device).type == "cpu"
-        self.chunk_slots = CPU_CHUNK_SLOTS if cpu else ACCELERATOR_CHUNK_SLOTS
+    def __init__(self, layers: int, chunk_slots: int = CHUNK_SLOTS) -> None:
+        self.chunk_slots = chunk_slots
         self._keys: list[list[torch.Tensor]] = [[] for _ in range(layers)]
         self._values: list[list[torch.Tensor]] = [[] for _ in range(layers)]
         self._shapes: list[tuple[torch.Size, torch.Size, torch.dtype, torch.device] | None] = [

@@ -148,10 +148,10 @@ class SinkCache(Cache):
         pool: KVPool | None = None,
     ) -> None:
         """`kinds`: one per model layer (see layer_kinds.py; `uniform` for a single scheme);
-        `pool`: the buffers it shares with other caches of these kinds and capacity (its own
-        if None)."""
+        `pool`: the buffers it shares with other caches of these kinds and capacity (its own,
+        of one slot, if None)."""
         self.layout = SlotLayout(capacity, sinks)
-        self.pool = KVPool(len(kinds), device) if pool is None else pool
+        self.pool = KVPool(len(kinds), chunk_slots=1) if pool is None else pool
         self.slot = self.pool.take(self)
         self.kinds = tuple(kinds)
         self.device = torch.device(device)  # where each step's slot indices are made

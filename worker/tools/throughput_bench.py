@@ -29,6 +29,7 @@ from worker.exceptions import CacheCapacityError
 from worker.model.batch_invariance import is_batch_invariant, stock_kernels
 from worker.model.compat import cache_argument
 from worker.model.decoder import decode_step
+from worker.model.graph_step import GraphSteps, suits
 from worker.model.kv_pool import KVPool
 from worker.model.loading import LoadedModel
 from worker.model.sink_cache import SinkCache
@@ -185,14 +186,15 @@ def _bench_model(
     report.prefill.append(Prefill(dtype, 1000 * size / sink_ms, 1000 * (size - 1) / dense_ms))
     bar.update()
     for count in streams:
-        pool = KVPool(len(full.kinds), full.device)  # as a worker's decoder keeps its streams
+        pool = KVPool(len(full.kinds))  # as a worker's decoder keeps its streams
         caches = [_copy(loaded, full, pool) for _ in range(count)]
+        graphs = GraphSteps(loaded.model, pool) if suits(loaded.model) else None
         plain = _Plain(loaded, dense, count)
         dense_mb = _cache_mb(plain.cache)  # at the length the sink caches hold, before decode
         rates = {}
         for path, step in (
-            ("batched", _batched(loaded, caches, max_batch)),
-            ("sequential", _sequential(loaded, caches)),
+            ("batched", _batched(loaded, caches, max_batch, graphs)),
+            ("sequential", _sequential(loaded, caches, graphs)),
             ("transformers", plain),
         ):
             bar.set_postfix_str(f"{dtype}, {count} streams, {path}")
@@ -219,27 +221,33 @@ def _rate(loaded: LoadedModel, count: int, steps: int, step: Step) -> float:
     return 1000 * count / milliseconds
 
 
-def _batched(loaded: LoadedModel, caches: list[SinkCache], max_batch: int | None) -> Step:
+def _batched(
+    loaded: LoadedModel,
+    caches: list[SinkCache],
+    max_batch: int | None,
+    graphs: GraphSteps | None,
+) -> Step:
     """The batched path: one forward across the streams, or across each `max_batch` of them
-    (one per stream where the model's kernels cannot batch rows, as a worker's decoder runs)."""
+    (one per stream where the model's kernels cannot batch rows, as a worker's decoder runs;
+    `graphs`: the fixed-shape step of their pool, on a GPU)."""
     width = max_batch or len(caches)
     batched = is_batch_invariant(loaded.model)
 
     def step(ids: torch.Tensor) -> None:
         for start in range(0, len(caches), width):
             rows = slice(start, start + width)
-            decode_step(loaded.model, caches[rows], ids[rows], batched)
+            decode_step(loaded.model, caches[rows], ids[rows], batched, graphs=graphs)
 
     return step
 
 
-def _sequential(loaded: LoadedModel, caches: list[SinkCache]) -> Step:
+def _sequential(loaded: LoadedModel, caches: list[SinkCache], graphs: GraphSteps | None) -> Step:
     """The sequential path (`--max-batch 1`): one forward per stream, as a lone row."""
     batched = is_batch_invariant(loaded.model)
 
     def step(ids: torch.Tensor) -> None:
         for cache, token in zip(caches, ids, strict=True):
-            decode_step(loaded.model, [cache], token[None], batched)
+            decode_step(loaded.model, [cache], token[None], batched, graphs=graphs)
 
     return step
 
