@@ -3,7 +3,8 @@
 # packages importable (CI has no GPU; these tests skip their GPU cases there):
 #   - the fixed-shape decode step's tests on the GPU, its CUDA graphs included;
 #   - `bench throughput` on SmolLM2's config with random weights (1 to 32 streams, cache 1024);
-#   - `bench decode`, sink against recompute, on SmolLM2 and on the 1.7B Llama config.
+#   - `bench decode`, sink against recompute, on SmolLM2 (cache 1024) and on the 1.7B Llama
+#     config (cache 4096).
 # Models are built from config files with random weights: no model download, and speed does
 # not depend on the weights. Logs go to $OUT (default /tmp/gpu-check).
 set -uo pipefail
@@ -21,7 +22,7 @@ python3 -m pytest -q -p no:cacheprovider tests/models/test_graph_step.py -k cuda
 python3 -m worker bench throughput --device cuda --random-config "$configs/smollm2-135m.json" \
 	--streams 1,4,8,16,32 --size 1024 --steps 32 2>&1 | tee "$out/throughput.log" || status=1
 python3 -m worker bench decode --device cuda --random-config "$configs/smollm2-135m.json" \
-	--sizes 1024,4096 --tokens 64 --stream-lengths 1000 2>&1 | tee "$out/decode-smollm2.log" || status=1
+	--sizes 1024 --tokens 64 --stream-lengths 1000 2>&1 | tee "$out/decode-smollm2.log" || status=1
 python3 -m worker bench decode --device cuda --random-config "$configs/llama-1.7b.json" \
-	--sizes 1024,4096 --tokens 64 --stream-lengths 1000 2>&1 | tee "$out/decode-1.7b.log" || status=1
+	--sizes 4096 --tokens 64 --stream-lengths 1000 2>&1 | tee "$out/decode-1.7b.log" || status=1
 exit "$status"

@@ -13,16 +13,22 @@ took. Every row costs its reads of the whole cache, though: a chunk reads 32 cac
 A fixed shape is also what a CUDA graph needs. A chunk's forward is captured once; each step
 copies its inputs (tokens, positions, the mask, each row's turns and new slot) into the
 graph's buffers and replays it, where a small model's step would otherwise be mostly kernel
-launches. On the CPU the same forward runs without a graph (the tests run it there, where it
-gives the bits of batch_cache.py's).
+launches. Before the capture, each decoder layer's forward is compiled (torch.compile, for
+the one shape: its norms, rotary and small ops fuse into a few kernels); where that fails the
+step runs uncompiled, with a warning, and STREAMSINK_COMPILE=0 turns it off. On the CPU the
+same forward runs without a graph or compiling (the tests run it there, where it gives the
+bits of batch_cache.py's).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from contextlib import ExitStack
+import os
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 
 import torch
+from torch import nn
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 
@@ -33,7 +39,8 @@ from worker.model.kv_pool import KVPool
 from worker.model.layer_kinds import LayerKind, is_hybrid
 from worker.model.sink_cache import SinkCache
 
-WARMUPS = 2  # eager forwards before a capture: cuBLAS makes its handles and workspaces there
+WARMUPS = 2  # forwards before a capture: cuBLAS makes its handles and workspaces, and compiles
+COMPILE_SWITCH = "STREAMSINK_COMPILE"  # "0": the decode step's layers run uncompiled
 
 
 def suits(model: PreTrainedModel) -> bool:
@@ -49,6 +56,7 @@ class GraphSteps:
         self.model = model
         self.pool = pool
         self.capture = model.device.type == "cuda"
+        self.layers = _CompiledLayers(model) if self.capture else None
         self._chunks: dict[int, ChunkStep] = {}
 
     def takes(self, caches: Sequence[SinkCache]) -> bool:
@@ -83,7 +91,7 @@ class GraphSteps:
 
     def _chunk(self, chunk: int, cache: SinkCache) -> ChunkStep:
         if chunk not in self._chunks:
-            self._chunks[chunk] = ChunkStep(self.model, self.pool, chunk, cache, self.capture)
+            self._chunks[chunk] = ChunkStep(self.model, self.pool, chunk, cache, self.layers)
         return self._chunks[chunk]
 
 
@@ -97,9 +105,10 @@ class ChunkStep:
         pool: KVPool,
         chunk: int,
         like: SinkCache,
-        capture: bool,
+        layers: _CompiledLayers | None,
     ) -> None:
-        """`like`: a cache of the pool, whose kinds and capacity every row shares."""
+        """`like`: a cache of the pool, whose kinds and capacity every row shares; `layers`:
+        the model's compiled layers, on a GPU (else no graph is captured)."""
         rows, device, dtype = pool.chunk_slots, model.device, model.dtype
         self.model, self.pool, self.kinds = model, pool, like.kinds
         self.first_slot = chunk * rows
@@ -123,7 +132,7 @@ class ChunkStep:
         )
         self.cache = ChunkCache(self)
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.logits = self._capture() if capture else None
+        self.logits = None if layers is None else self._capture(layers)
 
     def decode(self, caches: Sequence[SinkCache], tokens: torch.Tensor) -> torch.Tensor:
         """Token i into cache i, each in a slot of this chunk: their logits [rows, vocab]."""
@@ -132,11 +141,14 @@ class ChunkStep:
         device = self.tokens.device
         rows = torch.tensor([cache.slot - self.first_slot for cache in caches], device=device)
         with ExitStack() as steps:
+            # Planned on the host, and copied over once for every row (not a few small device
+            # ops per row: with 32 rows, those took as long as the forward).
             plans = [
-                steps.enter_context(c.step(t[None])) for c, t in zip(caches, tokens, strict=True)
+                steps.enter_context(c.step(t[None], plan_device="cpu"))
+                for c, t in zip(caches, tokens, strict=True)
             ]
-            plan = plan_batch(plans, self.capacity, self.model.dtype, device)
-            self._load(rows, tokens.to(device), plan)
+            plan = plan_batch(plans, self.capacity, self.model.dtype, "cpu")
+            self._load(rows, tokens, plan)
             if self.graph is None:
                 logits = self._forward()
             else:
@@ -155,15 +167,15 @@ class ChunkStep:
         buffer[self.every_row, :, self.new_slots] = taken
 
     def _load(self, rows: torch.Tensor, tokens: torch.Tensor, plan: BatchPlan) -> None:
-        """This step's inputs into the buffers, at the decoding rows."""
+        """This step's inputs (on the host) into the buffers, at the decoding rows."""
+        device, dtype = self.tokens.device, self.model.dtype
         self.active.zero_()
         self.active[rows] = True
-        self.tokens[rows] = tokens[:, None]
-        self.positions[rows] = plan.query_positions
-        self.mask[rows] = plan.attention_mask
-        self.head_slots[rows] = plan.head_slots
-        self.new_slots[rows] = torch.cat([step.new_slots for step in plan.plans])
-        device, dtype = self.tokens.device, self.model.dtype
+        self.tokens[rows] = tokens[:, None].to(device)
+        self.positions[rows] = plan.query_positions.to(device)
+        self.mask[rows] = plan.attention_mask.to(device)
+        self.head_slots[rows] = plan.head_slots.to(device)
+        self.new_slots[rows] = torch.cat([step.new_slots for step in plan.plans]).to(device)
         for kind in self.storings:
             _put(self.storings[kind], rows, kind.scheme.storing(plan.shifts, device))
             _put(self.turnings[kind], rows, kind.scheme.turning(plan.shifts, device, dtype))
@@ -181,18 +193,19 @@ class ChunkStep:
             )
         return out.logits[:, -1]
 
-    def _capture(self) -> torch.Tensor:
-        """Capture the forward, no row decoding (so the warm-ups and the capture change no
-        cache); the logits buffer each replay writes."""
-        side = torch.cuda.Stream(self.tokens.device)
-        side.wait_stream(torch.cuda.current_stream(self.tokens.device))
+    def _capture(self, layers: _CompiledLayers) -> torch.Tensor:
+        """Capture the forward through `layers`, no row decoding (so the warm-ups and the
+        capture change no cache); the logits buffer each replay writes."""
+        device = self.tokens.device
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(WARMUPS):
-                self._forward()
-        torch.cuda.current_stream(self.tokens.device).wait_stream(side)
+                layers.run(self._forward)
+        torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            return self._forward()
+            return layers.run(self._forward)
 
 
 class ChunkCacheLayer(LayerAcrossReleases, CacheLayerMixin):
@@ -238,6 +251,51 @@ class ChunkCache(Cache):
     def __init__(self, step: ChunkStep) -> None:
         layers = [ChunkCacheLayer(step, i, kind) for i, kind in enumerate(step.kinds)]
         super().__init__(layers=layers)
+
+
+class _CompiledLayers:
+    """The model's decoder layers, compiled for the fixed-shape step, worn only while it runs
+    (a prefill's shapes vary, and runs the layers as they are)."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        layers = getattr(model.base_model, "layers", None)
+        self.wanted = os.environ.get(COMPILE_SWITCH) != "0" and isinstance(layers, nn.ModuleList)
+        self._layers = list(layers) if self.wanted else []
+        self._compiled: list[Callable[..., object]] = []
+        if self.wanted:
+            import torch._dynamo  # only here: a GPU's step
+
+            # Each layer is a compiled variant of its own (its index is guarded on), and so
+            # is each chunk: far more than dynamo's default of 8 variants a function.
+            config = torch._dynamo.config
+            config.recompile_limit = max(config.recompile_limit, 8 * len(layers), 64)
+            config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 1024)
+            self._compiled = [torch.compile(layer.forward, dynamic=False) for layer in layers]
+
+    def run(self, forward: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """`forward()` through the compiled layers; uncompiled from then on if compiling fails."""
+        if not self.wanted:
+            return forward()
+        try:
+            with self._worn():
+                return forward()
+        except Exception as error:  # torch.compile fails in many ways; the step need not
+            self.wanted = False
+            warnings.warn(
+                f"the decode step's layers run uncompiled: torch.compile failed ({error})",
+                stacklevel=2,
+            )
+            return forward()
+
+    @contextmanager
+    def _worn(self) -> Iterator[None]:
+        for layer, compiled in zip(self._layers, self._compiled, strict=True):
+            layer.forward = compiled
+        try:
+            yield
+        finally:
+            for layer in self._layers:
+                del layer.forward
 
 
 def _initialize(cache: SinkCache) -> None:

@@ -194,14 +194,17 @@ class SinkCache(Cache):
         return all(kind.scheme.order_free for kind in self.kinds)
 
     @contextmanager
-    def step(self, input_ids: torch.Tensor) -> Iterator[StepPlan]:
+    def step(
+        self, input_ids: torch.Tensor, plan_device: torch.device | str | None = None
+    ) -> Iterator[StepPlan]:
         """Run one forward of `input_ids` (1-D) against this cache; commit it if it succeeds.
+        The plan's slot indices are made on `plan_device` (default: the cache's device).
 
         A forward that fails after eviction has overwritten slots that the layout still counts
         as live, so the cache is marked damaged: the stream must be restored from its state.
         """
         self.require_intact()
-        plan = self.layout.plan(len(input_ids), self.device)
+        plan = self.layout.plan(len(input_ids), plan_device or self.device)
         self.plan = plan
         self._turnings = {}
         for layer in self.layers:
@@ -218,7 +221,7 @@ class SinkCache(Cache):
         self.layout.commit(plan)
         self.pieces.wrote(self.layout.slot_runs(plan.length_before, len(plan.new_slots)))
         # Kept on the cache's device: no host round trip on every decoded token.
-        self.token_ids[plan.new_slots] = input_ids.to(self.device)
+        self.token_ids[plan.new_slots.to(self.device)] = input_ids.to(self.device)
 
     def require_intact(self) -> None:
         """Refuse a cache that a failed forward left half-written."""

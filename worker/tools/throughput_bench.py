@@ -5,8 +5,9 @@ transformers batched with a DynamicCache of the same length and no sinks, on its
 the same weights in F32 beside the float32 figures, where it is installed (llama_cpp_bench.py).
 
 Every stream starts from the same full cache (its ring turned, so each step evicts a token):
-one filled cache is copied through its own export, so the figures need one prefill, not one
-per stream. That prefill (chunks of PREFILL_CHUNK, one stream, as a worker prefills), the
+one filled cache is copied through its own export into a slot of one pool for each of the most
+streams asked for, and the figure of N streams decodes the first N, so the figures need one
+prefill, not one per stream. That prefill (chunks of PREFILL_CHUNK, one stream, as a worker prefills), the
 median of PREFILL_RUNS, is the prefill figure; the dense cache's is transformers'; llama.cpp's
 is the median of its first sequence's, one per number of streams. Token ids are random: speed
 does not depend on what the tokens say. The machine's other work moves absolute figures (a
@@ -185,10 +186,12 @@ def _bench_model(
     full, dense = filled_cache(loaded, size, size), _dense_cache(loaded, size - 1)
     report.prefill.append(Prefill(dtype, 1000 * size / sink_ms, 1000 * (size - 1) / dense_ms))
     bar.update()
+    pool = KVPool(len(full.kinds))  # as a worker's decoder keeps its streams
+    streams_at_most = [_copy(loaded, full, pool) for _ in range(max(streams))]
+    # On a GPU, one step for every figure: captured (and compiled) once.
+    graphs = GraphSteps(loaded.model, pool) if suits(loaded.model) else None
     for count in streams:
-        pool = KVPool(len(full.kinds))  # as a worker's decoder keeps its streams
-        caches = [_copy(loaded, full, pool) for _ in range(count)]
-        graphs = GraphSteps(loaded.model, pool) if suits(loaded.model) else None
+        caches = streams_at_most[:count]
         plain = _Plain(loaded, dense, count)
         dense_mb = _cache_mb(plain.cache)  # at the length the sink caches hold, before decode
         rates = {}
