@@ -7,9 +7,10 @@ the same weights in F32 beside the float32 figures, where it is installed (llama
 Every stream starts from the same full cache (its ring turned, so each step evicts a token):
 one filled cache is copied through its own export into a slot of one pool for each of the most
 streams asked for, and the figure of N streams decodes the first N, so the figures need one
-prefill, not one per stream. That prefill (chunks of PREFILL_CHUNK, one stream, as a worker prefills), the
-median of PREFILL_RUNS, is the prefill figure; the dense cache's is transformers'; llama.cpp's
-is the median of its first sequence's, one per number of streams. Token ids are random: speed
+prefill, not one per stream. That prefill (chunks of PREFILL_CHUNK, one stream, as a worker
+prefills), the median of PREFILL_RUNS, is the prefill figure; the dense cache's is
+transformers'; llama.cpp's is the median of its first sequence's, one per number of streams.
+Token ids are random: speed
 does not depend on what the tokens say. The machine's other work moves absolute figures (a
 prefill by a third from one run to the next); the ratios within one run are what hold.
 """
