@@ -28,7 +28,6 @@ class BatchPlan:
 
     plans: tuple[StepPlan, ...]  # each row's own step, committed by its own cache
     query_positions: torch.Tensor  # [rows, 1]: each new token's in-cache position
-    slot_positions: torch.Tensor  # [rows, capacity]: each slot's in-cache position
     attention_mask: torch.Tensor  # [rows, 1, 1, capacity]: 0 where a slot is live, else -inf-ish
     shifts: torch.Tensor  # [rows], on the CPU: each row's shift (see StepPlan.shift)
     head_slots: torch.Tensor  # [rows, capacity], bool: the slots of each row's head
@@ -46,24 +45,25 @@ def plan_batch(
 ) -> BatchPlan:
     """The batch of these one-token steps over caches of `capacity` slots; the masks in the
     model's `dtype`, as its attention adds them to the scores, one more per sliding window."""
-    if not plans or any(len(plan.new_slots) != 1 for plan in plans):
+    if not plans or any(plan.new_tokens != 1 for plan in plans):
         raise ValueError("a batched decode step takes exactly one new token per row")
     every_slot = torch.arange(capacity, device=device)
-    slot_positions = torch.stack(
-        [plan.slot_positions.to(device) if plan.full_ring else every_slot for plan in plans]
-    )
     lengths = torch.tensor([plan.length_after for plan in plans], device=device)
     hidden = every_slot[None] >= lengths[:, None]
     positions = torch.tensor([[plan.length_before] for plan in plans], device=device)
-    window_masks = {
-        window: _mask(hidden | (positions - slot_positions >= window), dtype)
-        for window in sorted(set(windows))
-    }
+    window_masks = {}
+    if windows:
+        slot_positions = torch.stack(
+            [plan.slot_positions.to(device) if plan.full_ring else every_slot for plan in plans]
+        )
+        window_masks = {
+            window: _mask(hidden | (positions - slot_positions >= window), dtype)
+            for window in sorted(set(windows))
+        }
     heads = torch.tensor([plan.head for plan in plans], device=device)
     return BatchPlan(
         tuple(plans),
         positions,
-        slot_positions,
         _mask(hidden, dtype),
         torch.tensor([plan.shift for plan in plans]),
         every_slot[None] < heads[:, None],

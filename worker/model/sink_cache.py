@@ -87,7 +87,7 @@ class SinkCacheLayer(LayerAcrossReleases, CacheLayerMixin):
         plan, kind = self._owner.plan, self.kind
         self.write(kind.scheme.to_stored(key_states, self._owner.storing(kind)), value_states)
         first = kind.first_visible(plan.length_before)
-        if first == 0 and plan.full_ring and kind.scheme.order_free and len(plan.new_slots) == 1:
+        if first == 0 and plan.full_ring and kind.scheme.order_free and plan.new_tokens == 1:
             # One query attends to every slot alike: keys in slot order (the head's slots are
             # its positions), and the values as they lie. No gather, no copy of the values.
             keys, values = self.keys, self.values
@@ -219,9 +219,14 @@ class SinkCache(Cache):
         finally:
             self.plan = None
         self.layout.commit(plan)
-        self.pieces.wrote(self.layout.slot_runs(plan.length_before, len(plan.new_slots)))
-        # Kept on the cache's device: no host round trip on every decoded token.
-        self.token_ids[plan.new_slots.to(self.device)] = input_ids.to(self.device)
+        runs = self.layout.slot_runs(plan.length_before, plan.new_tokens)
+        self.pieces.wrote(runs)
+        # Kept on the cache's device (no host round trip on every decoded token), and written
+        # by the runs of slots: no index tensor to make and copy there.
+        ids, written = input_ids.to(self.device), 0
+        for start, stop in runs:
+            self.token_ids[start:stop] = ids[written : written + stop - start]
+            written += stop - start
 
     def require_intact(self) -> None:
         """Refuse a cache that a failed forward left half-written."""

@@ -12,6 +12,7 @@ This module is pure bookkeeping (no model, no tensors of keys), so it is tested 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -20,24 +21,48 @@ from worker.exceptions import CacheCapacityError
 
 @dataclass(frozen=True)
 class StepPlan:
-    """What one forward of `new_tokens` tokens does to the cache, decided before the forward."""
+    """What one forward of `new_tokens` tokens does to the cache, decided before the forward.
+
+    The slots of every position (`order`, `slot_positions`) are made when first asked for: a
+    batched decode step needs only each row's new slot, and makes a plan per row per token.
+    """
 
     evicted: int
     length_before: int  # tokens in the cache the new ones attend to (after eviction)
     new_slots: torch.Tensor  # slot of each new token, in order
-    order: torch.Tensor | slice  # slots of positions 0..length_before+new-1 (a slice if contiguous)
     head: int  # positions (and slots) 0..head-1 hold the head, never evicted
     shift: int  # tokens evicted once room is made: a window token's stream minus cache position
-    slot_positions: torch.Tensor | None = None  # position of every slot, when all are live
+    ring_start: int  # the window's oldest slot, counted from the head, once room is made
+    ring_size: int
+    length_after: int  # length_before plus the new tokens
+
+    @property
+    def new_tokens(self) -> int:
+        return self.length_after - self.length_before
 
     @property
     def full_ring(self) -> bool:
         """Every slot is live and out of position order (the steady state of a long stream)."""
-        return self.slot_positions is not None
+        return self.ring_start != 0 and self.length_after > self.head
 
-    @property
-    def length_after(self) -> int:
-        return self.length_before + len(self.new_slots)
+    @cached_property
+    def order(self) -> torch.Tensor | slice:
+        """Slots of positions 0..length_after-1 (a slice where each is its own slot)."""
+        if not self.full_ring:
+            return slice(0, self.length_after)
+        positions = torch.arange(self.length_after, device=self.new_slots.device)
+        in_ring = self.head + (self.ring_start + positions - self.head) % self.ring_size
+        return torch.where(positions < self.head, positions, in_ring)
+
+    @cached_property
+    def slot_positions(self) -> torch.Tensor | None:
+        """The position of every slot, where every slot is live and out of order; else None.
+        (Out of order only once the ring has turned, and the cache is then full: each slot
+        holds exactly one position.)"""
+        if not self.full_ring:
+            return None
+        positions = torch.arange(self.length_after, device=self.new_slots.device)
+        return torch.empty_like(positions).index_copy_(0, self.order, positions)
 
 
 class SlotLayout:
@@ -86,27 +111,26 @@ class SlotLayout:
         evicted = max(self.length + new_tokens - self.capacity, 0)
         ring_start = (self.ring_start + evicted) % self.ring_size if evicted else self.ring_start
         length_before = self.length - evicted
-        positions = torch.arange(length_before + new_tokens, device=device)
-        slots = self._slots_of(positions, ring_start)
-        frame = {"head": self.head, "shift": self.evicted_total + evicted}
-        if ring_start == 0 or len(positions) <= self.head:  # every position in its own slot
-            order = slice(0, len(slots))
-            return StepPlan(evicted, length_before, slots[length_before:], order, **frame)
-        # Out of order only once the ring has turned, and the cache is then full: each slot
-        # holds exactly one position.
-        slot_positions = torch.empty_like(slots).index_copy_(0, slots, positions)
+        new_positions = range(length_before, length_before + new_tokens)
+        new_slots = [self._slot_of(position, ring_start) for position in new_positions]
         return StepPlan(
-            evicted, length_before, slots[length_before:], slots, **frame,
-            slot_positions=slot_positions,
-        )  # fmt: skip
+            evicted,
+            length_before,
+            torch.tensor(new_slots, dtype=torch.long, device=device),
+            self.head,
+            self.evicted_total + evicted,
+            ring_start,
+            self.ring_size,
+            length_before + new_tokens,
+        )
 
     def commit(self, plan: StepPlan) -> None:
         """Record a plan once its forward has succeeded."""
         if plan.evicted:
             self.ring_start = (self.ring_start + plan.evicted) % self.ring_size
             self.evicted_total += plan.evicted
+        self.tokens_seen += plan.new_tokens
         self.length = plan.length_after
-        self.tokens_seen += len(plan.new_slots)
 
     def slot_runs(self, first_position: int, count: int) -> list[tuple[int, int]]:
         """Slots of positions first_position.. (count of them) in the current layout, as
@@ -122,9 +146,10 @@ class SlotLayout:
                 runs.append((self.head, self.head + end - self.capacity))
         return runs
 
-    def _slots_of(self, positions: torch.Tensor, ring_start: int) -> torch.Tensor:
-        in_ring = self.head + (ring_start + positions - self.head) % self.ring_size
-        return torch.where(positions < self.head, positions, in_ring)
+    def _slot_of(self, position: int, ring_start: int) -> int:
+        if position < self.head:
+            return position
+        return self.head + (ring_start + position - self.head) % self.ring_size
 
     def slots_of_span(self, start: int, end: int) -> torch.Tensor:
         """Slots of the stream's tokens start..end-1 (counted from its first token) that are
