@@ -10,9 +10,9 @@ streams asked for, and the figure of N streams decodes the first N, so the figur
 prefill, not one per stream. That prefill (chunks of PREFILL_CHUNK, one stream, as a worker
 prefills), the median of PREFILL_RUNS, is the prefill figure; the dense cache's is
 transformers'; llama.cpp's is the median of its first sequence's, one per number of streams.
-Token ids are random: speed
-does not depend on what the tokens say. The machine's other work moves absolute figures (a
-prefill by a third from one run to the next); the ratios within one run are what hold.
+Token ids are random: speed does not depend on what the tokens say. The machine's other work
+moves absolute figures (a prefill by a third from one run to the next); the ratios within one
+run are what hold. On a GPU every figure decodes through one captured step (graph_step.py).
 """
 
 from __future__ import annotations
