@@ -22,7 +22,7 @@ from contextlib import ExitStack
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from worker.model import decode_kernel
+from worker.model import decode_forward, decode_kernel
 from worker.model.attention import ATTENTION, DecodeFrames, Run, decoding
 from worker.model.batch_step import BatchPlan, plan_batch
 from worker.model.compat import LayerAcrossReleases, cache_argument
@@ -214,14 +214,17 @@ def batch_forward(
         capacity = rows[0].layout.capacity
         plan = plan_batch(plans, capacity, model.dtype, model.device, windows)
         batch = BatchCache(rows, plan, mixed_spans)
+        ids = tokens.to(model.device)
         with decoding(batch.frames(model.dtype)):
-            out = model(
-                input_ids=tokens[:, None].to(model.device),
-                position_ids=plan.query_positions,
-                attention_mask=batch.attention_mask(),
-                **cache_argument(model, batch),
-                use_cache=True,
-            )
+            if decode_forward.takes(model, batch):
+                logits = decode_forward.forward(model, batch, ids, plan.query_positions)
+            else:
+                logits = model(
+                    input_ids=ids[:, None],
+                    position_ids=plan.query_positions,
+                    attention_mask=batch.attention_mask(),
+                    **cache_argument(model, batch),
+                    use_cache=True,
+                ).logits[:, -1]
         batch.wrote()
-    logits = out.logits[:, -1]
     return logits[torch.tensor(order).argsort()]

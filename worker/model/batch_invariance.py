@@ -28,7 +28,7 @@ experts, attention that is not SDPA: eager softcapping, an attention call of the
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -78,6 +78,82 @@ class PackedLinear(nn.Linear):
         return (out[:1] if lone else out).view(*x.shape[:-1], out.shape[-1])
 
 
+class FusedLinears:
+    """Linear layers of one input as one call of our kernel: their packed weights side by
+    side, each layer's own packed weight a view of its part (no memory twice over). Each output
+    sums its products in one order whatever its panel, so each layer's outputs have the bits
+    of its own call."""
+
+    def __init__(self, layers: Sequence[PackedLinear]) -> None:
+        self.layers = tuple(layers)
+        self.sizes = [layer.out_features for layer in layers]
+        self.panels = torch.cat([layer.packed for layer in layers])
+        first = 0
+        for layer in layers:
+            count = len(layer.packed)
+            layer.packed = self.panels[first : first + count]
+            first += count
+        has_bias = layers[0].bias is not None
+        self.bias = torch.cat([layer.bias.detach() for layer in layers]) if has_bias else None
+
+    @staticmethod
+    def possible(layers: Sequence[nn.Module]) -> bool:
+        """Layers packed for our kernel, of one input and dtype, whole panels each (no padding
+        between their outputs), all with a bias or none."""
+        first = layers[0]
+        return all(
+            isinstance(layer, PackedLinear)
+            and layer.ours
+            and layer.is_packed
+            and layer.out_features % linear_kernel.PANEL == 0
+            and layer.in_features == first.in_features
+            and layer.weight.dtype == first.weight.dtype
+            and (layer.bias is None) == (first.bias is None)
+            for layer in layers
+        )
+
+    @property
+    def current(self) -> bool:
+        """Whether every layer's packed weight is still a part of these panels (a model moved
+        to another dtype since has packed its layers anew)."""
+        return all(
+            layer.is_packed and layer.packed.untyped_storage().data_ptr() == self.storage
+            for layer in self.layers
+        )
+
+    @property
+    def storage(self) -> int:
+        return self.panels.untyped_storage().data_ptr()
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each layer's outputs, as views of one call's."""
+        out = linear_kernel.linear(x, self.panels, sum(self.sizes), self.bias)
+        return out.split(self.sizes, dim=-1)
+
+
+FUSED = {  # the attribute a fused group is kept under, and the layers it fuses
+    "streamsink_qkv": ("q_proj", "k_proj", "v_proj"),
+    "streamsink_gate_up": ("gate_proj", "up_proj"),
+}
+
+
+def fuse_projections(model: PreTrainedModel) -> None:
+    """Fuse each attention's query, key and value projections and each MLP's gate and up
+    projections where our kernel packs them all (see FusedLinears; decode_forward.py calls
+    them)."""
+    for module in model.modules():
+        for attribute, names in FUSED.items():
+            layers = [getattr(module, name, None) for name in names]
+            if all(layers) and FusedLinears.possible(layers):
+                setattr(module, attribute, FusedLinears(layers))
+
+
+def fused(module: nn.Module, attribute: str) -> FusedLinears | None:
+    """The module's fused group kept under `attribute`, while it is current."""
+    group = getattr(module, attribute, None)
+    return group if group is not None and group.current else None
+
+
 def make_batch_invariant(model: PreTrainedModel) -> None:
     """Give `model` the row-independent kernels where it can take them (idempotent).
 
@@ -96,6 +172,7 @@ def make_batch_invariant(model: PreTrainedModel) -> None:
             module.__class__ = PackedLinear
         if isinstance(module, PackedLinear) and not module.is_packed:
             module.pack()
+    fuse_projections(model)
     _use_our_attention(model)
 
 

@@ -1,0 +1,78 @@
+"""A batched decode step's forward for the Llama family, without transformers' plumbing.
+
+On the CPU a one-stream decode step is mostly small ops and the Python between them, and a
+tenth of it went to transformers' own plumbing around a forward of one token: output
+capturing and its decorators, the mask preprocessing, the keyword arguments every layer
+passes on, the cache's dispatch by layer index. Where a decoder layer is Llama's (Llama,
+Mistral, Qwen2: a norm, attention with rotary, a norm, a gated MLP, each added to the residual),
+the step calls the model's own modules and functions in the order its forward does, so a row
+gets transformers' bits (the tests check it for each of them), and skips the rest. Where our
+kernel packs them, a layer's query, key and value projections run as one call, and its MLP's
+gate and up projections as another (batch_invariance.FusedLinears: the same bits).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from worker.model.attention import ATTENTION, attention
+from worker.model.batch_invariance import fused
+from worker.model.layer_kinds import is_hybrid
+
+if TYPE_CHECKING:
+    from worker.model.batch_cache import BatchCache  # which runs this forward
+
+LLAMA_FAMILY = frozenset({"llama", "mistral", "qwen2"})
+
+
+def takes(model: PreTrainedModel, batch: BatchCache) -> bool:
+    """Whether this step may run `model`'s decode forward: a Llama-family model through our
+    attention, every layer full (one mask)."""
+    return (
+        model.config.model_type in LLAMA_FAMILY
+        and model.config._attn_implementation == ATTENTION
+        and not is_hybrid(batch.kinds)
+    )
+
+
+def forward(
+    model: PreTrainedModel, batch: BatchCache, tokens: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
+    """tokens [rows] through every layer, each row's new key and value into `batch` (whose
+    DecodeFrames the caller has set): the last logits [rows, vocab]."""
+    body = model.base_model
+    hidden = body.embed_tokens(tokens[:, None])
+    cos, sin = body.rotary_emb(hidden, positions)
+    mask = batch.attention_mask()
+    for index, layer in enumerate(body.layers):
+        attn = layer.self_attn
+        rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb  # the family's own
+        normed = layer.input_layernorm(hidden)
+        shape = (*normed.shape[:-1], -1, attn.head_dim)
+        query, key, value = (t.view(shape).transpose(1, 2) for t in _projections(attn, normed))
+        query, key = rotate(query, key, cos, sin)
+        key, value = batch.layers[index].update(key, value)
+        out, _ = attention(attn, query, key, value, mask, scaling=attn.scaling)
+        hidden = hidden + attn.o_proj(out.reshape(*normed.shape[:-1], -1).contiguous())
+        hidden = hidden + _mlp(layer.mlp, layer.post_attention_layernorm(hidden))
+    return model.lm_head(body.norm(hidden))[:, -1]
+
+
+def _projections(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The query, key and value projections, in one call where they are fused."""
+    qkv = fused(attn, "streamsink_qkv")
+    return qkv(x) if qkv else (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))
+
+
+def _mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Llama's gated MLP, its gate and up projections in one call where they are fused."""
+    gate_up = fused(mlp, "streamsink_gate_up")
+    if gate_up is None:
+        return mlp(x)
+    gate, up = gate_up(x)
+    return mlp.down_proj(mlp.act_fn(gate) * up)
