@@ -13,10 +13,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TypeVar
 
 import torch
 
 from worker.exceptions import CacheCapacityError
+
+P = TypeVar("P", int, torch.Tensor)
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,7 @@ class StepPlan:
         if not self.full_ring:
             return slice(0, self.length_after)
         positions = torch.arange(self.length_after, device=self.new_slots.device)
-        in_ring = self.head + (self.ring_start + positions - self.head) % self.ring_size
+        in_ring = _ring_slot(positions, self.head, self.ring_start, self.ring_size)
         return torch.where(positions < self.head, positions, in_ring)
 
     @cached_property
@@ -149,7 +152,7 @@ class SlotLayout:
     def _slot_of(self, position: int, ring_start: int) -> int:
         if position < self.head:
             return position
-        return self.head + (ring_start + position - self.head) % self.ring_size
+        return _ring_slot(position, self.head, ring_start, self.ring_size)
 
     def slots_of_span(self, start: int, end: int) -> torch.Tensor:
         """Slots of the stream's tokens start..end-1 (counted from its first token) that are
@@ -197,3 +200,9 @@ class SlotLayout:
         return layout
 
     _SAVED = ("capacity", "sinks", "head", "length", "ring_start", "tokens_seen", "evicted_total")
+
+
+def _ring_slot(position: P, head: int, ring_start: int, ring_size: int) -> P:
+    """The slot of a window position (an int, or a tensor of them), the ring starting at
+    `ring_start`."""
+    return head + (ring_start + position - head) % ring_size
