@@ -140,12 +140,13 @@ class ChunkStep:
             _initialize(cache)
         device = self.tokens.device
         rows = torch.tensor([cache.slot - self.first_slot for cache in caches], device=device)
+        tokens = tokens.to(device)  # once: each cache keeps its token id from here
         with ExitStack() as steps:
             # Planned on the host, and copied over once for every row (not a few small device
             # ops per row: with 32 rows, those took as long as the forward).
             plans = [
-                steps.enter_context(c.step(t[None], plan_device="cpu"))
-                for c, t in zip(caches, tokens, strict=True)
+                steps.enter_context(c.step(tokens[i : i + 1], plan_device="cpu"))
+                for i, c in enumerate(caches)
             ]
             plan = plan_batch(plans, self.capacity, self.model.dtype, "cpu")
             self._load(rows, tokens, plan)
@@ -167,11 +168,12 @@ class ChunkStep:
         buffer[self.every_row, :, self.new_slots] = taken
 
     def _load(self, rows: torch.Tensor, tokens: torch.Tensor, plan: BatchPlan) -> None:
-        """This step's inputs (on the host) into the buffers, at the decoding rows."""
+        """This step's inputs into the buffers, at the decoding rows: the plan made on the host,
+        the tokens on the device."""
         device, dtype = self.tokens.device, self.model.dtype
         self.active.zero_()
         self.active[rows] = True
-        self.tokens[rows] = tokens[:, None].to(device)
+        self.tokens[rows] = tokens[:, None]
         self.positions[rows] = plan.query_positions.to(device)
         self.mask[rows] = plan.attention_mask.to(device)
         self.head_slots[rows] = plan.head_slots.to(device)
