@@ -7,7 +7,7 @@ import gc
 import pytest
 import torch
 
-from worker.model.kv_pool import KVPool
+from worker.model.kv_pool import KVPool, decoder_pool
 
 
 class Owner:
@@ -68,3 +68,29 @@ def test_a_pool_of_one_slot_a_chunk_gives_each_slot_buffers_of_its_own() -> None
     assert pool.keys(0, 1).shape == (1, 2, 8, 4)
     with pytest.raises(ValueError, match="more than one chunk"):
         pool.keys(0, 0, 2)
+
+
+def test_a_chunk_holds_the_slots_its_bytes_allow_counted_when_the_first_layer_is_made() -> None:
+    """A GPU decoder's pool: the slots taken before then move to the chunks they count in."""
+    slot_bytes = 2 * 2 * (2 * 8 * 4) * 4  # two layers of keys and values [2, 8, 4], float32
+    pool = KVPool(layers=2, chunk_bytes=5 * slot_bytes + slot_bytes // 2)
+    owners = [Owner() for _ in range(11)]
+    assert [pool.take(owner) for owner in owners[:7]] == list(range(7))
+    for layer in range(2):
+        pool.make(layer, (2, 8, 4), (2, 8, 4), torch.empty(0))
+    assert pool.chunk_slots == 5
+    assert pool.same_chunk(5, 6) and not pool.same_chunk(4, 5)
+    assert pool.keys(1, 6).shape == (1, 2, 8, 4) and pool.values(1, 6).abs().sum() == 0
+    assert [pool.take(owner) for owner in owners[7:]] == [7, 8, 9, 10]  # 10 opened a third
+    assert pool.keys(0, 10).abs().sum() == 0
+    with pytest.raises(ValueError, match="more than one chunk"):
+        pool.keys(0, 3, 3)
+    tight = KVPool(layers=1, chunk_bytes=1)
+    tight.make(0, (2, 8, 4), (2, 8, 4), torch.empty(0))
+    assert tight.chunk_slots == 1  # one slot at least
+
+
+def test_a_cpu_decoders_pool_keeps_chunks_of_32_whatever_their_size() -> None:
+    pool = decoder_pool(1, torch.device("cpu"))
+    pool.make(0, (2, 1024, 64), (2, 1024, 64), torch.empty(0))
+    assert pool.chunk_slots == 32

@@ -22,7 +22,7 @@ from worker.model.batch_invariance import is_batch_invariant
 from worker.model.cache_settings import CacheSettings
 from worker.model.compat import cache_argument
 from worker.model.graph_step import GraphSteps, suits
-from worker.model.kv_pool import KVPool
+from worker.model.kv_pool import decoder_pool
 from worker.model.layer_kinds import layer_types
 from worker.model.loading import LoadedModel
 from worker.model.sink_cache import SinkCache
@@ -42,7 +42,7 @@ class Decoder:
         self.stop_ids = stop_token_ids(loaded)
         self.batch_invariant = is_batch_invariant(self.model)  # else each row runs alone
         # every cache of this decoder
-        self.pool = KVPool(len(layer_types(self.model.config)))
+        self.pool = decoder_pool(len(layer_types(self.model.config)), self.model.device)
         self.graphs = GraphSteps(self.model, self.pool) if suits(self.model) else None
         self._logits_to_keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
 

@@ -3,12 +3,12 @@ forward is replayed from a CUDA graph.
 
 On a GPU the kernels cuBLAS picks for a matmul depend on its row count, so a row's bits would
 follow its company. Here every decode forward has one shape: the rows are the slots of one
-chunk of the caches' KVPool (a decoder's pool: kv_pool.CHUNK_SLOTS of them), each attending
-over the whole capacity. A row whose cache takes no token this step (a free slot, or a stream
-not decoding now) writes back what its slot held, and its logits are dropped. A row's result
-then depends on its own cache and token alone, whatever the other rows hold: a stream's
+chunk of the caches' KVPool (a decoder's: 32, or as many as fit kv_pool.GPU_CHUNK_BYTES), each
+attending over the whole capacity. A row whose cache takes no token this step (a free slot, or
+a stream not decoding now) writes back what its slot held, and its logits are dropped. A row's
+result then depends on its own cache and token alone, whatever the other rows hold: a stream's
 commentary does not depend on which streams shared its steps, how many did, or which slot it
-took. Every row costs its reads of the whole cache, though: a chunk reads 32 caches a step.
+took. Every row costs its reads of the whole cache, though: a step reads its whole chunk.
 
 A fixed shape is also what a CUDA graph needs. A chunk's forward is captured once; each step
 copies its inputs (tokens, positions, the mask, each row's turns and new slot) into the

@@ -12,28 +12,37 @@ would hold twice as many, and copy them all while the old buffers still stood).
 A chunk is allocated empty, and a slot is zeroed when it is first handed out. A chunk holds 32
 slots: on the CPU a slot no cache has taken costs no memory the system has to back, and a batch
 of 16 or 32 streams reads its caches in one or two runs, each one kernel call a layer; on a GPU
-a chunk is the fixed shape of a decode step (graph_step.py), so it is memory taken whole (755
-MB for SmolLM2 in bfloat16 at 1024 tokens). A cache with a pool of its own gets one slot a
-chunk. A stream's first prefill clears its own slot only. A freed slot keeps what its last
-cache wrote; a new cache's unfilled slots are masked, so their contents (finite values, or
-zeros) never reach a score.
+a chunk is the fixed shape of a decode step (graph_step.py), so it is memory taken whole and
+read whole by every step: a decoder's chunk there holds as many of the 32 slots as fit in
+GPU_CHUNK_BYTES (all 32 for SmolLM2 in bfloat16 at 1024 tokens, 755 MB; 2 for a 1.7B Llama at
+4096), counted when its first layer's buffers are made, the same for every worker of one model,
+dtype and cache size. A cache with a pool of its own gets one slot a chunk. A stream's first
+prefill clears its own slot only. A freed slot keeps what its last cache wrote; a new cache's
+unfilled slots are masked, so their contents (finite values, or zeros) never reach a score.
 """
 
 from __future__ import annotations
 
 import heapq
+import math
 import weakref
 
 import torch
 
 CHUNK_SLOTS = 32
+GPU_CHUNK_BYTES = 2 * 2**30  # a step reads it in about half a millisecond on an H200
 
 
 class KVPool:
     """The key and value buffers of every layer, shared by the caches that take a slot."""
 
-    def __init__(self, layers: int, chunk_slots: int = CHUNK_SLOTS) -> None:
+    def __init__(
+        self, layers: int, chunk_slots: int = CHUNK_SLOTS, chunk_bytes: int | None = None
+    ) -> None:
+        """At most `chunk_slots` slots a chunk, and at most `chunk_bytes` (but one slot at
+        least), counted when the first layer's buffers are made."""
         self.chunk_slots = chunk_slots
+        self._chunk_bytes = chunk_bytes
         self._keys: list[list[torch.Tensor]] = [[] for _ in range(layers)]
         self._values: list[list[torch.Tensor]] = [[] for _ in range(layers)]
         self._shapes: list[tuple[torch.Size, torch.Size, torch.dtype, torch.device] | None] = [
@@ -91,10 +100,19 @@ class KVPool:
     def make(self, layer: int, keys: torch.Size, values: torch.Size, like: torch.Tensor) -> None:
         """Buffers for `layer`, whose one slot of keys and of values is shaped [heads,
         capacity, dims], in `like`'s dtype and device."""
+        if self._chunk_bytes is not None and not any(map(self.made, range(len(self._shapes)))):
+            self._fit_chunks(math.prod(keys) + math.prod(values), like.element_size())
         self._shapes[layer] = (torch.Size(keys), torch.Size(values), like.dtype, like.device)
         for _ in range(self._chunks):
             self._allocate(layer, keys, values, like.dtype, like.device)
         self._clear(layer, range(self._taken))
+
+    def _fit_chunks(self, layer_elements: int, element_size: int) -> None:
+        """As many slots a chunk as fit the bytes allowed, every layer shaped like the first;
+        before any buffer exists, so the slots taken only move to the chunks they count in."""
+        slot_bytes = len(self._shapes) * layer_elements * element_size
+        self.chunk_slots = max(1, min(self.chunk_slots, self._chunk_bytes // slot_bytes))
+        self._chunks = -(-self._taken // self.chunk_slots)
 
     def keys(self, layer: int, slot: int, count: int = 1) -> torch.Tensor:
         """[count, heads, capacity, dims]: slots slot.. of one chunk, as a view."""
@@ -112,3 +130,9 @@ class KVPool:
         if first + count > self.chunk_slots:
             raise ValueError(f"slots {slot}..{slot + count - 1} lie in more than one chunk")
         return chunks[chunk][first : first + count]
+
+
+def decoder_pool(layers: int, device: torch.device) -> KVPool:
+    """The pool of a decoder's caches on `device`: on a GPU, chunks of at most
+    GPU_CHUNK_BYTES."""
+    return KVPool(layers, chunk_bytes=GPU_CHUNK_BYTES if device.type == "cuda" else None)

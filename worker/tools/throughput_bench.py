@@ -32,7 +32,7 @@ from worker.model.batch_invariance import is_batch_invariant, stock_kernels
 from worker.model.compat import cache_argument
 from worker.model.decoder import decode_step
 from worker.model.graph_step import GraphSteps, suits
-from worker.model.kv_pool import KVPool
+from worker.model.kv_pool import KVPool, decoder_pool
 from worker.model.loading import LoadedModel
 from worker.model.sink_cache import SinkCache
 from worker.tools.llama_cpp_bench import LlamaCpp
@@ -187,7 +187,7 @@ def _bench_model(
     full, dense = filled_cache(loaded, size, size), _dense_cache(loaded, size - 1)
     report.prefill.append(Prefill(dtype, 1000 * size / sink_ms, 1000 * (size - 1) / dense_ms))
     bar.update()
-    pool = KVPool(len(full.kinds))  # as a worker's decoder keeps its streams
+    pool = decoder_pool(len(full.kinds), loaded.device)  # as a worker's decoder keeps them
     streams_at_most = [_copy(loaded, full, pool) for _ in range(max(streams))]
     # On a GPU, one step for every figure: captured (and compiled) once.
     graphs = GraphSteps(loaded.model, pool) if suits(loaded.model) else None
