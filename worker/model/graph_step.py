@@ -90,6 +90,7 @@ class GraphSteps:
         return torch.stack(logits)
 
     def _chunk(self, chunk: int, cache: SinkCache) -> ChunkStep:
+        """The step of `chunk` (where `cache` lies), made and captured when it first decodes."""
         if chunk not in self._chunks:
             self._chunks[chunk] = ChunkStep(self.model, self.pool, chunk, cache, self.layers)
         return self._chunks[chunk]
