@@ -13,7 +13,7 @@ import torch
 from tests.models.tiny_models import VOCAB, tiny_model
 from worker.model.batch_cache import batch_forward
 from worker.model.decoder import forward_step
-from worker.model.graph_step import GraphSteps, suits
+from worker.model.graph_step import GraphSteps, graph_steps
 from worker.model.kv_pool import KVPool
 from worker.model.sink_cache import SinkCache
 
@@ -101,7 +101,8 @@ def test_each_row_agrees_with_its_stream_alone_through_the_plain_forward(device:
         for piece in _ids(length, seed).split(CHUNK):
             forward_step(model, cache, piece)
     graphs = GraphSteps(model, rows[0].pool)
-    assert graphs.capture == (device == "cuda") and suits(model) == (device == "cuda")
+    assert graphs.capture == (device == "cuda")
+    assert (graph_steps(model, rows[0].pool) is not None) == (device == "cuda")
     tokens = _ids(len(PROMPTS), 97)
     for _ in range(STEPS):
         fixed = graphs.decode(rows, tokens)
@@ -152,4 +153,4 @@ def test_it_takes_caches_of_its_pool_only_and_no_sliding_layers() -> None:
     hybrid = tiny_model("gemma3-hybrid")
     sliding, _ = _streams(hybrid, KVPool(hybrid.config.num_hidden_layers), picks=[0])
     assert not GraphSteps(hybrid, sliding[0].pool).takes(sliding)
-    assert not suits(model)  # on the CPU the batched step runs (batch_cache.py)
+    assert graph_steps(model, rows[0].pool) is None  # on the CPU: the batched step

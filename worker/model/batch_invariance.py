@@ -114,16 +114,9 @@ class FusedLinears:
 
     @property
     def current(self) -> bool:
-        """Whether every layer's packed weight is still a part of these panels (a model moved
-        to another dtype since has packed its layers anew)."""
-        return all(
-            layer.is_packed and layer.packed.untyped_storage().data_ptr() == self.storage
-            for layer in self.layers
-        )
-
-    @property
-    def storage(self) -> int:
-        return self.panels.untyped_storage().data_ptr()
+        """Whether the panels are of the weights as they are (a model moved to another dtype
+        since is not), as PackedLinear.is_packed."""
+        return self.panels.dtype == self.layers[0].weight.dtype
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Each layer's outputs, as views of one call's."""

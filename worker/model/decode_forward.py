@@ -49,9 +49,10 @@ def forward(
     hidden = body.embed_tokens(tokens[:, None])
     cos, sin = body.rotary_emb(hidden, positions)
     mask = batch.attention_mask()
+    # the family's own rotary function, as its attention calls it
+    rotate = sys.modules[type(body.layers[0].self_attn).__module__].apply_rotary_pos_emb
     for index, layer in enumerate(body.layers):
         attn = layer.self_attn
-        rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb  # the family's own
         normed = layer.input_layernorm(hidden)
         shape = (*normed.shape[:-1], -1, attn.head_dim)
         query, key, value = (t.view(shape).transpose(1, 2) for t in _projections(attn, normed))

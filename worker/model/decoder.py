@@ -21,7 +21,7 @@ from worker.model.batch_cache import batch_forward
 from worker.model.batch_invariance import is_batch_invariant
 from worker.model.cache_settings import CacheSettings
 from worker.model.compat import cache_argument
-from worker.model.graph_step import GraphSteps, suits
+from worker.model.graph_step import GraphSteps, graph_steps
 from worker.model.kv_pool import decoder_pool
 from worker.model.layer_kinds import layer_types
 from worker.model.loading import LoadedModel
@@ -43,7 +43,7 @@ class Decoder:
         self.batch_invariant = is_batch_invariant(self.model)  # else each row runs alone
         # every cache of this decoder
         self.pool = decoder_pool(len(layer_types(self.model.config)), self.model.device)
-        self.graphs = GraphSteps(self.model, self.pool) if suits(self.model) else None
+        self.graphs = graph_steps(self.model, self.pool)
         self._logits_to_keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
 
     def new_cache(self) -> SinkCache:

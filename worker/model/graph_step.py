@@ -43,9 +43,12 @@ WARMUPS = 2  # forwards before a capture: cuBLAS makes its handles and workspace
 COMPILE_SWITCH = "STREAMSINK_COMPILE"  # "0": the decode step's layers run uncompiled
 
 
-def suits(model: PreTrainedModel) -> bool:
-    """Whether `model` decodes at the fixed shape: on a GPU, through our attention."""
-    return model.device.type == "cuda" and model.config._attn_implementation == ATTENTION
+def graph_steps(model: PreTrainedModel, pool: KVPool) -> GraphSteps | None:
+    """The fixed-shape steps of `pool`'s caches where `model` decodes at that shape (on a GPU,
+    through our attention), else None."""
+    if model.device.type == "cuda" and model.config._attn_implementation == ATTENTION:
+        return GraphSteps(model, pool)
+    return None
 
 
 class GraphSteps:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 
 from worker.model.decoder import forward_step
-from worker.model.graph_step import GraphSteps, suits
+from worker.model.graph_step import graph_steps
 from worker.model.loading import LoadedModel
 from worker.tools.measure import filled_cache, peak_memory_mb, random_ids, timed_ms
 
@@ -46,8 +46,8 @@ def _sink_decode_ms(loaded: LoadedModel, size: int, tokens: int) -> float:
     decoder's step, replayed from a CUDA graph (of one row: the cache has a pool of its own)."""
     cache = filled_cache(loaded, size, size)
     next_ids = iter(random_ids(loaded, tokens + 1, seed=1).split(1))
-    if suits(loaded.model):
-        graphs = GraphSteps(loaded.model, cache.pool)
+    graphs = graph_steps(loaded.model, cache.pool)
+    if graphs is not None:
         return timed_ms(loaded, lambda: graphs.decode([cache], next(next_ids)), tokens)
     return timed_ms(loaded, lambda: forward_step(loaded.model, cache, next(next_ids), True), tokens)
 

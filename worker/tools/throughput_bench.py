@@ -31,7 +31,7 @@ from worker.exceptions import CacheCapacityError
 from worker.model.batch_invariance import is_batch_invariant, stock_kernels
 from worker.model.compat import cache_argument
 from worker.model.decoder import decode_step
-from worker.model.graph_step import GraphSteps, suits
+from worker.model.graph_step import GraphSteps, graph_steps
 from worker.model.kv_pool import KVPool, decoder_pool
 from worker.model.loading import LoadedModel
 from worker.model.sink_cache import SinkCache
@@ -190,7 +190,7 @@ def _bench_model(
     pool = decoder_pool(len(full.kinds), loaded.device)  # as a worker's decoder keeps them
     streams_at_most = [_copy(loaded, full, pool) for _ in range(max(streams))]
     # On a GPU, one step for every figure: captured (and compiled) once.
-    graphs = GraphSteps(loaded.model, pool) if suits(loaded.model) else None
+    graphs = graph_steps(loaded.model, pool)
     for count in streams:
         caches = streams_at_most[:count]
         plain = _Plain(loaded, dense, count)
