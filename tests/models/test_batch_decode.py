@@ -154,3 +154,37 @@ def test_a_damaged_row_is_refused_before_any_cache_moves() -> None:
         batch_forward(model, caches, _ids(3, 7))
     assert [cache.layout.to_meta() for cache in caches] == before
     assert [cache.damaged for cache in caches] == [False, False, True]
+
+
+@torch.inference_mode()
+def test_a_batched_forward_that_fails_commits_no_row_and_damages_only_rows_that_evicted() -> None:
+    model = tiny_model("llama")
+    short, full = _cache(model), _cache(model)  # the full one evicts to take its token
+    forward_step(model, short, _ids(5, 0))
+    forward_step(model, full, _ids(CAPACITY, 1))
+    before = [(cache.layout.to_meta(), cache.token_ids.clone()) for cache in (short, full)]
+
+    def failing(module: torch.nn.Module, args: object, output: object) -> None:
+        raise RuntimeError("out of memory")
+
+    hook = model.base_model.layers[1].self_attn.o_proj.register_forward_hook(failing)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        batch_forward(model, [short, full], _ids(2, 2))
+    hook.remove()
+    for cache, (layout, ids) in zip((short, full), before, strict=True):
+        assert cache.layout.to_meta() == layout
+        assert torch.equal(cache.token_ids, ids)
+        assert [layer.length for layer in cache.layers] == [layout["length"]] * len(cache.layers)
+    assert (short.damaged, full.damaged) == (False, True)
+    batch_forward(model, [short], _ids(1, 3))  # the one left intact goes on
+    assert short.layout.length == 6 and short.token_ids[5] == _ids(1, 3)[0]
+
+
+@torch.inference_mode()
+def test_a_cache_given_twice_is_refused_before_any_cache_moves() -> None:
+    model = tiny_model("llama")
+    cache = _cache(model)
+    forward_step(model, cache, _ids(5, 0))
+    with pytest.raises(ValueError, match="only one row"):
+        batch_forward(model, [cache, cache], _ids(2, 1))
+    assert cache.layout.length == 5 and not cache.damaged

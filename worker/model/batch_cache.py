@@ -17,7 +17,6 @@ when it runs alone.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import ExitStack
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -27,7 +26,7 @@ from worker.model.attention import ATTENTION, DecodeFrames, Run, decoding
 from worker.model.batch_step import BatchPlan, plan_batch
 from worker.model.compat import LayerAcrossReleases, cache_argument
 from worker.model.layer_kinds import is_hybrid
-from worker.model.sink_cache import SinkCache
+from worker.model.sink_cache import SinkCache, decode_steps
 
 
 class BatchCacheLayer(LayerAcrossReleases, CacheLayerMixin):
@@ -110,7 +109,7 @@ class BatchCache(Cache):
         self.storings = {kind: kind.scheme.storing(plan.shifts, device) for kind in set(self.kinds)}
         # Where every layer writes, made once a step: each run, its rows in the batch, its rows
         # 0..count-1 in the pool's view, and each row's new slot.
-        new_slots = torch.cat([p.new_slots for p in plan.plans])
+        new_slots = plan.new_slots
         self.writes = []
         for run in self.runs:
             rows = slice(run.first_row, run.first_row + run.count)
@@ -119,12 +118,6 @@ class BatchCache(Cache):
         # Whether a row's cache has a layer that has held nothing yet (no buffers to write).
         self.fresh = any(not layer.is_initialized for c in self.caches for layer in c.layers)
         super().__init__(layers=[BatchCacheLayer(self, i) for i in range(len(self.kinds))])
-
-    def wrote(self) -> None:
-        """The forward has written every layer: each row's layers now hold its new length."""
-        for cache, plan in zip(self.caches, self.plan.plans, strict=True):
-            for layer in cache.layers:
-                layer.length = plan.length_after
 
     def frames(self, dtype: torch.dtype) -> DecodeFrames:
         """What attention needs: the runs, and each row's query turn (one per layer kind)."""
@@ -199,17 +192,12 @@ def batch_forward(
 ) -> torch.Tensor:
     """One forward of tokens [rows], one per cache, each cache taking its own: logits [rows,
     vocab]. Each cache commits its step only once the forward has succeeded."""
-    if len({id(cache) for cache in caches}) != len(caches):
-        raise ValueError("a cache can be only one row of a batched step")
     if model.config._attn_implementation != ATTENTION:
         raise ValueError("a batched step needs streamsink's attention (see batch_invariance.py)")
-    for cache in caches:
-        cache.require_intact()  # before any cache plans: a refusal must damage none
     mixed_spans = sums_in_slot_order(caches[0])
     order = sorted(range(len(caches)), key=lambda i: _run_order(caches[i], mixed_spans))
     rows, tokens = [caches[i] for i in order], tokens[order]
-    with ExitStack() as steps:
-        plans = [steps.enter_context(c.step(t[None])) for c, t in zip(rows, tokens, strict=True)]
+    with decode_steps(rows, tokens) as plans:
         windows = {kind.window for kind in rows[0].kinds if kind.window}
         capacity = rows[0].layout.capacity
         plan = plan_batch(plans, capacity, model.dtype, model.device, windows)
@@ -226,5 +214,4 @@ def batch_forward(
                     **cache_argument(model, batch),
                     use_cache=True,
                 ).logits[:, -1]
-        batch.wrote()
     return logits[torch.tensor(order).argsort()]

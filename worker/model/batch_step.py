@@ -30,6 +30,7 @@ class BatchPlan:
     query_positions: torch.Tensor  # [rows, 1]: each new token's in-cache position
     attention_mask: torch.Tensor  # [rows, 1, 1, capacity]: 0 where a slot is live, else -inf-ish
     shifts: torch.Tensor  # [rows], on the CPU: each row's shift (see StepPlan.shift)
+    new_slots: torch.Tensor  # [rows]: each row's new slot
     head_slots: torch.Tensor  # [rows, capacity], bool: the slots of each row's head
     # window -> the mask of sliding layers with that window: also hides every slot whose
     # position is window or more behind the row's query
@@ -66,6 +67,7 @@ def plan_batch(
         positions,
         _mask(hidden, dtype),
         torch.tensor([plan.shift for plan in plans]),
+        torch.tensor([slot for plan in plans for slot in plan.new_slot_list], device=device),
         every_slot[None] < heads[:, None],
         window_masks,
     )

@@ -46,7 +46,7 @@ class CacheSnapshot:
 def take(cache: SinkCache) -> CacheSnapshot:
     """Copy what changed since the last saved snapshot; the cache may go on at once after."""
     layers = [layer for layer in cache.layers if layer.is_initialized]
-    tensors: dict[str, torch.Tensor] = {"token_ids": cache.token_ids.cpu().clone()}
+    tensors: dict[str, torch.Tensor] = {"token_ids": cache.token_ids.clone()}
     meta: dict[str, object] = {
         "layout": cache.layout.to_meta(),
         "layers": len(layers),
@@ -72,7 +72,7 @@ def load(cache: SinkCache, tensors: Mapping[str, torch.Tensor], meta: Mapping[st
             f"fit one of {cache.layout.capacity} with {cache.layout.sinks}; use the same sizes"
         )
     cache.layout = layout
-    cache.token_ids = tensors["token_ids"].to(cache.device, copy=True)
+    cache.token_ids = tensors["token_ids"].clone()
     layers = cache.layers[: meta["layers"]]
     pieces = sorted((piece, name) for name in tensors if (piece := Piece.parse(name)) is not None)
     if layers and pieces:
@@ -89,7 +89,6 @@ def load(cache: SinkCache, tensors: Mapping[str, torch.Tensor], meta: Mapping[st
     for layer in layers:
         layer.dtype, layer.device = layer.keys.dtype, layer.keys.device
         layer.is_initialized = True
-        layer.length = layout.length
 
 
 def _copy_out(layers: Sequence[SinkCacheLayer], piece: Piece, pinned: bool) -> torch.Tensor:

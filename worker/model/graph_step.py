@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -37,7 +37,7 @@ from worker.model.batch_step import BatchPlan, plan_batch
 from worker.model.compat import LayerAcrossReleases, cache_argument
 from worker.model.kv_pool import KVPool
 from worker.model.layer_kinds import LayerKind, is_hybrid
-from worker.model.sink_cache import SinkCache
+from worker.model.sink_cache import SinkCache, decode_steps, require_rows
 
 WARMUPS = 2  # forwards before a capture: cuBLAS makes its handles and workspaces, and compiles
 COMPILE_SWITCH = "STREAMSINK_COMPILE"  # "0": the decode step's layers run uncompiled
@@ -76,21 +76,19 @@ class GraphSteps:
     def decode(self, caches: Sequence[SinkCache], tokens: torch.Tensor) -> torch.Tensor:
         """Token i [rows] into cache i: the logits [rows, vocab], one forward per chunk the
         caches lie in. Each cache commits its step only once its chunk's forward succeeded."""
-        if len({id(cache) for cache in caches}) != len(caches):
-            raise ValueError("a cache can be only one row of a decode step")
-        for cache in caches:
-            cache.require_intact()  # before any cache plans: a refusal must damage none
+        require_rows(caches)  # all of them, before a chunk's caches commit
         chunks: dict[int, list[int]] = {}
         for row, cache in enumerate(caches):
             chunks.setdefault(cache.slot // self.pool.chunk_slots, []).append(row)
-        logits: list[torch.Tensor | None] = [None] * len(caches)
+        logits: torch.Tensor | None = None
         for chunk, rows in sorted(chunks.items()):
             out = self._chunk(chunk, caches[rows[0]]).decode(
                 [caches[row] for row in rows], tokens[rows]
             )
-            for row, row_logits in zip(rows, out, strict=True):
-                logits[row] = row_logits
-        return torch.stack(logits)
+            if logits is None:
+                logits = out.new_empty((len(caches), *out.shape[1:]))
+            logits[rows] = out
+        return logits
 
     def _chunk(self, chunk: int, cache: SinkCache) -> ChunkStep:
         """The step of `chunk` (where `cache` lies), made and captured when it first decodes."""
@@ -144,24 +142,16 @@ class ChunkStep:
             _initialize(cache)
         device = self.tokens.device
         rows = torch.tensor([cache.slot - self.first_slot for cache in caches], device=device)
-        tokens = tokens.to(device)  # once: each cache keeps its token id from here
-        with ExitStack() as steps:
-            # Planned on the host, and copied over once for every row (not a few small device
-            # ops per row: with 32 rows, those took as long as the forward).
-            plans = [
-                steps.enter_context(c.step(tokens[i : i + 1], plan_device="cpu"))
-                for i, c in enumerate(caches)
-            ]
+        # Planned on the host, and copied over once for every row (not a few small device ops
+        # per row: with 32 rows, those took as long as the forward).
+        with decode_steps(caches, tokens, plan_device="cpu") as plans:
             plan = plan_batch(plans, self.capacity, self.model.dtype, "cpu")
-            self._load(rows, tokens, plan)
+            self._load(rows, tokens.to(device), plan)
             if self.graph is None:
                 logits = self._forward()
             else:
                 self.graph.replay()
                 logits = self.logits
-            for cache, step in zip(caches, plans, strict=True):
-                for layer in cache.layers:
-                    layer.length = step.length_after
         return logits[rows]  # a copy: the next replay writes the same buffer
 
     def write(self, buffer: torch.Tensor, new: torch.Tensor) -> None:
@@ -181,7 +171,7 @@ class ChunkStep:
         self.positions[rows] = plan.query_positions.to(device)
         self.mask[rows] = plan.attention_mask.to(device)
         self.head_slots[rows] = plan.head_slots.to(device)
-        self.new_slots[rows] = torch.cat([step.new_slots for step in plan.plans]).to(device)
+        self.new_slots[rows] = plan.new_slots.to(device)
         for kind in self.storings:
             _put(self.storings[kind], rows, kind.scheme.storing(plan.shifts, device))
             _put(self.turnings[kind], rows, kind.scheme.turning(plan.shifts, device, dtype))

@@ -48,7 +48,15 @@ class SinkCacheLayer(LayerAcrossReleases, CacheLayerMixin):
         self.index = index
         self.kind = kind
         self.is_sliding = kind.window is not None  # which mask transformers makes for it
-        self.length = 0
+        self._written: StepPlan | None = None  # the step whose keys this layer last wrote
+
+    @property
+    def length(self) -> int:
+        """The tokens this layer holds: in a step, before it writes its new ones or after."""
+        plan = self._owner.plan
+        if plan is None:
+            return self._owner.layout.length
+        return plan.length_after if self._written is plan else plan.length_before
 
     @property
     def keys(self) -> torch.Tensor:
@@ -103,7 +111,7 @@ class SinkCacheLayer(LayerAcrossReleases, CacheLayerMixin):
             self.lazy_initialization(stored_keys, values)
         self.keys.index_copy_(2, plan.new_slots, stored_keys)
         self.values.index_copy_(2, plan.new_slots, values)
-        self.length = plan.length_after
+        self._written = plan
 
     def _in_cache_frame(self, keys: torch.Tensor, head: int) -> torch.Tensor:
         """Stored keys, the first `head` of them the head's, turned back to the model's
@@ -157,7 +165,7 @@ class SinkCache(Cache):
         self.device = torch.device(device)  # where each step's slot indices are made
         self.plan: StepPlan | None = None
         self._turnings: dict[tuple[str, LayerKind], object] = {}  # this step's, once a kind
-        self.token_ids = torch.zeros(capacity, dtype=torch.long, device=self.device)
+        self.token_ids = torch.zeros(capacity, dtype=torch.long)
         self.pieces = PieceTracker(capacity)  # slots written since the last saved snapshot
         self.damaged = False
         layers = [SinkCacheLayer(self, index, kind) for index, kind in enumerate(self.kinds)]
@@ -182,7 +190,7 @@ class SinkCache(Cache):
         for mine, theirs in zip(self.layers, twin.layers, strict=True):
             if mine.is_initialized:
                 theirs.dtype, theirs.device = mine.dtype, mine.device
-                theirs.is_initialized, theirs.length = True, mine.length
+                theirs.is_initialized = True
                 theirs.keys[:, :, :filled] = mine.keys[:, :, :filled]
                 theirs.values[:, :, :filled] = mine.values[:, :, :filled]
         twin.pieces.wrote([(0, filled)])
@@ -203,29 +211,37 @@ class SinkCache(Cache):
         A forward that fails after eviction has overwritten slots that the layout still counts
         as live, so the cache is marked damaged: the stream must be restored from its state.
         """
-        self.require_intact()
-        plan = self.layout.plan(len(input_ids), plan_device or self.device)
-        self.plan = plan
-        self._turnings = {}
-        for layer in self.layers:
-            layer.length = plan.length_before
+        plan = self.begin(len(input_ids), plan_device)
         try:
             yield plan
         except BaseException:
-            for layer in self.layers:
-                layer.length = self.layout.length
-            self.damaged = plan.evicted > 0
+            self.abandon()
             raise
-        finally:
-            self.plan = None
+        self.commit(input_ids.tolist())
+
+    def begin(self, new_tokens: int, plan_device: torch.device | str | None = None) -> StepPlan:
+        """Plan a forward of `new_tokens` (see `step`, which most callers want)."""
+        self.require_intact()
+        self.plan = self.layout.plan(new_tokens, plan_device or self.device)
+        self._turnings = {}
+        return self.plan
+
+    def abandon(self) -> None:
+        """The planned forward failed (see `step`)."""
+        self.damaged = self.plan.evicted > 0
+        self.plan = None
+
+    def commit(self, token_ids: Sequence[int]) -> None:
+        """The planned forward of `token_ids` succeeded: record its layout and tokens."""
+        plan, self.plan = self.plan, None
         self.layout.commit(plan)
         runs = self.layout.slot_runs(plan.length_before, plan.new_tokens)
         self.pieces.wrote(runs)
-        # Kept on the cache's device (no host round trip on every decoded token), and written
-        # by the runs of slots: no index tensor to make and copy there.
-        ids, written = input_ids.to(self.device), 0
+        # Kept on the host, where they come from and are read; written through numpy, which
+        # takes a few ints for a fraction of what a tensor's indexing costs (once a row a step).
+        ids, written = self.token_ids.numpy(), 0
         for start, stop in runs:
-            self.token_ids[start:stop] = ids[written : written + stop - start]
+            ids[start:stop] = token_ids[written : written + stop - start]
             written += stop - start
 
     def require_intact(self) -> None:
@@ -255,8 +271,7 @@ class SinkCache(Cache):
 
     def tokens_of_span(self, start: int, end: int) -> list[int]:
         """The ids of the stream's tokens start..end-1 still in this cache, oldest first."""
-        slots = self.layout.slots_of_span(start, end).to(self.device)
-        return self.token_ids[slots].tolist()
+        return self.token_ids[self.layout.slots_of_span(start, end)].tolist()
 
     def pin(self, prefix_tokens: int) -> None:
         self.layout.pin(prefix_tokens)
@@ -274,3 +289,30 @@ class SinkCache(Cache):
     def load(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, object]) -> None:
         """Take back what snapshots gave (meta may hold more keys) into this empty cache."""
         cache_snapshot.load(self, tensors, meta)
+
+
+@contextmanager
+def decode_steps(
+    caches: Sequence[SinkCache], tokens: torch.Tensor, plan_device: torch.device | str | None = None
+) -> Iterator[list[StepPlan]]:
+    """One forward of token i (`tokens` [rows], on the host) into cache i: each cache's plan.
+    As `SinkCache.step` for every row at once: each commits once the forward has succeeded."""
+    require_rows(caches)
+    plans = [cache.begin(1, plan_device) for cache in caches]
+    try:
+        yield plans
+    except BaseException:
+        for cache in caches:
+            cache.abandon()
+        raise
+    for cache, token in zip(caches, tokens.tolist(), strict=True):
+        cache.commit((token,))
+
+
+def require_rows(caches: Sequence[SinkCache]) -> None:
+    """Refuse caches that cannot be the rows of one decode step, before any of them plans (a
+    refusal must damage none): one twice, or one damaged."""
+    if len({id(cache) for cache in caches}) != len(caches):
+        raise ValueError("a cache can be only one row of a decode step")
+    for cache in caches:
+        cache.require_intact()

@@ -26,18 +26,19 @@ P = TypeVar("P", int, torch.Tensor)
 class StepPlan:
     """What one forward of `new_tokens` tokens does to the cache, decided before the forward.
 
-    The slots of every position (`order`, `slot_positions`) are made when first asked for: a
-    batched decode step needs only each row's new slot, and makes a plan per row per token.
+    Its tensors of slots (`new_slots`, `order`, `slot_positions`) are made on `device` when
+    first asked for: a batched decode step makes a plan per row per token, and needs only each
+    row's new slot, as an int.
     """
 
     evicted: int
     length_before: int  # tokens in the cache the new ones attend to (after eviction)
-    new_slots: torch.Tensor  # slot of each new token, in order
     head: int  # positions (and slots) 0..head-1 hold the head, never evicted
     shift: int  # tokens evicted once room is made: a window token's stream minus cache position
     ring_start: int  # the window's oldest slot, counted from the head, once room is made
     ring_size: int
     length_after: int  # length_before plus the new tokens
+    device: torch.device | str
 
     @property
     def new_tokens(self) -> int:
@@ -48,12 +49,26 @@ class StepPlan:
         """Every slot is live and out of position order (the steady state of a long stream)."""
         return self.ring_start != 0 and self.length_after > self.head
 
+    @property
+    def new_slot_list(self) -> list[int]:
+        """The slot of each new token, in order."""
+        head, start, size = self.head, self.ring_start, self.ring_size
+        return [
+            position if position < head else _ring_slot(position, head, start, size)
+            for position in range(self.length_before, self.length_after)
+        ]
+
+    @cached_property
+    def new_slots(self) -> torch.Tensor:
+        """The slot of each new token, in order."""
+        return torch.tensor(self.new_slot_list, dtype=torch.long, device=self.device)
+
     @cached_property
     def order(self) -> torch.Tensor | slice:
         """Slots of positions 0..length_after-1 (a slice where each is its own slot)."""
         if not self.full_ring:
             return slice(0, self.length_after)
-        positions = torch.arange(self.length_after, device=self.new_slots.device)
+        positions = torch.arange(self.length_after, device=self.device)
         in_ring = _ring_slot(positions, self.head, self.ring_start, self.ring_size)
         return torch.where(positions < self.head, positions, in_ring)
 
@@ -64,7 +79,7 @@ class StepPlan:
         holds exactly one position.)"""
         if not self.full_ring:
             return None
-        positions = torch.arange(self.length_after, device=self.new_slots.device)
+        positions = torch.arange(self.length_after, device=self.device)
         return torch.empty_like(positions).index_copy_(0, self.order, positions)
 
 
@@ -114,17 +129,15 @@ class SlotLayout:
         evicted = max(self.length + new_tokens - self.capacity, 0)
         ring_start = (self.ring_start + evicted) % self.ring_size if evicted else self.ring_start
         length_before = self.length - evicted
-        new_positions = range(length_before, length_before + new_tokens)
-        new_slots = [self._slot_of(position, ring_start) for position in new_positions]
         return StepPlan(
             evicted,
             length_before,
-            torch.tensor(new_slots, dtype=torch.long, device=device),
             self.head,
             self.evicted_total + evicted,
             ring_start,
             self.ring_size,
             length_before + new_tokens,
+            device,
         )
 
     def commit(self, plan: StepPlan) -> None:
@@ -148,11 +161,6 @@ class SlotLayout:
             if end > self.capacity:
                 runs.append((self.head, self.head + end - self.capacity))
         return runs
-
-    def _slot_of(self, position: int, ring_start: int) -> int:
-        if position < self.head:
-            return position
-        return _ring_slot(position, self.head, ring_start, self.ring_size)
 
     def slots_of_span(self, start: int, end: int) -> torch.Tensor:
         """Slots of the stream's tokens start..end-1 (counted from its first token) that are
