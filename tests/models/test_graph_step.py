@@ -154,3 +154,19 @@ def test_it_takes_caches_of_its_pool_only_and_no_sliding_layers() -> None:
     sliding, _ = _streams(hybrid, KVPool(hybrid.config.num_hidden_layers), picks=[0])
     assert not GraphSteps(hybrid, sliding[0].pool).takes(sliding)
     assert graph_steps(model, rows[0].pool) is None  # on the CPU: the batched step
+
+
+@torch.inference_mode()
+def test_rows_in_several_chunks_come_back_in_the_order_given() -> None:
+    model = tiny_model("llama")
+    layers = model.config.num_hidden_layers
+    rows, _ = _streams(model, KVPool(layers, chunk_slots=2))  # slots 0-3: chunks 0 and 1
+    twins, _ = _streams(model, KVPool(layers))
+    order = [2, 0, 3, 1]
+    tokens = _ids(len(order), 99)
+    graphs = GraphSteps(model, rows[0].pool)
+    ours = _greedy(graphs.decode, [rows[i] for i in order], tokens)
+    theirs = _greedy(lambda c, t: batch_forward(model, c, t), [twins[i] for i in order], tokens)
+    for mine, other in zip(ours, theirs, strict=True):
+        assert torch.equal(mine, other)
+    assert sorted(graphs._chunks) == [0, 1]

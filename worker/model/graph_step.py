@@ -82,9 +82,10 @@ class GraphSteps:
             chunks.setdefault(cache.slot // self.pool.chunk_slots, []).append(row)
         logits: torch.Tensor | None = None
         for chunk, rows in sorted(chunks.items()):
-            out = self._chunk(chunk, caches[rows[0]]).decode(
-                [caches[row] for row in rows], tokens[rows]
-            )
+            step = self._chunk(chunk, caches[rows[0]])
+            out = step.decode([caches[row] for row in rows], tokens[rows])
+            if len(chunks) == 1:
+                return out  # every row, in order
             if logits is None:
                 logits = out.new_empty((len(caches), *out.shape[1:]))
             logits[rows] = out
