@@ -77,7 +77,8 @@ Job = Generator[Op, Any, T]
 
 @dataclass
 class _Row:
-    """A generation being decoded: what it wrote, what its processors see, its next logits."""
+    """A generation being decoded: what it wrote, what its processors see, its next logits
+    (on the host, where it picks)."""
 
     job: int
     request: GenerationRequest
@@ -163,7 +164,7 @@ class _Run:
         elif op.max_new_tokens <= 0:
             self._resume(index, [])
         else:
-            self.rows.append(_Row(index, op, logits, seen=list(op.history)))
+            self.rows.append(_Row(index, op, logits.cpu(), seen=list(op.history)))
 
     def _decode_step(self) -> None:
         """Every row picks its next token; the rows not stopping feed theirs in one forward."""
@@ -181,6 +182,9 @@ class _Run:
         caches = [row.request.cache for row in going]
         try:
             logits = self.decoder.decode(caches, torch.tensor([row.written[-1] for row in going]))
+            # Picked on the host (as a prefill's): on a GPU, one copy a step, not a few small
+            # ops and two waits for the device in every row's pick.
+            logits = logits.cpu()
         except StreamsinkError as error:
             for row in going:
                 self._finish(row, error)
