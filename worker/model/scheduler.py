@@ -182,14 +182,13 @@ class _Run:
         caches = [row.request.cache for row in going]
         try:
             logits = self.decoder.decode(caches, torch.tensor([row.written[-1] for row in going]))
-            # Picked on the host (as a prefill's): on a GPU, one copy a step, not a few small
-            # ops and two waits for the device in every row's pick.
-            logits = logits.cpu()
         except StreamsinkError as error:
             for row in going:
                 self._finish(row, error)
             return
-        for row, last in zip(going, logits, strict=True):
+        # Picked on the host (as a prefill's): on a GPU, one copy a step, not a few small ops
+        # and two waits for the device in every row's pick.
+        for row, last in zip(going, logits.cpu(), strict=True):
             row.logits = last
             if len(row.written) >= row.request.max_new_tokens:
                 self._finish(row, row.written)
