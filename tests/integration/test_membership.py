@@ -3,7 +3,6 @@ description shows it, and leaving and subscribing again brings it back as a new 
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -61,30 +60,17 @@ def _consumer(bootstrap: str, group: str, topic: str) -> KafkaConsumer:
 
 
 def _poll_until(consumers: list[KafkaConsumer], done: Callable[[], bool], seconds=60.0) -> None:
-    """Poll every consumer from a thread of its own, as each worker polls its own, until `done`.
+    """Poll every consumer in turn, as their workers would, until `done`.
 
-    Not in turn from one thread: kafka-python 3.0.12 drops a join that completed while its
-    consumer was not polling and joins again, and a leader's join completes when the other
-    member's join arrives, which is sent from inside that member's poll. Polled in turn, the
-    leader is then never polling at the moment, and the group rebalances over and over."""
-    stop = threading.Event()
-
-    def keep_polling(consumer: KafkaConsumer) -> None:
-        while not stop.is_set():
-            consumer.poll(timeout_ms=100)
-
-    pollers = [threading.Thread(target=keep_polling, args=(c,)) for c in consumers]
-    for poller in pollers:
-        poller.start()
-    try:
-        deadline = time.monotonic() + seconds
-        while not done():
-            assert time.monotonic() < deadline, "the group did not get there in time"
-            time.sleep(0.1)
-    finally:
-        stop.set()
-        for poller in pollers:
-            poller.join()
+    Briefly: kafka-python 3.0.12 drops a join that completed while its consumer was not polling
+    and joins again. A leader's join completes when the other member's join arrives, sent from
+    inside that member's poll; polls of 100 ms each kept the leader out of its poll at that
+    moment, rebalance after rebalance, for over a minute at times."""
+    deadline = time.monotonic() + seconds
+    while not done():
+        assert time.monotonic() < deadline, "the group did not get there in time"
+        for consumer in consumers:
+            consumer.poll(timeout_ms=10)
 
 
 def test_a_member_dropped_unnoticed_is_seen_unlisted_and_joins_again(kafka_service) -> None:
