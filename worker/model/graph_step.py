@@ -147,7 +147,7 @@ class ChunkStep:
         # per row: with 32 rows, those took as long as the forward).
         with decode_steps(caches, tokens, plan_device="cpu") as plans:
             plan = plan_batch(plans, self.capacity, self.model.dtype, "cpu")
-            self._load(rows, tokens.to(device), plan)
+            self._load(rows, tokens, plan)
             if self.graph is None:
                 logits = self._forward()
             else:
@@ -163,12 +163,11 @@ class ChunkStep:
         buffer[self.every_row, :, self.new_slots] = taken
 
     def _load(self, rows: torch.Tensor, tokens: torch.Tensor, plan: BatchPlan) -> None:
-        """This step's inputs into the buffers, at the decoding rows: the plan made on the host,
-        the tokens on the device."""
+        """This step's inputs (on the host) into the buffers, at the decoding rows."""
         device, dtype = self.tokens.device, self.model.dtype
         self.active.zero_()
         self.active[rows] = True
-        self.tokens[rows] = tokens[:, None]
+        self.tokens[rows] = tokens[:, None].to(device)
         self.positions[rows] = plan.query_positions.to(device)
         self.mask[rows] = plan.attention_mask.to(device)
         self.head_slots[rows] = plan.head_slots.to(device)
