@@ -132,8 +132,9 @@ case "$command" in
     write_config
     classpath="$kafka_home/libs/*"
     if [ ! -f "$dir/data/meta.properties" ]; then
+      # "=" joins the id to its option: a base64 id may begin with "-", like an option.
       cluster_id=$(python3 -c 'import base64, uuid; print(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))')
-      java -cp "$classpath" kafka.tools.StorageTool format -t "$cluster_id" \
+      java -cp "$classpath" kafka.tools.StorageTool format --cluster-id="$cluster_id" \
         -c "$dir/server.properties" >"$dir/format.log" 2>&1
     fi
     nohup java ${KAFKA_HEAP_OPTS:--Xmx512m} \
