@@ -1,5 +1,5 @@
 """A member the group dropped without its knowing, against the real broker: the group's own
-description shows it, and leaving and subscribing again brings it back as a new member."""
+description shows it, and a new consumer in its place joins as a new member."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import time
 import uuid
 from collections.abc import Callable
 
+import pytest
 from kafka import KafkaConsumer, TopicPartition
 from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
 from kafka.structs import MemberState
@@ -16,7 +17,7 @@ from worker.io.kafka_connection import KafkaConnection
 from worker.ops.health import Health
 from worker.ops.metrics import WorkerMetrics
 from worker.runtime.kafka_settings import GroupSettings
-from worker.runtime.membership import DroppedMembership, Standing, rejoin
+from worker.runtime.membership import DroppedMembership, Standing, join_anew
 from worker.runtime.outages import Outages
 from worker.runtime.ownership import OwnershipWatch
 from worker.runtime.rebalance import RebalanceListener
@@ -73,7 +74,10 @@ def _poll_until(consumers: list[KafkaConsumer], done: Callable[[], bool], second
             consumer.poll(timeout_ms=10)
 
 
-def test_a_member_dropped_unnoticed_is_seen_unlisted_and_joins_again(kafka_service) -> None:
+@pytest.mark.parametrize("believed", [MemberState.STABLE, MemberState.REBALANCING])
+def test_a_member_dropped_unnoticed_is_seen_unlisted_and_replaced(kafka_service, believed) -> None:
+    """`believed`: what the dropped consumer believes, with its heartbeats stopped: a stable
+    member, or one mid-join whose join never reached the broker (both seen in chaos runs)."""
     name = f"member-{uuid.uuid4().hex[:8]}"
     topic = create_topics(kafka_service.bootstrap, name).input
     everything = {TopicPartition(topic, number) for number in range(4)}
@@ -84,31 +88,33 @@ def test_a_member_dropped_unnoticed_is_seen_unlisted_and_joins_again(kafka_servi
         Outages(Health(), WorkerMetrics()),
     )
     stale, live = (_consumer(kafka_service.bootstrap, name, topic) for _ in range(2))
-    stale_listener = RebalanceListener(Recorder())
+    fresh: KafkaConsumer | None = None
+    listener = RebalanceListener(Recorder())
     try:
-        stale.subscribe([topic], listener=stale_listener)
+        stale.subscribe([topic], listener=listener)
         live.subscribe([topic], listener=RebalanceListener(Recorder()))
 
-        def split() -> bool:
-            return (
-                len(stale.assignment()) == 2
+        def split(member: KafkaConsumer) -> Callable[[], bool]:
+            return lambda: (
+                len(member.assignment()) == 2
                 and len(live.assignment()) == 2
-                and (seen := watch.standing(stale, topic)) is not None
+                and (seen := watch.standing(member, topic)) is not None
                 and seen.listed
             )
 
-        _poll_until([stale, live], split)
+        _poll_until([stale, live], split(stale))
         held = set(stale.assignment())
         before = stale.group_metadata().member_id
         assert watch.standing(stale, topic) == Standing(
             before, True, frozenset(p.partition for p in held)
         )
 
-        # The fault: its heartbeats stop while it believes itself a stable member.
+        # The fault: its heartbeats stop while it believes what `believed` says.
         stale._coordinator._disable_heartbeat()
+        stale._coordinator.state = believed
         _poll_until([stale, live], lambda: live.assignment() == everything)
         assert stale.assignment() == held  # polling alone never told it
-        assert stale.group_metadata().state == MemberState.STABLE
+        assert stale.group_metadata().state == believed
         seen = watch.standing(stale, topic)
         assert seen == Standing(before, False, frozenset())
 
@@ -116,14 +122,15 @@ def test_a_member_dropped_unnoticed_is_seen_unlisted_and_joins_again(kafka_servi
         assert not dropped.dropped(seen, now=0.0)
         assert dropped.dropped(seen, now=SESSION_MS / 1000)
 
-        assert rejoin(stale, stale_listener) == held
+        fresh = _consumer(kafka_service.bootstrap, name, topic)
+        assert join_anew(stale, fresh, listener) == held
         assert stale.assignment() == set()
-        _poll_until([stale, live], split)
-        after = stale.group_metadata().member_id
-        assert after != before
-        assert stale.assignment() | live.assignment() == everything
-        assert stale_listener.handler.assigned >= set(stale.assignment())
+        _poll_until([fresh, live], split(fresh))
+        assert fresh.group_metadata().member_id != before
+        assert fresh.assignment() | live.assignment() == everything
+        assert listener.handler.assigned >= set(fresh.assignment())
     finally:
         watch.close()
-        for consumer in (stale, live):
-            consumer.close(autocommit=False, timeout_ms=5000)
+        for consumer in (stale, live, fresh):
+            if consumer is not None:
+                consumer.close(autocommit=False, timeout_ms=5000)

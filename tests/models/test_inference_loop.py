@@ -101,6 +101,30 @@ def test_a_fenced_partition_is_dropped_with_nothing_delivered(commentator) -> No
     assert Progress(PARTITION, 6) not in replies  # the batch after the drop went nowhere
 
 
+def test_a_partition_fenced_while_no_record_comes_is_no_longer_counted_owned(commentator) -> None:
+    """The refused write is found on an idle turn: the gauge says so before anything else
+    arrives."""
+    store, inbox = MemoryPartitionStore(), ScriptedInbox()
+    loop, _, replies = _loop(commentator, store, inbox)
+    owned: list[float] = []
+
+    def idle() -> None:
+        raise queue.Empty
+
+    def count_owned() -> None:
+        owned.append(loop.metrics.value("streamsink_partitions_owned"))
+
+    inbox.steps = [
+        Claim(PARTITION), Batch(PARTITION, records(0, 2)), count_owned,
+        lambda: store.claim(SCOPE), Batch(PARTITION, records(2, 2)),
+        lambda: loop.writer.submit(int).result(), idle, count_owned, Stop(),
+    ]  # fmt: skip
+    loop.run()
+    assert loop.failure is None
+    assert Fenced(PARTITION) in list(replies.queue)
+    assert owned == [1, 0]
+
+
 def test_a_fenced_partition_claimed_again_resumes_from_its_committed_state(commentator) -> None:
     """The polling thread is told, and claims it again if the group left it here."""
     store = MemoryPartitionStore()

@@ -36,12 +36,26 @@ def test_a_stable_group_without_this_member_leaves_it_unlisted() -> None:
     )
 
 
-def test_nothing_is_told_while_the_group_or_the_member_is_between_generations() -> None:
+def test_nothing_is_told_while_the_group_is_between_generations() -> None:
     assert standing(_group("PreparingRebalance", other=[0]), ME, "in") is None
     assert standing(_group("CompletingRebalance", other=[0]), ME, "in") is None
+
+
+def test_a_member_that_believes_itself_joining_is_unlisted_all_the_same() -> None:
+    """A join that reached the broker would have the group rebalancing, not stable."""
     for state in (MemberState.REBALANCING, MemberState.UNJOINED):
         joining = ME._replace(state=state)
-        assert standing(_group("Stable", other=[0]), joining, "in") is None
+        assert standing(_group("Stable", other=[0]), joining, "in") == Standing(
+            "me-1", False, frozenset()
+        )
+        assert standing(_group("Stable", **{"me-1": [0]}), joining, "in") == Standing(
+            "me-1", True, frozenset({0})
+        )
+
+
+def test_a_consumer_without_a_member_id_yet_is_not_judged() -> None:
+    unknown = ME._replace(member_id="", state=MemberState.UNJOINED)
+    assert standing(_group("Stable", other=[0]), unknown, "in") is None
 
 
 def test_a_member_is_dropped_once_unlisted_for_the_grace() -> None:

@@ -112,15 +112,16 @@ class InferenceLoop:
             try:
                 message = self.inbox.get(timeout=0.5)
             except queue.Empty:
-                self._take_written()
+                message = None
+            self._take_written()  # a write refused there drops its partition, idle or not
+            if message is None:
                 self._on_idle()
-                continue
-            self._take_written()
-            if isinstance(message, Stop):
+            elif isinstance(message, Stop):
                 for partition in list(self._owned):
                     self._release(partition, checkpoint=True)
                 return
-            self._handle(message)
+            else:
+                self._handle(message)
             self._update_gauges()
 
     def _handle(self, message: Claim | Batch | Revoke | Lost) -> None:

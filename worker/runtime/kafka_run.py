@@ -45,7 +45,7 @@ from worker.runtime.backpressure import PartitionGate
 from worker.runtime.inbox import Batch, Claim, Inbox, Lost, Revoke, Stop
 from worker.runtime.inference_loop import Fenced, InferenceLoop, Progress, Ready
 from worker.runtime.kafka_settings import WorkerSettings
-from worker.runtime.membership import DroppedMembership, Standing, rejoin
+from worker.runtime.membership import DroppedMembership, Standing, join_anew
 from worker.runtime.outages import KAFKA, REDIS, Outages, Unreachable
 from worker.runtime.ownership import OwnershipWatch
 from worker.runtime.rebalance import Handoff, RebalanceListener
@@ -126,7 +126,7 @@ class KafkaWorker:
         log.info("worker started", group=s.group.name, input_topic=s.topics.input)
         try:
             while not stop.is_set() and inference.is_alive():
-                self._poll_once(consumer)
+                consumer = self._poll_once(consumer)
         finally:
             self._shut_down(consumer, inference)
         if self.inference.failure is not None:
@@ -138,6 +138,10 @@ class KafkaWorker:
         self._outages.wait_for(REDIS, "connect", self.store.ping)
         connect = partial(self.producer.connect, BOOTSTRAP_TIMEOUT_MS)
         self._outages.wait_for(KAFKA, "connect the producer", connect)
+        return self._new_consumer()
+
+    def _new_consumer(self) -> KafkaConsumer:
+        """A consumer of the group, not subscribed yet, that sees the input topic."""
         consumer = self._outages.wait_for(KAFKA, "connect the consumer", self._consumer)
         try:
             self._partitions = self._wait_for_topic(consumer)
@@ -160,9 +164,12 @@ class KafkaWorker:
             bootstrap_timeout_ms=BOOTSTRAP_TIMEOUT_MS,
         )
 
-    def _poll_once(self, consumer: KafkaConsumer) -> None:
+    def _poll_once(self, consumer: KafkaConsumer) -> KafkaConsumer:
+        """One round of the polling thread; the consumer of the next (a new one once the group
+        has dropped this one unnoticed)."""
         self._handle_replies(consumer)
-        self._reclaim_fenced(consumer)
+        if self._dropped(self._reclaim_fenced(consumer)):
+            return self._join_anew(consumer)
         self._start_claimed(consumer)
         poll = partial(consumer.poll, timeout_ms=200)
         with suppress(Unreachable):  # it returns nothing while the broker is down: no proof
@@ -173,9 +180,11 @@ class KafkaWorker:
         self._gate.pause_unclaimed(consumer)
         self._gate.apply_backpressure(consumer, self._to_inference.qsize())
         self._probe(consumer)
-        self._judge_membership(consumer, self._ownership.look(consumer, self._partitions))
+        if self._dropped(self._ownership.look(consumer, self._partitions)):
+            return self._join_anew(consumer)
         self._report_lag(consumer)
         self.health.beat()
+        return consumer
 
     def _probe(self, consumer: KafkaConsumer) -> None:
         """Ask the brokers and Redis something every PROBE_SECONDS, so /readyz tells when
@@ -245,16 +254,15 @@ class KafkaWorker:
         if offsets:
             consumer.commit_async(offsets)  # for lag and autoscaling; Redis is the truth
 
-    def _reclaim_fenced(self, consumer: KafkaConsumer) -> None:
+    def _reclaim_fenced(self, consumer: KafkaConsumer) -> Standing | None:
         """Claim again a fenced partition the group has left here a session long (reclaim.py),
-        once the group confirms it assigns it here; else ask again a session later."""
+        once the group confirms it assigns it here; else ask again a session later. This
+        member's standing, if the group was asked."""
         now = time.monotonic()
         due = self._fenced.due(consumer.assignment(), now)
         if not due:
-            return
+            return None
         seen = self._ownership.standing(consumer, self.settings.topics.input)
-        if self._judge_membership(consumer, seen):
-            return
         given_here = seen.partitions if seen is not None else frozenset()
         for partition in self._fenced.confirmed(due, given_here, now):
             self.metrics.errors.labels(kind="partition_reclaimed").inc()
@@ -263,21 +271,28 @@ class KafkaWorker:
                 partition=partition.partition,
             )
             self._to_inference.put(Claim(partition))
+        return seen
 
-    def _judge_membership(self, consumer: KafkaConsumer, seen: Standing | None) -> bool:
-        """Join the group again if it has dropped this member unnoticed (membership.py);
-        whether it did."""
-        if not self._membership.dropped(seen, time.monotonic()):
-            return False
-        held = rejoin(consumer, RebalanceListener(self))
+    def _dropped(self, seen: Standing | None) -> bool:
+        """Whether the group has dropped this member unnoticed (membership.py)."""
+        return self._membership.dropped(seen, time.monotonic())
+
+    def _join_anew(self, consumer: KafkaConsumer) -> KafkaConsumer:
+        """Replace a consumer the group dropped unnoticed by a new member; its partitions are
+        dropped as lost. The old one, if the worker stops before a new one connects."""
+        try:
+            fresh = self._new_consumer()
+        except Unreachable:  # stopping
+            return consumer
+        held = join_anew(consumer, fresh, RebalanceListener(self))
         self.metrics.errors.labels(kind="membership_dropped").inc()
         log.warning(
-            "the group dropped this member unnoticed: joining it again",
+            "the group dropped this member unnoticed: joining it again with a new consumer",
             partitions=sorted(p.partition for p in held),
         )
         if held:
             self.on_lost(held)
-        return True
+        return fresh
 
     def _start_claimed(self, consumer: KafkaConsumer) -> None:
         """Seek each claimed partition to where its committed state stops, then let it flow;

@@ -1,17 +1,20 @@
-"""A member the group dropped without its knowing: found by asking the group, and rejoined.
+"""A member the group dropped without its knowing: found by asking the group, and replaced.
 
 kafka-python learns that the coordinator dropped its member from a heartbeat's answer. If its
-heartbeats stop while it believes itself a stable member (seen once in the chaos runs,
-kafka-python 3.0.12: not a coordinator message for minutes after a join), the group moves its
-partitions on and the worker never hears of it: it goes on fetching, is fenced at every write,
-and would claim its "still assigned" partitions back from their real owners, again and again.
+heartbeats stop while it believes itself a member (seen in the chaos runs, kafka-python
+3.0.12: not a coordinator message for minutes after a join, or a member that believes itself
+mid-join for minutes while its join never reaches the broker), the group moves its partitions
+on and the worker never hears of it: it goes on fetching, is fenced at every write, and would
+claim its "still assigned" partitions back from their real owners, again and again.
 
-So the polling thread compares what the consumer believes with what the coordinator says
+So the polling thread compares the consumer's member id with what the coordinator says
 (`describe_groups`, which the ownership watch asks anyway). A stable group that has not
-listed this member for a session (time enough for a working heartbeat to have heard) has
-dropped it: the worker leaves, drops its partitions as lost (their epochs are stale), and
-joins again as a new member. A fenced partition is claimed again only while the group lists
-it here.
+listed this member for a session has dropped it, whatever the consumer believes: a join that
+reached the broker would have the group rebalancing, and a working heartbeat would have heard
+in that time. The worker then replaces the consumer: the old one's partitions are lost (their
+epochs are stale), and a new consumer joins as a new member; leaving and subscribing again is
+not enough, since a join stuck inside the old consumer would stay stuck. A fenced partition is
+claimed again only while the group lists it here.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from typing import Any
 
 from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
-from kafka.structs import ConsumerGroupMetadata, MemberState
+from kafka.structs import ConsumerGroupMetadata
+
+CLOSE_TIMEOUT_MS = 5_000  # what closing a dropped consumer may take (it leaves the group)
 
 
 @dataclass(frozen=True)
@@ -37,9 +42,10 @@ class Standing:
 def standing(
     group: Mapping[str, Any], member: ConsumerGroupMetadata, topic: str
 ) -> Standing | None:
-    """This member's standing in `group` (a describe_groups description), or None while
-    either side is between generations and the two cannot be compared."""
-    if group.get("group_state") != "Stable" or member.state != MemberState.STABLE:
+    """This member's standing in `group` (a describe_groups description), or None while the
+    group is between generations, or the consumer has no member id yet, and the two cannot be
+    compared."""
+    if group.get("group_state") != "Stable" or not member.member_id:
         return None
     for described in group.get("members", []):
         if described.get("member_id") == member.member_id:
@@ -77,16 +83,19 @@ class DroppedMembership:
         return now - self._unlisted[1] >= self.grace_seconds
 
 
-def rejoin(
-    consumer: KafkaConsumer, listener: AsyncConsumerRebalanceListener
+def join_anew(
+    stale: KafkaConsumer, fresh: KafkaConsumer, listener: AsyncConsumerRebalanceListener
 ) -> set[TopicPartition]:
-    """Leave the group and subscribe again, to join as a new member at the next poll.
+    """Close `stale`, a consumer the group dropped, and subscribe `fresh` to its topics in its
+    place, to join as a new member at its first poll.
 
-    Returns the partitions the consumer held: the caller drops them as lost, since kafka-python
-    calls no listener for what an unsubscribe takes away.
+    Returns the partitions `stale` held: the caller drops them as lost. The unsubscribe takes
+    them away without a listener's call (closing would call it to revoke them, a checkpoint
+    their stale epochs could not write).
     """
-    held = set(consumer.assignment())
-    topics = sorted(consumer.subscription() or ())
-    consumer.unsubscribe()
-    consumer.subscribe(topics, listener=listener)
+    held = set(stale.assignment())
+    topics = sorted(stale.subscription() or ())
+    stale.unsubscribe()
+    stale.close(autocommit=False, timeout_ms=CLOSE_TIMEOUT_MS)
+    fresh.subscribe(topics, listener=listener)
     return held
