@@ -53,6 +53,11 @@ def test_a_member_that_believes_itself_joining_is_unlisted_all_the_same() -> Non
         )
 
 
+def test_a_group_that_dropped_its_last_member_leaves_it_unlisted() -> None:
+    for state in ("Empty", "Dead"):
+        assert standing(_group(state), ME, "in") == Standing("me-1", False, frozenset())
+
+
 def test_a_consumer_without_a_member_id_yet_is_not_judged() -> None:
     unknown = ME._replace(member_id="", state=MemberState.UNJOINED)
     assert standing(_group("Stable", other=[0]), unknown, "in") is None

@@ -1,32 +1,39 @@
 """A member the group dropped without its knowing: found by asking the group, and replaced.
 
 kafka-python learns that the coordinator dropped its member from a heartbeat's answer. If its
-heartbeats stop while it believes itself a member (seen in the chaos runs, kafka-python
-3.0.12: not a coordinator message for minutes after a join, or a member that believes itself
-mid-join for minutes while its join never reaches the broker), the group moves its partitions
-on and the worker never hears of it: it goes on fetching, is fenced at every write, and would
-claim its "still assigned" partitions back from their real owners, again and again.
+heartbeats stop while it believes itself a member, the group moves its partitions on and the
+worker never hears of it: it goes on fetching, is fenced at every write, and would claim its
+"still assigned" partitions back from their real owners, again and again. kafka-python 3.0.12
+gets there: a join whose end no poll reads leaves its member mid-join for good, heartbeats
+off (a leader that assigned before its metadata came rejoins once it comes; if the poll that
+awaits that rejoin times out before its last answer, the next polls no longer see a rejoin to
+finish). Chaos runs showed such a member for minutes.
 
 So the polling thread compares the consumer's member id with what the coordinator says
-(`describe_groups`, which the ownership watch asks anyway). A stable group that has not
-listed this member for a session has dropped it, whatever the consumer believes: a join that
-reached the broker would have the group rebalancing, and a working heartbeat would have heard
-in that time. The worker then replaces the consumer: the old one's partitions are lost (their
-epochs are stale), and a new consumer joins as a new member; leaving and subscribing again is
-not enough, since a join stuck inside the old consumer would stay stuck. A fenced partition is
-claimed again only while the group lists it here.
+(`describe_groups`, which the ownership watch asks anyway). A settled group (stable, or empty)
+that has not listed this member for a session has dropped it, whatever the consumer believes:
+a join that reached the broker would have the group rebalancing, and a working heartbeat
+would have heard in that time. The worker then replaces the consumer: the old one's
+partitions are lost (their epochs are stale), and a new consumer joins as a new member;
+leaving and subscribing again would not do, the old consumer's stranded join staying as it
+is. A fenced partition is claimed again only while the group lists it here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
 from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
+from kafka.errors import KafkaError
 from kafka.structs import ConsumerGroupMetadata
 
+# A group in none of its rebalancing states: "Empty" once it has dropped its last member,
+# which the only worker of a small deployment may be.
+SETTLED_GROUP_STATES = frozenset({"Stable", "Empty", "Dead"})
 CLOSE_TIMEOUT_MS = 5_000  # what closing a dropped consumer may take (it leaves the group)
 
 
@@ -45,7 +52,7 @@ def standing(
     """This member's standing in `group` (a describe_groups description), or None while the
     group is between generations, or the consumer has no member id yet, and the two cannot be
     compared."""
-    if group.get("group_state") != "Stable" or not member.member_id:
+    if group.get("group_state") not in SETTLED_GROUP_STATES or not member.member_id:
         return None
     for described in group.get("members", []):
         if described.get("member_id") == member.member_id:
@@ -96,6 +103,7 @@ def join_anew(
     held = set(stale.assignment())
     topics = sorted(stale.subscription() or ())
     stale.unsubscribe()
-    stale.close(autocommit=False, timeout_ms=CLOSE_TIMEOUT_MS)
+    with suppress(KafkaError):  # the broker is down: its member is gone all the same
+        stale.close(autocommit=False, timeout_ms=CLOSE_TIMEOUT_MS)
     fresh.subscribe(topics, listener=listener)
     return held
