@@ -184,6 +184,8 @@ class ChaosRun:
             self._check_exits()
             self._check_group(cluster)
             self.stop_workers()
+            if self.report.problems:
+                self._tell_each_workers_story()
         finally:
             cluster.close()
         self.report.seconds = time.monotonic() - started
@@ -360,6 +362,16 @@ class ChaosRun:
         wanted = Counter((key, value, BAD_REASONS[kind]) for kind, key, value in self.bad)
         if sent != wanted:
             self._problem(f"dead letters {dict(sent)}, wanted each of {dict(wanted)} once")
+
+    def _tell_each_workers_story(self, last: int = 30) -> None:
+        """Each worker's own last events (kafka-python's left out), for a failed run's log:
+        the workers' log files go with the machine that ran it."""
+        for worker in self.killed + self.slots:
+            self.say(f"--- {worker.name}, its last {last} events:")
+            own = [e for e in worker.events() if "logger" not in e]
+            for event in own[-last:]:
+                details = {k: v for k, v in event.items() if k not in ("event", "timestamp")}
+                self.say(f"{event.get('timestamp', '')[11:23]} {event.get('event')} {details}")
 
     def _problem(self, text: str) -> None:
         self.say(f"PROBLEM: {text}")
