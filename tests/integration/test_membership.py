@@ -17,7 +17,7 @@ from worker.io.kafka_connection import KafkaConnection
 from worker.ops.health import Health
 from worker.ops.metrics import WorkerMetrics
 from worker.runtime.kafka_settings import GroupSettings
-from worker.runtime.membership import DroppedMembership, Standing, join_anew
+from worker.runtime.membership import DroppedMembership, Standing, retire
 from worker.runtime.outages import Outages
 from worker.runtime.ownership import OwnershipWatch
 from worker.runtime.rebalance import RebalanceListener
@@ -42,9 +42,13 @@ class Recorder:
         self.lost |= lost
 
 
-def _consumer(bootstrap: str, group: str, topic: str) -> KafkaConsumer:
-    """A consumer of the group that sees `topic`, as a worker waits to before it joins: a
-    group whose leader does not see the topic yet settles on an empty assignment."""
+def _consumer(bootstrap: str, group: str, topic: str, listener: RebalanceListener) -> KafkaConsumer:
+    """A consumer of the group, subscribed, that sees `topic`, as a worker makes one before
+    it joins: a group whose leader does not see the topic yet settles on an empty assignment,
+    and one whose coordinator does not see it rejoins as soon as it does, a rejoin
+    kafka-python 3.0.12 can strand mid-way (the dropped member this test is about, but in
+    the consumer that was to stay alive). Subscribed before the look, the look gives the
+    coordinator the topic too."""
     consumer = KafkaConsumer(
         bootstrap_servers=bootstrap,
         group_id=group,
@@ -53,24 +57,10 @@ def _consumer(bootstrap: str, group: str, topic: str) -> KafkaConsumer:
         session_timeout_ms=SESSION_MS,
         heartbeat_interval_ms=SESSION_MS // 10,
     )
-    _wait_for(lambda: consumer.partitions_for_topic(topic), f"{topic} never showed")
-    return consumer
-
-
-def _subscribe(consumer: KafkaConsumer, topic: str, listener: RebalanceListener) -> None:
-    """Subscribe, and wait for the coordinator's view of the topic before the first poll
-    joins: a leader that assigns before it has one rejoins as soon as it comes, a rejoin
-    kafka-python 3.0.12 can strand mid-join (the stuck member this test is about, but in
-    the consumer that was to stay alive)."""
     consumer.subscribe([topic], listener=listener)
-    _wait_for_snapshot(consumer, topic)
-
-
-def _wait_for_snapshot(consumer: KafkaConsumer, topic: str) -> None:
-    _wait_for(
-        lambda: consumer._coordinator._metadata_snapshot.get(topic),
-        f"{topic} never reached the coordinator's snapshot",
-    )
+    _wait_for(lambda: consumer.partitions_for_topic(topic), f"{topic} never showed")
+    assert consumer._coordinator._metadata_snapshot.get(topic), "the coordinator has no view"
+    return consumer
 
 
 def _wait_for(done: Callable[[], object], failure: str, seconds: float = 60.0) -> None:
@@ -114,12 +104,11 @@ def test_a_member_dropped_unnoticed_is_seen_unlisted_and_replaced(kafka_service,
         WorkerMetrics(),
         Outages(Health(), WorkerMetrics()),
     )
-    stale, live = (_consumer(kafka_service.bootstrap, name, topic) for _ in range(2))
-    fresh: KafkaConsumer | None = None
     listener = RebalanceListener(Recorder())
+    stale = _consumer(kafka_service.bootstrap, name, topic, listener)
+    live = _consumer(kafka_service.bootstrap, name, topic, RebalanceListener(Recorder()))
+    fresh: KafkaConsumer | None = None
     try:
-        _subscribe(stale, topic, listener)
-        _subscribe(live, topic, RebalanceListener(Recorder()))
 
         def split(member: KafkaConsumer) -> Callable[[], bool]:
             return lambda: (
@@ -149,9 +138,8 @@ def test_a_member_dropped_unnoticed_is_seen_unlisted_and_replaced(kafka_service,
         assert not dropped.dropped(seen, now=0.0)
         assert dropped.dropped(seen, now=SESSION_MS / 1000)
 
-        fresh = _consumer(kafka_service.bootstrap, name, topic)
-        assert join_anew(stale, fresh, listener) == held
-        _wait_for_snapshot(fresh, topic)
+        fresh = _consumer(kafka_service.bootstrap, name, topic, listener)
+        assert retire(stale) == held
         assert stale.assignment() == set()
         _poll_until([fresh, live], split(fresh))
         assert fresh.group_metadata().member_id != before

@@ -45,7 +45,7 @@ from worker.runtime.backpressure import PartitionGate
 from worker.runtime.inbox import Batch, Claim, Inbox, Lost, Revoke, Stop
 from worker.runtime.inference_loop import Fenced, InferenceLoop, Progress, Ready
 from worker.runtime.kafka_settings import WorkerSettings
-from worker.runtime.membership import DroppedMembership, Standing, join_anew
+from worker.runtime.membership import DroppedMembership, Standing, retire
 from worker.runtime.outages import KAFKA, REDIS, Outages, Unreachable
 from worker.runtime.ownership import OwnershipWatch
 from worker.runtime.rebalance import Handoff, RebalanceListener
@@ -122,7 +122,6 @@ class KafkaWorker:
         inference = threading.Thread(target=self.inference.run, name="inference", daemon=True)
         inference.start()
         s = self.settings
-        consumer.subscribe([s.topics.input], listener=RebalanceListener(self))
         log.info("worker started", group=s.group.name, input_topic=s.topics.input)
         try:
             while not stop.is_set() and inference.is_alive():
@@ -141,8 +140,16 @@ class KafkaWorker:
         return self._new_consumer()
 
     def _new_consumer(self) -> KafkaConsumer:
-        """A consumer of the group, not subscribed yet, that sees the input topic."""
+        """A consumer of the group, subscribed to the input topic, that sees the topic; its
+        first poll joins.
+
+        Subscribed before it looks for the topic, so the look gives its group coordinator the
+        topic's partitions too (subscribed after, the coordinator learns them some 100 ms
+        later): a leader that assigns without them rejoins once they come, a rejoin
+        kafka-python 3.0.12 can strand mid-way (membership.py).
+        """
         consumer = self._outages.wait_for(KAFKA, "connect the consumer", self._consumer)
+        consumer.subscribe([self.settings.topics.input], listener=RebalanceListener(self))
         try:
             self._partitions = self._wait_for_topic(consumer)
         except (Unreachable, StreamsinkError):
@@ -157,6 +164,7 @@ class KafkaWorker:
             group_id=s.group.name,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
+            allow_auto_create_topics=False,  # subscribed as it looks for the topic (below)
             partition_assignment_strategy=[CooperativeStickyAssignor],
             session_timeout_ms=s.group.session_timeout_ms,
             heartbeat_interval_ms=max(100, s.group.session_timeout_ms // 10),
@@ -284,7 +292,7 @@ class KafkaWorker:
             fresh = self._new_consumer()
         except Unreachable:  # stopping
             return consumer
-        held = join_anew(consumer, fresh, RebalanceListener(self))
+        held = retire(consumer)
         self.metrics.errors.labels(kind="membership_dropped").inc()
         log.warning(
             "the group dropped this member unnoticed: joining it again with a new consumer",

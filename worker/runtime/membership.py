@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from kafka import KafkaConsumer, TopicPartition
-from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
 from kafka.errors import KafkaError
 from kafka.structs import ConsumerGroupMetadata
 
@@ -90,20 +89,15 @@ class DroppedMembership:
         return now - self._unlisted[1] >= self.grace_seconds
 
 
-def join_anew(
-    stale: KafkaConsumer, fresh: KafkaConsumer, listener: AsyncConsumerRebalanceListener
-) -> set[TopicPartition]:
-    """Close `stale`, a consumer the group dropped, and subscribe `fresh` to its topics in its
-    place, to join as a new member at its first poll.
+def retire(stale: KafkaConsumer) -> set[TopicPartition]:
+    """Close `stale`, a consumer the group dropped, once a new one is there to take its place.
 
-    Returns the partitions `stale` held: the caller drops them as lost. The unsubscribe takes
-    them away without a listener's call (closing would call it to revoke them, a checkpoint
-    their stale epochs could not write).
+    Returns the partitions it held: the caller drops them as lost. The unsubscribe takes them
+    away without a listener's call (closing would call it to revoke them, a checkpoint their
+    stale epochs could not write).
     """
     held = set(stale.assignment())
-    topics = sorted(stale.subscription() or ())
     stale.unsubscribe()
     with suppress(KafkaError):  # the broker is down: its member is gone all the same
         stale.close(autocommit=False, timeout_ms=CLOSE_TIMEOUT_MS)
-    fresh.subscribe(topics, listener=listener)
     return held
