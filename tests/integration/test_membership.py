@@ -3,20 +3,27 @@ description shows it, and a new consumer in its place joins as a new member."""
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import suppress
 
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
 from kafka.structs import MemberState
 
+from cache_store.memory_partition import MemoryPartitionStore
 from tests.integration.worker_harness import create_topics
 from worker.io.kafka_connection import KafkaConnection
+from worker.io.topics import TopicNames
 from worker.ops.health import Health
 from worker.ops.metrics import WorkerMetrics
-from worker.runtime.kafka_settings import GroupSettings
+from worker.runtime.inbox import Lost
+from worker.runtime.kafka_run import KafkaWorker
+from worker.runtime.kafka_settings import GroupSettings, WorkerSettings
 from worker.runtime.membership import DroppedMembership, Standing, retire
 from worker.runtime.outages import Outages
 from worker.runtime.ownership import OwnershipWatch
@@ -150,3 +157,65 @@ def test_a_member_dropped_unnoticed_is_seen_unlisted_and_replaced(kafka_service,
         for consumer in (stale, live, fresh):
             if consumer is not None:
                 consumer.close(autocommit=False, timeout_ms=5000)
+
+
+def test_a_worker_replaces_a_consumer_stranded_mid_join(kafka_service) -> None:
+    """The worker's own polling round, against the real broker: its consumer stranded
+    mid-join (heartbeats off for good), the group drops it; the worker sees it unlisted,
+    drops the partitions it held as lost, and its new consumer joins and splits the topic
+    with the other member."""
+    name = f"worker-{uuid.uuid4().hex[:8]}"
+    topics = create_topics(kafka_service.bootstrap, name)
+    everything = {TopicPartition(topics.input, number) for number in range(4)}
+    settings = WorkerSettings(
+        TopicNames(topics.input, topics.output, topics.dead_letter),
+        GroupSettings(name, session_timeout_ms=SESSION_MS),
+    )
+    metrics = WorkerMetrics()
+    worker = KafkaWorker(
+        None, KafkaConnection(kafka_service.bootstrap), MemoryPartitionStore(), settings,
+        metrics, Health(),
+    )  # fmt: skip
+    worker._ownership.look_seconds = 1.0  # a look a second, not every 15 s
+    live = _consumer(kafka_service.bootstrap, name, topics.input, RebalanceListener(Recorder()))
+    consumers = [worker._new_consumer()]
+    stop_live = threading.Event()
+
+    def poll_live() -> None:  # as its own worker would, from a thread of its own
+        while not stop_live.is_set():
+            live.poll(timeout_ms=200)
+
+    other = threading.Thread(target=poll_live, daemon=True)
+    other.start()
+
+    def poll_worker_until(done: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 90
+        while not done():
+            assert time.monotonic() < deadline, "the group did not get there in time"
+            consumer = worker._poll_once(consumers[-1])
+            if consumer is not consumers[-1]:
+                consumers.append(consumer)
+
+    def split() -> bool:
+        mine = consumers[-1].assignment()
+        return len(mine) == 2 and mine | live.assignment() == everything
+
+    try:
+        poll_worker_until(lambda: split() and _settled(consumers[0]))
+        held = set(consumers[0].assignment())
+        consumers[0]._coordinator._close_heartbeat()
+        consumers[0]._coordinator.state = MemberState.REBALANCING
+        poll_worker_until(lambda: len(consumers) == 2 and split())
+        assert metrics.value("streamsink_errors", kind="membership_dropped") == 1
+        messages = []
+        with suppress(queue.Empty):
+            while True:
+                messages.append(worker.inference.inbox.get(timeout=0))
+        assert Lost(frozenset(held)) in messages
+        assert consumers[1].group_metadata().member_id != consumers[0].group_metadata().member_id
+    finally:
+        stop_live.set()
+        other.join(5)
+        retire(consumers[-1])  # the others the worker retired; no listener waits on a revoke
+        live.close(autocommit=False, timeout_ms=5000)
+        worker.producer.close()
