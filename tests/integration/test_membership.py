@@ -219,4 +219,5 @@ def test_a_worker_replaces_a_consumer_stranded_mid_join(kafka_service) -> None:
         other.join(5)
         retire(consumers[-1])  # the others the worker retired; no listener waits on a revoke
         live.close(autocommit=False, timeout_ms=5000)
+        worker._ownership.close()  # its admin client, made at its first look
         worker.producer.close()
