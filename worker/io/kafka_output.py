@@ -84,9 +84,10 @@ class OutputProducer:
     dropped, its flush failing, never sent later: a worker stopped that long (a SIGSTOP, a
     stalled node) may have lost its partition meanwhile, and the new owner re-sends the
     partition's outbox itself, so the late copy would be a second one. For the same reason a
-    send never waits on the brokers: the topics' metadata is fetched on `connect`, and a send
-    that must still wait for it gives up after `expiry_ms` (a record made only once the
-    brokers answer would be new, and no expiry would stop it).
+    send never waits on the brokers: the topics' metadata is fetched once they are known to
+    exist (`learn_topics`, and again by each replacement on `connect`), and a send that must
+    still wait for it gives up after `expiry_ms` (a record made only once the brokers answer
+    would be new, and no expiry would stop it).
 
     kafka-python 3.0.12's idempotent producer can stop for good: once a batch it had retried
     expires, it drops its producer id and never asks for another (its state stays READY), so it
@@ -109,6 +110,7 @@ class OutputProducer:
         self.expiry_ms = expiry_ms
         self._producer: KafkaProducer | None = None
         self._bootstrap_timeout_ms: int | None = None  # once connected: a replacement's
+        self._topics_known = False  # once they are: a replacement learns them as it connects
         self._sent = _Sends()
 
     def connect(self, bootstrap_timeout_ms: int) -> None:
@@ -125,11 +127,19 @@ class OutputProducer:
             bootstrap_timeout_ms=bootstrap_timeout_ms,
             max_block_ms=self.expiry_ms,
         )
+        if self._topics_known:
+            self.learn_topics()
+
+    def learn_topics(self) -> None:
+        """Fetch the output topics' metadata, so no send waits for it. Only once they exist:
+        a look for a missing topic blocks for `expiry_ms`, logging an error at every retry."""
+        assert self._producer is not None, "OutputProducer.connect() was not called"
+        self._topics_known = True
         for topic in filter(None, (self.output_topic, self.dead_letter_topic)):
             try:
                 self._producer.partitions_for(topic)
             except KafkaTimeoutError:
-                log.warning("output topic not found yet", topic=topic)
+                log.warning("output topic metadata not fetched yet", topic=topic)
 
     @property
     def producer(self) -> KafkaProducer:

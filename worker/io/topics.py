@@ -17,4 +17,9 @@ class TopicNames:
 
     def all(self) -> list[str]:
         """The topics a worker needs, in the order they are created and described."""
-        return [self.input, self.output, *([self.dead_letter] if self.dead_letter else [])]
+        return list(self.by_role().values())
+
+    def by_role(self) -> dict[str, str]:
+        """Each topic a worker needs under what it is for ("input", "output", "dead-letter")."""
+        roles = {"input": self.input, "output": self.output, "dead-letter": self.dead_letter}
+        return {role: name for role, name in roles.items() if name}

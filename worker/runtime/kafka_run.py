@@ -56,7 +56,7 @@ from worker.stream.commentator import Commentator
 log = structlog.get_logger("streamsink.worker")
 
 _RETRY_SECONDS = 1.0  # pause between looks for the input topic
-TOPIC_WAIT_SECONDS = 60.0  # how long a starting worker waits for its input topic to appear
+TOPIC_WAIT_SECONDS = 60.0  # how long a starting worker waits for its topics to appear
 BOOTSTRAP_TIMEOUT_MS = 10_000  # one attempt to reach the brokers, as a client is made
 PROBE_SECONDS, PROBE_TIMEOUT_MS = 2.0, 2_000  # how often the brokers are asked, how long
 
@@ -137,7 +137,9 @@ class KafkaWorker:
         self._outages.wait_for(REDIS, "connect", self.store.ping)
         connect = partial(self.producer.connect, BOOTSTRAP_TIMEOUT_MS)
         self._outages.wait_for(KAFKA, "connect the producer", connect)
-        return self._new_consumer()
+        consumer = self._new_consumer()
+        self.producer.learn_topics()
+        return consumer
 
     def _new_consumer(self) -> KafkaConsumer:
         """A consumer of the group, subscribed to the input topic, that sees the topic; its
@@ -151,7 +153,7 @@ class KafkaWorker:
         consumer = self._outages.wait_for(KAFKA, "connect the consumer", self._consumer)
         consumer.subscribe([self.settings.topics.input], listener=RebalanceListener(self))
         try:
-            self._partitions = self._wait_for_topic(consumer)
+            self._partitions = self._wait_for_topics(consumer)
         except (Unreachable, StreamsinkError):
             consumer.close(autocommit=False)
             raise
@@ -206,20 +208,30 @@ class KafkaWorker:
         with suppress(Unreachable):
             self._outages.call(REDIS, "probe", self.store.ping)
 
-    def _wait_for_topic(self, consumer: KafkaConsumer) -> list[TopicPartition]:
-        """Join only once the input topic's partitions are known: a group that joins before
-        its members see the topic can settle on an empty assignment."""
-        topic = self.settings.topics.input
-        deadline = time.monotonic() + TOPIC_WAIT_SECONDS
-        look = partial(consumer.partitions_for_topic, topic)
-        while not (found := self._outages.wait_for(KAFKA, "look for the input topic", look)):
+    def _wait_for_topics(self, consumer: KafkaConsumer) -> list[TopicPartition]:
+        """The input topic's partitions, once every topic of the worker is known: a group that
+        joins before its members see the input topic can settle on an empty assignment, and
+        the producer's look for a missing output topic blocks, logging at every retry."""
+        topics = self.settings.topics.by_role()
+        deadline, waited = time.monotonic() + TOPIC_WAIT_SECONDS, False
+
+        def look() -> dict[str, set[int] | None]:
+            return {role: consumer.partitions_for_topic(name) for role, name in topics.items()}
+
+        while True:
+            seen = self._outages.wait_for(KAFKA, "look for the topics", look)
+            if not (missing := {role: topics[role] for role, found in seen.items() if not found}):
+                return [TopicPartition(topics["input"], number) for number in sorted(seen["input"])]
             if self._outages.stop.is_set() or time.monotonic() > deadline:
-                raise StreamsinkError(
-                    f"input topic {topic!r} does not exist (or is not visible to this "
-                    "worker); create it with `streamsink topics create`"
+                raise StreamsinkError(_missing_topics(missing))
+            if not waited:
+                log.warning(
+                    "waiting for topics to be created",
+                    topics=list(missing.values()),
+                    seconds=TOPIC_WAIT_SECONDS,
                 )
+            waited = True
             time.sleep(_RETRY_SECONDS)
-        return [TopicPartition(topic, number) for number in sorted(found)]
 
     def _shut_down(self, consumer: KafkaConsumer, inference: threading.Thread) -> None:
         log.info("worker stopping: final checkpoint")
@@ -374,3 +386,13 @@ class KafkaWorker:
         log.warning("partitions lost", partitions=sorted(p.partition for p in lost))
         self._gate.close(lost)
         self._to_inference.put(Lost(frozenset(lost)))
+
+
+def _missing_topics(missing: dict[str, str]) -> str:
+    """Which of the worker's topics (name by role) are missing, and what to do about it."""
+    named = ", ".join(f"{role} topic {name!r}" for role, name in missing.items())
+    one = len(missing) == 1
+    return (
+        f"{named} {'does' if one else 'do'} not exist (or {'is' if one else 'are'} not visible "
+        f"to this worker); create {'it' if one else 'them'} with `streamsink topics create`"
+    )
