@@ -12,6 +12,7 @@ from worker.cli.traffic import consume, produce
 app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
+    rich_markup_mode="markdown",
     help="Running commentary on unbounded text streams with a StreamingLLM cache.",
 )
 app.command()(run)
