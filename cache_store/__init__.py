@@ -1,45 +1,16 @@
-"""Saved stream states: a versioned, pickle-free format and the stores that keep it."""
+"""Saved stream states: a versioned, pickle-free format and the stores that keep it.
+
+The package imports nothing of its own until a store is asked for, so a command that needs
+only the settings (cache_store.redis.settings) starts without torch.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cache_store.codec import FORMAT_VERSION, decode_state, encode_state, read_manifest
-from cache_store.exceptions import (
-    StateCorruptError,
-    StateError,
-    StateForeignError,
-    StateVersionError,
-)
-from cache_store.local import LocalDirStore
-from cache_store.memory import MemoryStore
-from cache_store.memory_partition import MemoryPartitionStore
-from cache_store.partition import PartitionLease, PartitionStore
-from cache_store.redis.store import RedisStore
-from cache_store.state import Expected, StreamState
-from cache_store.store import SaveReport, StateStore
-
-__all__ = [
-    "FORMAT_VERSION",
-    "Expected",
-    "LocalDirStore",
-    "MemoryPartitionStore",
-    "MemoryStore",
-    "PartitionLease",
-    "PartitionStore",
-    "RedisStore",
-    "SaveReport",
-    "StateCorruptError",
-    "StateError",
-    "StateForeignError",
-    "StateStore",
-    "StateVersionError",
-    "StreamState",
-    "decode_state",
-    "encode_state",
-    "from_url",
-    "read_manifest",
-]
+if TYPE_CHECKING:
+    from cache_store.store import StateStore
 
 
 def from_url(url: str, **redis_options: object) -> StateStore:
@@ -49,10 +20,16 @@ def from_url(url: str, **redis_options: object) -> StateStore:
     """
     scheme, _, rest = url.partition(":")
     if scheme == "dir" and rest:
+        from cache_store.local import LocalDirStore
+
         return LocalDirStore(Path(rest).expanduser())
     if scheme in ("redis", "rediss", "unix"):
+        from cache_store.redis.store import RedisStore
+
         return RedisStore(url, **redis_options)
     if url == "memory:":
+        from cache_store.memory import MemoryStore
+
         return MemoryStore()
     raise ValueError(
         f"unknown state store URL {url!r}; accepted: 'dir:PATH' (states in a local directory), "

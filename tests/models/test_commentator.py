@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cache_store import LocalDirStore, MemoryStore
 from cache_store.exceptions import StateCorruptError, StateForeignError
+from cache_store.local import LocalDirStore
+from cache_store.memory import MemoryStore
 from tests.cache_probes import kept_token_ids
 from tests.models.tiny_models import tiny_loaded, tiny_variant
 from worker.exceptions import CacheCapacityError

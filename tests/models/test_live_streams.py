@@ -30,7 +30,8 @@ from worker.runtime.inference_loop import InferenceLoop
 from worker.runtime.kafka_settings import GroupSettings, WorkerSettings
 from worker.runtime.local_run import Runner, RunSettings
 from worker.stream.live_budget import LiveBudget
-from worker.stream.processor import ProcessSettings, StreamProcessor
+from worker.stream.process_settings import ProcessSettings
+from worker.stream.processor import StreamProcessor
 from worker.stream.records import Record
 
 STREAMS = [f"svc{i:02d}" for i in range(12)]

@@ -19,7 +19,7 @@ from worker.runtime.local_run import Runner, RunSettings
 from worker.stream.chat_format import Prompt
 from worker.stream.commentator import Commentator
 from worker.stream.policy import CommentaryPolicy
-from worker.stream.processor import BadStatePolicy, ProcessSettings
+from worker.stream.process_settings import BadStatePolicy, ProcessSettings
 
 LINES = [f"svc{i % 2}|12:00:{i:02d} INFO request {i} took {i * 7}ms" for i in range(30)]
 

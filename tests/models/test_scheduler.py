@@ -6,10 +6,10 @@ import torch
 
 from tests.models.tiny_models import VOCAB, tiny_loaded
 from worker.exceptions import CacheDamagedError
-from worker.model.cache_settings import CacheSettings
+from worker.model.cache_settings import BatchSettings, CacheSettings
 from worker.model.decoder import Decoder
 from worker.model.sampling import Sampler
-from worker.model.scheduler import BatchSettings, GenerationRequest, Prefill, Scheduler
+from worker.model.scheduler import GenerationRequest, Prefill, Scheduler
 from worker.stream.chat_format import Prompt
 from worker.stream.commentator import Commentator, StreamInput
 from worker.stream.policy import CommentaryPolicy

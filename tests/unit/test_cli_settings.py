@@ -15,7 +15,7 @@ from worker.cli.app import app
 from worker.cli.option_groups import option_group, uses_groups
 from worker.io.kafka_connection import KafkaConnection
 from worker.io.topics import TopicNames
-from worker.stream.processor import ProcessSettings
+from worker.stream.process_settings import ProcessSettings
 
 CLI = Path(__file__).resolve().parents[2] / "worker" / "cli"
 

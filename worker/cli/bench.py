@@ -8,16 +8,15 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
-import torch
 import typer
 
 from cache_store.redis.settings import RedisSettings
 from worker.cli.console import err, exit_on_known_errors
 from worker.cli.option_groups import uses_groups
 from worker.cli.options import JsonOption, ModelChoice, connect
-from worker.model.loading import LoadedModel, load_random
 
 if TYPE_CHECKING:
+    from worker.model.loading import LoadedModel
     from worker.tools.llama_cpp_bench import LlamaCpp
 
 app = typer.Typer(no_args_is_help=True, help="Side-by-side speed figures in one run.")
@@ -57,6 +56,8 @@ def decode(
 
 def _load(model: ModelChoice, random_config: Path | None) -> LoadedModel:
     """The chosen model, or one of random weights from `random_config`."""
+    from worker.model.loading import load_random
+
     if random_config is None:
         return model.load()
     model.use_threads()
@@ -112,6 +113,8 @@ def throughput(
 
 def _llama_cpp(spec: str, models: list[LoadedModel]) -> LlamaCpp | None:
     """llama.cpp on the float32 model's weights, or None (and why, on stderr)."""
+    import torch
+
     from worker.tools import llama_cpp_bench
 
     float32 = [loaded for loaded in models if loaded.dtype == torch.float32]

@@ -1,12 +1,16 @@
-"""`streamsink doctor`: can a worker run here? Kafka, Redis, the model, the GPU, in plain words."""
+"""`streamsink doctor`: can a worker run here? Kafka, Redis, the model, the GPU, in plain words.
+
+torch and the model code are imported by the checks that use them, as in every CLI module:
+the command line starts without them.
+"""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-import torch
 import typer
 from kafka.admin import KafkaAdminClient
 from kafka.errors import KafkaError
@@ -18,10 +22,10 @@ from worker.cli.options import JsonOption, ModelChoice, connect
 from worker.exceptions import StreamsinkError
 from worker.io.kafka_connection import KafkaConnection
 from worker.io.topics import TopicNames
-from worker.model import cpu_kernels, decode_kernel
-from worker.model.batch_invariance import PackedLinear
 from worker.model.cache_settings import CacheSettings
-from worker.model.loading import LoadedModel, load_model
+
+if TYPE_CHECKING:
+    from worker.model.loading import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,8 @@ def check_redis(redis: RedisSettings) -> Check:
 
 
 def check_model(model: ModelChoice, cache_tokens: int) -> Check:
+    from worker.model.loading import load_model
+
     threads = model.use_threads()
     try:
         loaded = load_model(model.spec, model.device, dtype=model.dtype)
@@ -94,6 +100,9 @@ def check_model(model: ModelChoice, cache_tokens: int) -> Check:
 def _cpu_kernels(loaded: LoadedModel) -> str:
     """Which kernels a CPU worker's forwards run: ours (cpu_kernels.py), or the stock ones and
     why."""
+    from worker.model import cpu_kernels, decode_kernel
+    from worker.model.batch_invariance import PackedLinear
+
     if loaded.device.type != "cpu":
         return ""
     kernels = cpu_kernels.status()
@@ -109,6 +118,8 @@ def _cpu_kernels(loaded: LoadedModel) -> str:
 
 
 def check_gpu(device: str) -> Check:
+    import torch
+
     if not torch.cuda.is_available():
         if device == "cuda":
             return Check("gpu", False, "--device cuda, but torch sees no CUDA GPU")

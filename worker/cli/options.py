@@ -2,17 +2,19 @@
 
 Each option also reads an environment variable, as pods set them. A group builds the frozen
 settings object of its concern; the commands take those objects, never loose values.
+
+Settings are plain objects, and what needs torch (the model, the stores' states) is imported
+where it is used, so `--help` and the commands that need no model start at once.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from cache_store.redis.settings import DEFAULT_KEY_PREFIX, DEFAULT_REDIS_URL, RedisSettings
-from cache_store.redis.store import RedisStore
 from worker.cli.console import err
 from worker.cli.option_groups import option_group
 from worker.io.file_source import LineKeys
@@ -23,18 +25,20 @@ from worker.io.topics import (
     DEFAULT_OUTPUT_TOPIC,
     TopicNames,
 )
-from worker.model.cache_settings import CacheSettings
-from worker.model.loading import LoadedModel, load_model
+from worker.model.cache_settings import BatchSettings, CacheSettings
 from worker.model.packaged_models import DEFAULT_MODEL
-from worker.model.scheduler import BatchSettings
 from worker.ops.cpu_threads import apply_threads, available_cpus
 from worker.runtime.checkpoint_schedule import CheckpointSchedule
 from worker.runtime.kafka_settings import GroupSettings
 from worker.runtime.state_loss import StateLossPolicy
 from worker.stream.chat_format import DEFAULT_INSTRUCTION, DEFAULT_REQUEST, Prompt
 from worker.stream.policy import CommentaryPolicy
-from worker.stream.processor import BadStatePolicy, ProcessSettings
+from worker.stream.process_settings import BadStatePolicy, ProcessSettings
 from worker.stream.records import DEFAULT_MAX_RECORD_BYTES
+
+if TYPE_CHECKING:
+    from cache_store.redis.store import RedisStore
+    from worker.model.loading import LoadedModel
 
 JsonOption = Annotated[bool, typer.Option("--json", help="machine-readable JSON on stdout")]
 
@@ -146,6 +150,8 @@ def redis_options(
 
 def open_store(redis: RedisSettings, retry_seconds: float = 30.0) -> RedisStore:
     """A store on the configured Redis, not asked anything yet (a worker waits for Redis)."""
+    from cache_store.redis.store import RedisStore
+
     return RedisStore(
         redis.url,
         redis.prefix,
@@ -178,6 +184,8 @@ class ModelChoice:
 
     def load(self) -> LoadedModel:
         """Load it with a spinner on stderr that says what is going on (fetch, convert, load)."""
+        from worker.model.loading import load_model
+
         self.use_threads()
         with err.status("loading model") as status:
             return load_model(

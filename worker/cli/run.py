@@ -7,7 +7,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import structlog
 import typer
@@ -21,19 +21,20 @@ from worker.io.file_source import FileSource, LineKeys
 from worker.io.kafka_connection import KafkaConnection
 from worker.io.outputs import JsonLinesOutput, TextOutput
 from worker.io.topics import TopicNames
-from worker.model.cache_settings import CacheSettings
-from worker.model.scheduler import BatchSettings
+from worker.model.cache_settings import BatchSettings, CacheSettings
 from worker.ops.health import Health, serve
 from worker.ops.logs import configure_logging
 from worker.ops.metrics import WorkerMetrics
 from worker.runtime.checkpoint_schedule import CheckpointSchedule
-from worker.runtime.kafka_run import KafkaWorker
 from worker.runtime.kafka_settings import GroupSettings, WorkerSettings
-from worker.runtime.local_run import Runner, RunSettings
 from worker.stream.chat_format import Prompt
-from worker.stream.commentator import Commentator
 from worker.stream.policy import CommentaryPolicy
-from worker.stream.processor import ProcessSettings
+from worker.stream.process_settings import ProcessSettings
+
+if TYPE_CHECKING:
+    from worker.stream.commentator import Commentator
+
+    Start = Callable[[Commentator, WorkerMetrics, Health], None]
 
 log = structlog.get_logger("streamsink.cli")
 
@@ -118,13 +119,15 @@ def run(
     metrics_port = operations.metrics_port
     with exit_on_known_errors():
         if kafka is None:
-            start = _local_run(local, keys, RunSettings(schedule, process), stop)
+            start = _local_run(local, keys, schedule, process, stop)
         else:
             start = _kafka_run(kafka, redis, WorkerSettings(topics, group, schedule, process), stop)
             metrics_port = DEFAULT_METRICS_PORT if metrics_port is None else metrics_port
         server = None if metrics_port is None else serve(metrics, health, port=metrics_port)
         if server is not None:
             log.info("serving metrics", port=server.port)
+        from worker.stream.commentator import Commentator  # torch: once the inputs are checked
+
         commentator = Commentator(model.load(), cache, policy, prompt, batching)
         health.model_loaded = True
         start(commentator, metrics, health)
@@ -133,16 +136,20 @@ def run(
     typer.echo(_summary_line(metrics), err=True)
 
 
-Start = Callable[[Commentator, WorkerMetrics, Health], None]
-
-
 def _local_run(
-    local: LocalInput, keys: LineKeys, settings: RunSettings, stop: threading.Event
+    local: LocalInput,
+    keys: LineKeys,
+    schedule: CheckpointSchedule,
+    process: ProcessSettings,
+    stop: threading.Event,
 ) -> Start:
     """Check the local run's inputs before the model loads; return what starts it."""
     path = local.source.removeprefix("file:")
     if path != "-" and not Path(path).is_file():
         raise ValueError(f"no file at {path!r}; pass --source file:PATH or - for stdin")
+    from worker.runtime.local_run import Runner, RunSettings
+
+    settings = RunSettings(schedule, process)
     store = from_url(local.state)
     lines = FileSource(path, keys, local.follow)
     _stop_on_signals(stop, lines.stop)
@@ -162,6 +169,8 @@ def _kafka_run(
     stop: threading.Event,
 ) -> Start:
     """Return what starts the worker; it waits for Redis and the brokers if they are down."""
+    from worker.runtime.kafka_run import KafkaWorker
+
     store = open_store(redis)
     _stop_on_signals(stop)
 

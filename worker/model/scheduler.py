@@ -29,22 +29,12 @@ from typing import Any, TypeVar
 import torch
 
 from worker.exceptions import StreamsinkError
+from worker.model.cache_settings import BatchSettings
 from worker.model.decoder import Decoder
 from worker.model.sampling import Sampler
 from worker.model.sink_cache import SinkCache
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class BatchSettings:
-    """How many streams decode in one forward at most: None, every one due; 1, one at a time."""
-
-    max_batch: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.max_batch is not None and self.max_batch < 1:
-            raise ValueError(f"--max-batch must be at least 1, not {self.max_batch}")
 
 
 @dataclass(frozen=True)

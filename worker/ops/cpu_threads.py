@@ -14,8 +14,6 @@ import math
 import os
 from pathlib import Path
 
-import torch
-
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
@@ -65,6 +63,8 @@ def apply_threads(count: int) -> int:
     that be set once, before any parallel work); the count applied."""
     if count < 1:
         raise ValueError(f"--threads must be at least 1, not {count}")
+    import torch  # here, not at the top: the CLI reads the quota before torch is needed
+
     torch.set_num_threads(count)
     # Refused once set or once parallel work has started: the intra-op pool is what counts.
     with contextlib.suppress(RuntimeError):

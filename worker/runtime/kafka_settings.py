@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from worker.io.topics import TopicNames
 from worker.runtime.checkpoint_schedule import CheckpointSchedule
 from worker.runtime.state_loss import StateLossPolicy
-from worker.stream.processor import ProcessSettings
+from worker.stream.process_settings import ProcessSettings
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ from worker.io.outputs import CommentaryOutput
 from worker.ops.metrics import WorkerMetrics
 from worker.runtime.checkpoint_schedule import CheckpointClock, CheckpointSchedule
 from worker.stream.commentator import Commentator
-from worker.stream.processor import ProcessSettings, StreamProcessor
+from worker.stream.process_settings import ProcessSettings
+from worker.stream.processor import StreamProcessor
 from worker.stream.records import Record
 from worker.stream.session_state import expected_writer
 

@@ -17,11 +17,11 @@ import torch
 from transformers import LogitsProcessorList
 
 from worker.exceptions import StreamsinkError
-from worker.model.cache_settings import CacheSettings
+from worker.model.cache_settings import BatchSettings, CacheSettings
 from worker.model.decoder import Decoder
 from worker.model.loading import LoadedModel
 from worker.model.sampling import Sampler, repetition_controls
-from worker.model.scheduler import BatchSettings, GenerationRequest, Job, Prefill, Scheduler
+from worker.model.scheduler import GenerationRequest, Job, Prefill, Scheduler
 from worker.model.sink_cache import SinkCache
 from worker.stream.chat_format import ChatFormat, Prompt
 from worker.stream.policy import CommentaryPolicy

@@ -15,7 +15,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Generic, TypeVar
 
 import structlog
@@ -33,7 +32,8 @@ from worker.model.scheduler import Job
 from worker.ops.metrics import WorkerMetrics
 from worker.stream.commentator import Commentator
 from worker.stream.live_budget import LiveBudget
-from worker.stream.records import DEFAULT_MAX_RECORD_BYTES, Commentary, Record, decode_record
+from worker.stream.process_settings import BadStatePolicy, ProcessSettings
+from worker.stream.records import Commentary, Record, decode_record
 from worker.stream.session import StreamSession
 from worker.stream.session_state import forget_stored, mark_saved, restore, snapshot
 
@@ -44,21 +44,6 @@ SetAside = tuple[Record, BadRecordError]  # a record the run could not apply, an
 LiveKey = tuple["StreamProcessor", str]  # a live cache in a budget the processors share
 Committed = TypeVar("Committed")
 T = TypeVar("T")
-
-
-class BadStatePolicy(StrEnum):
-    """What to do with a stream whose saved state cannot be used (corrupt, another model)."""
-
-    SKIP = "skip"  # leave the state alone and set the stream's records aside (dead letters)
-    RESTART = "restart"  # start afresh, seq from 0 again; the bad state is replaced
-
-
-@dataclass(frozen=True)
-class ProcessSettings:
-    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
-    # Skipping is the default: a restarted stream would reuse seq numbers consumers have seen.
-    on_bad_state: BadStatePolicy = BadStatePolicy.SKIP
-    max_live_streams: int | None = None  # caches kept in memory; None: every stream seen
 
 
 @dataclass(frozen=True)
