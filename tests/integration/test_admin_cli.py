@@ -98,6 +98,20 @@ def test_topics_create_is_idempotent_and_describe_reports_them(kafka_service) ->
     assert described[0]["retention_ms"] == 7 * 24 * 3600 * 1000
 
 
+def test_produce_and_consume_refuse_a_missing_topic_at_once(kafka_service, tmp_path) -> None:
+    """A producer would wait a minute for the topic and fail with a timeout, and a consumer
+    would wait for it forever (here, until its 5 idle seconds end with no error)."""
+    name = f"cli{uuid.uuid4().hex[:8]}"
+    lines = tmp_path / "app.log"
+    lines.write_text("INFO one\nINFO two\n")
+    brokers = ["--bootstrap-servers", kafka_service.bootstrap]
+    produced = _invoke("produce", str(lines), "--stream", "s", *brokers, "--input-topic", name)
+    consumed = _invoke("consume", "--idle-seconds", "5", *brokers, "--output-topic", name)
+    for result in (produced, consumed):
+        assert result.exit_code == 2
+        assert f"topic '{name}' does not exist; create it with" in " ".join(result.output.split())
+
+
 @pytest.mark.real_model
 def test_doctor_says_what_is_wrong_in_plain_words(kafka_service, redis_service) -> None:
     name = f"doc{uuid.uuid4().hex[:8]}"

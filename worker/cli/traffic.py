@@ -9,9 +9,12 @@ from typing import Annotated
 
 import typer
 from kafka import KafkaConsumer, KafkaProducer
+from kafka.admin import KafkaAdminClient
 
+from worker.cli.console import exit_on_known_errors
 from worker.cli.option_groups import uses_groups
 from worker.cli.options import JsonOption, require_brokers
+from worker.exceptions import StreamsinkError
 from worker.io.file_source import LineKeys
 from worker.io.kafka_connection import KafkaConnection
 from worker.io.outputs import JsonLinesOutput, TextOutput
@@ -31,16 +34,18 @@ def produce(
         raise typer.BadParameter("give exactly one of --stream or --key-separator")
     if file != "-" and not Path(file).is_file():
         raise typer.BadParameter(f"no file at {file!r}")
-    producer = KafkaProducer(**require_brokers(kafka).client_config(), acks="all")
-    handle = sys.stdin.buffer if file == "-" else open(file, "rb")  # noqa: SIM115
-    sent = 0
-    with handle:
-        for line in handle:
-            key, value = keys.split(line.rstrip(b"\r\n"))
-            producer.send(topics.input, key=key, value=value)
-            sent += 1
-    producer.flush()
-    producer.close()
+    with exit_on_known_errors():
+        connection = _require_topic(kafka, topics.input)
+        producer = KafkaProducer(**connection.client_config(), acks="all")
+        handle = sys.stdin.buffer if file == "-" else open(file, "rb")  # noqa: SIM115
+        sent = 0
+        with handle:
+            for line in handle:
+                key, value = keys.split(line.rstrip(b"\r\n"))
+                producer.send(topics.input, key=key, value=value)
+                sent += 1
+        producer.flush()
+        producer.close()
     typer.echo(f"sent {sent} records to {topics.input}", err=True)
 
 
@@ -56,10 +61,13 @@ def consume(
     json_output: JsonOption = False,
 ) -> None:
     """Follow the commentary topic, one line per commentary (no consumer group: reads only)."""
+    with exit_on_known_errors():
+        connection = _require_topic(kafka, topics.output)
     consumer = KafkaConsumer(
         topics.output,
-        **require_brokers(kafka).client_config(),
+        **connection.client_config(),
         group_id=None,
+        allow_auto_create_topics=False,
         auto_offset_reset="earliest" if from_beginning else "latest",
         consumer_timeout_ms=int(idle_seconds * 1000) if idle_seconds else float("inf"),
     )
@@ -79,3 +87,18 @@ def consume(
         pass
     finally:
         consumer.close()
+
+
+def _require_topic(kafka: KafkaConnection | None, topic: str) -> KafkaConnection:
+    """The connection, once the brokers said they have `topic`. Asked first, since a producer
+    waits a minute for a missing topic and then fails, and a consumer waits for it forever."""
+    connection = require_brokers(kafka)
+    admin = KafkaAdminClient(**connection.client_config())
+    try:
+        if topic not in admin.list_topics():
+            raise StreamsinkError(
+                f"topic {topic!r} does not exist; create it with `streamsink topics create`"
+            )
+    finally:
+        admin.close()
+    return connection
