@@ -55,7 +55,7 @@ from worker.stream.commentator import Commentator
 
 log = structlog.get_logger("streamsink.worker")
 
-_RETRY_SECONDS = 1.0  # pause between looks for the input topic
+_RETRY_SECONDS = 1.0  # pause between looks for the topics
 TOPIC_WAIT_SECONDS = 60.0  # how long a starting worker waits for its topics to appear
 BOOTSTRAP_TIMEOUT_MS = 10_000  # one attempt to reach the brokers, as a client is made
 PROBE_SECONDS, PROBE_TIMEOUT_MS = 2.0, 2_000  # how often the brokers are asked, how long
