@@ -147,10 +147,10 @@ def _local_run(
     path = local.source.removeprefix("file:")
     if path != "-" and not Path(path).is_file():
         raise ValueError(f"no file at {path!r}; pass --source file:PATH or - for stdin")
+    store = from_url(local.state)
     from worker.runtime.local_run import Runner, RunSettings
 
     settings = RunSettings(schedule, process)
-    store = from_url(local.state)
     lines = FileSource(path, keys, local.follow)
     _stop_on_signals(stop, lines.stop)
     output = JsonLinesOutput() if local.json_output else TextOutput()
