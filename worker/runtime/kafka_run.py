@@ -230,7 +230,7 @@ class KafkaWorker:
                     topics=list(missing.values()),
                     seconds=TOPIC_WAIT_SECONDS,
                 )
-            waited = True
+                waited = True
             time.sleep(_RETRY_SECONDS)
 
     def _shut_down(self, consumer: KafkaConsumer, inference: threading.Thread) -> None:
