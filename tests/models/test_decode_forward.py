@@ -8,6 +8,7 @@ import torch
 from tests.models.tiny_models import VOCAB, tiny_model
 from worker.model import decode_forward
 from worker.model.batch_cache import batch_forward
+from worker.model.batch_invariance import make_batch_invariant
 from worker.model.decoder import forward_step
 from worker.model.kv_pool import KVPool
 from worker.model.sink_cache import SinkCache
@@ -32,13 +33,17 @@ def _streams(model: torch.nn.Module) -> list[SinkCache]:
 WHOLE_PANELS = {"hidden_size": 96, "intermediate_size": 96, "head_dim": 24}  # 96 and 48 outputs
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("name", ["llama", "llama-yarn", "llama3-scaled", "mistral", "qwen2"])
 @torch.inference_mode()
-def test_rows_get_the_bits_of_transformers_forward(name: str, fused: bool, monkeypatch) -> None:
+def test_rows_get_the_bits_of_transformers_forward(
+    name: str, fused: bool, dtype: torch.dtype, monkeypatch
+) -> None:
     """With projections of whole panels, the layer's query, key and value run as one call,
-    its gate and up as another."""
-    model = tiny_model(name, **(WHOLE_PANELS if fused else {}))
+    its gate and up as another; its rotary is one call in either dtype."""
+    model = tiny_model(name, **(WHOLE_PANELS if fused else {})).to(dtype)
+    make_batch_invariant(model)  # packed anew for the dtype, as a loaded model is
     layer = model.base_model.layers[0]
     groups = [
         getattr(layer.self_attn, "streamsink_qkv", None),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import LlamaConfig
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from tests.models.float_order import fused_multiply_add
 from tests.models.tiny_models import VOCAB, tiny_model
@@ -203,6 +203,34 @@ def test_queries_are_the_bits_of_the_scaled_query_and_its_turn(
     assert torch.equal(both, torch.stack((made, turned), dim=2))
     unturned = decode_kernel.queries(query, scale, None, KV_HEADS)
     assert torch.equal(unturned, torch.stack((made, made), dim=2))
+
+
+@pytest.mark.parametrize("dims", [64, 24])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_rotary_has_the_bits_of_the_models_rotary_function(
+    dims: int, dtype: torch.dtype
+) -> None:
+    """As the model hands them over: views of one projection's outputs [rows, 1, width],
+    at in-cache positions far apart (large angles round differently)."""
+    config = LlamaConfig(hidden_size=2 * dims, num_attention_heads=2, head_dim=dims)
+    rotary_embedding = LlamaRotaryEmbedding(config)
+    generator = torch.Generator().manual_seed(dims)
+    heads, groups = KV_HEADS * 3, 3
+    projected = torch.randn(ROWS, 1, (heads + KV_HEADS) * dims, generator=generator).to(dtype)
+    query, key = (
+        part.view(ROWS, 1, -1, dims).transpose(1, 2)
+        for part in projected.split([heads * dims, KV_HEADS * dims], dim=-1)
+    )
+    positions = torch.tensor([[0], [517], [4093]])
+    cos, sin = rotary_embedding(projected, positions)
+    expected = apply_rotary_pos_emb(query, key, cos, sin)
+    turned = decode_kernel.rotary(query, key, cos, sin)
+    assert all(torch.equal(ours, theirs) for ours, theirs in zip(turned, expected, strict=True))
+    assert turned[0].shape == (ROWS, groups * KV_HEADS, 1, dims)
+    with pytest.raises(RuntimeError, match="cos and sin must be"):
+        decode_kernel.rotary(
+            query, key, cos.float() if dtype != torch.float32 else cos.double(), sin
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -8,18 +8,21 @@ Mistral, Qwen2: a norm, attention with rotary, a norm, a gated MLP, each added t
 the step calls the model's own modules and functions in the order its forward does, so a row
 gets transformers' bits (the tests check it for each of them), and skips the rest. Where our
 kernel packs them, a layer's query, key and value projections run as one call, and its MLP's
-gate and up projections as another (batch_invariance.FusedLinears: the same bits).
+gate and up projections as another (batch_invariance.FusedLinears: the same bits), and where
+decode_kernel.py's kernels run, the family's rotary function is one call (the same bits).
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from worker.model import decode_kernel
 from worker.model.attention import ATTENTION, attention
 from worker.model.batch_invariance import fused
 from worker.model.layer_kinds import is_hybrid
@@ -49,8 +52,7 @@ def forward(
     hidden = body.embed_tokens(tokens[:, None])
     cos, sin = body.rotary_emb(hidden, positions)
     mask = batch.attention_mask()
-    # the family's own rotary function, as its attention calls it
-    rotate = sys.modules[type(body.layers[0].self_attn).__module__].apply_rotary_pos_emb
+    rotate = _rotary(body, hidden)
     for index, layer in enumerate(body.layers):
         attn = layer.self_attn
         normed = layer.input_layernorm(hidden)
@@ -62,6 +64,14 @@ def forward(
         hidden = hidden + attn.o_proj(out.reshape(*normed.shape[:-1], -1).contiguous())
         hidden = hidden + _mlp(layer.mlp, layer.post_attention_layernorm(hidden))
     return model.lm_head(body.norm(hidden))[:, -1]
+
+
+def _rotary(body: nn.Module, hidden: torch.Tensor) -> Callable[..., tuple[torch.Tensor, ...]]:
+    """The family's rotary function, as its attention calls it: the kernel's one call where it
+    takes the step, else the function itself."""
+    if decode_kernel.takes_rotary(hidden):
+        return decode_kernel.rotary
+    return sys.modules[type(body.layers[0].self_attn).__module__].apply_rotary_pos_emb
 
 
 def _projections(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -1,7 +1,7 @@
 """A batched decode step's two attention matmuls as CPU kernels of our own
 (kernels/decode_attention.cpp, built by cpu_kernels.py), and what the step does to each row
-around them (kernels/decode_rows.cpp): the new key and value stored, the query scaled and
-turned.
+around them (kernels/decode_rows.cpp): the new query and key turned by the model's rotary,
+the key and value stored, the query scaled and turned.
 
 A decode step's attention reads every row's whole cache for one query per head: at 16 streams
 of 1024 tokens, 720 MB a step in fp32, and it took two thirds of the step. MKL's batched GEMM
@@ -13,7 +13,9 @@ another device or dtype, attention runs through torch's matmuls.
 Around the matmuls, a layer of a step made some sixty small torch calls of its own (the key's
 turn and the slot writes, the query's scale, turn and layout, the mask), a few microseconds
 each: 3 to 7 ms of a one-stream bfloat16 step of 24 to 29 ms. `store` and `queries` make them
-two calls, and `scores` adds the mask, with the same bits (see decode_rows.cpp).
+two calls, and `scores` adds the mask, with the same bits (see decode_rows.cpp). The model's
+own rotary function, sixteen more calls a layer (a quarter of the small ops' time that was
+left), is `rotary`'s one.
 """
 
 from __future__ import annotations
@@ -41,6 +43,21 @@ def takes(keys: torch.Tensor, values: torch.Tensor) -> bool:
         )
         and cpu_kernels.status().ready
     )
+
+
+def takes_rotary(query: torch.Tensor) -> bool:
+    """Whether `rotary` computes the model's rotary of this step's query (and its key)."""
+    return query.device.type == "cpu" and query.dtype in DTYPES and cpu_kernels.status().ready
+
+
+def rotary(
+    query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A step's query [rows, heads, 1, dims] and key [rows, kv heads, 1, dims] turned to their
+    in-cache positions by the model's rotary embedding (cos and sin [rows, 1, dims] of their
+    dtype): the bits of transformers' apply_rotary_pos_emb (each product rounded, then the
+    sum), in one call."""
+    return torch.ops.streamsink.decode_rotary(query, key, cos, sin)
 
 
 Turning = tuple[torch.Tensor, torch.Tensor] | None  # a RotaryScheme's cos and sin, or none

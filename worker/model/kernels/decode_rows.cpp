@@ -1,13 +1,16 @@
 // What a batched decode step does to each row around attention's two matmuls (see
-// decode_kernel.py), in two calls a layer where it made some sixty small torch calls:
+// decode_kernel.py), in three calls a layer where it made some seventy small torch calls:
+// - decode_rotary turns each row's new query and key to its in-cache position, as the model's
+//   own rotary function (transformers' apply_rotary_pos_emb) does;
 // - decode_store writes each row's new key, turned from its in-cache position to its stream
 //   position, and its new value into the row's slot of the pool;
 // - decode_queries scales each row's query and turns a copy into the stream's frame, laid out
 //   as decode_scores reads them.
 //
-// Each result has the bits of the torch ops it replaces (positions._rotate and the products
-// beside it), element by element: a product rounded to the dtype the ops run in, then each
-// rotate-half term added by one fused multiply-add (torch's addcmul) and rounded to it. So
+// Each result has the bits of the torch ops it replaces, element by element. The model's
+// rotary is two products and a sum, each rounded to the model's dtype; our turns
+// (positions._rotate and the products beside it) round a product to the dtype the ops run in,
+// then add each rotate-half term by one fused multiply-add (torch's addcmul) and round it. So
 // the kernels change no bit of a stream's output; they only make fewer calls.
 
 #include <ATen/core/Tensor.h>
@@ -19,6 +22,7 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <tuple>
 
 #include "attention_inputs.h"
 
@@ -40,6 +44,19 @@ __attribute__((target("fma"))) void rotate_half(const X* x, const C* cos, const 
   for (int64_t i = half; i < rotary; ++i)
     out[i] = static_cast<R>(std::fma(static_cast<float>(x[i - half]),
                                      static_cast<float>(sin[i]), static_cast<float>(out[i])));
+}
+
+// out = x * cos + rotate_half(x) * sin over all `dims`, as transformers' rotary computes it on
+// tensors of T: each product rounded to T, then their sum (no fused multiply-add).
+template <typename T>
+void model_rotate_half(const T* x, const T* cos, const T* sin, int64_t dims, T* out) {
+  int64_t half = dims / 2;
+  for (int64_t i = 0; i < dims; ++i) {
+    float halved = i < half ? -static_cast<float>(x[half + i]) : static_cast<float>(x[i - half]);
+    T made = static_cast<T>(static_cast<float>(x[i]) * static_cast<float>(cos[i]));
+    T turned = static_cast<T>(halved * static_cast<float>(sin[i]));
+    out[i] = static_cast<T>(static_cast<float>(made) + static_cast<float>(turned));
+  }
 }
 
 // cos and sin [rows, ..., rotary dims], each row's last dim one after another, or none.
@@ -179,6 +196,48 @@ at::Tensor decode_queries(const at::Tensor& query, double scale,
   return out;
 }
 
+template <typename T>
+void rotary_rows(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                 at::Tensor& out) {
+  int64_t rows = x.size(0), heads = x.size(1), dims = x.size(3);
+  for (int64_t row = 0; row < rows; ++row) {
+    const T* c = cos.data_ptr<T>() + row * dims;
+    const T* s = sin.data_ptr<T>() + row * dims;
+    for (int64_t head = 0; head < heads; ++head)
+      model_rotate_half(x.data_ptr<T>() + row * x.stride(0) + head * x.stride(1), c, s, dims,
+                        out.data_ptr<T>() + (row * heads + head) * dims);
+  }
+}
+
+// query [rows, heads, 1, dims] and key [rows, kv heads, 1, dims] of float32 or bfloat16, as the
+// model's projections made them (views, each head's dims one after another); cos and sin
+// [rows, 1, dims] of their dtype, the model's rotary embedding at each row's in-cache position.
+// -> both turned, contiguous, with the bits of the model's rotary function.
+std::tuple<at::Tensor, at::Tensor> decode_rotary(const at::Tensor& query, const at::Tensor& key,
+                                                 const at::Tensor& cos, const at::Tensor& sin) {
+  at::ScalarType dtype = query.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "query must be float32 or bfloat16");
+  int64_t rows = query.size(0), dims = query.size(3);
+  TORCH_CHECK(dims % 2 == 0, "head dims must be even");
+  check_rows(query, "query", dtype, rows, query.size(1), dims);
+  check_rows(key, "key", dtype, rows, key.size(1), dims);
+  TORCH_CHECK(query.size(2) == 1 && key.size(2) == 1, "query and key must be of one token");
+  for (const at::Tensor* t : {&cos, &sin})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == dtype && t->is_contiguous() &&
+                    t->numel() == rows * dims && t->size(0) == rows && t->size(-1) == dims,
+                "cos and sin must be contiguous [rows, 1, dims] of the query's dtype");
+  at::Tensor turned_query = at::empty(query.sizes(), query.options());
+  at::Tensor turned_key = at::empty(key.sizes(), key.options());
+  if (dtype == at::kFloat) {
+    rotary_rows<float>(query, cos, sin, turned_query);
+    rotary_rows<float>(key, cos, sin, turned_key);
+  } else {
+    rotary_rows<at::BFloat16>(query, cos, sin, turned_query);
+    rotary_rows<at::BFloat16>(key, cos, sin, turned_key);
+  }
+  return {turned_query, turned_key};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(streamsink, m) {
@@ -186,9 +245,11 @@ TORCH_LIBRARY_FRAGMENT(streamsink, m) {
       "decode_store(Tensor(a!) keys, Tensor(b!) values, Tensor new_keys, Tensor new_values, "
       "Tensor slots, Tensor? cos, Tensor? sin) -> ()");
   m.def("decode_queries(Tensor query, float scale, Tensor? cos, Tensor? sin, int kv_heads) -> Tensor");
+  m.def("decode_rotary(Tensor query, Tensor key, Tensor cos, Tensor sin) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(streamsink, CPU, m) {
   m.impl("decode_store", &decode_store);
   m.impl("decode_queries", &decode_queries);
+  m.impl("decode_rotary", &decode_rotary);
 }
