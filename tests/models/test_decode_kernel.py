@@ -217,6 +217,11 @@ def test_the_rotary_has_the_bits_of_the_models_rotary_function(
     generator = torch.Generator().manual_seed(dims)
     heads, groups = KV_HEADS * 3, 3
     projected = torch.randn(ROWS, 1, (heads + KV_HEADS) * dims, generator=generator).to(dtype)
+    # what rounds past the largest float, or is no number, in both halves of a head
+    special = torch.tensor([float("inf"), -float("inf"), float("nan"), 3e38, -3e38])
+    projected[0, 0, : len(special)] = projected[1, 0, dims // 2 : dims // 2 + len(special)] = (
+        special.to(dtype)
+    )
     query, key = (
         part.view(ROWS, 1, -1, dims).transpose(1, 2)
         for part in projected.split([heads * dims, KV_HEADS * dims], dim=-1)
@@ -225,7 +230,8 @@ def test_the_rotary_has_the_bits_of_the_models_rotary_function(
     cos, sin = rotary_embedding(projected, positions)
     expected = apply_rotary_pos_emb(query, key, cos, sin)
     turned = decode_kernel.rotary(query, key, cos, sin)
-    assert all(torch.equal(ours, theirs) for ours, theirs in zip(turned, expected, strict=True))
+    for ours, theirs in zip(turned, expected, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0, equal_nan=True)
     assert turned[0].shape == (ROWS, groups * KV_HEADS, 1, dims)
     with pytest.raises(RuntimeError, match="cos and sin must be"):
         decode_kernel.rotary(

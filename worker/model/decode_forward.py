@@ -69,9 +69,10 @@ def forward(
 def _rotary(body: nn.Module, hidden: torch.Tensor) -> Callable[..., tuple[torch.Tensor, ...]]:
     """The family's rotary function, as its attention calls it: the kernel's one call where it
     takes the step, else the function itself."""
-    if decode_kernel.takes_rotary(hidden):
+    attn = body.layers[0].self_attn
+    if decode_kernel.takes_rotary(hidden, attn.head_dim):
         return decode_kernel.rotary
-    return sys.modules[type(body.layers[0].self_attn).__module__].apply_rotary_pos_emb
+    return sys.modules[type(attn).__module__].apply_rotary_pos_emb
 
 
 def _projections(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:

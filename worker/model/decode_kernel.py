@@ -45,9 +45,15 @@ def takes(keys: torch.Tensor, values: torch.Tensor) -> bool:
     )
 
 
-def takes_rotary(query: torch.Tensor) -> bool:
-    """Whether `rotary` computes the model's rotary of this step's query (and its key)."""
-    return query.device.type == "cpu" and query.dtype in DTYPES and cpu_kernels.status().ready
+def takes_rotary(hidden: torch.Tensor, dims: int) -> bool:
+    """Whether `rotary` turns the query and key of a step of these hidden states, heads of
+    `dims`."""
+    return (
+        hidden.device.type == "cpu"
+        and hidden.dtype in DTYPES
+        and dims <= MAX_DIMS
+        and cpu_kernels.status().ready
+    )
 
 
 def rotary(

@@ -22,7 +22,9 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <tuple>
+#include <type_traits>
 
 #include "attention_inputs.h"
 
@@ -46,17 +48,39 @@ __attribute__((target("fma"))) void rotate_half(const X* x, const C* cos, const 
                                      static_cast<float>(sin[i]), static_cast<float>(out[i])));
 }
 
+// A float32 value rounded to bfloat16's bits: to nearest even, as c10::BFloat16 rounds (a NaN
+// to its quiet NaN), without a branch, so that the loops around it vectorize.
+inline uint16_t bfloat16_bits(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  uint32_t rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16;
+  return value != value ? 0x7FC0 : static_cast<uint16_t>(rounded);
+}
+
+// A float32 value rounded to T: as it is, or to bfloat16.
+template <typename T>
+inline T rounded_to(float value) {
+  if constexpr (std::is_same_v<T, float>)
+    return value;
+  else
+    return c10::BFloat16(bfloat16_bits(value), c10::BFloat16::from_bits());
+}
+
 // out = x * cos + rotate_half(x) * sin over all `dims`, as transformers' rotary computes it on
 // tensors of T: each product rounded to T, then their sum (no fused multiply-add).
 template <typename T>
 void model_rotate_half(const T* x, const T* cos, const T* sin, int64_t dims, T* out) {
+  std::array<float, MAX_HEAD_DIMS> made, turned;
   int64_t half = dims / 2;
-  for (int64_t i = 0; i < dims; ++i) {
-    float halved = i < half ? -static_cast<float>(x[half + i]) : static_cast<float>(x[i - half]);
-    T made = static_cast<T>(static_cast<float>(x[i]) * static_cast<float>(cos[i]));
-    T turned = static_cast<T>(halved * static_cast<float>(sin[i]));
-    out[i] = static_cast<T>(static_cast<float>(made) + static_cast<float>(turned));
-  }
+  for (int64_t i = 0; i < dims; ++i)
+    made[i] = static_cast<float>(rounded_to<T>(static_cast<float>(x[i]) * static_cast<float>(cos[i])));
+  for (int64_t i = 0; i < half; ++i)
+    turned[i] = static_cast<float>(
+        rounded_to<T>(-static_cast<float>(x[half + i]) * static_cast<float>(sin[i])));
+  for (int64_t i = half; i < dims; ++i)
+    turned[i] = static_cast<float>(
+        rounded_to<T>(static_cast<float>(x[i - half]) * static_cast<float>(sin[i])));
+  for (int64_t i = 0; i < dims; ++i) out[i] = rounded_to<T>(made[i] + turned[i]);
 }
 
 // cos and sin [rows, ..., rotary dims], each row's last dim one after another, or none.
@@ -218,7 +242,7 @@ std::tuple<at::Tensor, at::Tensor> decode_rotary(const at::Tensor& query, const 
   at::ScalarType dtype = query.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "query must be float32 or bfloat16");
   int64_t rows = query.size(0), dims = query.size(3);
-  TORCH_CHECK(dims % 2 == 0, "head dims must be even");
+  TORCH_CHECK(dims % 2 == 0 && dims <= MAX_HEAD_DIMS, "head dims must be even, up to ", MAX_HEAD_DIMS);
   check_rows(query, "query", dtype, rows, query.size(1), dims);
   check_rows(key, "key", dtype, rows, key.size(1), dims);
   TORCH_CHECK(query.size(2) == 1 && key.size(2) == 1, "query and key must be of one token");
