@@ -30,24 +30,6 @@
 
 namespace {
 
-// out = x * cos + rotate_half(x) * sin over the first `rotary` dims of `dims` (the rest copied),
-// every operation rounded to R: float (keys, turned in float32) or the model's dtype (queries).
-// `out` must not be `x`.
-template <typename R, typename X, typename C>
-__attribute__((target("fma"))) void rotate_half(const X* x, const C* cos, const C* sin,
-                                                int64_t rotary, int64_t dims, R* out) {
-  int64_t half = rotary / 2;
-  for (int64_t i = 0; i < rotary; ++i)
-    out[i] = static_cast<R>(static_cast<float>(x[i]) * static_cast<float>(cos[i]));
-  for (int64_t i = rotary; i < dims; ++i) out[i] = static_cast<R>(static_cast<float>(x[i]));
-  for (int64_t i = 0; i < half; ++i)
-    out[i] = static_cast<R>(std::fma(-static_cast<float>(x[half + i]),
-                                     static_cast<float>(sin[i]), static_cast<float>(out[i])));
-  for (int64_t i = half; i < rotary; ++i)
-    out[i] = static_cast<R>(std::fma(static_cast<float>(x[i - half]),
-                                     static_cast<float>(sin[i]), static_cast<float>(out[i])));
-}
-
 // A float32 value rounded to bfloat16's bits: to nearest even, as c10::BFloat16 rounds (a NaN
 // to its quiet NaN), without a branch, so that the loops around it vectorize.
 inline uint16_t bfloat16_bits(float value) {
@@ -66,6 +48,24 @@ inline T rounded_to(float value) {
     return c10::BFloat16(bfloat16_bits(value), c10::BFloat16::from_bits());
 }
 
+// out = x * cos + rotate_half(x) * sin over the first `rotary` dims of `dims` (the rest copied),
+// every operation rounded to R: float (keys, turned in float32) or the model's dtype (queries).
+// `out` must not be `x`.
+template <typename R, typename X, typename C>
+__attribute__((target("fma"))) void rotate_half(const X* x, const C* cos, const C* sin,
+                                                int64_t rotary, int64_t dims, R* out) {
+  int64_t half = rotary / 2;
+  for (int64_t i = 0; i < rotary; ++i)
+    out[i] = rounded_to<R>(static_cast<float>(x[i]) * static_cast<float>(cos[i]));
+  for (int64_t i = rotary; i < dims; ++i) out[i] = rounded_to<R>(static_cast<float>(x[i]));
+  for (int64_t i = 0; i < half; ++i)
+    out[i] = rounded_to<R>(std::fma(-static_cast<float>(x[half + i]), static_cast<float>(sin[i]),
+                                    static_cast<float>(out[i])));
+  for (int64_t i = half; i < rotary; ++i)
+    out[i] = rounded_to<R>(std::fma(static_cast<float>(x[i - half]), static_cast<float>(sin[i]),
+                                    static_cast<float>(out[i])));
+}
+
 // out = x * cos + rotate_half(x) * sin over all `dims`, as transformers' rotary computes it on
 // tensors of T: each product rounded to T, then their sum (no fused multiply-add).
 template <typename T>
@@ -73,7 +73,8 @@ void model_rotate_half(const T* x, const T* cos, const T* sin, int64_t dims, T* 
   std::array<float, MAX_HEAD_DIMS> made, turned;
   int64_t half = dims / 2;
   for (int64_t i = 0; i < dims; ++i)
-    made[i] = static_cast<float>(rounded_to<T>(static_cast<float>(x[i]) * static_cast<float>(cos[i])));
+    made[i] =
+        static_cast<float>(rounded_to<T>(static_cast<float>(x[i]) * static_cast<float>(cos[i])));
   for (int64_t i = 0; i < half; ++i)
     turned[i] = static_cast<float>(
         rounded_to<T>(-static_cast<float>(x[half + i]) * static_cast<float>(sin[i])));
@@ -128,7 +129,7 @@ void store_rows(at::Tensor& keys, at::Tensor& values, const at::Tensor& new_keys
       if (turning.cos) {
         rotate_half(key, turning.of<float>(turning.cos, row), turning.of<float>(turning.sin, row),
                     turning.rotary, dims, turned.data());
-        for (int64_t i = 0; i < dims; ++i) key_to[i] = static_cast<T>(turned[i]);
+        for (int64_t i = 0; i < dims; ++i) key_to[i] = rounded_to<T>(turned[i]);
       } else {
         std::copy(key, key + dims, key_to);
       }
@@ -186,7 +187,7 @@ void queries_of_rows(const at::Tensor& query, float scale, const Turning& turnin
       T* made = o + ((row * (heads / groups) + head / groups) * 2 * groups + head % groups) * dims;
       T* turned = made + groups * dims;
       for (int64_t i = 0; i < dims; ++i)
-        made[i] = static_cast<T>(static_cast<float>(q[i]) * scale);
+        made[i] = rounded_to<T>(static_cast<float>(q[i]) * scale);
       if (turning.cos)
         rotate_half(made, turning.of<T>(turning.cos, row), turning.of<T>(turning.sin, row),
                     turning.rotary, dims, turned);
@@ -242,7 +243,8 @@ std::tuple<at::Tensor, at::Tensor> decode_rotary(const at::Tensor& query, const 
   at::ScalarType dtype = query.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "query must be float32 or bfloat16");
   int64_t rows = query.size(0), dims = query.size(3);
-  TORCH_CHECK(dims % 2 == 0 && dims <= MAX_HEAD_DIMS, "head dims must be even, up to ", MAX_HEAD_DIMS);
+  TORCH_CHECK(dims % 2 == 0 && dims <= MAX_HEAD_DIMS, "head dims must be even, up to ",
+              MAX_HEAD_DIMS);
   check_rows(query, "query", dtype, rows, query.size(1), dims);
   check_rows(key, "key", dtype, rows, key.size(1), dims);
   TORCH_CHECK(query.size(2) == 1 && key.size(2) == 1, "query and key must be of one token");
