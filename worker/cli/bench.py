@@ -47,9 +47,10 @@ def decode(
     random_config: RandomConfigOption = None,
 ) -> None:
     """Per-token latency of sink against recompute at equal cache sizes, and memory over time."""
-    from worker.tools.decode_bench import run_benchmark
-
     with exit_on_known_errors():
+        model.check()
+        from worker.tools.decode_bench import run_benchmark  # torch: once the model is found
+
         loaded = _load(model, random_config)
         run_benchmark(loaded, _sizes(sizes), tokens, _sizes(stream_lengths), out=typer.echo)
 
@@ -91,11 +92,14 @@ def throughput(
     """Decode and prefill tokens/s and memory across streams: the batched sink path, one
     forward per stream, plain transformers batched with a DynamicCache (no sinks), and
     llama.cpp where it is installed."""
-    from worker.tools.throughput_bench import run_throughput_benchmark
-
     with exit_on_known_errors():
-        chosen = dtypes.split(",") if dtypes else [model.dtype]
-        models = [_load(dataclasses.replace(model, dtype=dtype), random_config) for dtype in chosen]
+        by_dtype = [dataclasses.replace(model, dtype=dtype) for dtype in (dtypes or "").split(",")]
+        chosen = by_dtype if dtypes else [model]
+        for choice in chosen:
+            choice.check()
+        from worker.tools.throughput_bench import run_throughput_benchmark  # torch, as above
+
+        models = [_load(choice, random_config) for choice in chosen]
         llama = _llama_cpp(model.spec, models) if llama_cpp and random_config is None else None
         try:
             report = run_throughput_benchmark(
@@ -146,9 +150,10 @@ def restore(
     checkpoint and of the next one, 16 tokens later (the table goes to stderr with --json).
 
     Its states go under the key prefix plus '-bench', apart from any worker's."""
-    from worker.tools.restore_bench import run_restore_benchmark
-
     with exit_on_known_errors():
+        model.check()
+        from worker.tools.restore_bench import run_restore_benchmark  # torch, as above
+
         store = connect(dataclasses.replace(redis, prefix=f"{redis.prefix}-bench"))
         loaded = model.load()
         out = functools.partial(typer.echo, err=json_output)

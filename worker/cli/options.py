@@ -26,6 +26,7 @@ from worker.io.topics import (
     TopicNames,
 )
 from worker.model.cache_settings import BatchSettings, CacheSettings
+from worker.model.model_sources import check_dtype, locate_model
 from worker.model.packaged_models import DEFAULT_MODEL
 from worker.ops.cpu_threads import apply_threads, available_cpus
 from worker.runtime.checkpoint_schedule import CheckpointSchedule
@@ -177,6 +178,12 @@ class ModelChoice:
     device: str = "auto"
     threads: int | None = None  # None: the CPUs this process is given
     dtype: str = "auto"  # auto: fp32 on the CPU, bf16 (or fp16) on CUDA
+
+    def check(self) -> None:
+        """Refuse a model that is not there, or a dtype there is none of, before the seconds
+        that importing the model code takes."""
+        locate_model(self.spec)
+        check_dtype(self.dtype)
 
     def use_threads(self) -> int:
         """Size torch's thread pools; before the model loads, so every forward runs on them."""

