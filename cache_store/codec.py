@@ -13,7 +13,8 @@ as written with nothing in particular, which older readers ignore). The envelope
 reject a newer format before parsing its body; the checksum (the body's content hash, as for
 blocks) makes a damaged meta an error instead of a silently different resume. Block bytes are
 the tensor's C-contiguous elements in its own dtype, little-endian (the byte order of every
-host torch runs on here).
+host torch runs on here). torch is imported only where tensors are made or read: reading a
+manifest (what `streamsink streams` lists) needs none.
 """
 
 from __future__ import annotations
@@ -25,14 +26,16 @@ import re
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import blake3
 import msgpack
-import torch
 
 from cache_store.exceptions import StateCorruptError, StateForeignError, StateVersionError
 from cache_store.state import BlockRef, Expected, StreamState
+
+if TYPE_CHECKING:
+    import torch
 
 # 1: blocks and manifest body named by blake2b-128; 2: by BLAKE3-128; 3: as 2, written by a
 # streamsink whose tensors an older reader would misread (a cache's keys at their stream
@@ -40,23 +43,21 @@ from cache_store.state import BlockRef, Expected, StreamState
 FORMAT_VERSION = 3
 MAGIC = "streamsink-state"
 
-# The dtypes the format stores, by the name a manifest gives them.
-DTYPES: dict[str, torch.dtype] = {
-    str(dtype).removeprefix("torch."): dtype
-    for dtype in (
-        torch.bool,
-        torch.uint8,
-        torch.int8,
-        torch.int16,
-        torch.int32,
-        torch.int64,
-        torch.float16,
-        torch.bfloat16,
-        torch.float32,
-        torch.float64,
-        torch.float8_e4m3fn,
-        torch.float8_e5m2,
-    )
+# The dtypes the format stores, by the name a manifest gives them (torch's), and the bytes of
+# one element.
+DTYPE_SIZES: dict[str, int] = {
+    "bool": 1,
+    "uint8": 1,
+    "int8": 1,
+    "int16": 2,
+    "int32": 4,
+    "int64": 8,
+    "float16": 2,
+    "bfloat16": 2,
+    "float32": 4,
+    "float64": 8,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
 }
 _BLOCK_ID = re.compile(r"[0-9a-f]{32}\Z")
 _PLAIN_SCALARS = (type(None), bool, int, float, str, bytes)
@@ -243,10 +244,9 @@ def decode_state(
             if block_id(data, manifest.version) != entry.block:
                 raise _corrupt(label, f"{what} fails its checksum")
             verified.add(entry.block)
-        tensor = _tensor_from(data, entry, borrow)
-        if tensor.dtype == torch.bool and tensor.numel() and tensor.view(torch.uint8).max() > 1:
+        if entry.dtype == "bool" and bytes(data).translate(None, b"\x00\x01"):
             raise _corrupt(label, f"{what} holds bool values other than 0 and 1")
-        tensors[entry.name] = tensor
+        tensors[entry.name] = _tensor_from(data, entry, borrow)
     return StreamState(
         manifest.stream_id,
         manifest.fingerprint,
@@ -262,13 +262,15 @@ def _tensor_bytes(tensor: Any, where: str) -> tuple[Buffer, str]:
 
     A contiguous CPU tensor is not copied: its bytes are a view, valid while it is unchanged.
     """
+    import torch
+
     if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided:
         raise TypeError(f"{where} must be a dense torch.Tensor, got {type(tensor).__name__}")
     dtype_name = str(tensor.dtype).removeprefix("torch.")
-    if dtype_name not in DTYPES:
+    if dtype_name not in DTYPE_SIZES:
         raise ValueError(
             f"{where} has dtype {dtype_name}, which the state format does not store; "
-            f"convert it to one of {', '.join(DTYPES)}"
+            f"convert it to one of {', '.join(DTYPE_SIZES)}"
         )
     flat = tensor.detach().cpu().contiguous().reshape(-1)
     if flat.numel() == 0:
@@ -278,7 +280,9 @@ def _tensor_bytes(tensor: Any, where: str) -> tuple[Buffer, str]:
 
 def _tensor_from(data: Buffer, entry: TensorEntry, borrow: bool) -> torch.Tensor:
     """A tensor owning a private copy of `data`, or with `borrow` a read-only view of it."""
-    dtype = DTYPES[entry.dtype]
+    import torch
+
+    dtype = getattr(torch, entry.dtype)
     if not data:  # torch.frombuffer refuses empty buffers
         return torch.empty(entry.shape, dtype=dtype)
     if borrow:
@@ -302,9 +306,13 @@ def _entry(name: str, ref: BlockRef) -> dict[str, Any]:
 
 def _check_ref(ref: Any, where: str) -> None:
     """A stored tensor must name a block as a manifest would, or the state could not load."""
-    if not isinstance(ref, BlockRef) or ref.dtype not in DTYPES or not _BLOCK_ID.match(ref.block):
+    if (
+        not isinstance(ref, BlockRef)
+        or ref.dtype not in DTYPE_SIZES
+        or not _BLOCK_ID.match(ref.block)
+    ):
         raise ValueError(f"{where} does not name a block of a supported dtype: {ref!r}")
-    if ref.nbytes != math.prod(ref.shape) * DTYPES[ref.dtype].itemsize:
+    if ref.nbytes != math.prod(ref.shape) * DTYPE_SIZES[ref.dtype]:
         raise ValueError(f"{where} claims {ref.nbytes} bytes for shape {list(ref.shape)}")
 
 
@@ -353,18 +361,18 @@ def _parse_entry(raw: Any, label: str) -> TensorEntry:
         raise _corrupt(label, "a tensor entry of the manifest is not a map")
     name = _field(raw, "name", str, label)
     dtype = _field(raw, "dtype", str, label)
-    if dtype not in DTYPES:
+    if dtype not in DTYPE_SIZES:
         raise _corrupt(label, f"tensor {name!r} has unknown dtype {dtype!r}")
     shape = tuple(_field(raw, "shape", list, label))
     if any(type(size) is not int or size < 0 for size in shape):
         raise _corrupt(label, f"tensor {name!r} has invalid shape {list(shape)}")
-    if math.prod(max(size, 1) for size in shape) * DTYPES[dtype].itemsize > _MAX_EXTENT:
+    if math.prod(max(size, 1) for size in shape) * DTYPE_SIZES[dtype] > _MAX_EXTENT:
         raise _corrupt(label, f"tensor {name!r} has impossibly large shape {list(shape)}")
     block = _field(raw, "block", str, label)
     if not _BLOCK_ID.match(block):
         raise _corrupt(label, f"tensor {name!r} names invalid block id {block!r}")
     nbytes = _field(raw, "nbytes", int, label)
-    if nbytes != math.prod(shape) * DTYPES[dtype].itemsize:
+    if nbytes != math.prod(shape) * DTYPE_SIZES[dtype]:
         raise _corrupt(label, f"tensor {name!r} claims {nbytes} bytes for shape {list(shape)}")
     return TensorEntry(name=name, dtype=dtype, shape=shape, block=block, nbytes=nbytes)
 

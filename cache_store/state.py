@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -17,7 +18,7 @@ class BlockRef:
     this way, so they are neither copied nor hashed again.
     """
 
-    dtype: str  # a name of codec.DTYPES
+    dtype: str  # a name of codec.DTYPE_SIZES
     shape: tuple[int, ...]
     block: str
     nbytes: int

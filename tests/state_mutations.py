@@ -7,7 +7,7 @@ from typing import Any
 
 import msgpack
 
-from cache_store.codec import DTYPES, block_id
+from cache_store.codec import DTYPE_SIZES, block_id
 
 HUGE = [2**31, 2**32 + 1, 2**40, 2**62, 2**63 - 1, 2**63, 2**64 - 1]
 NUMBERS = [0, 1, -1, 2, 3, 7, 64, -(2**63), *HUGE, 0.5, -0.0, float("nan"), float("inf")]
@@ -27,7 +27,7 @@ def garbage(rng: random.Random, depth: int = 0) -> Any:
     if kind == 4:
         return rng.randbytes(rng.randrange(40))
     if kind == 5:
-        return rng.choice(list(DTYPES))
+        return rng.choice(list(DTYPE_SIZES))
     if kind == 6:
         return msgpack.ExtType(rng.randrange(128), rng.randbytes(rng.randrange(8)))
     if kind == 7:

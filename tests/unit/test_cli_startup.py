@@ -1,5 +1,6 @@
-"""The command line starts without torch: `--help`, `topics`, `produce` and `consume` need no
-model, and importing torch and transformers took about 5 s of every such command."""
+"""The command line starts without torch: `--help`, `topics`, `produce`, `consume` and
+`streams` need no model, and importing torch and transformers took about 5 s of every such
+command."""
 
 from __future__ import annotations
 
@@ -7,12 +8,22 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ("torch", "transformers")
 
 
-def test_importing_the_command_line_loads_neither_torch_nor_transformers() -> None:
-    probe = f"import sys, worker.cli.app; print(*[m for m in {HEAVY!r} if m in sys.modules])"
+@pytest.mark.parametrize(
+    "modules",
+    [
+        "worker.cli.app",
+        # what `streamsink streams` reads states' manifests through
+        "cache_store.redis.store, cache_store.redis.admin, cache_store.local, cache_store.memory",
+    ],
+)
+def test_importing_the_command_line_loads_neither_torch_nor_transformers(modules: str) -> None:
+    probe = f"import sys, {modules}; print(*[m for m in {HEAVY!r} if m in sys.modules])"
     loaded = subprocess.run(
         [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
     )

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from cache_store.codec import (
-    DTYPES,
+    DTYPE_SIZES,
     FORMAT_VERSION,
     MAX_META_DEPTH,
     EncodedState,
@@ -89,7 +89,7 @@ def encoded() -> EncodedState:
     return encode_state(_state(tensors))
 
 
-@pytest.mark.parametrize("dtype_name", sorted(DTYPES))
+@pytest.mark.parametrize("dtype_name", sorted(DTYPE_SIZES))
 def test_every_supported_dtype_round_trips_bit_exactly(dtype_name: str) -> None:
     original = _random_bits(getattr(torch, dtype_name), (2, 3, 5))
     decoded = _round_trip(_state({"t": original})).tensors["t"]

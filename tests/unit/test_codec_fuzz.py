@@ -26,7 +26,7 @@ from typing import Any
 import msgpack
 import torch
 
-from cache_store.codec import DTYPES, block_id, decode_state, encode_state, read_manifest
+from cache_store.codec import DTYPE_SIZES, block_id, decode_state, encode_state, read_manifest
 from cache_store.exceptions import StateError
 from cache_store.export import export_state, import_state
 from cache_store.state import Expected, StreamState
@@ -122,8 +122,8 @@ def _forge_entry(rng: random.Random, base: Base) -> tuple[bytes, dict[str, bytes
     body = msgpack.unpackb(base.body)
     blocks = dict(base.blocks)
     entry = rng.choice(body["tensors"])
-    dtype = rng.choice(list(DTYPES))
-    itemsize = DTYPES[dtype].itemsize
+    dtype = rng.choice(list(DTYPE_SIZES))
+    itemsize = DTYPE_SIZES[dtype]
     shape = [rng.randrange(4) for _ in range(rng.randrange(4))]
     if rng.random() < 0.3:
         shape.insert(rng.randrange(len(shape) + 1), rng.choice([0, *HUGE]))
