@@ -93,8 +93,8 @@ def throughput(
     forward per stream, plain transformers batched with a DynamicCache (no sinks), and
     llama.cpp where it is installed."""
     with exit_on_known_errors():
-        by_dtype = [dataclasses.replace(model, dtype=dtype) for dtype in (dtypes or "").split(",")]
-        chosen = by_dtype if dtypes else [model]
+        names = dtypes.split(",") if dtypes else [model.dtype]
+        chosen = [dataclasses.replace(model, dtype=name) for name in names]
         for choice in chosen:
             choice.check()
         from worker.tools.throughput_bench import run_throughput_benchmark  # torch, as above

@@ -14,8 +14,8 @@ Around the matmuls, a layer of a step made some sixty small torch calls of its o
 turn and the slot writes, the query's scale, turn and layout, the mask), a few microseconds
 each: 3 to 7 ms of a one-stream bfloat16 step of 24 to 29 ms. `store` and `queries` make them
 two calls, and `scores` adds the mask, with the same bits (see decode_rows.cpp). The model's
-own rotary function, sixteen more calls a layer (a quarter of the small ops' time that was
-left), is `rotary`'s one.
+own rotary function, sixteen more small calls a layer (about 1 ms of a one-stream step), is
+`rotary`'s one.
 """
 
 from __future__ import annotations
