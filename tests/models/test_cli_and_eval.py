@@ -91,6 +91,14 @@ def test_run_with_a_missing_file_exits_2_with_a_message(tmp_path: Path) -> None:
     assert "no file at" in result.output
 
 
+def test_a_model_loads_without_transformers_progress_bars(
+    model_dir: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A worker's stderr carries its logs; the caller's spinner says what is loading."""
+    load_model(str(model_dir), device="cpu")
+    assert "Loading weights" not in capfd.readouterr().err
+
+
 def test_unsupported_architecture_is_refused_at_load(tmp_path: Path) -> None:
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=VOCAB)).save_pretrained(
         tmp_path

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 from worker.exceptions import ModelLoadError
 from worker.model import cpu_kernels
@@ -118,7 +121,8 @@ def load_model(
     torch_device, dtype = pick_device(device, dtype)
     progress(f"loading {directory.name} on {torch_device} as {dtype}")
     try:
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(torch_device)
+        with _no_progress_bars():
+            model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(torch_device)
         tokenizer = AutoTokenizer.from_pretrained(directory)
     except torch.OutOfMemoryError as error:
         raise ModelLoadError(
@@ -130,6 +134,19 @@ def load_model(
         cpu_kernels.status(progress)  # built here, not in the middle of a first step
     name = spec or DEFAULT_MODEL
     return LoadedModel(model, tokenizer, name, model_fingerprint(model))
+
+
+@contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """transformers' own progress bars off while a model loads, a second or so: the caller's
+    spinner says what is loading, and a worker's stderr carries its logs, not a bar's lines."""
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 def load_random(config_file: Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:
