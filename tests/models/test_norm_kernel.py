@@ -101,3 +101,22 @@ def test_the_stock_kernels_give_the_norms_their_own_forward_back() -> None:
     with stock_kernels(model):
         assert not any(isinstance(m, norm_kernel.FusedRMSNorm) for m in norms)
     assert all(isinstance(m, norm_kernel.FusedRMSNorm) for m in norms)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.inference_mode()
+def test_the_residual_add_and_the_norm_after_it_in_one_call(name: str, dtype: torch.dtype) -> None:
+    """The bits of torch's add, then of the norm's own (fused) forward; a norm the kernel does
+    not take gets those two as they are."""
+    norm = _randomized(_fused_norms(name)[0], dtype)
+    generator = torch.Generator().manual_seed(3)
+    x, residual = (3 * torch.randn(2, 4, 1, norm.weight.shape[0], generator=generator)).to(dtype)
+    total, normed = norm_kernel.add_and_norm(norm, x, residual)
+    assert torch.equal(total, x + residual)
+    assert torch.equal(normed, norm(x + residual))
+    norm_kernel.unfuse(norm)
+    total, normed = norm_kernel.add_and_norm(norm, x, residual)
+    assert torch.equal(total, x + residual) and torch.equal(normed, norm(x + residual))
+    with pytest.raises(RuntimeError, match="residual must be"):
+        torch.ops.streamsink.add_rms_norm(x, residual[:1], norm.weight, 1e-6, 0.0, True)

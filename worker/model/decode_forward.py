@@ -8,8 +8,9 @@ Mistral, Qwen2: a norm, attention with rotary, a norm, a gated MLP, each added t
 the step calls the model's own modules and functions in the order its forward does, so a row
 gets transformers' bits (the tests check it for each of them), and skips the rest. Where our
 kernel packs them, a layer's query, key and value projections run as one call, and its MLP's
-gate and up projections as another (batch_invariance.FusedLinears: the same bits), and where
-decode_kernel.py's kernels run, the family's rotary function is one call (the same bits).
+gate and up projections as another (batch_invariance.FusedLinears: the same bits); where
+decode_kernel.py's kernels run, the family's rotary function is one call, and each residual add
+runs in one call with the norm after it (norm_kernel.add_and_norm), with the same bits.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from worker.model import decode_kernel
 from worker.model.attention import ATTENTION, attention
 from worker.model.batch_invariance import fused
 from worker.model.layer_kinds import is_hybrid
+from worker.model.norm_kernel import add_and_norm
 
 if TYPE_CHECKING:
     from worker.model.batch_cache import BatchCache  # which runs this forward
@@ -53,17 +55,21 @@ def forward(
     cos, sin = body.rotary_emb(hidden, positions)
     mask = batch.attention_mask()
     rotate = _rotary(body, hidden)
-    for index, layer in enumerate(body.layers):
+    layers = body.layers
+    # Each residual add runs in one call with the norm after it: the next layer's, or the last.
+    following = [layer.input_layernorm for layer in layers[1:]] + [body.norm]
+    normed = layers[0].input_layernorm(hidden)
+    for index, layer in enumerate(layers):
         attn = layer.self_attn
-        normed = layer.input_layernorm(hidden)
         shape = (*normed.shape[:-1], -1, attn.head_dim)
         query, key, value = (t.view(shape).transpose(1, 2) for t in _projections(attn, normed))
         query, key = rotate(query, key, cos, sin)
         key, value = batch.layers[index].update(key, value)
         out, _ = attention(attn, query, key, value, mask, scaling=attn.scaling)
-        hidden = hidden + attn.o_proj(out.reshape(*normed.shape[:-1], -1).contiguous())
-        hidden = hidden + _mlp(layer.mlp, layer.post_attention_layernorm(hidden))
-    return model.lm_head(body.norm(hidden))[:, -1]
+        out = attn.o_proj(out.reshape(*normed.shape[:-1], -1).contiguous())
+        hidden, normed = add_and_norm(layer.post_attention_layernorm, hidden, out)
+        hidden, normed = add_and_norm(following[index], hidden, _mlp(layer.mlp, normed))
+    return model.lm_head(normed)[:, -1]
 
 
 def _rotary(body: nn.Module, hidden: torch.Tensor) -> Callable[..., tuple[torch.Tensor, ...]]:

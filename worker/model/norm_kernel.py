@@ -5,7 +5,8 @@ a decode step runs two per layer and one more at the end: 61 in SmolLM2. On the 
 costs more to dispatch than its arithmetic does: a norm of one row took 60 us on a 2-core
 EPYC, the kernel's call 20 us (most of it the call from Python), and a one-stream step about
 4 ms less. The kernel does a row in one call, in one fixed order, so a row's bits still follow
-the row alone.
+the row alone. `add_and_norm` also takes the residual add before a norm into the call, for a
+decode step's forward (decode_forward.py): one call where there were two.
 
 It takes the norms whose formula it knows, by class (`FORMULAS`), and only on the CPU in
 float32 or bfloat16; any other norm, device or dtype runs the model's own forward.
@@ -60,11 +61,25 @@ class FusedRMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not takes(x, self.weight):
             return super().forward(x)
+        return torch.ops.streamsink.rms_norm(x, *self.kernel_arguments())
+
+    def kernel_arguments(self) -> tuple[torch.Tensor, float, float, bool]:
+        """What the kernel takes after the input: the weight, epsilon and the formula's
+        offset and rounding."""
         formula = self.formula
         eps = getattr(self, formula.eps_attribute)
-        return torch.ops.streamsink.rms_norm(
-            x, self.weight, eps, formula.offset, formula.round_between
-        )
+        return self.weight, eps, formula.offset, formula.round_between
+
+
+def add_and_norm(
+    norm: nn.Module, x: torch.Tensor, residual: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x + residual, and that sum through `norm`: one kernel call where the kernel takes the
+    norm, with the bits of the add and the norm's forward; else those two."""
+    if isinstance(norm, FusedRMSNorm) and takes(x, norm.weight) and residual.dtype == x.dtype:
+        return torch.ops.streamsink.add_rms_norm(x, residual, *norm.kernel_arguments())
+    total = x + residual
+    return total, norm(total)
 
 
 def takes(x: torch.Tensor, weight: torch.Tensor) -> bool:

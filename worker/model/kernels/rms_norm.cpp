@@ -1,4 +1,5 @@
-// RMSNorm on the CPU (see norm_kernel.py): each row of x [..., features] in one call,
+// RMSNorm on the CPU (see norm_kernel.py), alone or after the residual add before it: each
+// row of x [..., features] in one call,
 //   normed = x * 1 / sqrt(mean(x * x) + eps),
 //   out = normed * (weight + offset),
 // normed rounded to x's dtype first where `round_between` (Llama's order: the product is then
@@ -17,6 +18,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <tuple>
 
 namespace {
 
@@ -69,10 +71,45 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, d
   return out;
 }
 
+template <typename T>
+void add_rows(const T* x, const T* residual, int64_t count, T* out) {
+  for (int64_t i = 0; i < count; ++i)
+    out[i] = static_cast<T>(static_cast<float>(x[i]) + static_cast<float>(residual[i]));
+}
+
+// x + residual, each sum rounded to their dtype as torch's add rounds it, and that sum normed
+// as rms_norm norms it: a decoder's residual add and the next norm in one call. -> (the sum,
+// the normed sum).
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& residual,
+                                                const at::Tensor& weight, double eps,
+                                                double offset, bool round_between) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "x must be float32 or bfloat16");
+  TORCH_CHECK(x.device().is_cpu() && residual.device().is_cpu() &&
+                  residual.scalar_type() == x.scalar_type() && residual.sizes() == x.sizes(),
+              "residual must be a CPU tensor of x's shape and dtype");
+  at::Tensor input = x.contiguous();
+  at::Tensor added = residual.contiguous();
+  at::Tensor sum = at::empty_like(input);
+  if (input.scalar_type() == at::kFloat)
+    add_rows(input.data_ptr<float>(), added.data_ptr<float>(), input.numel(),
+             sum.data_ptr<float>());
+  else
+    add_rows(input.data_ptr<at::BFloat16>(), added.data_ptr<at::BFloat16>(), input.numel(),
+             sum.data_ptr<at::BFloat16>());
+  return {sum, rms_norm(sum, weight, eps, offset, round_between)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(streamsink, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps, float offset, bool round_between) -> Tensor");
+  m.def(
+      "add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps, float offset, "
+      "bool round_between) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(streamsink, CPU, m) { m.impl("rms_norm", &rms_norm); }
+TORCH_LIBRARY_IMPL(streamsink, CPU, m) {
+  m.impl("rms_norm", &rms_norm);
+  m.impl("add_rms_norm", &add_rms_norm);
+}
