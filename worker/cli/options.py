@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from kafka.admin import KafkaAdminClient
 
 from cache_store.redis.settings import DEFAULT_KEY_PREFIX, DEFAULT_REDIS_URL, RedisSettings
 from worker.cli.console import err
@@ -98,6 +99,11 @@ def require_brokers(kafka: KafkaConnection | None) -> KafkaConnection:
             param_hint="--bootstrap-servers",
         )
     return kafka
+
+
+def admin_client(kafka: KafkaConnection | None) -> KafkaAdminClient:
+    """An admin client on the brokers of a command that cannot work without Kafka."""
+    return KafkaAdminClient(**require_brokers(kafka).client_config())
 
 
 @option_group("Kafka")

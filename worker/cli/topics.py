@@ -10,7 +10,7 @@ from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
 
 from worker.cli.console import exit_on_known_errors
 from worker.cli.option_groups import uses_groups
-from worker.cli.options import JsonOption, require_brokers
+from worker.cli.options import JsonOption, admin_client
 from worker.io.kafka_connection import KafkaConnection
 from worker.io.topics import TopicNames
 
@@ -18,10 +18,6 @@ app = typer.Typer(no_args_is_help=True, help="The worker's Kafka topics: create,
 
 DAY_MS = 24 * 3600 * 1000
 TOPIC_ALREADY_EXISTS = 36  # Kafka's error code: creating is idempotent here
-
-
-def _admin(kafka: KafkaConnection | None) -> KafkaAdminClient:
-    return KafkaAdminClient(**require_brokers(kafka).client_config())
 
 
 @app.command()
@@ -46,7 +42,7 @@ def create(
     if topics.dead_letter:
         wanted[topics.dead_letter] = (1, output_retention_days)
     with exit_on_known_errors():
-        admin = _admin(kafka)
+        admin = admin_client(kafka)
         result = admin.create_topics(
             {
                 name: {
@@ -80,7 +76,7 @@ def describe(
 ) -> None:
     """Partitions, replicas and retention of the topics; exit code 1 if one is missing."""
     with exit_on_known_errors():
-        admin = _admin(kafka)
+        admin = admin_client(kafka)
         existing = set(admin.list_topics())
         rows = [
             _describe(admin, name) if name in existing else {"topic": name} for name in topics.all()

@@ -9,11 +9,10 @@ from typing import Annotated
 
 import typer
 from kafka import KafkaConsumer, KafkaProducer
-from kafka.admin import KafkaAdminClient
 
 from worker.cli.console import exit_on_known_errors
 from worker.cli.option_groups import uses_groups
-from worker.cli.options import JsonOption, require_brokers
+from worker.cli.options import JsonOption, admin_client, require_brokers
 from worker.exceptions import StreamsinkError
 from worker.io.file_source import LineKeys
 from worker.io.kafka_connection import KafkaConnection
@@ -92,8 +91,7 @@ def consume(
 def _require_topic(kafka: KafkaConnection | None, topic: str) -> KafkaConnection:
     """The connection, once the brokers said they have `topic`. Asked first, since a producer
     waits a minute for a missing topic and then fails, and a consumer waits for it forever."""
-    connection = require_brokers(kafka)
-    admin = KafkaAdminClient(**connection.client_config())
+    admin = admin_client(kafka)
     try:
         if topic not in admin.list_topics():
             raise StreamsinkError(
@@ -101,4 +99,4 @@ def _require_topic(kafka: KafkaConnection | None, topic: str) -> KafkaConnection
             )
     finally:
         admin.close()
-    return connection
+    return require_brokers(kafka)
