@@ -203,9 +203,10 @@ def batch_forward(
         plan = plan_batch(plans, capacity, model.dtype, model.device, windows)
         batch = BatchCache(rows, plan, mixed_spans)
         ids = tokens.to(model.device)
-        with decoding(batch.frames(model.dtype)):
+        frames = batch.frames(model.dtype)
+        with decoding(frames):
             if decode_forward.takes(model, batch):
-                logits = decode_forward.forward(model, batch, ids, plan.query_positions)
+                logits = decode_forward.forward(model, batch, frames, ids, plan.query_positions)
             else:
                 logits = model(
                     input_ids=ids[:, None],

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from worker.model import decode_kernel
-from worker.model.attention import ATTENTION, attention
+from worker.model import decode_kernel, decode_layers
+from worker.model.attention import ATTENTION, DecodeFrames, attention
 from worker.model.batch_invariance import fused
 from worker.model.layer_kinds import is_hybrid
 from worker.model.norm_kernel import add_and_norm
@@ -46,19 +46,41 @@ def takes(model: PreTrainedModel, batch: BatchCache) -> bool:
 
 
 def forward(
-    model: PreTrainedModel, batch: BatchCache, tokens: torch.Tensor, positions: torch.Tensor
+    model: PreTrainedModel,
+    batch: BatchCache,
+    frames: DecodeFrames,
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
 ) -> torch.Tensor:
     """tokens [rows] through every layer, each row's new key and value into `batch` (whose
-    DecodeFrames the caller has set): the last logits [rows, vocab]."""
+    `frames` the caller has set): the last logits [rows, vocab]. The layers run in one call
+    where decode_layers.py takes the step."""
     body = model.base_model
     hidden = body.embed_tokens(tokens[:, None])
-    cos, sin = body.rotary_emb(hidden, positions)
+    rotary = body.rotary_emb(hidden, positions)
+    normed = body.layers[0].input_layernorm(hidden)
+    stack = decode_layers.stack_for(model, batch, hidden)
+    if stack is not None:
+        normed = decode_layers.run(stack, batch, frames, hidden, normed, rotary)
+    else:
+        normed = _layers(body, batch, hidden, normed, *rotary)
+    return model.lm_head(normed)[:, -1]
+
+
+def _layers(
+    body: nn.Module,
+    batch: BatchCache,
+    hidden: torch.Tensor,
+    normed: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+) -> torch.Tensor:
+    """Every layer, one kernel or module call at a time: the last layer's output, normed."""
     mask = batch.attention_mask()
     rotate = _rotary(body, hidden)
     layers = body.layers
     # Each residual add runs in one call with the norm after it: the next layer's, or the last.
     following = [layer.input_layernorm for layer in layers[1:]] + [body.norm]
-    normed = layers[0].input_layernorm(hidden)
     for index, layer in enumerate(layers):
         attn = layer.self_attn
         shape = (*normed.shape[:-1], -1, attn.head_dim)
@@ -69,7 +91,7 @@ def forward(
         out = attn.o_proj(out.reshape(*normed.shape[:-1], -1).contiguous())
         hidden, normed = add_and_norm(layer.post_attention_layernorm, hidden, out)
         hidden, normed = add_and_norm(following[index], hidden, _mlp(layer.mlp, normed))
-    return model.lm_head(normed)[:, -1]
+    return normed
 
 
 def _rotary(body: nn.Module, hidden: torch.Tensor) -> Callable[..., tuple[torch.Tensor, ...]]:

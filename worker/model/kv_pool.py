@@ -121,6 +121,12 @@ class KVPool:
     def values(self, layer: int, slot: int, count: int = 1) -> torch.Tensor:
         return self._view(self._values[layer], slot, count)
 
+    def chunk(self, layer: int, slot: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The keys and values of the chunk that holds `slot`, whole, and the slot's index in
+        it: what a step that slices its runs itself takes (decode_layers.py)."""
+        chunk, first = divmod(slot, self.chunk_slots)
+        return self._keys[layer][chunk], self._values[layer][chunk], first
+
     def same_chunk(self, slot: int, other: int) -> bool:
         """Whether two slots lie in one chunk (a run of rows is read as one view of it)."""
         return slot // self.chunk_slots == other // self.chunk_slots

@@ -27,6 +27,7 @@
 #include <immintrin.h>
 
 #include "attention_inputs.h"
+#include "kernel_ops.h"
 #include "vector_isa.h"
 
 namespace {
@@ -108,6 +109,24 @@ void scores_of_rows(const at::Tensor& queries, const at::Tensor& keys, const at:
   });
 }
 
+template <typename T>
+void mix_of_rows(const at::Tensor& probabilities, const at::Tensor& values, at::Tensor& out) {
+  int64_t span = values.size(2), dims = values.size(3), groups = probabilities.size(2);
+  const float* p = probabilities.data_ptr<float>();
+  const T* v = values.data_ptr<T>();
+  float* o = out.data_ptr<float>();
+  MixOfHead<T> kernel = mix_kernel<T>();
+  for_each_head(values, [&](int64_t i, int64_t row, int64_t kv_head) {
+    kernel(p + i * groups * span, groups,
+                v + row * values.stride(0) + kv_head * values.stride(1), span, dims,
+                o + i * groups * dims);
+  });
+}
+
+}  // namespace
+
+namespace streamsink {
+
 // queries [rows, kv heads, 2 frames, groups, dims] and keys [rows, kv heads, span, dims] of one
 // dtype; head [rows, span], bool: the slots whose keys take frame 0; mask [rows, ..., span or
 // more] of float32 or bfloat16, or none: what each row adds to its scores of a slot (as
@@ -138,20 +157,6 @@ at::Tensor decode_scores(const at::Tensor& queries, const at::Tensor& keys, cons
   return out;
 }
 
-template <typename T>
-void mix_of_rows(const at::Tensor& probabilities, const at::Tensor& values, at::Tensor& out) {
-  int64_t span = values.size(2), dims = values.size(3), groups = probabilities.size(2);
-  const float* p = probabilities.data_ptr<float>();
-  const T* v = values.data_ptr<T>();
-  float* o = out.data_ptr<float>();
-  MixOfHead<T> kernel = mix_kernel<T>();
-  for_each_head(values, [&](int64_t i, int64_t row, int64_t kv_head) {
-    kernel(p + i * groups * span, groups,
-                v + row * values.stride(0) + kv_head * values.stride(1), span, dims,
-                o + i * groups * dims);
-  });
-}
-
 // float32 probabilities [rows, kv heads, groups, span]; values [rows, kv heads, span, dims]
 // -> float32 outputs [rows, kv heads, groups, dims].
 at::Tensor decode_mix(const at::Tensor& probabilities, const at::Tensor& values) {
@@ -169,7 +174,7 @@ at::Tensor decode_mix(const at::Tensor& probabilities, const at::Tensor& values)
   return out;
 }
 
-}  // namespace
+}  // namespace streamsink
 
 TORCH_LIBRARY_FRAGMENT(streamsink, m) {
   m.def("decode_scores(Tensor queries, Tensor keys, Tensor head, Tensor? mask=None) -> Tensor");
@@ -177,8 +182,8 @@ TORCH_LIBRARY_FRAGMENT(streamsink, m) {
 }
 
 TORCH_LIBRARY_IMPL(streamsink, CPU, m) {
-  m.impl("decode_scores", &decode_scores);
-  m.impl("decode_mix", &decode_mix);
+  m.impl("decode_scores", &streamsink::decode_scores);
+  m.impl("decode_mix", &streamsink::decode_mix);
 }
 
 #else

@@ -28,6 +28,8 @@
 
 #include "attention_inputs.h"
 
+#include "kernel_ops.h"
+
 namespace {
 
 // A float32 value rounded to bfloat16's bits: to nearest even, as c10::BFloat16 rounds (a NaN
@@ -147,6 +149,45 @@ void check_rows(const at::Tensor& t, const char* name, at::ScalarType dtype, int
               "another");
 }
 
+template <typename T>
+void queries_of_rows(const at::Tensor& query, float scale, const Turning& turning,
+                     int64_t groups, at::Tensor& out) {
+  int64_t rows = query.size(0), heads = query.size(1), dims = query.size(3);
+  T* o = out.data_ptr<T>();
+  for (int64_t row = 0; row < rows; ++row) {
+    for (int64_t head = 0; head < heads; ++head) {
+      const T* q = query.data_ptr<T>() + row * query.stride(0) + head * query.stride(1);
+      // [rows, kv heads, 2 frames, groups, dims]
+      T* made = o + ((row * (heads / groups) + head / groups) * 2 * groups + head % groups) * dims;
+      T* turned = made + groups * dims;
+      for (int64_t i = 0; i < dims; ++i)
+        made[i] = rounded_to<T>(static_cast<float>(q[i]) * scale);
+      if (turning.cos)
+        rotate_half(made, turning.of<T>(turning.cos, row), turning.of<T>(turning.sin, row),
+                    turning.rotary, dims, turned);
+      else
+        std::copy(made, made + dims, turned);
+    }
+  }
+}
+
+template <typename T>
+void rotary_rows(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                 at::Tensor& out) {
+  int64_t rows = x.size(0), heads = x.size(1), dims = x.size(3);
+  for (int64_t row = 0; row < rows; ++row) {
+    const T* c = cos.data_ptr<T>() + row * dims;
+    const T* s = sin.data_ptr<T>() + row * dims;
+    for (int64_t head = 0; head < heads; ++head)
+      model_rotate_half(x.data_ptr<T>() + row * x.stride(0) + head * x.stride(1), c, s, dims,
+                        out.data_ptr<T>() + (row * heads + head) * dims);
+  }
+}
+
+}  // namespace
+
+namespace streamsink {
+
 // keys and values [rows, kv heads, capacity, dims] (a run of pool slots, written in place);
 // new_keys and new_values [rows, kv heads, 1, dims], the keys at in-cache positions; slots
 // [rows], int64: each row's slot; cos and sin float32 [rows, ..., rotary dims], each row's turn
@@ -175,28 +216,6 @@ void decode_store(at::Tensor keys, at::Tensor values, const at::Tensor& new_keys
     store_rows<at::BFloat16>(keys, values, new_keys, new_values, slots, turning);
 }
 
-template <typename T>
-void queries_of_rows(const at::Tensor& query, float scale, const Turning& turning,
-                     int64_t groups, at::Tensor& out) {
-  int64_t rows = query.size(0), heads = query.size(1), dims = query.size(3);
-  T* o = out.data_ptr<T>();
-  for (int64_t row = 0; row < rows; ++row) {
-    for (int64_t head = 0; head < heads; ++head) {
-      const T* q = query.data_ptr<T>() + row * query.stride(0) + head * query.stride(1);
-      // [rows, kv heads, 2 frames, groups, dims]
-      T* made = o + ((row * (heads / groups) + head / groups) * 2 * groups + head % groups) * dims;
-      T* turned = made + groups * dims;
-      for (int64_t i = 0; i < dims; ++i)
-        made[i] = rounded_to<T>(static_cast<float>(q[i]) * scale);
-      if (turning.cos)
-        rotate_half(made, turning.of<T>(turning.cos, row), turning.of<T>(turning.sin, row),
-                    turning.rotary, dims, turned);
-      else
-        std::copy(made, made + dims, turned);
-    }
-  }
-}
-
 // query [rows, heads, 1, dims] of float32 or bfloat16, as the model made it; cos and sin
 // [rows, ..., rotary dims] of its dtype: each row's turn into the stream's frame (none: the
 // frames are one). -> [rows, kv heads, 2 frames, groups, dims] of its dtype: frame 0 the query
@@ -219,19 +238,6 @@ at::Tensor decode_queries(const at::Tensor& query, double scale,
   else
     queries_of_rows<at::BFloat16>(query, static_cast<float>(scale), turning, groups, out);
   return out;
-}
-
-template <typename T>
-void rotary_rows(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
-                 at::Tensor& out) {
-  int64_t rows = x.size(0), heads = x.size(1), dims = x.size(3);
-  for (int64_t row = 0; row < rows; ++row) {
-    const T* c = cos.data_ptr<T>() + row * dims;
-    const T* s = sin.data_ptr<T>() + row * dims;
-    for (int64_t head = 0; head < heads; ++head)
-      model_rotate_half(x.data_ptr<T>() + row * x.stride(0) + head * x.stride(1), c, s, dims,
-                        out.data_ptr<T>() + (row * heads + head) * dims);
-  }
 }
 
 // query [rows, heads, 1, dims] and key [rows, kv heads, 1, dims] of float32 or bfloat16, as the
@@ -264,7 +270,7 @@ std::tuple<at::Tensor, at::Tensor> decode_rotary(const at::Tensor& query, const 
   return {turned_query, turned_key};
 }
 
-}  // namespace
+}  // namespace streamsink
 
 TORCH_LIBRARY_FRAGMENT(streamsink, m) {
   m.def(
@@ -275,7 +281,7 @@ TORCH_LIBRARY_FRAGMENT(streamsink, m) {
 }
 
 TORCH_LIBRARY_IMPL(streamsink, CPU, m) {
-  m.impl("decode_store", &decode_store);
-  m.impl("decode_queries", &decode_queries);
-  m.impl("decode_rotary", &decode_rotary);
+  m.impl("decode_store", &streamsink::decode_store);
+  m.impl("decode_queries", &streamsink::decode_queries);
+  m.impl("decode_rotary", &streamsink::decode_rotary);
 }

@@ -28,6 +28,7 @@
 #if defined(__x86_64__)
 #include <immintrin.h>
 
+#include "kernel_ops.h"
 #include "vector_isa.h"
 
 namespace {
@@ -141,6 +142,10 @@ std::string instruction_set() {
   }
 }
 
+}  // namespace
+
+namespace streamsink {
+
 // input [..., in features]; panels (the weight [outputs, in features] packed, zero past its
 // last output): float32 [panels, in features, 48], bfloat16 [panels, in features / 2 rounded
 // up, 48, 2]; bias [outputs] or none; all of one dtype -> [..., outputs] of that dtype.
@@ -183,7 +188,7 @@ at::Tensor linear(const at::Tensor& input, const at::Tensor& panels, int64_t out
   return rounded.view(sizes);
 }
 
-}  // namespace
+}  // namespace streamsink
 
 TORCH_LIBRARY_FRAGMENT(streamsink, m) {
   m.def("linear(Tensor input, Tensor panels, int outputs, Tensor? bias) -> Tensor");
@@ -191,7 +196,7 @@ TORCH_LIBRARY_FRAGMENT(streamsink, m) {
   m.def("instruction_set() -> str", &instruction_set);
 }
 
-TORCH_LIBRARY_IMPL(streamsink, CPU, m) { m.impl("linear", &linear); }
+TORCH_LIBRARY_IMPL(streamsink, CPU, m) { m.impl("linear", &streamsink::linear); }
 
 #else
 #error "the CPU kernels are for x86-64 CPUs"

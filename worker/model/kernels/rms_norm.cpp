@@ -20,6 +20,8 @@
 #include <cstdint>
 #include <tuple>
 
+#include "kernel_ops.h"
+
 namespace {
 
 constexpr int64_t ROWS_PER_TASK = 8;  // a decode step's few rows stay on one thread
@@ -47,6 +49,16 @@ void norm_rows(const T* x, const T* weight, int64_t rows, int64_t features, floa
   });
 }
 
+template <typename T>
+void add_rows(const T* x, const T* residual, int64_t count, T* out) {
+  for (int64_t i = 0; i < count; ++i)
+    out[i] = static_cast<T>(static_cast<float>(x[i]) + static_cast<float>(residual[i]));
+}
+
+}  // namespace
+
+namespace streamsink {
+
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, double offset,
                     bool round_between) {
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "rms_norm is for CPU tensors");
@@ -69,12 +81,6 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, d
                             features, static_cast<float>(eps), static_cast<float>(offset),
                             round_between, out.data_ptr<at::BFloat16>());
   return out;
-}
-
-template <typename T>
-void add_rows(const T* x, const T* residual, int64_t count, T* out) {
-  for (int64_t i = 0; i < count; ++i)
-    out[i] = static_cast<T>(static_cast<float>(x[i]) + static_cast<float>(residual[i]));
 }
 
 // x + residual, each sum rounded to their dtype as torch's add rounds it, and that sum normed
@@ -100,7 +106,7 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::T
   return {sum, rms_norm(sum, weight, eps, offset, round_between)};
 }
 
-}  // namespace
+}  // namespace streamsink
 
 TORCH_LIBRARY_FRAGMENT(streamsink, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps, float offset, bool round_between) -> Tensor");
@@ -110,6 +116,6 @@ TORCH_LIBRARY_FRAGMENT(streamsink, m) {
 }
 
 TORCH_LIBRARY_IMPL(streamsink, CPU, m) {
-  m.impl("rms_norm", &rms_norm);
-  m.impl("add_rms_norm", &add_rms_norm);
+  m.impl("rms_norm", &streamsink::rms_norm);
+  m.impl("add_rms_norm", &streamsink::add_rms_norm);
 }
