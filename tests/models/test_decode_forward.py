@@ -73,21 +73,31 @@ def test_rows_get_the_bits_of_transformers_forward(
     original = decode_forward.forward
     monkeypatch.setattr(decode_forward, "forward", lambda *a: runs.append(1) or original(*a))
     in_one_call = _spy_on_layers(monkeypatch, one_call)
-    tokens = _ids(len(PROMPTS), 99)
-    for _ in range(10):
-        ours = batch_forward(model, lean, tokens)
-        with monkeypatch.context() as patched:
-            patched.setattr(decode_forward, "takes", lambda *a: False)
-            theirs = batch_forward(model, stock, tokens)
-        assert torch.equal(ours, theirs)
-        tokens = ours.argmax(-1)
+    _decode_side_by_side(model, lean, stock, (decode_forward, "takes", False), monkeypatch)
     assert len(runs) == 10  # the lean forward ran each step, transformers' the others
     one_call_runs = one_call and fused and cpu_kernels.status().ready
     assert in_one_call == ([1] * 10 if one_call_runs else [])
-    _assert_same_caches(lean, stock)
 
 
-def _assert_same_caches(caches: list[SinkCache], others: list[SinkCache]) -> None:
+def _decode_side_by_side(
+    model: torch.nn.Module,
+    caches: list[SinkCache],
+    others: list[SinkCache],
+    patch: tuple[object, str, object],
+    monkeypatch,
+) -> None:
+    """Ten greedy steps of `caches` as they run and of `others` with `patch` (a module, an
+    attribute and what each call of it returns) set: the same logits each step, and the same
+    caches after."""
+    module, attribute, returns = patch
+    tokens = _ids(len(PROMPTS), 99)
+    for _ in range(10):
+        ours = batch_forward(model, caches, tokens)
+        with monkeypatch.context() as patched:
+            patched.setattr(module, attribute, lambda *a: returns)
+            theirs = batch_forward(model, others, tokens)
+        assert torch.equal(ours, theirs)
+        tokens = ours.argmax(-1)
     for mine, other in zip(caches, others, strict=True):
         assert mine.layout.to_meta() == other.layout.to_meta()
         assert torch.equal(mine.layers[-1].keys, other.layers[-1].keys)
@@ -105,16 +115,8 @@ def test_rows_of_several_runs_get_the_same_bits_in_one_call(
     make_batch_invariant(model)
     one, loop = _streams(model, pools=2), _streams(model, pools=2)
     in_one_call = _spy_on_layers(monkeypatch, one_call=True)
-    tokens = _ids(len(PROMPTS), 97)
-    for _ in range(10):
-        ours = batch_forward(model, one, tokens)
-        with monkeypatch.context() as patched:
-            patched.setattr(decode_layers, "stack_for", lambda *a: None)
-            theirs = batch_forward(model, loop, tokens)
-        assert torch.equal(ours, theirs)
-        tokens = ours.argmax(-1)
+    _decode_side_by_side(model, one, loop, (decode_layers, "stack_for", None), monkeypatch)
     assert in_one_call == [2] * 10
-    _assert_same_caches(one, loop)
 
 
 @torch.inference_mode()
