@@ -10,7 +10,9 @@ gets transformers' bits (the tests check it for each of them), and skips the res
 kernel packs them, a layer's query, key and value projections run as one call, and its MLP's
 gate and up projections as another (batch_invariance.FusedLinears: the same bits); where
 decode_kernel.py's kernels run, the family's rotary function is one call, and each residual add
-runs in one call with the norm after it (norm_kernel.add_and_norm), with the same bits.
+runs in one call with the norm after it (norm_kernel.add_and_norm), with the same bits. Where
+every layer runs those kernels, decode_layers.py runs all the layers in one call instead of this
+module's loop, again with the same bits.
 """
 
 from __future__ import annotations

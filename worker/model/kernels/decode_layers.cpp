@@ -27,7 +27,7 @@ constexpr int64_t BIASES = 4;   // a layer's: of qkv, o, gate_up and down
 constexpr int64_t RUN = 4;      // a run's: first row, rows, first slot of its chunk, span
 
 // What every layer shares.
-struct Shape {
+struct Shared {
   int64_t heads, kv_heads, dims, intermediate;
   double scale, eps, offset;
   bool round_between;
@@ -79,7 +79,7 @@ std::tuple<at::Tensor, at::Tensor> decode_layers(
     const at::Tensor& head_slots, const c10::optional<at::Tensor>& mask, at::TensorList keys,
     at::TensorList values, const at::Tensor& slots, at::IntArrayRef runs) {
   TORCH_CHECK(shape.size() == 4, "shape must be heads, kv heads, head dims, intermediate size");
-  Shape s{shape[0], shape[1], shape[2], shape[3], scale, eps, offset, round_between};
+  Shared s{shape[0], shape[1], shape[2], shape[3], scale, eps, offset, round_between};
   int64_t layers = static_cast<int64_t>(weights.size()) / WEIGHTS;
   int64_t run_count = static_cast<int64_t>(runs.size()) / RUN;
   TORCH_CHECK(layers > 0 && static_cast<int64_t>(weights.size()) == layers * WEIGHTS &&
