@@ -15,6 +15,7 @@ from tests.models.tiny_models import VOCAB, run_arguments, save_tiny_model, tiny
 from worker.cli.app import app
 from worker.exceptions import UnsupportedModelError
 from worker.model.loading import load_model
+from worker.tools import decode_bench
 from worker.tools.evaluation import EvalMode, evaluate_perplexity
 
 TEXT = " ".join(f"line {i}: the service answered request {i} in {i % 17} ms." for i in range(40))
@@ -141,7 +142,13 @@ def test_modes_agree_before_eviction_and_differ_after() -> None:
     assert long[EvalMode.SINK] != pytest.approx(long[EvalMode.RECOMPUTE], rel=1e-4)
 
 
-def test_bench_prints_sink_against_recompute_for_a_random_model(tmp_path: Path) -> None:
+def test_bench_prints_sink_against_recompute_for_a_random_model(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """The sink's figure is the step a worker's decoder runs for a lone stream."""
+    steps = []
+    step = decode_bench.decode_step
+    monkeypatch.setattr(decode_bench, "decode_step", lambda *a: steps.append(a) or step(*a))
     config = tmp_path / "config.json"
     config.write_text(json.dumps({
         "model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
@@ -161,6 +168,8 @@ def test_bench_prints_sink_against_recompute_for_a_random_model(tmp_path: Path) 
     }
     assert memory["100"][0] == memory["300"][0]  # the sink cache does not grow with the stream
     assert float(memory["300"][1]) > float(memory["100"][1])  # a dense one would
+    assert len(steps) == 2 * 4  # the warm-up and 3 timed steps at each cache size
+    assert all(len(caches) == 1 and batched for _, caches, _, batched, *_ in steps)
 
 
 def _bench_throughput(model_dir: Path, *options: str) -> Result:

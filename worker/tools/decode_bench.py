@@ -9,7 +9,8 @@ from collections.abc import Callable
 
 import torch
 
-from worker.model.decoder import forward_step
+from worker.model.batch_invariance import is_batch_invariant
+from worker.model.decoder import decode_step
 from worker.model.graph_step import graph_steps
 from worker.model.loading import LoadedModel
 from worker.tools.measure import filled_cache, peak_memory_mb, random_ids, timed_ms
@@ -42,14 +43,18 @@ def run_benchmark(
 
 @torch.inference_mode()
 def _sink_decode_ms(loaded: LoadedModel, size: int, tokens: int) -> float:
-    """One decode step in a full cache of `size`: every step evicts one token. On a GPU the
-    decoder's step, replayed from a CUDA graph (of one row: the cache has a pool of its own)."""
+    """One decode step in a full cache of `size` (every step evicts one token), the step a
+    worker's decoder runs for a lone stream: on a GPU replayed from a CUDA graph (of one row:
+    the cache has a pool of its own), on the CPU the batched step of one row."""
     cache = filled_cache(loaded, size, size)
     next_ids = iter(random_ids(loaded, tokens + 1, seed=1).split(1))
     graphs = graph_steps(loaded.model, cache.pool)
-    if graphs is not None:
-        return timed_ms(loaded, lambda: graphs.decode([cache], next(next_ids)), tokens)
-    return timed_ms(loaded, lambda: forward_step(loaded.model, cache, next(next_ids), True), tokens)
+    batched = is_batch_invariant(loaded.model)
+
+    def step() -> None:
+        decode_step(loaded.model, [cache], next(next_ids), batched, True, graphs)
+
+    return timed_ms(loaded, step, tokens)
 
 
 @torch.inference_mode()
