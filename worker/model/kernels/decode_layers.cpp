@@ -56,6 +56,45 @@ at::Tensor heads_of(const at::Tensor& projected, int64_t first, int64_t count, i
       .transpose(1, 2);
 }
 
+// What a step gives every layer's attention: each row's turns, head slots, mask and new slot,
+// and the runs its rows make.
+struct Step {
+  const c10::optional<at::Tensor>& storing_cos;
+  const c10::optional<at::Tensor>& storing_sin;
+  const c10::optional<at::Tensor>& turning_cos;
+  const c10::optional<at::Tensor>& turning_sin;
+  const at::Tensor& head_slots;
+  const c10::optional<at::Tensor>& mask;
+  const at::Tensor& slots;
+  std::vector<Run> runs;
+  bool whole;  // one run of every row: nothing to slice
+
+  // A layer's new keys and values into each run's slots of its chunks `keys` and `values` (one
+  // a run), then its attention: [rows, kv heads, groups, dims], float32.
+  at::Tensor attend(const Shared& s, const at::Tensor& query, const at::Tensor& key,
+                    const at::Tensor& value, const at::Tensor* keys,
+                    const at::Tensor* values) const {
+    for (size_t r = 0; r < runs.size(); ++r) {
+      const Run& run = runs[r];
+      streamsink::decode_store(run.slots(keys[r]), run.slots(values[r]), run.rows(key, whole),
+                               run.rows(value, whole), run.rows(slots, whole),
+                               run.rows(storing_cos, whole), run.rows(storing_sin, whole));
+    }
+    at::Tensor queries =
+        streamsink::decode_queries(query, s.scale, turning_cos, turning_sin, s.kv_heads);
+    std::vector<at::Tensor> outs;
+    for (size_t r = 0; r < runs.size(); ++r) {
+      const Run& run = runs[r];
+      at::Tensor scores = streamsink::decode_scores(
+          run.rows(queries, whole), run.slots(keys[r]).narrow(2, 0, run.span),
+          run.rows(head_slots, whole), run.rows(mask, whole));
+      outs.push_back(streamsink::decode_mix(at::softmax(scores, -1, at::kFloat),
+                                            run.slots(values[r]).narrow(2, 0, run.span)));
+    }
+    return whole ? outs[0] : at::cat(outs);
+  }
+};
+
 }  // namespace
 
 namespace streamsink {
@@ -89,16 +128,16 @@ std::tuple<at::Tensor, at::Tensor> decode_layers(
                   static_cast<int64_t>(keys.size()) == layers * run_count &&
                   static_cast<int64_t>(values.size()) == layers * run_count,
               "runs must be four numbers each, keys and values one chunk a layer and run");
-  std::vector<Run> steps;
+  Step step{storing_cos, storing_sin, turning_cos, turning_sin, head_slots, mask, slots, {},
+            run_count == 1};
   int64_t rows = hidden.size(0), covered = 0;
   for (int64_t r = 0; r < run_count; ++r) {
     Run run{runs[r * RUN], runs[r * RUN + 1], runs[r * RUN + 2], runs[r * RUN + 3]};
     TORCH_CHECK(run.first_row == covered && run.count > 0, "runs must cover the rows in order");
     covered += run.count;
-    steps.push_back(run);
+    step.runs.push_back(run);
   }
   TORCH_CHECK(covered == rows, "runs must cover every row once");
-  bool whole = run_count == 1;  // one run of every row: nothing to slice
   int64_t hidden_size = hidden.size(-1), q = s.heads * s.dims, kv = s.kv_heads * s.dims;
   for (int64_t layer = 0; layer < layers; ++layer) {
     const at::Tensor* w = &weights[layer * WEIGHTS];
@@ -107,25 +146,8 @@ std::tuple<at::Tensor, at::Tensor> decode_layers(
     auto [query, key] = decode_rotary(heads_of(qkv, 0, s.heads, s.dims),
                                       heads_of(qkv, s.heads, s.kv_heads, s.dims), cos, sin);
     at::Tensor value = heads_of(qkv, s.heads + s.kv_heads, s.kv_heads, s.dims);
-    const at::Tensor* layer_keys = &keys[layer * run_count];
-    const at::Tensor* layer_values = &values[layer * run_count];
-    for (int64_t r = 0; r < run_count; ++r) {
-      const Run& run = steps[r];
-      decode_store(run.slots(layer_keys[r]), run.slots(layer_values[r]), run.rows(key, whole),
-                   run.rows(value, whole), run.rows(slots, whole), run.rows(storing_cos, whole),
-                   run.rows(storing_sin, whole));
-    }
-    at::Tensor queries = decode_queries(query, s.scale, turning_cos, turning_sin, s.kv_heads);
-    std::vector<at::Tensor> outs;
-    for (int64_t r = 0; r < run_count; ++r) {
-      const Run& run = steps[r];
-      at::Tensor scores =
-          decode_scores(run.rows(queries, whole), run.slots(layer_keys[r]).narrow(2, 0, run.span),
-                        run.rows(head_slots, whole), run.rows(mask, whole));
-      outs.push_back(decode_mix(at::softmax(scores, -1, at::kFloat),
-                                run.slots(layer_values[r]).narrow(2, 0, run.span)));
-    }
-    at::Tensor attended = whole ? outs[0] : at::cat(outs);
+    at::Tensor attended = step.attend(s, query, key, value, &keys[layer * run_count],
+                                      &values[layer * run_count]);
     attended = attended.to(hidden.scalar_type()).view({rows, 1, q});
     at::Tensor out = linear(attended, w[1], hidden_size, bias(1));
     std::tie(hidden, normed) = add_rms_norm(hidden, out, w[4], s.eps, s.offset, s.round_between);
