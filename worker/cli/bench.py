@@ -14,6 +14,7 @@ from cache_store.redis.settings import RedisSettings
 from worker.cli.console import err, exit_on_known_errors
 from worker.cli.option_groups import uses_groups
 from worker.cli.options import JsonOption, ModelChoice, connect
+from worker.model.model_sources import check_dtype
 
 if TYPE_CHECKING:
     from worker.model.loading import LoadedModel
@@ -47,10 +48,9 @@ def decode(
     random_config: RandomConfigOption = None,
 ) -> None:
     """Per-token latency of sink against recompute at equal cache sizes, and memory over time."""
-    with exit_on_known_errors():
-        model.check()
-        from worker.tools.decode_bench import run_benchmark  # torch: once the model is found
+    from worker.tools.decode_bench import run_benchmark
 
+    with exit_on_known_errors():
         loaded = _load(model, random_config)
         run_benchmark(loaded, _sizes(sizes), tokens, _sizes(stream_lengths), out=typer.echo)
 
@@ -94,12 +94,11 @@ def throughput(
     llama.cpp where it is installed."""
     with exit_on_known_errors():
         names = dtypes.split(",") if dtypes else [model.dtype]
-        chosen = [dataclasses.replace(model, dtype=name) for name in names]
-        for choice in chosen:
-            choice.check()
-        from worker.tools.throughput_bench import run_throughput_benchmark  # torch, as above
+        for name in names:  # before the seconds that importing the model code takes
+            check_dtype(name)
+        from worker.tools.throughput_bench import run_throughput_benchmark
 
-        models = [_load(choice, random_config) for choice in chosen]
+        models = [_load(dataclasses.replace(model, dtype=name), random_config) for name in names]
         llama = _llama_cpp(model.spec, models) if llama_cpp and random_config is None else None
         try:
             report = run_throughput_benchmark(
@@ -150,10 +149,9 @@ def restore(
     checkpoint and of the next one, 16 tokens later (the table goes to stderr with --json).
 
     Its states go under the key prefix plus '-bench', apart from any worker's."""
-    with exit_on_known_errors():
-        model.check()
-        from worker.tools.restore_bench import run_restore_benchmark  # torch, as above
+    from worker.tools.restore_bench import run_restore_benchmark
 
+    with exit_on_known_errors():
         store = connect(dataclasses.replace(redis, prefix=f"{redis.prefix}-bench"))
         loaded = model.load()
         out = functools.partial(typer.echo, err=json_output)

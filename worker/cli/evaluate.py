@@ -30,10 +30,9 @@ def perplexity(
     json_output: JsonOption = False,
 ) -> None:
     """Perplexity token by token: dense, window (no sinks), sink, or recompute."""
-    with exit_on_known_errors():
-        model.check()
-        from worker.tools.evaluation import EvalMode, evaluate_perplexity  # torch: model found
+    from worker.tools.evaluation import EvalMode, evaluate_perplexity
 
+    with exit_on_known_errors():
         loaded = model.load()
         text = file.read_text(encoding="utf-8", errors="replace")
         result = evaluate_perplexity(
@@ -71,9 +70,7 @@ def commentary(
 
     Writes it the way `streamsink run` does on a file (no saved state), or scores a dump.
     """
-    with exit_on_known_errors():
-        model.check()
-    from worker.stream.commentator import Commentator  # torch: once the model is found
+    from worker.stream.commentator import Commentator
     from worker.tools.commentary_eval import (
         read_dump,
         score_commentary,

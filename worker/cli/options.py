@@ -16,7 +16,7 @@ import typer
 from kafka.admin import KafkaAdminClient
 
 from cache_store.redis.settings import DEFAULT_KEY_PREFIX, DEFAULT_REDIS_URL, RedisSettings
-from worker.cli.console import err
+from worker.cli.console import err, exit_on_known_errors
 from worker.cli.option_groups import option_group
 from worker.io.file_source import LineKeys
 from worker.io.kafka_connection import KafkaConnection
@@ -232,7 +232,10 @@ def model_options(
         ),
     ] = "auto",
 ) -> ModelChoice:
-    return ModelChoice(model, device, threads, dtype)
+    choice = ModelChoice(model, device, threads, dtype)
+    with exit_on_known_errors():  # every command that takes a model, before it imports torch
+        choice.check()
+    return choice
 
 
 @option_group("Cache")

@@ -118,7 +118,6 @@ def run(
     metrics, health, stop = WorkerMetrics(), Health(), threading.Event()
     metrics_port = operations.metrics_port
     with exit_on_known_errors():
-        model.check()
         if kafka is None:
             start = _local_run(local, keys, schedule, process, stop)
         else:
